@@ -1,0 +1,826 @@
+"""Shared code of the Density-Based Pruning (DBP) scripts.
+
+The one home of: the SemDeDup cluster-file format (finding, validating and reading the files),
+the method (complexity, softmax, the exact quota solver, selection inside a cluster), the
+writers (atomic files, the save-dir protocol, the trie, the compact key set) and the loader
+side (`load_trie`, `trie_search`, `load_kept_keys`, `webdataset_filter`).
+
+faiss, pandas and matplotlib are imported inside the functions that need them, so the
+scripts start fast in shell pipelines and a data loader importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copyreg
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pygtrie
+from tqdm import tqdm
+
+# SemDeDup's sorted-cluster files: np.save of a list of (path, index, distance, cluster id).
+PATH_COL, INDEX_COL, DIST_COL, CLUSTER_COL = 0, 1, 2, 3
+NUM_COLS = 4
+CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
+CENTROIDS_FILE = "kmeans_centroids.npy"
+CHUNK_ROWS = 1 << 16  # rows parsed at a time, so a 560K-row cluster never sits in memory whole
+
+DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
+WHICH_TO_KEEP = ("hard", "easy", "random")
+
+# prune.py outputs; params.json is written last and marks a run as complete.
+TRIE_FILE = "kept_keys_trie.pkl"
+KEPT_KEYS_FILE = "kept_keys.npy"
+KEPT_PATHS_FILE = "kept_paths.txt"
+QUOTAS_FILE = "quotas.npy"
+STATS_FILE = "cluster_stats.csv"
+PLOT_FILE = "quotas.png"
+LOG_FILE = "logs.log"
+PARAMS_FILE = "params.json"
+PARTIAL_SUFFIX = ".partial"
+
+TRIE_SEPARATOR = "/"
+TRIE_VALUE = 1
+PICKLE_PROTOCOL = 4
+USAGE_EXIT = 2  # argparse's status for usage errors
+
+log = logging.getLogger("dbp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and command-line plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A user mistake: reported as `error: <where>: <what> (<fix>)`, exit status 2."""
+
+    def __init__(self, where: str, what: str = "", fix: str = ""):
+        # One positional form (the whole message) keeps the error picklable across workers.
+        super().__init__(f"{where}: {what} ({fix})" if what else where)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's two-line usage error -> our one line
+        if m := re.fullmatch(r"argument ([^/:]+)[^:]*: (.*)", message):
+            raise UsageError(m[1], m[2], "see --help")
+        if m := re.fullmatch(r"the following arguments are required: (.*)", message):
+            raise UsageError(m[1], "is required", "see --help")
+        if m := re.fullmatch(r"unrecognized arguments: (.*)", message):
+            raise UsageError(m[1], "unrecognized argument", "see --help")
+        raise UsageError(self.prog, message, "see --help")
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the script's docstring and whose errors are one line."""
+    parser = _Parser(description=doc, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (for bug reports)")
+    return parser
+
+
+def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
+    """Add a flag under every spelling given plus its underscore and dash twins."""
+    spellings: list[str] = []
+    for name in names:
+        word = name.removeprefix("--")
+        for s in (word, word.replace("_", "-"), word.replace("-", "_")):
+            if f"--{s}" not in spellings:
+                spellings.append(f"--{s}")
+    parser.add_argument(*spellings, dest=names[0].removeprefix("--").replace("-", "_"), **kwargs)
+
+
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--workers", type=int, default=None,
+             help="processes for the per-cluster work (default: all cores); results are "
+                  "identical for any value")
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main: user errors become one line on stderr and exit 2, never a traceback."""
+    debug = "--debug" in sys.argv[1:]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        main()
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as e:
+        if debug:
+            raise
+        print(f"error: {e.filename or 'system'}: {e.strerror or e} (check the path, its "
+              "permissions and free disk space)", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # a bug: still one line unless --debug asks for the traceback
+        if debug:
+            raise
+        print(f"error: internal: {type(e).__name__}: {e} (rerun with --debug and report it)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def check_range(flag: str, value: float, low: float, high: float, *,
+                low_open: bool = False, high_open: bool = False, fix: str = "") -> None:
+    """Raise a UsageError unless low <(=) value <(=) high; NaN always fails."""
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UsageError(flag, f"{value!r} is outside {interval}", fix or f"pass a value in {interval}")
+
+
+def num_workers(requested: int | None) -> int:
+    if requested is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested < 1:
+        raise UsageError("--workers", f"{requested} is less than 1", "pass 1 or more")
+    return requested
+
+
+def parallel_map(func: Callable[[Any], Any], tasks: list, workers: int, desc: str) -> Iterator[Any]:
+    """func over tasks in order, spread over processes, with a tqdm bar on stderr."""
+    bar = tqdm(total=len(tasks), desc=desc, unit="cluster", file=sys.stderr)
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield func(task)
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context("fork")  # children share the parent's pages
+        with ctx.Pool(min(workers, len(tasks))) as pool:
+            for result in pool.imap(func, tasks, chunksize=1):
+                yield result
+                bar.update()
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: SemDeDup's sorted cluster files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterFile:
+    """One sorted cluster file, known from its .npy header alone."""
+
+    path: str
+    rows: int
+    dtype: np.dtype | None = None  # str ('U') or bytes ('S'); None for an empty cluster
+    offset: int = 0
+    fortran: bool = False
+
+    def open(self) -> np.ndarray:
+        """The (rows, 4) string array, memory-mapped: only the rows touched are read."""
+        order = "F" if self.fortran else "C"
+        return np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), order)
+
+
+def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, EOFError, SyntaxError) as e:
+        raise UsageError(path, f"is not a readable .npy file ({e})",
+                         "point at files written by np.save") from None
+    except IsADirectoryError:
+        raise UsageError(path, "is a folder, not a .npy file", "point at a .npy file") from None
+    except OSError as e:
+        raise UsageError(path, f"cannot be read: {e.strerror}", "check that it exists and its permissions") from None
+    if dtype.hasobject:
+        raise UsageError(path, "holds Python objects (a pickled .npy), which is never loaded",
+                         "re-save it as a plain numeric or string array")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if os.path.getsize(path) < expected:
+        raise UsageError(path, f"is truncated: {os.path.getsize(path)} bytes, the header "
+                         f"promises {expected}", "rewrite the file")
+    return tuple(shape), dtype, fortran, offset
+
+
+def read_cluster_header(path: str) -> ClusterFile:
+    """Validate a cluster file's header: an (n, 4) str/bytes array, or the (0,) of an empty cluster."""
+    shape, dtype, fortran, offset = read_npy_header(path)
+    if shape == (0,) or (len(shape) == 2 and shape[0] == 0):
+        return ClusterFile(path, 0)
+    if len(shape) != 2:
+        raise UsageError(path, f"has shape {shape}; a cluster file is 2-D (rows, 4)",
+                         "point at SemDeDup's sorted clusters")
+    if shape[1] != NUM_COLS:
+        raise UsageError(path, f"has {shape[1]} columns; expected 4 (path, index, distance, cluster id)",
+                         "point at SemDeDup's sorted clusters")
+    if dtype.kind not in "US":
+        raise UsageError(path, f"has dtype {dtype}; expected a string array",
+                         "save each cluster as np.save of a list of (path, index, distance, cluster) tuples")
+    return ClusterFile(path, shape[0], dtype, offset, fortran)
+
+
+def find_cluster_files(folder: str | None, k: int | None, folder_flag: str, k_flag: str) -> list[str]:
+    """Paths of cluster_0.npy .. cluster_{k-1}.npy; k defaults to the number of files on disk."""
+    if not folder:
+        raise UsageError(folder_flag, "is required", "point it at SemDeDup's sorted clusters folder")
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(folder_flag, f"{folder} {what}", "point it at SemDeDup's sorted clusters folder")
+    if k is not None and k < 1:
+        raise UsageError(k_flag, f"{k} is less than 1", "pass the number of k-means clusters")
+    ids = {int(m[1]) for name in os.listdir(folder) if (m := CLUSTER_FILE.fullmatch(name))}
+    if not ids:
+        raise UsageError(folder_flag, f"{folder} holds no cluster_<j>.npy files",
+                         "point it at SemDeDup's sorted clusters folder")
+    expected = k if k is not None else max(ids) + 1
+    missing = sorted(set(range(expected)) - ids)
+    extra = sorted(ids - set(range(expected)))
+    if missing or extra:
+        gaps = []
+        if missing:
+            gaps.append("missing " + _name_list(missing))
+        if extra:
+            gaps.append("unexpected " + _name_list(extra))
+        claim = f"{k_flag} is {k}" if k is not None else f"the highest file is cluster_{max(ids)}.npy"
+        raise UsageError(folder_flag, f"{claim} but {folder} holds {len(ids)} cluster files "
+                         f"({'; '.join(gaps)})", f"cluster files must be exactly cluster_0..cluster_{expected - 1}"
+                         f"; fix the folder or {k_flag}")
+    return [os.path.join(folder, f"cluster_{j}.npy") for j in range(expected)]
+
+
+def _name_list(ids: list[int], most: int = 5) -> str:
+    names = ", ".join(f"cluster_{j}.npy" for j in ids[:most])
+    return names + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def scan_clusters(folder: str | None, k: int | None, folder_flag: str, k_flag: str) -> list[ClusterFile]:
+    """Find and validate every cluster file from its header (no rows are read)."""
+    return [read_cluster_header(p) for p in find_cluster_files(folder, k, folder_flag, k_flag)]
+
+
+def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
+    """Column 2 strings -> float64, refusing text, NaN and infinity with the row named."""
+    try:
+        d = values.astype(np.float64)
+    except (ValueError, UnicodeError):
+        d = np.full(len(values), np.nan)
+        for i, v in enumerate(values):
+            try:
+                d[i] = float(v)
+            except (ValueError, UnicodeError):
+                raise UsageError(path, f"row {first_row + i}: distance {v!r} is not a number",
+                                 "column 2 must hold the distance to the centroid") from None
+    bad = np.flatnonzero(~np.isfinite(d))
+    if len(bad):
+        raise UsageError(path, f"row {first_row + bad[0]}: distance is {d[bad[0]]}",
+                         "column 2 must hold finite distances to the centroid")
+    return d
+
+
+def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
+    """(mean distance to the centroid, whether the file is sorted), streaming the distance column."""
+    if cluster.rows == 0:
+        return float("nan"), True
+    data = cluster.open()
+    total, previous = 0.0, None
+    ascending = descending = True
+    for start in range(0, cluster.rows, CHUNK_ROWS):
+        d = parse_distances(data[start:start + CHUNK_ROWS, DIST_COL], cluster.path, start)
+        if previous is not None:
+            d_prev = np.concatenate(([previous], d))
+        else:
+            d_prev = d
+        steps = np.diff(d_prev)
+        ascending &= bool((steps >= 0).all())
+        descending &= bool((steps <= 0).all())
+        total += float(d.sum())
+        previous = d[-1]
+    return total / cluster.rows, ascending or descending
+
+
+def is_descending(cluster: ClusterFile) -> bool:
+    """Sort direction of a file from its first and last distance (SemDeDup writes either)."""
+    if cluster.rows == 0:
+        return True
+    data = cluster.open()
+    first, last = parse_distances(data[[0, -1], DIST_COL], cluster.path)
+    return bool(first >= last)
+
+
+def load_centroids(path: str, k: int | None, dim: int | None, flag: str) -> np.ndarray:
+    """k-means centroids, float64 (k, dim), validated and L2-normalised."""
+    shape, dtype, _, _ = read_npy_header(path)
+    if len(shape) != 2:
+        raise UsageError(path, f"has shape {shape}; centroids are a 2-D (k, dim) array",
+                         f"point {flag} at SemDeDup's kmeans_centroids.npy")
+    if dtype.kind not in "fiu":
+        raise UsageError(path, f"has dtype {dtype}; centroids are numbers", f"point {flag} at kmeans_centroids.npy")
+    if k is not None and shape[0] != k:
+        raise UsageError(path, f"holds {shape[0]} centroids but there are {k} clusters",
+                         "use the centroids of the same k-means run")
+    if dim is not None and shape[1] != dim:
+        raise UsageError("--dim", f"is {dim} but {path} has dimension {shape[1]}",
+                         "omit --dim or pass the centroids' dimension")
+    c = np.load(path, allow_pickle=False).astype(np.float64)
+    if not np.isfinite(c).all():
+        raise UsageError(path, f"row {np.argwhere(~np.isfinite(c))[0][0]}: centroid is not finite",
+                         "use the centroids of a converged k-means run")
+    norms = np.linalg.norm(c, axis=1)
+    if (norms == 0).any():
+        raise UsageError(path, f"row {np.flatnonzero(norms == 0)[0]}: centroid is all zeros",
+                         "a zero centroid has no direction; rerun k-means")
+    return c / norms[:, None]
+
+
+def find_centroids(sorted_dir: str) -> str:
+    """kmeans_centroids.npy in the sorted-clusters folder or SemDeDup's save folder above it."""
+    here = os.path.join(sorted_dir, CENTROIDS_FILE)
+    parent = os.path.join(os.path.dirname(os.path.abspath(sorted_dir)), CENTROIDS_FILE)
+    for candidate in (here, parent):
+        if os.path.isfile(candidate):
+            return candidate
+    raise UsageError("--centroids_file", f"not given, and no {CENTROIDS_FILE} in {sorted_dir} or its parent",
+                     "pass --centroids_file")
+
+
+def mean_centroid_distances(centroids: np.ndarray, num_nns: int, threads: int) -> np.ndarray:
+    """d_inter: mean cosine distance from each (unit) centroid to its num_nns nearest other centroids."""
+    import faiss
+
+    k, dim = centroids.shape
+    nns = min(num_nns, k - 1)
+    if nns == 0:
+        return np.full(k, np.nan, dtype=np.float32)
+    faiss.omp_set_num_threads(threads)
+    c32 = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(c32)
+    sims, ids = index.search(c32, nns + 1)
+    # Drop each centroid's own entry; a duplicate centroid may outrank it or push it out.
+    is_self = ids == np.arange(k)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), nns)
+    keep = np.ones_like(is_self)
+    keep[np.arange(k), drop] = False
+    others = sims[keep].reshape(k, nns).astype(np.float64)
+    return (1.0 - others).mean(axis=1).astype(np.float32)
+
+
+def load_cluster_scores(path: str, k: int, flag: str) -> np.ndarray:
+    """A d_intra or d_inter file: float (k,), NaN allowed (empty clusters), infinity not."""
+    shape, dtype, _, _ = read_npy_header(path)
+    if dtype.kind != "f":
+        raise UsageError(flag, f"{path} has dtype {dtype}; expected floats",
+                         "pass the file written by the matching compute_*.py script")
+    if shape != (k,):
+        raise UsageError(flag, f"{path} has shape {shape} but there are {k} clusters",
+                         "recompute it on the same sorted clusters")
+    values = np.load(path, allow_pickle=False).astype(np.float64)
+    if np.isinf(values).any():
+        raise UsageError(flag, f"{path}: entry {np.flatnonzero(np.isinf(values))[0]} is infinite",
+                         "recompute it on the same sorted clusters")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# The method: complexity, softmax, quotas, selection
+# ---------------------------------------------------------------------------------------------
+
+
+def complexity(density: str, d_intra: np.ndarray | None, d_inter: np.ndarray | None,
+               sizes: np.ndarray) -> np.ndarray:
+    """The per-cluster score the softmax turns into probabilities (NaN -> nanmean)."""
+    if density in ("dintra*dinter", "dinter*dintra"):
+        c = d_intra * d_inter
+    elif density == "dintra":
+        c = d_intra.copy()
+    elif density == "dinter":
+        c = d_inter.copy()
+    elif density == "uniform":
+        return np.zeros(len(sizes))
+    else:  # clustersize
+        return sizes.astype(np.float64)
+    nan = np.isnan(c)
+    if nan.all():
+        log.warning("every cluster's complexity is NaN; using equal complexities")
+        return np.zeros(len(c))
+    c[nan] = np.nanmean(c)
+    return c
+
+
+def cluster_probabilities(density: str, scores: np.ndarray, temperature: float) -> np.ndarray:
+    """P: softmax(C / T), or plain cluster-size proportions for `clustersize` (SSP-Pruning)."""
+    if density == "clustersize":
+        total = scores.sum()
+        return scores / total if total > 0 else np.full(len(scores), 1.0 / len(scores))
+    z = scores / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """The solved quota problem: real solution x, integer quotas, bounds and the water level nu."""
+
+    x: np.ndarray
+    quotas: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    nu: float
+    min_per_cluster: int
+
+
+def solve_quotas(probs: np.ndarray, sizes: np.ndarray, target: int, cls_bal_ratio: float) -> Quotas:
+    """min ||x - P*N||^2 s.t. sum x = N, lb <= x <= ub, solved exactly, then rounded to integers.
+
+    The problem is separable, so x_j = clip(P_j*N - nu, lb_j, ub_j) for the one nu that makes the
+    sum N; nu is found exactly on the piecewise-linear sum. Largest-remainder rounding then keeps
+    the sum at N, the bounds, and |N_j - x_j| < 1 (and is the integer optimum of the same QP).
+    """
+    k = len(sizes)
+    upper = np.asarray(sizes, dtype=np.int64)
+    m = int(target / k * cls_bal_ratio) if cls_bal_ratio > 0 else 1
+    lower = np.maximum(0, np.minimum(m, upper - 1))
+    if target > upper.sum():
+        raise UsageError("--prune-ratio", f"asks to keep {target} samples but the clusters hold only "
+                         f"{upper.sum()}", "lower --prune-ratio or fix --total-dataset-size")
+    if lower.sum() > target:
+        raise UsageError("--cls-bal-ratio", f"its per-cluster minimum {m} needs {lower.sum()} samples, more "
+                         f"than the {target} kept", "lower --cls-bal-ratio or raise --prune-ratio")
+    t = np.asarray(probs, dtype=np.float64) * target
+    nu = _water_level(t, lower, upper, target)
+    x = np.clip(t - nu, lower, upper)
+    return Quotas(x, _round_to_sum(x, lower, upper, target), lower, upper, nu, m)
+
+
+def _water_level(t: np.ndarray, lower: np.ndarray, upper: np.ndarray, target: int) -> float:
+    """The nu with sum(clip(t - nu, lower, upper)) == target (the sum falls as nu grows)."""
+    def total(nu: float) -> float:
+        return float(np.clip(t - nu, lower, upper).sum())
+
+    breaks = np.unique(np.concatenate((t - upper, t - lower)))
+    lo, hi = 0, len(breaks) - 1  # total(breaks[lo]) = sum(upper) >= target >= sum(lower) = total(breaks[hi])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if total(breaks[mid]) >= target:
+            lo = mid
+        else:
+            hi = mid
+    if total(breaks[hi]) >= target:
+        return float(breaks[hi])
+    # On (breaks[lo], breaks[hi]) the sum is linear: free clusters move with nu, the rest sit at a bound.
+    mid = (breaks[lo] + breaks[hi]) / 2
+    free = (t - upper < mid) & (mid < t - lower)
+    fixed = np.where(t - mid >= upper, upper, lower)[~free].sum()
+    if not free.any():
+        return float(breaks[lo])
+    return float((t[free].sum() + fixed - target) / free.sum())
+
+
+def _round_to_sum(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, target: int) -> np.ndarray:
+    """Largest-remainder rounding: floor everything, then +1 for the largest fractions until sum == N."""
+    quotas = np.clip(np.floor(x), lower, upper).astype(np.int64)
+    short = int(target - quotas.sum())
+    order = np.argsort(-(x - quotas), kind="stable")
+    order = order[quotas[order] < upper[order]]
+    quotas[order[:short]] += 1
+    return quotas
+
+
+def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cluster_id: int) -> slice | np.ndarray:
+    """Which rows of a sorted cluster file to keep: a prefix/suffix for hard/easy, a seeded sample for random."""
+    if which == "random":
+        rng = np.random.default_rng([seed, cluster_id])  # one stream per cluster: any worker count agrees
+        return np.sort(rng.choice(rows, size=quota, replace=False))
+    far_first = descending  # SemDeDup keep_hard=True sorts the farthest (hardest) first
+    take_head = far_first if which == "hard" else not far_first
+    return slice(0, quota) if take_head else slice(rows - quota, rows)
+
+
+def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(kept paths, kept keys) of one cluster, both UTF-8 bytes; reads only the kept rows."""
+    cluster, quota, which, descending, seed, cluster_id = task
+    if quota == 0:
+        return np.zeros(0, "S1"), np.zeros(0, "S1")
+    rows = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
+    paths = to_utf8(np.array(cluster.open()[rows, PATH_COL]))
+    return paths, strip_extensions(paths)
+
+
+def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int,
+                workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per cluster, in order, the kept paths and keys; hard/easy read the sort direction first."""
+    tasks = []
+    for j, (cluster, quota) in enumerate(zip(clusters, quotas)):
+        descending = is_descending(cluster) if which != "random" and quota else True
+        tasks.append((cluster, int(quota), which, descending, seed, j))
+    return parallel_map(select_cluster, tasks, workers, "select")
+
+
+def unique_keys(parts: list[np.ndarray]) -> np.ndarray:
+    """The sorted, de-duplicated kept keys as one fixed-width bytes array (kept_keys.npy)."""
+    parts = [p for p in parts if len(p)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, "S1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: the rules shared by the trie, kept_keys.npy and the loader filter
+# ---------------------------------------------------------------------------------------------
+
+
+def to_utf8(paths: np.ndarray) -> np.ndarray:
+    """A str or bytes array of paths as UTF-8 bytes ('S' dtype)."""
+    if paths.dtype.kind == "S":
+        return np.asarray(paths)
+    try:  # pure ASCII, the usual case: a plain cast
+        return paths.astype(f"S{max(1, paths.dtype.itemsize // 4)}")
+    except UnicodeEncodeError:
+        return np.strings.encode(paths, "utf-8")
+
+
+def strip_extensions(keys: np.ndarray) -> np.ndarray:
+    """Remove the extension of each path's last component, like posixpath.splitext, vectorised.
+
+    `00012/000120034.jpg` -> `00012/000120034`; `a.b/c` and `.hidden` stay as they are.
+    """
+    n, width = len(keys), keys.dtype.itemsize
+    if n == 0:
+        return keys.copy()
+    chars = np.ascontiguousarray(keys).view(np.uint8).reshape(n, width)
+    cols = np.arange(width)
+    last_slash = _last_index(chars == ord("/"))
+    last_dot = _last_index(chars == ord("."))
+    # splitext ignores the leading dots of the last component: it needs a non-dot before the dot.
+    non_dot_after_slash = (chars != ord(".")) & (cols >= last_slash[:, None] + 1)
+    first_non_dot = np.where(non_dot_after_slash.any(axis=1), non_dot_after_slash.argmax(axis=1), width)
+    has_ext = (last_dot > last_slash) & (first_non_dot < last_dot)
+    cut = np.where(has_ext, last_dot, width)
+    out = np.where(cols < cut[:, None], chars, 0).astype(np.uint8)
+    return out.view(f"S{width}").ravel()
+
+
+def _last_index(hits: np.ndarray) -> np.ndarray:
+    """Per row, the column of the last True, or -1."""
+    last = hits.shape[1] - 1 - hits[:, ::-1].argmax(axis=1)
+    return np.where(hits.any(axis=1), last, -1)
+
+
+def strip_extension(path: str) -> str:
+    """The key of one path (the scalar twin of strip_extensions)."""
+    return strip_extensions(np.array([path.encode("utf-8")]))[0].decode("utf-8")
+
+
+def trie_order(keys: np.ndarray) -> list[str]:
+    """Unique keys (sorted bytes) as str, ordered by their '/'-separated components."""
+    strs = [b.decode("utf-8") for b in keys.tolist()]
+    if len(keys) and (keys.view(np.uint8) == 1).any():  # the separator trick below needs 0x01 free
+        return sorted(strs, key=lambda s: s.split(TRIE_SEPARATOR))
+    # Component order is byte order with '/' mapped below every other byte.
+    chars = np.ascontiguousarray(keys).view(np.uint8).copy()
+    chars[chars == ord(TRIE_SEPARATOR)] = 1
+    order = np.argsort(chars.view(keys.dtype), kind="stable")
+    return [strs[i] for i in order]
+
+
+def trie_node_state(keys: Iterable[str]) -> list:
+    """pygtrie's pickled node state for a StringTrie of `keys` (each value 1), inserted in that order.
+
+    pygtrie pickles a node as flat commands: `n, step_1..step_n, value` walks n steps down and sets
+    a value; `-n` walks n steps up; consecutive walks merge and a final walk up is dropped. Keys in
+    component order make that a single pass, with no trie in memory.
+    """
+    state: list = []
+    previous: list[str] = []
+    for key in keys:
+        parts = key.split(TRIE_SEPARATOR)
+        common = 0
+        for a, b in zip(previous, parts):
+            if a != b:
+                break
+            common += 1
+        if len(previous) > common:
+            state.append(common - len(previous))
+        state.append(len(parts) - common)
+        state.extend(parts[common:])
+        state.append(TRIE_VALUE)
+        previous = parts
+    return state
+
+
+def write_trie(f, ordered_keys: list[str]) -> None:
+    """Pickle a pygtrie.StringTrie holding `ordered_keys`, byte-identical to pygtrie's own pickle."""
+    trie = pygtrie.StringTrie(separator=TRIE_SEPARATOR)
+    state = trie_node_state(ordered_keys)
+    root_type = type(trie._root)
+    pickler = pickle.Pickler(f, protocol=PICKLE_PROTOCOL)
+    pickler.dispatch_table = copyreg.dispatch_table.copy()
+    # The empty root node pickles with the state its full version would have.
+    pickler.dispatch_table[root_type] = lambda node: (copyreg.__newobj__, (root_type,), state)
+    pickler.dump(trie)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: atomic files and the save-dir protocol
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
+    """Write to `.<name>.partial` beside `path`, renamed into place only once complete."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if not path:
+        raise UsageError(flag, "is required", "pass the .npy file to write")
+    if os.path.isdir(path):
+        raise UsageError(flag, f"{path} is a folder", "pass a file path such as out/dintra.npy")
+    _check_creatable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def _check_creatable(folder: str, flag: str) -> None:
+    """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(flag, f"{probe} is a file, so {folder} cannot be created", "choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(flag, f"{probe} is not writable", "choose a path you can write to")
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path) as f:
+        np.save(f, array)
+
+
+def check_save_dir(save_dir: str | None, overwrite: bool) -> None:
+    """Refuse an unusable save dir, or one holding a completed run unless --overwrite."""
+    if not save_dir:
+        raise UsageError("--save-dir", "is required", "pass the folder for the outputs")
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise UsageError("--save-dir", f"{save_dir} is a file", "pass a folder")
+    _check_creatable(os.path.abspath(save_dir), "--save-dir")
+    if os.path.exists(os.path.join(save_dir, PARAMS_FILE)) and not overwrite:
+        raise UsageError("--save-dir", f"{save_dir} already holds the outputs of a completed run",
+                         "pass --overwrite to replace them, or choose another --save-dir")
+
+
+def begin_save_dir(save_dir: str, stale: Iterable[str] = ()) -> None:
+    """Create the save dir and mark it incomplete: params.json goes, and is written back last.
+
+    `stale` names outputs this run will not write (the trie under --no-trie), so a replaced run
+    leaves none of its predecessor's files behind.
+    """
+    os.makedirs(save_dir, exist_ok=True)
+    for name in (PARAMS_FILE, *stale):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(save_dir, name))
+
+
+def write_cluster_stats(f, table: dict[str, np.ndarray]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(table).to_csv(f, index=False, na_rep="nan")
+
+
+def plot_quotas(f, probs: np.ndarray, quotas: np.ndarray, target: int, title: str) -> None:
+    """N_j and the softmax target P*N per cluster, clusters sorted by P."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(probs, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.scatter(np.arange(len(order)), quotas[order], s=6, label="quota $N_j$ (kept)")
+    ax.plot(np.arange(len(order)), probs[order] * target, color="tab:orange", label="softmax target $P_j N$")
+    ax.set_xlabel("clusters, sorted by $P_j$")
+    ax.set_ylabel("samples kept per cluster")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def write_params(f, params: dict[str, Any]) -> None:
+    f.write((json.dumps(params, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader side: the trie, the compact key set and the webdataset filter
+# ---------------------------------------------------------------------------------------------
+
+
+def load_trie(path: str) -> pygtrie.StringTrie:
+    """The kept-key trie written by prune.py (a pickle: load only files you made)."""
+    with open(path, "rb") as f:
+        trie = pickle.load(f)
+    if not isinstance(trie, pygtrie.StringTrie):
+        raise UsageError(path, f"holds a {type(trie).__name__}, not a pygtrie.StringTrie",
+                         f"pass the {TRIE_FILE} written by prune.py")
+    return trie
+
+
+def trie_search(trie: pygtrie.StringTrie, key: str) -> bool:
+    """True if `key` (a path without its extension) was kept."""
+    return trie.has_key(key)
+
+
+class KeptKeys:
+    """kept_keys.npy, memory-mapped: sorted UTF-8 keys, membership by binary search.
+
+    The map is shared by every loader worker through the page cache; pickling (for spawned
+    workers) sends the path, not the keys.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        shape, dtype, _, _ = read_npy_header(path)
+        if dtype.kind != "S" or len(shape) != 1:
+            raise UsageError(path, f"has dtype {dtype} and shape {shape}; expected 1-D bytes",
+                             f"pass the {KEPT_KEYS_FILE} written by prune.py")
+        self.keys = np.load(path, mmap_mode="r") if shape[0] else np.zeros(0, dtype)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        b = key.encode("utf-8")
+        if len(b) > self.keys.dtype.itemsize:  # numpy would truncate it and could match a prefix
+            return False
+        i = int(np.searchsorted(self.keys, b))
+        return i < len(self.keys) and self.keys[i] == b
+
+    def __reduce__(self):
+        return KeptKeys, (self.path,)
+
+
+def load_kept_keys(path: str) -> KeptKeys:
+    return KeptKeys(path)
+
+
+def _key_set(source: Any) -> Any:
+    """A trie, a KeptKeys, or a path to either, as something that answers `key in keys`."""
+    if isinstance(source, (pygtrie.StringTrie, KeptKeys)):
+        return source
+    path = os.fspath(source)
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    return load_kept_keys(path) if is_npy else load_trie(path)
+
+
+def shard_stem(url: str) -> str:
+    """`.../00012.tar` -> `00012`: the shard part of a `<shard>/<key>` key."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+class WebdatasetFilter:
+    """`sample -> bool` for `webdataset.WebDataset(urls).select(...)`; picklable for loader workers."""
+
+    def __init__(self, keys: Any, with_shard: bool):
+        self.keys, self.with_shard = keys, with_shard
+
+    def __call__(self, sample: dict) -> bool:
+        key = sample["__key__"]
+        if self.with_shard:
+            key = f"{shard_stem(sample['__url__'])}/{key}"
+        return key in self.keys
+
+
+def webdataset_filter(trie_or_path: Any, with_shard: bool = True) -> WebdatasetFilter:
+    """Keep the samples whose key was kept: `<shard stem>/<__key__>`, or `__key__` alone."""
+    return WebdatasetFilter(_key_set(trie_or_path), with_shard)
