@@ -1,0 +1,165 @@
+"""Density-Based Pruning: keep the hardest samples of each cluster, more of the complex clusters.
+
+Reads SemDeDup's sorted clusters and the d_intra / d_inter arrays of the two compute_*.py
+scripts. The complexity of cluster j is C_j = d_intra[j] * d_inter[j]; P = softmax(C / T) says
+which share of the kept N = int(prune_ratio * total) samples each cluster should get. The quotas
+N_j solve min ||N_j - P_j N||^2 with sum N_j = N and min(m, n_j - 1) <= N_j <= n_j exactly
+(m = int(N / k * cls_bal_ratio)), then the N_j members farthest from the centroid are kept
+(--which-to-keep hard; easy keeps the nearest, random a seeded sample).
+
+Writes into --save-dir: kept_keys_trie.pkl (pygtrie.StringTrie of kept keys: paths without their
+extension, for a webdataset filter), kept_keys.npy (the same keys, sorted bytes, memory-mappable),
+kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, params.json.
+
+    python prune.py --num-centroids 500 --mean_centroid_distances_save_path OUT/dinter.npy \\
+        --avg_distance_to_cent_save_path OUT/dintra.npy --sorted-clusters-path SORTED \\
+        --total-dataset-size 280000000 --prune-ratio 0.3 --save-dir RUN
+"""
+
+import io
+import logging
+import os
+
+import numpy as np
+
+import dbp_utils as du
+
+
+def parse_args():
+    parser = du.make_parser(__doc__)
+    du.add_flag(parser, "--num-centroids", "--num-clusters", type=int, default=None,
+                help="number of k-means clusters k (default: the number of cluster_<j>.npy files)")
+    du.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
+                help="d_inter .npy from compute_centroid_distances.py (needed by the dinter densities)")
+    du.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
+                help="d_intra .npy from compute_avg_dist_to_cluster_centroid.py (needed by the dintra densities)")
+    du.add_flag(parser, "--sorted-clusters-path", default=None,
+                help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
+    du.add_flag(parser, "--total-dataset-size", type=int, default=None,
+                help="dataset size the kept fraction refers to (default: the number of rows in the "
+                     "cluster files; a different value is used but warned about)")
+    du.add_flag(parser, "--prune-ratio", type=float, required=True,
+                help="the fraction of the dataset to KEEP, in (0, 1] (the upstream name): 0.3 keeps 30%%")
+    du.add_flag(parser, "--save-dir", default=None,
+                help="folder for the outputs (created; refused if it holds a completed run)")
+    du.add_flag(parser, "--temperature", type=float, default=0.5,
+                help="softmax temperature T > 0 (default: 0.5); lower favours complex clusters more")
+    du.add_flag(parser, "--cls-bal-ratio", type=float, default=0.5,
+                help="in [0, 1]: every cluster keeps at least int(N / k * ratio) samples (capped at "
+                     "its size - 1); 0 means at least 1 (default: 0.5)")
+    du.add_flag(parser, "--which-to-keep", default="hard", choices=du.WHICH_TO_KEEP,
+                help="hard (default): the members farthest from the centroid; easy: the nearest; "
+                     "random: a seeded random sample")
+    du.add_flag(parser, "--density", default="dintra*dinter", choices=du.DENSITIES,
+                help="complexity fed to the softmax: dintra*dinter (default, the paper's; "
+                     "dinter*dintra is the same), dintra, dinter, uniform (equal quotas), "
+                     "clustersize (the same kept fraction everywhere, no softmax: SSP-Pruning)")
+    du.add_flag(parser, "--seed", type=int, default=42, help="seed of --which-to-keep random (default: 42)")
+    du.add_flag(parser, "--no-trie", action="store_true",
+                help="skip kept_keys_trie.pkl; loaders use kept_keys.npy (far smaller at web scale)")
+    du.add_flag(parser, "--overwrite", action="store_true",
+                help="replace the outputs of a completed run in --save-dir")
+    du.add_workers_flag(parser)
+    return parser.parse_args()
+
+
+def check_args(args) -> None:
+    du.check_range("--prune-ratio", args.prune_ratio, 0, 1, low_open=True)
+    du.check_range("--temperature", args.temperature, 0, float("inf"), low_open=True, high_open=True,
+                   fix="pass a temperature > 0 (default 0.5)")
+    du.check_range("--cls-bal-ratio", args.cls_bal_ratio, 0, 1)
+    if args.total_dataset_size is not None and args.total_dataset_size < 1:
+        raise du.UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
+                            "omit it to use the number of rows in the cluster files")
+
+
+def load_scores(args, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """d_intra and d_inter as the density needs them (NaN where it does not)."""
+    needs_intra = "dintra" in args.density
+    needs_inter = "dinter" in args.density
+    files = (("--avg_distance_to_cent_save_path", args.avg_distance_to_cent_save_path, needs_intra),
+             ("--mean_centroid_distances_save_path", args.mean_centroid_distances_save_path, needs_inter))
+    scores = []
+    for flag, path, needed in files:
+        if needed and not path:
+            raise du.UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
+        scores.append(du.load_cluster_scores(path, k, flag) if path else np.full(k, np.nan))
+    return scores[0], scores[1]
+
+
+def main() -> None:
+    args = parse_args()
+    check_args(args)
+    workers = du.num_workers(args.workers)
+    log_text = io.StringIO()
+    log_handler = logging.StreamHandler(log_text)
+    log_handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    du.log.addHandler(log_handler)
+
+    # 1. Inputs, all validated before anything is written.
+    clusters = du.scan_clusters(args.sorted_clusters_path, args.num_centroids,
+                                "--sorted-clusters-path", "--num-centroids")
+    k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
+    du.check_save_dir(args.save_dir, args.overwrite)
+    d_intra, d_inter = load_scores(args, k)
+    total_rows = int(sizes.sum())
+    total = args.total_dataset_size or total_rows
+    if total != total_rows:
+        du.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
+                       "files; the kept target uses the given size")
+    target = int(args.prune_ratio * total)
+
+    # 2. Complexity -> probabilities -> quotas.
+    scores = du.complexity(args.density, d_intra, d_inter, sizes)
+    probs = du.cluster_probabilities(args.density, scores, args.temperature)
+    plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
+    selection = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, workers)
+    du.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
+                f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
+
+    # 3. Select and write; params.json last marks the run complete.
+    du.begin_save_dir(args.save_dir, stale=[du.TRIE_FILE] if args.no_trie else [])
+
+    def out(name: str) -> str:
+        return os.path.join(args.save_dir, name)
+
+    key_parts = []
+    with du.atomic_open(out(du.KEPT_PATHS_FILE)) as f:
+        for paths, keys in selection:
+            if len(paths):
+                f.write(b"\n".join(paths.tolist()) + b"\n")
+            key_parts.append(keys)
+    kept_keys = du.unique_keys(key_parts)
+    kept = int(plan.quotas.sum())
+    if len(kept_keys) < kept:
+        du.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
+                       "(same name, other extension); the key sets hold each key once")
+    du.save_npy(out(du.KEPT_KEYS_FILE), kept_keys)
+    if not args.no_trie:
+        with du.atomic_open(out(du.TRIE_FILE)) as f:
+            du.write_trie(f, du.trie_order(kept_keys))
+    du.save_npy(out(du.QUOTAS_FILE), plan.quotas)
+    with du.atomic_open(out(du.STATS_FILE)) as f:
+        du.write_cluster_stats(f, {
+            "cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
+            "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
+            "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)})
+    with du.atomic_open(out(du.PLOT_FILE)) as f:
+        du.plot_quotas(f, probs, plan.quotas, target,
+                       f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}")
+    du.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
+    with du.atomic_open(out(du.LOG_FILE), "w") as f:
+        f.write(log_text.getvalue())
+    run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
+    params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
+    params.update(num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
+                  min_per_cluster=plan.min_per_cluster, water_level=plan.nu, kept_samples=kept,
+                  kept_keys=len(kept_keys))
+    with du.atomic_open(out(du.PARAMS_FILE)) as f:
+        du.write_params(f, params)
+    print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "
+          f"({args.which_to_keep}, {args.density}) -> {args.save_dir}")
+
+
+if __name__ == "__main__":
+    du.run_main(main)
