@@ -1,0 +1,129 @@
+"""Make a small SemDeDup-style data set to run DBP on, with no data of your own.
+
+Draws synthetic image-like embeddings (unit vectors around concepts of very different density:
+some tight, some diffuse, some large, some small), clusters them with real faiss spherical
+k-means and writes what SemDeDup's clustering and sort_clusters.py write:
+
+    OUT/kmeans_centroids.npy               float32 (k, dim)
+    OUT/sorted_clusters/cluster_<j>.npy    np.save of a list of (path, index, distance, cluster) tuples,
+                                           sorted by distance (descending = SemDeDup's keep_hard=True)
+    OUT/embeddings.npy, OUT/paths.txt      the embeddings and the sample keys, in dataset order
+
+Keys look like LAION's webdataset keys: `00012/000120034.jpg` is sample 120034 in shard 00012.
+
+    python examples/make_toy_clusters.py --out toy --n 20000 --k 50 --dim 64 --seed 0
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+SORTED_DIR = "sorted_clusters"
+CENTROIDS_FILE = "kmeans_centroids.npy"
+PATH_DTYPE = "S24"  # SemDeDup's paths memmap dtype for LAION
+
+
+def make_embeddings(n: int, dim: int, concepts: int, seed: int) -> np.ndarray:
+    """Unit vectors around `concepts` random directions, each concept with its own size and spread."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((concepts, dim))
+    spread = np.exp(rng.uniform(np.log(0.3), np.log(3.0), concepts))  # tight .. diffuse concepts
+    weights = rng.dirichlet(np.full(concepts, 0.7))  # a few large concepts, many small ones
+    concept = rng.choice(concepts, size=n, p=weights)
+    x = centers[concept] / np.sqrt(dim) * 4 + rng.standard_normal((n, dim)) * spread[concept, None] / np.sqrt(dim)
+    return _unit(x)
+
+
+def sample_paths(n: int, shard_size: int) -> list[str]:
+    return [f"{i // shard_size:05d}/{i:09d}.jpg" for i in range(n)]
+
+
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids, label, cosine similarity to the label's centroid), as SemDeDup runs faiss."""
+    import faiss
+
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
+    kmeans.train(x)
+    return assign(x, kmeans.centroids)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product, the search SemDeDup runs with the spherical k-means index."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims, labels = index.search(x, 1)
+    return np.asarray(centroids, dtype=np.float32), labels[:, 0], sims[:, 0]
+
+
+def add_edge_clusters(x: np.ndarray, centroids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Append three outliers and three centroids: an empty cluster, one of 1 member, one of 2."""
+    rng = np.random.default_rng(seed + 1)
+    dim = x.shape[1]
+    a, b = rng.standard_normal((2, dim))
+    outliers = np.stack([a, b, b + 0.05 * rng.standard_normal(dim)])
+    empty = -(centroids.sum(axis=0) + a + b)  # points away from every sample
+    return np.concatenate([x, _unit(outliers)]), np.concatenate([centroids, _unit(np.stack([empty, a, b]))])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def write_sorted_clusters(folder: str, paths: list, labels: np.ndarray, sims: np.ndarray, k: int,
+                          descending: bool = True) -> None:
+    """One file per cluster exactly as SemDeDup's sort_clusters.py writes it (cosine, spherical)."""
+    os.makedirs(folder, exist_ok=True)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(k + 1))
+    for c in range(k):
+        members = order[bounds[c]:bounds[c + 1]].tolist()
+        dists = (1 - sims[members]).astype(np.float32).tolist()  # pandas hands SemDeDup Python floats
+        rows = zip([paths[i] for i in members], members, dists, [c] * len(members))
+        np.save(os.path.join(folder, f"cluster_{c}.npy"),
+                sorted(rows, key=lambda row: row[2], reverse=descending))
+
+
+def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int = 10000,
+                 descending: bool = True, bytes_paths: bool = False, edge_clusters: bool = False) -> dict:
+    """Write a SemDeDup-style data set into `out`; returns its parts for tests and the demo."""
+    x = make_embeddings(n, dim, concepts=max(2, k // 2), seed=seed)
+    centroids, labels, sims = spherical_kmeans(x, k, seed)
+    if edge_clusters:
+        x, centroids = add_edge_clusters(x, centroids, seed)
+        centroids, labels, sims = assign(x, centroids)
+        counts = np.bincount(labels, minlength=len(centroids))[-3:]
+        assert counts.tolist() == [0, 1, 2], f"edge clusters came out as {counts.tolist()}"
+    paths = sample_paths(len(x), shard_size)
+    stored = np.array(paths, dtype=PATH_DTYPE).tolist() if bytes_paths else paths  # bytes, as from a memmap
+    os.makedirs(out, exist_ok=True)
+    np.save(os.path.join(out, CENTROIDS_FILE), centroids)
+    np.save(os.path.join(out, "embeddings.npy"), x)
+    with open(os.path.join(out, "paths.txt"), "w") as f:
+        f.write("\n".join(paths) + "\n")
+    write_sorted_clusters(os.path.join(out, SORTED_DIR), stored, labels, sims, len(centroids), descending)
+    return {"x": x, "centroids": centroids, "labels": labels, "sims": sims, "paths": paths,
+            "sorted": os.path.join(out, SORTED_DIR), "k": len(centroids)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to write the data set into")
+    parser.add_argument("--n", type=int, default=20000, help="number of samples (default: 20000)")
+    parser.add_argument("--k", type=int, default=50, help="number of k-means clusters (default: 50)")
+    parser.add_argument("--dim", type=int, default=64, help="embedding dimension (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    parser.add_argument("--ascending", action="store_true",
+                        help="sort clusters nearest first (SemDeDup keep_hard=False)")
+    parser.add_argument("--bytes-paths", action="store_true", help="store paths as bytes, as from an S24 memmap")
+    args = parser.parse_args()
+    data = make_dataset(args.out, args.n, args.k, args.dim, args.seed, args.shard_size,
+                        descending=not args.ascending, bytes_paths=args.bytes_paths)
+    print(f"{args.n} samples, dim {args.dim}, {data['k']} clusters -> {data['sorted']}")
+
+
+if __name__ == "__main__":
+    main()
