@@ -1,0 +1,85 @@
+"""d_intra and d_inter against brute force on the same data, through the scripts."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, brute_dinter, brute_dintra, run_script
+
+
+def test_dintra_matches_brute_force(dataset, tmp_path):
+    out = tmp_path / "sub" / "dintra.npy"
+    r = run_script(DINTRA_SCRIPT, "--num_clusters", dataset["k"], "--sorted_clusters_path", dataset["sorted"],
+                   "--avg_distance_to_cent_save_path", out)
+    assert r.returncode == 0, r.stderr
+    d_intra = np.load(out)
+    assert d_intra.dtype == np.float32 and d_intra.shape == (dataset["k"],)
+    expected = brute_dintra(dataset)
+    assert np.isnan(d_intra[-3]) and np.isnan(expected[-3])  # the empty cluster
+    np.testing.assert_allclose(d_intra, expected, atol=1e-5)
+    assert "d_intra of 15 clusters" in r.stdout
+
+
+def test_dintra_workers_agree_and_k_is_inferred(desc_str, tmp_path):
+    outs = []
+    for workers in ("1", "3"):
+        outs.append(tmp_path / f"w{workers}.npy")
+        r = run_script(DINTRA_SCRIPT, "--sorted-clusters-path", desc_str["sorted"],
+                       "--avg-distance-to-cent-save-path", outs[-1], "--workers", workers)
+        assert r.returncode == 0, r.stderr
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_dintra_keeps_long_and_unicode_keys_and_warns_on_unsorted(tmp_path):
+    folder = tmp_path / "sorted"
+    folder.mkdir()
+    long_key = "shard_000012/" + "x" * 80 + "_é.jpg"
+    np.save(folder / "cluster_0.npy", [(long_key, 0, 0.5, 0), ("a/b.jpg", 1, 0.25, 0)])
+    np.save(folder / "cluster_1.npy", [("c/d.jpg", 2, 0.1, 1), ("c/e.jpg", 3, 0.3, 1), ("c/f.jpg", 4, 0.2, 1)])
+    out = tmp_path / "dintra.npy"
+    r = run_script(DINTRA_SCRIPT, "--sorted_clusters_path", folder, "--avg_distance_to_cent_save_path", out)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(out), [0.375, 0.2], rtol=1e-6)
+    assert "not sorted" in r.stderr and "cluster_1.npy" in r.stderr
+
+
+@pytest.mark.parametrize("num_nns", [1, 3, 20, 100])
+def test_dinter_matches_brute_force(desc_str, tmp_path, num_nns):
+    out = tmp_path / "dinter.npy"
+    r = run_script(DINTER_SCRIPT, "--num_clusters", desc_str["k"], "--sorted_clusters_path", desc_str["sorted"],
+                   "--mean_centroid_distances_save_path", out, "--num_NNs", num_nns)
+    assert r.returncode == 0, r.stderr
+    d_inter = np.load(out)
+    assert d_inter.dtype == np.float32 and d_inter.shape == (desc_str["k"],)
+    np.testing.assert_allclose(d_inter, brute_dinter(desc_str["centroids"], num_nns), atol=1e-5)
+    assert ("warning" in r.stderr) == (num_nns >= desc_str["k"])
+
+
+def test_dinter_excludes_self_among_duplicate_centroids(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((5, 8)).astype(np.float32)
+    # Three copies of centroid 0 and two of centroid 1: each copy's nearest "other" is at distance 0.
+    centroids = np.concatenate([base, base[[0, 0, 1]]]) * rng.uniform(0.5, 2, (8, 1)).astype(np.float32)
+    path = tmp_path / "centroids.npy"
+    np.save(path, centroids)
+    for num_nns in (1, 2, 4, 7):
+        out = tmp_path / f"dinter{num_nns}.npy"
+        r = run_script(DINTER_SCRIPT, "--centroids_file", path, "--mean_centroid_distances_save_path", out,
+                       "--num_NNs", num_nns, "--dim", 8)
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(np.load(out), brute_dinter(centroids, num_nns), atol=1e-5)
+    assert np.load(tmp_path / "dinter1.npy")[[0, 5, 6]] == pytest.approx(0, abs=1e-6)
+
+
+def test_dinter_finds_centroids_in_sorted_folder_or_its_parent(desc_str, tmp_path):
+    sorted_copy = tmp_path / "save" / "sorted"
+    shutil.copytree(desc_str["sorted"], sorted_copy)
+    expected = brute_dinter(desc_str["centroids"], 20)
+    for where in (sorted_copy.parent, sorted_copy):
+        np.save(where / "kmeans_centroids.npy", desc_str["centroids"])
+        out = tmp_path / "dinter.npy"
+        r = run_script(DINTER_SCRIPT, "--sorted-clusters-path", sorted_copy, "--mean-centroid-distances-save-path", out)
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+        os.remove(where / "kmeans_centroids.npy")

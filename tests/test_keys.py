@@ -1,0 +1,128 @@
+"""Key rules, the trie writer, kept_keys.npy and the webdataset filter."""
+
+import io
+import pickle
+import posixpath
+import random
+import tarfile
+
+import numpy as np
+import pygtrie
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dbp_utils as du
+
+PATH_CHARS = st.sampled_from(list("ab.-/1é_"))
+paths = st.text(PATH_CHARS, min_size=1, max_size=12)
+
+
+def pygtrie_pickle(keys, value=1):
+    """What pygtrie itself writes: a trie built key by key, in the given order."""
+    trie = pygtrie.StringTrie(separator="/")
+    for key in keys:
+        trie[key] = value
+    return trie, pickle.dumps(trie, protocol=du.PICKLE_PROTOCOL)
+
+
+def our_pickle(keys):
+    f = io.BytesIO()
+    du.write_trie(f, keys)
+    return f.getvalue()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(paths, max_size=30))
+def test_strip_extensions_is_splitext(values):
+    arr = np.array([v.encode() for v in values], dtype=object).astype(bytes) if values else np.zeros(0, "S1")
+    got = [b.decode() for b in du.strip_extensions(arr).tolist()]
+    assert got == [posixpath.splitext(v)[0] for v in values]
+
+
+def test_strip_extension_examples():
+    assert du.strip_extension("00012/000120034.jpg") == "00012/000120034"
+    assert du.strip_extension("00012/000120034") == "00012/000120034"
+    assert du.strip_extension("a.b/c") == "a.b/c"
+    assert du.strip_extension("dir/.hidden") == "dir/.hidden"
+    assert du.strip_extension("x/y.tar.gz") == "x/y.tar"
+    np.testing.assert_array_equal(du.to_utf8(np.array(["é/x.jpg"])), np.array(["é/x.jpg".encode()]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(paths, max_size=40))
+def test_trie_pickle_is_pygtries_own(keys):
+    ordered = du.trie_order(np.array(sorted(k.encode() for k in keys), dtype=bytes) if keys else np.zeros(0, "S1"))
+    assert ordered == sorted(keys, key=lambda k: k.split("/"))
+    reference, reference_bytes = pygtrie_pickle(ordered)
+    assert our_pickle(ordered) == reference_bytes
+    loaded = pickle.loads(our_pickle(ordered))
+    shuffled = list(keys)
+    random.Random(0).shuffle(shuffled)
+    assert loaded == pygtrie_pickle(shuffled)[0]
+    assert sorted(loaded.keys()) == sorted(keys)
+
+
+def test_trie_pickle_edge_keys():
+    keys = ["a", "a/b", "a/b/c", "a-b/x", "a/x", "1/1", "2/1", "é/ü", "", "x//y", "x/", "z/.jpg"]
+    ordered = du.trie_order(np.array(sorted(k.encode() for k in keys), dtype=bytes))
+    assert our_pickle(ordered) == pygtrie_pickle(ordered)[1]
+    trie = pickle.loads(our_pickle(ordered))
+    assert all(du.trie_search(trie, k) for k in keys)
+    assert not du.trie_search(trie, "x") and not du.trie_search(trie, "a/b/c/d")
+
+
+def test_trie_holds_plain_str_keys():
+    ordered = du.trie_order(np.array([b"00001/000010001", b"00001/000010002"]))
+    trie = pickle.loads(our_pickle(ordered))
+    assert all(type(k) is str for k in trie.keys()) and trie["00001/000010002"] == 1
+
+
+def test_kept_keys_membership(tmp_path):
+    keys = np.array(sorted([b"00001/000010001", b"00001/000010003", b"00002/x", "é/ü".encode()]))
+    path = tmp_path / "kept_keys.npy"
+    du.save_npy(str(path), keys)
+    kept = du.load_kept_keys(str(path))
+    assert len(kept) == 4
+    assert all(k.decode() in kept for k in keys)
+    for absent in ("00001/000010002", "00001", "00002/x/y", "00001/0000100011234567890", ""):
+        assert absent not in kept
+    assert "00002/x" in pickle.loads(pickle.dumps(kept))
+
+
+def write_shard(path, members):
+    """A webdataset tar shard: for every member name, a .jpg and a .cls file."""
+    with tarfile.open(path, "w") as tar:
+        for name in members:
+            for ext, payload in ((".jpg", b"\xff\xd8fake"), (".cls", b"3")):
+                info = tarfile.TarInfo(name + ext)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("source", ["trie", "npy", "trie_path", "npy_path"])
+@pytest.mark.parametrize("with_shard", [True, False])
+def test_webdataset_filter_keeps_exactly_the_kept(tmp_path, source, with_shard):
+    import webdataset as wds
+
+    rng = np.random.default_rng(1)
+    all_keys, urls = [], []
+    for shard in range(3):
+        stem = f"{shard:05d}"
+        names = [f"{shard * 100 + i:09d}" for i in range(20)]
+        # Style 1: `<shard stem>/<__key__>`; style 2: the tar member names carry the shard folder.
+        members = names if with_shard else [f"{stem}/{n}" for n in names]
+        urls.append(str(tmp_path / f"{stem}.tar"))
+        write_shard(urls[-1], members)
+        all_keys += [f"{stem}/{n}" for n in names]
+    kept = sorted(k for k in all_keys if rng.random() < 0.4)
+    kept_bytes = np.array([k.encode() for k in kept])
+    with open(tmp_path / "trie.pkl", "wb") as f:
+        du.write_trie(f, du.trie_order(kept_bytes))
+    du.save_npy(str(tmp_path / "kept.npy"), kept_bytes)
+    keys = {"trie": du.load_trie(str(tmp_path / "trie.pkl")), "npy": du.load_kept_keys(str(tmp_path / "kept.npy")),
+            "trie_path": str(tmp_path / "trie.pkl"), "npy_path": tmp_path / "kept.npy"}[source]
+
+    dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(keys, with_shard=with_shard))
+    seen = [(du.shard_stem(s["__url__"]) + "/" + s["__key__"]) if with_shard else s["__key__"] for s in dataset]
+    assert seen == kept

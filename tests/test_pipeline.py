@@ -1,0 +1,189 @@
+"""End to end: the three scripts with the README's flags, checked against the paper's equations.
+
+The reference here is written from the equations alone: d_intra and d_inter from the embeddings,
+the softmax, and the quota QP solved by plain bisection on the water level.
+"""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, brute_dinter, brute_dintra, run_script
+
+import dbp_utils as du
+
+OUTPUTS = ["kept_keys_trie.pkl", "kept_keys.npy", "kept_paths.txt", "quotas.npy", "cluster_stats.csv",
+           "params.json", "quotas.png", "logs.log"]
+
+
+@pytest.fixture(scope="module")
+def scored(request, tmp_path_factory):
+    """Run the two compute scripts once per data set, exactly as the README shows them."""
+    cache = {}
+
+    def get(data):
+        if data["sorted"] not in cache:
+            out = tmp_path_factory.mktemp("scores")
+            for script, flag, name in ((DINTRA_SCRIPT, "--avg_distance_to_cent_save_path", "dintra.npy"),
+                                       (DINTER_SCRIPT, "--mean_centroid_distances_save_path", "dinter.npy")):
+                r = run_script(script, "--num_clusters", data["k"], "--sorted_clusters_path", data["sorted"],
+                               flag, out / name)
+                assert r.returncode == 0, r.stderr
+            cache[data["sorted"]] = (out / "dintra.npy", out / "dinter.npy")
+        return cache[data["sorted"]]
+    return get
+
+
+def prune(data, scores, save_dir, *extra):
+    dintra, dinter = scores
+    return run_script(PRUNE_SCRIPT, "--num-centroids", data["k"], "--mean_centroid_distances_save_path", dinter,
+                      "--avg_distance_to_cent_save_path", dintra, "--sorted-clusters-path", data["sorted"],
+                      "--total-dataset-size", len(data["x"]), "--save-dir", save_dir, *extra)
+
+
+def reference_x(data, density, ratio, temperature, cls_bal):
+    """x* of the SPEC's QP, from the equations: softmax, bounds, bisection on nu."""
+    sizes = np.bincount(data["labels"], minlength=data["k"])
+    d_intra, d_inter = brute_dintra(data), brute_dinter(data["centroids"], 20)
+    if density == "clustersize":
+        p = sizes / sizes.sum()
+    else:
+        c = {"dintra*dinter": d_intra * d_inter, "dinter*dintra": d_inter * d_intra, "dintra": d_intra,
+             "dinter": d_inter,
+             "uniform": np.zeros(data["k"])}[density]
+        c = np.where(np.isnan(c), np.nanmean(c), c)
+        p = np.exp(c / temperature) / np.exp(c / temperature).sum()
+    n = int(ratio * len(data["x"]))
+    m = int(n / data["k"] * cls_bal) if cls_bal > 0 else 1
+    lb, ub = np.maximum(0, np.minimum(m, sizes - 1)), sizes
+    lo, hi = (p * n - ub).min() - 1, (p * n - lb).max() + 1
+    for _ in range(200):
+        nu = (lo + hi) / 2
+        lo, hi = (nu, hi) if np.clip(p * n - nu, lb, ub).sum() > n else (lo, nu)
+    return np.clip(p * n - nu, lb, ub), n
+
+
+def check_selection(data, save_dir, which):
+    """Every cluster keeps exactly its quota, and the right members; the key sets hold exactly those."""
+    quotas = np.load(save_dir / "quotas.npy")
+    kept_paths = (save_dir / "kept_paths.txt").read_text().splitlines()
+    assert len(kept_paths) == len(set(kept_paths)) == quotas.sum()
+    kept = set(kept_paths)
+    for j in range(data["k"]):
+        rows = np.load(os.path.join(data["sorted"], f"cluster_{j}.npy"))
+        if rows.size == 0:
+            assert quotas[j] == 0
+            continue
+        paths = [p.decode() if isinstance(p, bytes) else p for p in rows[:, 0].tolist()]
+        dist = rows[:, 2].astype(float)
+        is_kept = np.array([p in kept for p in paths])
+        assert is_kept.sum() == quotas[j]
+        if which != "random" and 0 < quotas[j] < len(rows):
+            far, near = dist[is_kept], dist[~is_kept]
+            if which == "hard":
+                assert far.min() >= near.max()
+            else:
+                assert far.max() <= near.min()
+    expected_keys = {p[: -len(".jpg")] for p in kept_paths}
+    with open(save_dir / "kept_keys_trie.pkl", "rb") as f:
+        trie = pickle.load(f)
+    assert set(trie.keys()) == expected_keys
+    assert {k.decode() for k in np.load(save_dir / "kept_keys.npy").tolist()} == expected_keys
+
+
+CASES = [  # (which, density, prune ratio, cls-bal ratio)
+    ("hard", "dintra*dinter", 0.3, 0.5), ("easy", "dintra*dinter", 0.3, 0.5), ("hard", "dinter*dintra", 0.6, 0.0),
+    ("easy", "dintra", 0.5, 1.0), ("hard", "dinter", 0.2, 0.2), ("hard", "uniform", 0.25, 0.5),
+    ("easy", "clustersize", 0.4, 0.0), ("random", "dintra*dinter", 0.35, 0.5),
+]
+
+
+@pytest.mark.parametrize("which,density,ratio,cls_bal", CASES)
+def test_prune_matches_the_equations(dataset, scored, tmp_path, which, density, ratio, cls_bal):
+    save_dir = tmp_path / "run"
+    r = prune(dataset, scored(dataset), save_dir, "--prune-ratio", ratio, "--which-to-keep", which,
+              "--density", density, "--cls-bal-ratio", cls_bal, "--temperature", 0.1)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(save_dir)) == sorted(OUTPUTS)
+    x, n = reference_x(dataset, density, ratio, 0.1, cls_bal)
+    quotas = np.load(save_dir / "quotas.npy")
+    assert quotas.dtype == np.int64 and quotas.sum() == n
+    assert (np.abs(quotas - x) < 1 + 1e-6).all()
+    check_selection(dataset, save_dir, which)
+
+    stats = pd.read_csv(save_dir / "cluster_stats.csv")
+    assert list(stats.columns) == ["cluster_id", "size", "d_intra", "d_inter", "complexity", "probability",
+                                   "target", "quota", "kept_fraction"]
+    np.testing.assert_array_equal(stats["quota"], quotas)
+    np.testing.assert_allclose(stats["d_intra"], brute_dintra(dataset), atol=1e-5)
+    assert stats["probability"].sum() == pytest.approx(1)
+    params = json.loads((save_dir / "params.json").read_text())
+    assert params["prune_ratio"] == ratio and params["target_size"] == n and params["kept_samples"] == n
+    assert f"kept {n} of {len(dataset['x'])}" in r.stdout
+
+
+def test_random_is_seeded_and_worker_count_does_not_matter(desc_str, scored, tmp_path):
+    runs = {}
+    for name, extra in (("a", ["--workers", "1"]), ("b", ["--workers", "3"]), ("c", ["--seed", "7"])):
+        r = prune(desc_str, scored(desc_str), tmp_path / name, "--prune-ratio", 0.3, "--which-to-keep", "random",
+                  *extra)
+        assert r.returncode == 0, r.stderr
+        runs[name] = {f: (tmp_path / name / f).read_bytes() for f in OUTPUTS if f != "params.json"}
+    assert runs["a"] == runs["b"]
+    assert runs["a"]["kept_paths.txt"] != runs["c"]["kept_paths.txt"]
+    assert runs["a"]["quotas.npy"] == runs["c"]["quotas.npy"]
+
+
+def test_defaults_need_only_the_readme_flags(asc_bytes, scored, tmp_path):
+    """--num-centroids and --total-dataset-size may be omitted; the default keeps the hardest."""
+    dintra, dinter = scored(asc_bytes)
+    r = run_script(PRUNE_SCRIPT, "--mean_centroid_distances_save_path", dinter, "--avg_distance_to_cent_save_path",
+                   dintra, "--sorted-clusters-path", asc_bytes["sorted"], "--prune-ratio", 0.3,
+                   "--save-dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    params = json.loads((tmp_path / "run" / "params.json").read_text())
+    assert params["which_to_keep"] == "hard" and params["density"] == "dintra*dinter"
+    assert params["num_clusters"] == asc_bytes["k"] and params["target_size"] == int(0.3 * len(asc_bytes["x"]))
+    x, n = reference_x(asc_bytes, "dintra*dinter", 0.3, 0.5, 0.5)
+    assert (np.abs(np.load(tmp_path / "run" / "quotas.npy") - x) < 1 + 1e-6).all()
+    check_selection(asc_bytes, tmp_path / "run", "hard")
+
+
+def test_total_dataset_size_differs_warns(desc_str, scored, tmp_path):
+    r = prune(desc_str, scored(desc_str), tmp_path / "run", "--prune-ratio", 0.3)
+    assert r.returncode == 0
+    r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", desc_str["sorted"], "--density", "uniform",
+                   "--total-dataset-size", 2000, "--prune-ratio", 0.5, "--save-dir", tmp_path / "run2")
+    assert r.returncode == 0, r.stderr
+    assert "warning: --total-dataset-size 2000 differs" in r.stderr
+    assert np.load(tmp_path / "run2" / "quotas.npy").sum() == 1000
+
+
+def test_no_trie_and_save_dir_protocol(desc_str, scored, tmp_path):
+    save_dir = tmp_path / "run"
+    assert prune(desc_str, scored(desc_str), save_dir, "--prune-ratio", 0.3).returncode == 0
+    before = {f: (save_dir / f).read_bytes() for f in OUTPUTS}
+    r = prune(desc_str, scored(desc_str), save_dir, "--prune-ratio", 0.5)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert {f: (save_dir / f).read_bytes() for f in OUTPUTS} == before
+    r = prune(desc_str, scored(desc_str), save_dir, "--prune-ratio", 0.5, "--overwrite", "--no-trie")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(save_dir)) == sorted(set(OUTPUTS) - {"kept_keys_trie.pkl"})
+    assert np.load(save_dir / "quotas.npy").sum() == int(0.5 * len(desc_str["x"]))
+
+
+def test_help_explains_every_flag_and_both_spellings_work(desc_str, scored, tmp_path):
+    r = run_script(PRUNE_SCRIPT, "--help")
+    assert r.returncode == 0 and "fraction of the dataset to KEEP" in r.stdout
+    for flag in ("--temperature", "--cls-bal-ratio", "--which-to-keep", "--density", "--seed", "--overwrite"):
+        assert flag in r.stdout
+    dintra, dinter = scored(desc_str)
+    r = run_script(PRUNE_SCRIPT, "--num_centroids", desc_str["k"], "--mean-centroid-distances-save-path", dinter,
+                   "--avg-distance-to-cent-save-path", dintra, "--sorted_clusters_path", desc_str["sorted"],
+                   "--prune_ratio", 0.3, "--save_dir", tmp_path / "run", "--which_to_keep", "easy",
+                   "--cls_bal_ratio", 0.1, "--total_dataset_size", len(desc_str["x"]))
+    assert r.returncode == 0, r.stderr
+    assert du.load_trie(str(tmp_path / "run" / "kept_keys_trie.pkl"))
