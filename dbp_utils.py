@@ -48,12 +48,14 @@ STATS_FILE = "cluster_stats.csv"
 PLOT_FILE = "quotas.png"
 LOG_FILE = "logs.log"
 PARAMS_FILE = "params.json"
+OUTPUT_FILES = (KEPT_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, QUOTAS_FILE, STATS_FILE, PLOT_FILE, LOG_FILE, PARAMS_FILE)
 PARTIAL_SUFFIX = ".partial"
 
 TRIE_SEPARATOR = "/"
 TRIE_VALUE = 1
 PICKLE_PROTOCOL = 4
 USAGE_EXIT = 2  # argparse's status for usage errors
+PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn
 
 log = logging.getLogger("dbp")
 
@@ -158,18 +160,24 @@ def num_workers(requested: int | None) -> int:
 
 def parallel_map(func: Callable[[Any], Any], tasks: list, workers: int, desc: str) -> Iterator[Any]:
     """func over tasks in order, spread over processes, with a tqdm bar on stderr."""
-    bar = tqdm(total=len(tasks), desc=desc, unit="cluster", file=sys.stderr)
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield func(task)
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context("fork")  # children share the parent's pages
-        with ctx.Pool(min(workers, len(tasks))) as pool:
-            for result in pool.imap(func, tasks, chunksize=1):
-                yield result
+    # The bar appears after PROGRESS_DELAY s, so a bad file found early ends in its error line alone.
+    bar = tqdm(total=len(tasks), desc=desc, unit="cluster", file=sys.stderr, delay=PROGRESS_DELAY)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield func(task)
                 bar.update()
-    bar.close()
+        else:
+            ctx = multiprocessing.get_context("fork")  # children share the parent's pages
+            with ctx.Pool(min(workers, len(tasks))) as pool:
+                for result in pool.imap(func, tasks, chunksize=1):
+                    yield result
+                    bar.update()
+    except BaseException:
+        bar.leave = False  # clear the bar so the error line stands alone on a terminal
+        raise
+    finally:
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +295,8 @@ def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.nda
             try:
                 d[i] = float(v)
             except (ValueError, UnicodeError):
-                raise UsageError(path, f"row {first_row + i}: distance {v!r} is not a number",
+                text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                raise UsageError(path, f"row {first_row + i}: distance {text!r} is not a number",
                                  "column 2 must hold the distance to the centroid") from None
     bad = np.flatnonzero(~np.isfinite(d))
     if len(bad):
@@ -701,7 +710,8 @@ def begin_save_dir(save_dir: str, stale: Iterable[str] = ()) -> None:
     leaves none of its predecessor's files behind.
     """
     os.makedirs(save_dir, exist_ok=True)
-    for name in (PARAMS_FILE, *stale):
+    partials = [f".{name}{PARTIAL_SUFFIX}" for name in OUTPUT_FILES]  # left by a killed run
+    for name in (PARAMS_FILE, *stale, *partials):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(save_dir, name))
 

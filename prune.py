@@ -104,9 +104,6 @@ def main() -> None:
     d_intra, d_inter = load_scores(args, k)
     total_rows = int(sizes.sum())
     total = args.total_dataset_size or total_rows
-    if total != total_rows:
-        du.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
-                       "files; the kept target uses the given size")
     target = int(args.prune_ratio * total)
 
     # 2. Complexity -> probabilities -> quotas.
@@ -114,6 +111,9 @@ def main() -> None:
     probs = du.cluster_probabilities(args.density, scores, args.temperature)
     plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
     selection = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, workers)
+    if total != total_rows:  # warned only now: a bad input must end in its error line alone
+        du.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
+                       "files; the kept target uses the given size")
     du.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
                 f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
 
