@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copyreg
 import json
 import logging
 import multiprocessing
 import os
 import pickle
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ PATH_COL, INDEX_COL, DIST_COL, CLUSTER_COL = 0, 1, 2, 3
 NUM_COLS = 4
 CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
 CENTROIDS_FILE = "kmeans_centroids.npy"
-CHUNK_ROWS = 1 << 16  # rows parsed at a time, so a 560K-row cluster never sits in memory whole
+CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
 WHICH_TO_KEEP = ("hard", "easy", "random")
@@ -56,6 +56,8 @@ TRIE_VALUE = 1
 PICKLE_PROTOCOL = 4
 USAGE_EXIT = 2  # argparse's status for usage errors
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn
+PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for the child when its parent dies
+TASKS_PER_WORKER = 8  # per-cluster tasks are handed out in about this many batches per worker
 
 log = logging.getLogger("dbp")
 
@@ -169,8 +171,9 @@ def parallel_map(func: Callable[[Any], Any], tasks: list, workers: int, desc: st
                 bar.update()
         else:
             ctx = multiprocessing.get_context("fork")  # children share the parent's pages
+            chunk = max(1, len(tasks) // (workers * TASKS_PER_WORKER))  # fewer round trips, still balanced
             with ctx.Pool(min(workers, len(tasks))) as pool:
-                for result in pool.imap(func, tasks, chunksize=1):
+                for result in pool.imap(func, tasks, chunksize=chunk):
                     yield result
                     bar.update()
     except BaseException:
@@ -178,6 +181,47 @@ def parallel_map(func: Callable[[Any], Any], tasks: list, workers: int, desc: st
         raise
     finally:
         bar.close()
+
+
+class Background:
+    """`with Background(func, *args):` runs func in a forked process beside the block; leaving the
+    block waits for it and re-raises its exception, or stops it if the block itself failed."""
+
+    def __init__(self, func: Callable[..., None], *args: Any):
+        ctx = multiprocessing.get_context("fork")
+        self._result, child_end = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._run, args=(os.getpid(), child_end, func, args), daemon=True)
+
+    @staticmethod
+    def _run(parent: int, conn, func: Callable[..., None], args: tuple) -> None:
+        # Die with the parent: a killed run must not leave a writer behind to race its rerun.
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        try:
+            func(*args)
+            conn.send(None)
+        except BaseException as e:  # handed to the parent, which reports it
+            conn.send(e)
+
+    def __enter__(self) -> Background:
+        self._proc.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._proc.terminate()
+            self._proc.join()
+            return
+        error = self._result.recv() if self._result.poll(None) else None
+        self._proc.join()
+        if error is not None:
+            raise error
+        if self._proc.exitcode != 0:
+            raise RuntimeError(f"background writer died with exit code {self._proc.exitcode}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +239,23 @@ class ClusterFile:
     offset: int = 0
     fortran: bool = False
 
-    def open(self) -> np.ndarray:
-        """The (rows, 4) string array, memory-mapped: only the rows touched are read."""
-        order = "F" if self.fortran else "C"
-        return np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), order)
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a (n, 4) string array, read into memory (no mapping keeps them resident)."""
+        if self.fortran:  # column-major: rows are not contiguous on disk
+            data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), "F")
+            return np.array(data[start:stop])
+        rows = np.empty((stop - start, NUM_COLS), self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * NUM_COLS * self.dtype.itemsize)
+            if f.readinto(rows.view(np.uint8).reshape(-1)) != rows.nbytes:
+                raise UsageError(self.path, "ended early while being read", "the file changed; rewrite it")
+        return rows
+
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) for rows [start, stop), CHUNK_ROWS at a time."""
+        stop = self.rows if stop is None else stop
+        for first in range(start, stop, CHUNK_ROWS):
+            yield first, self.read(first, min(first + CHUNK_ROWS, stop))
 
 
 def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -309,11 +366,10 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
     """(mean distance to the centroid, whether the file is sorted), streaming the distance column."""
     if cluster.rows == 0:
         return float("nan"), True
-    data = cluster.open()
     total, previous = 0.0, None
     ascending = descending = True
-    for start in range(0, cluster.rows, CHUNK_ROWS):
-        d = parse_distances(data[start:start + CHUNK_ROWS, DIST_COL], cluster.path, start)
+    for start, rows in cluster.chunks():
+        d = parse_distances(rows[:, DIST_COL], cluster.path, start)
         if previous is not None:
             d_prev = np.concatenate(([previous], d))
         else:
@@ -330,8 +386,8 @@ def is_descending(cluster: ClusterFile) -> bool:
     """Sort direction of a file from its first and last distance (SemDeDup writes either)."""
     if cluster.rows == 0:
         return True
-    data = cluster.open()
-    first, last = parse_distances(data[[0, -1], DIST_COL], cluster.path)
+    first = parse_distances(cluster.read(0, 1)[:, DIST_COL], cluster.path)[0]
+    last = parse_distances(cluster.read(cluster.rows - 1, cluster.rows)[:, DIST_COL], cluster.path, cluster.rows - 1)[0]
     return bool(first >= last)
 
 
@@ -529,9 +585,15 @@ def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[
     cluster, quota, which, descending, seed, cluster_id = task
     if quota == 0:
         return np.zeros(0, "S1"), np.zeros(0, "S1")
-    rows = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
-    paths = to_utf8(np.array(cluster.open()[rows, PATH_COL]))
-    return paths, strip_extensions(paths)
+    keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
+    if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
+        parts = [to_utf8(rows[:, PATH_COL]) for _, rows in cluster.chunks(keep.start, keep.stop)]
+    else:  # random: pick the sampled rows out of each chunk
+        bounds = np.searchsorted(keep, np.arange(0, cluster.rows + CHUNK_ROWS, CHUNK_ROWS))
+        parts = [to_utf8(rows[keep[bounds[i]:bounds[i + 1]] - first, PATH_COL])
+                 for i, (first, rows) in enumerate(cluster.chunks())]
+    paths = np.concatenate(parts)
+    return paths, np.sort(strip_extensions(paths))  # sorted here, in parallel, so the merge is cheap
 
 
 def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int,
@@ -547,7 +609,10 @@ def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, see
 def unique_keys(parts: list[np.ndarray]) -> np.ndarray:
     """The sorted, de-duplicated kept keys as one fixed-width bytes array (kept_keys.npy)."""
     parts = [p for p in parts if len(p)]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, "S1")
+    if not parts:
+        return np.zeros(0, "S1")
+    keys = np.sort(np.concatenate(parts), kind="stable")  # timsort merges the per-cluster sorted runs
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,11 +623,12 @@ def unique_keys(parts: list[np.ndarray]) -> np.ndarray:
 def to_utf8(paths: np.ndarray) -> np.ndarray:
     """A str or bytes array of paths as UTF-8 bytes ('S' dtype)."""
     if paths.dtype.kind == "S":
-        return np.asarray(paths)
-    try:  # pure ASCII, the usual case: a plain cast
-        return paths.astype(f"S{max(1, paths.dtype.itemsize // 4)}")
-    except UnicodeEncodeError:
-        return np.strings.encode(paths, "utf-8")
+        return np.ascontiguousarray(paths)
+    width = max(1, paths.dtype.itemsize // 4)
+    points = np.ascontiguousarray(paths).view("<u4")
+    if (points < 128).all():  # ASCII, the usual case: narrow the code points (numpy's cast is slower)
+        return points.astype(np.uint8).view(f"S{width}").reshape(paths.shape)
+    return np.strings.encode(paths, "utf-8")
 
 
 def strip_extensions(keys: np.ndarray) -> np.ndarray:
@@ -597,53 +663,238 @@ def strip_extension(path: str) -> str:
     return strip_extensions(np.array([path.encode("utf-8")]))[0].decode("utf-8")
 
 
-def trie_order(keys: np.ndarray) -> list[str]:
-    """Unique keys (sorted bytes) as str, ordered by their '/'-separated components."""
-    strs = [b.decode("utf-8") for b in keys.tolist()]
-    if len(keys) and (keys.view(np.uint8) == 1).any():  # the separator trick below needs 0x01 free
-        return sorted(strs, key=lambda s: s.split(TRIE_SEPARATOR))
+def to_str(keys: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes ('S') as str ('U'); ASCII bytes just widen to code points (numpy's cast is slower)."""
+    width = max(1, keys.dtype.itemsize)
+    chars = np.ascontiguousarray(keys).view(np.uint8)
+    if (chars < 128).all():
+        return chars.astype("<u4").view(f"<U{width}")
+    return np.strings.decode(keys, "utf-8")
+
+
+def trie_order(keys: np.ndarray) -> np.ndarray:
+    """Sorted unique keys (bytes) reordered by their '/'-separated components: the trie's insertion order."""
+    if len(keys) < 2:
+        return keys
+    chars = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), -1)
+    if (chars == 1).any():  # the mapping below needs byte 0x01 free
+        return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
     # Component order is byte order with '/' mapped below every other byte.
-    chars = np.ascontiguousarray(keys).view(np.uint8).copy()
-    chars[chars == ord(TRIE_SEPARATOR)] = 1
-    order = np.argsort(chars.view(keys.dtype), kind="stable")
-    return [strs[i] for i in order]
+    mapped = np.where(chars == ord(TRIE_SEPARATOR), 1, chars).astype(np.uint8).view(keys.dtype).ravel()
+    if (mapped[1:] >= mapped[:-1]).all():  # the usual case: equal-width shard names
+        return keys
+    return keys[np.argsort(mapped, kind="stable")]
 
 
-def trie_node_state(keys: Iterable[str]) -> list:
-    """pygtrie's pickled node state for a StringTrie of `keys` (each value 1), inserted in that order.
-
-    pygtrie pickles a node as flat commands: `n, step_1..step_n, value` walks n steps down and sets
-    a value; `-n` walks n steps up; consecutive walks merge and a final walk up is dropped. Keys in
-    component order make that a single pass, with no trie in memory.
-    """
-    state: list = []
-    previous: list[str] = []
-    for key in keys:
-        parts = key.split(TRIE_SEPARATOR)
-        common = 0
-        for a, b in zip(previous, parts):
-            if a != b:
-                break
-            common += 1
-        if len(previous) > common:
-            state.append(common - len(previous))
-        state.append(len(parts) - common)
-        state.extend(parts[common:])
-        state.append(TRIE_VALUE)
-        previous = parts
-    return state
+# The trie pickle is written as CPython's C pickler would write pygtrie's own pickle of the trie,
+# without building the trie: a StringTrie pickles its root node as a flat list of commands,
+# `n, step_1..step_n, value` (walk n steps down, set a value) and `-n` (walk n steps up), which
+# keys in component order give in one pass. The list items are encoded with numpy; the rest of
+# the file comes from pickling an empty trie. CPython's rules followed here: list items go in
+# batches of 1000 between MARK and APPENDS; every new str is memoised, and the 1-character
+# latin-1 strings and '' are interned objects, so their repeats are memo GETs; a 64 KiB frame is
+# closed at the first end of a save() past its size. tests/test_keys.py checks the bytes.
+FRAME_TARGET = 64 * 1024
+FRAME_MIN = 4  # shorter frames get no FRAME header
+LIST_BATCH = 1000
+TRIE_CHUNK_KEYS = 1 << 18  # keys encoded at a time: memory stays flat however many are kept
+OP = {name: ord(code) for name, code in dict(
+    MARK="(", APPENDS="e", BININT="J", BININT1="K", SHORT_BINUNICODE="\x8c", BINUNICODE="X",
+    MEMOIZE="\x94", BINGET="h", LONG_BINGET="j", FRAME="\x95").items()}
 
 
-def write_trie(f, ordered_keys: list[str]) -> None:
-    """Pickle a pygtrie.StringTrie holding `ordered_keys`, byte-identical to pygtrie's own pickle."""
-    trie = pygtrie.StringTrie(separator=TRIE_SEPARATOR)
-    state = trie_node_state(ordered_keys)
-    root_type = type(trie._root)
-    pickler = pickle.Pickler(f, protocol=PICKLE_PROTOCOL)
-    pickler.dispatch_table = copyreg.dispatch_table.copy()
-    # The empty root node pickles with the state its full version would have.
-    pickler.dispatch_table[root_type] = lambda node: (copyreg.__newobj__, (root_type,), state)
-    pickler.dump(trie)
+def write_trie(f, keys: np.ndarray) -> None:
+    """Pickle a pygtrie.StringTrie of the sorted unique `keys` (bytes, value 1 each): byte-identical
+    to pickle.dump(trie, f, protocol=4) of the trie built key by key in `trie_order`."""
+    proto, head, head_memos, tail, tail_ends = _empty_trie_pickle()
+    if not (np.ascontiguousarray(keys).view(np.uint8) < 128).all():
+        to_str(keys)  # raises on bytes that are not UTF-8, which no str key could hold
+    f.write(proto)
+    frames = _Framer(f)
+    frames.feed(np.frombuffer(head, np.uint8), np.zeros(0, np.int64))
+    state = {"items": 0, "memo": head_memos, "interned": {}, "previous": None}
+    ordered = trie_order(keys)
+    for first in range(0, len(ordered), TRIE_CHUNK_KEYS):
+        frames.feed(*_encode_trie_items(ordered[first:first + TRIE_CHUNK_KEYS], state))
+    # The list's save() ends after its last APPENDS; then the rest of the trie's pickle.
+    close = b"e" if state["items"] % LIST_BATCH else b""
+    frames.feed(np.frombuffer(close + tail, np.uint8), np.array([len(close)] + [len(close) + e for e in tail_ends]))
+    frames.close()
+
+
+class _Framer:
+    """CPython's protocol-4 framing of an opcode stream fed with the offsets where a save() ends."""
+
+    def __init__(self, f):
+        self.f, self.pending = f, np.zeros(0, np.uint8)
+
+    def feed(self, data: np.ndarray, save_ends: np.ndarray) -> None:
+        ends = len(self.pending) + save_ends
+        self.pending = np.concatenate([self.pending, data])
+        start = 0
+        while (i := np.searchsorted(ends, start + FRAME_TARGET)) < len(ends):
+            self._write(self.pending[start:ends[i]])
+            start = ends[i]
+        self.pending = self.pending[start:]
+
+    def close(self) -> None:
+        self._write(self.pending)
+
+    def _write(self, frame: np.ndarray) -> None:
+        if len(frame) >= FRAME_MIN:
+            self.f.write(bytes([OP["FRAME"]]) + len(frame).to_bytes(8, "little"))
+        self.f.write(frame.tobytes())
+
+
+def _empty_trie_pickle() -> tuple[bytes, bytes, int, bytes, list[int]]:
+    """PROTO; the opcodes up to the root's empty command list and how many memo entries they make;
+    the opcodes after it and where saves end among them."""
+    import pickletools
+
+    data = pickle.dumps(pygtrie.StringTrie(separator=TRIE_SEPARATOR), protocol=PICKLE_PROTOCOL)
+    ops = list(pickletools.genops(data))
+    body = ops[1][2] + 9  # PROTO, then one FRAME opcode with its 8-byte length
+    split = next(pos for op, _, pos in ops if op.name == "EMPTY_LIST") + 2  # EMPTY_LIST MEMOIZE
+    # In the tail every opcode ends a save() but a string's (its MEMOIZE does) and STOP.
+    ends = [ops[i + 1][2] - split for i in range(len(ops) - 1)
+            if ops[i][2] >= split and "UNICODE" not in ops[i][0].name and ops[i][0].name != "STOP"]
+    memos = sum(op.name == "MEMOIZE" for op, _, pos in ops if pos < split)
+    return data[:ops[1][2]], data[body:split], memos, data[split:], ends
+
+
+def _split_levels(keys: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The '/'-separated components of each key: per level a zero-padded byte matrix and lengths."""
+    n, width = len(keys), max(1, keys.dtype.itemsize)
+    rest = np.ascontiguousarray(keys).view(np.uint8).reshape(n, width)
+    rest_len = (rest != 0).sum(axis=1)
+    depth = (rest == ord(TRIE_SEPARATOR)).sum(axis=1) + 1
+    cols = np.arange(width)
+    levels, lengths = [], []
+    for level in range(int(depth.max()) if n else 0):
+        more = level < depth - 1
+        cut = np.where(more, (rest == ord(TRIE_SEPARATOR)).argmax(axis=1), rest_len)
+        levels.append(rest * (cols < cut[:, None]))
+        lengths.append(cut)
+        shifted = np.zeros_like(rest)
+        for at in np.unique(cut[more]):  # few distinct widths (shard names): a block copy each
+            rows = more & (cut == at)
+            shifted[rows, : width - at - 1] = rest[rows, at + 1:]
+        rest, rest_len = shifted, np.where(more, rest_len - cut - 1, 0)
+    return levels, lengths, depth
+
+
+def _encode_trie_items(chunk: np.ndarray, state: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Opcodes of the command-list items of a chunk of ordered keys, and where each item's save() ends."""
+    prev = state["previous"]
+    keys = chunk if prev is None else np.concatenate([prev, chunk])
+    levels, lengths, depth = _split_levels(keys)
+    width = levels[0].shape[1]
+    common = np.zeros(len(keys), np.int64)  # leading components shared with the previous key
+    same = np.ones(len(keys) - 1, bool)
+    for level, chars in enumerate(levels):
+        as_str = chars.view(f"S{width}").ravel()
+        same &= (level < depth[1:]) & (level < depth[:-1]) & (as_str[1:] == as_str[:-1])
+        common[1:] += same
+    up = np.concatenate([[0], depth[:-1] - common[1:]])
+    down = depth - common
+    if prev is not None:  # the predecessor only set `common` for the chunk's first key
+        levels, lengths = [m[1:] for m in levels], [x[1:] for x in lengths]
+        up, down, common, depth = up[1:], down[1:], common[1:], depth[1:]
+    state["previous"] = chunk[-1:]
+
+    # Items per key: [-up], down, its new components, the value.
+    has_up = up > 0
+    count = has_up + down + 2
+    first = np.cumsum(count) - count
+    total = int(count.sum())
+    size = np.full(total, 2, np.int64)  # BININT1 n: the down steps and the value
+    size[first[has_up]] = 5  # BININT -up
+    parts = []  # per level: item position, level, row, length and first two bytes of each new component
+    for level, (chars, length) in enumerate(zip(levels, lengths)):
+        rows = np.flatnonzero((common <= level) & (level < depth))
+        second = chars[rows, 1] if width > 1 else np.zeros(len(rows), np.uint8)
+        parts.append(np.stack([first[rows] + has_up[rows] + 1 + level - common[rows], np.full(len(rows), level),
+                               rows, length[rows], chars[rows, 0], second]))
+    parts = np.concatenate(parts, axis=1) if parts else np.zeros((6, 0), np.int64)
+    str_pos, str_level, str_row, str_len, c0, c1 = parts[:, np.argsort(parts[0], kind="stable")]
+    memo_index, is_get = _memo_indices(str_len, c0, c1, state)
+    size[str_pos] = np.where(is_get, np.where(memo_index < 256, 2, 5),
+                             np.where(str_len < 256, 2, 5) + str_len + 1)
+
+    # Batches: MARK before every 1000th item of the list, APPENDS after each full batch.
+    opens = np.arange(-state["items"] % LIST_BATCH, total, LIST_BATCH)
+    closes = np.arange((LIST_BATCH - 1 - state["items"]) % LIST_BATCH, total, LIST_BATCH)
+    seg = size.copy()
+    seg[opens] += 1
+    seg[closes] += 1
+    start = np.cumsum(seg) - seg
+    start[opens] += 1
+    save_end = start + size
+    out = np.zeros(int(seg.sum()), np.uint8)
+    out[start[opens] - 1] = OP["MARK"]
+    out[save_end[closes]] = OP["APPENDS"]
+    out[start] = OP["BININT1"]
+    down_pos = first + has_up
+    out[start[down_pos] + 1] = down
+    out[start[first + count - 1] + 1] = TRIE_VALUE
+    up_at = start[first[has_up]]
+    out[up_at] = OP["BININT"]
+    _put_u32(out, up_at + 1, -up[has_up])  # negative: BININT is signed
+    s = start[str_pos]
+    get, new = is_get, ~is_get
+    short_get = get & (memo_index < 256)
+    out[s[short_get]] = OP["BINGET"]
+    out[s[short_get] + 1] = memo_index[short_get]
+    out[s[get & ~short_get]] = OP["LONG_BINGET"]
+    _put_u32(out, s[get & ~short_get] + 1, memo_index[get & ~short_get])
+    short = new & (str_len < 256)
+    out[s[short]] = OP["SHORT_BINUNICODE"]
+    out[s[short] + 1] = str_len[short]
+    out[s[new & ~short]] = OP["BINUNICODE"]
+    _put_u32(out, s[new & ~short] + 1, str_len[new & ~short])
+    data_at = s + np.where(str_len < 256, 2, 5)
+    out[data_at[new] + str_len[new]] = OP["MEMOIZE"]
+    for level, chars in enumerate(levels):  # the components' bytes, as one ragged copy per level
+        pick = new & (str_level == level)
+        rows, at, n = str_row[pick], data_at[pick], str_len[pick]
+        src = chars[rows]
+        flat = src[np.arange(src.shape[1]) < n[:, None]]
+        out[np.repeat(at - (np.cumsum(n) - n), n) + np.arange(len(flat))] = flat
+    state["items"] += total
+    return out, save_end
+
+
+def _memo_indices(length: np.ndarray, c0: np.ndarray, c1: np.ndarray, state: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per component string (given its UTF-8 length and first two bytes): its memo index, and whether
+    it repeats an interned string, which pickles as a GET of its first memo entry."""
+    # CPython interns '' and the 1-character strings of code points below 256.
+    two = (length == 2) & ((c0 == 0xC2) | (c0 == 0xC3))
+    interned = (length == 0) | ((length == 1) & (c0 < 0x80)) | two
+    code = np.where(length == 0, -1, np.where(two, ((c0 & 0x1F) << 6) | (c1 & 0x3F), c0))
+    seen = state["interned"]  # code -> memo index, across chunks
+    is_get = np.zeros(len(length), bool)
+    if interned.any():
+        at = np.flatnonzero(interned)
+        _, first_seen = np.unique(code[at], return_index=True)
+        repeat = np.isin(code[at], list(seen))
+        repeat[np.setdiff1d(np.arange(len(at)), first_seen)] = True
+        is_get[at] = repeat
+    memo = state["memo"] + np.cumsum(~is_get) - 1
+    for i in np.flatnonzero(interned & ~is_get):
+        seen[int(code[i])] = int(memo[i])
+    if is_get.any():
+        table = np.zeros(257, np.int64)
+        table[np.array(list(seen)) + 1] = list(seen.values())
+        memo = np.where(is_get, table[code + 1], memo)
+    state["memo"] += int((~is_get).sum())
+    return memo, is_get
+
+
+def _put_u32(out: np.ndarray, at: np.ndarray, values: np.ndarray) -> None:
+    """Write 4-byte little-endian integers (two's complement for negatives) at the given offsets."""
+    as_bytes = np.asarray(values, "<i8").astype("<u4").view(np.uint8).reshape(-1, 4)
+    for i in range(4):
+        out[at + i] = as_bytes[:, i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,22 +975,28 @@ def write_cluster_stats(f, table: dict[str, np.ndarray]) -> None:
 
 def plot_quotas(f, probs: np.ndarray, quotas: np.ndarray, target: int, title: str) -> None:
     """N_j and the softmax target P*N per cluster, clusters sorted by P."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
 
     order = np.argsort(probs, kind="stable")
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
     ax.scatter(np.arange(len(order)), quotas[order], s=6, label="quota $N_j$ (kept)")
     ax.plot(np.arange(len(order)), probs[order] * target, color="tab:orange", label="softmax target $P_j N$")
     ax.set_xlabel("clusters, sorted by $P_j$")
     ax.set_ylabel("samples kept per cluster")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     fig.savefig(f, format="png")
-    plt.close(fig)
+
+
+def write_report(save_dir: str, table: dict[str, np.ndarray], probs: np.ndarray, quotas: np.ndarray,
+                 target: int, title: str) -> None:
+    """cluster_stats.csv and quotas.png: they need only the quotas, so they are written beside the selection."""
+    with atomic_open(os.path.join(save_dir, STATS_FILE)) as f:
+        write_cluster_stats(f, table)
+    with atomic_open(os.path.join(save_dir, PLOT_FILE)) as f:
+        plot_quotas(f, probs, quotas, target, title)
 
 
 def write_params(f, params: dict[str, Any]) -> None:

@@ -123,30 +123,27 @@ def main() -> None:
     def out(name: str) -> str:
         return os.path.join(args.save_dir, name)
 
-    key_parts = []
-    with du.atomic_open(out(du.KEPT_PATHS_FILE)) as f:
-        for paths, keys in selection:
-            if len(paths):
-                f.write(b"\n".join(paths.tolist()) + b"\n")
-            key_parts.append(keys)
-    kept_keys = du.unique_keys(key_parts)
+    stats = {"cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
+             "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
+             "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
+    title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
+    with du.Background(du.write_report, args.save_dir, stats, probs, plan.quotas, target, title):
+        key_parts = []
+        with du.atomic_open(out(du.KEPT_PATHS_FILE)) as f:
+            for paths, keys in selection:
+                if len(paths):
+                    f.write(b"\n".join(paths.tolist()) + b"\n")
+                key_parts.append(keys)
+        kept_keys = du.unique_keys(key_parts)
+        du.save_npy(out(du.KEPT_KEYS_FILE), kept_keys)
+        if not args.no_trie:
+            with du.atomic_open(out(du.TRIE_FILE)) as f:
+                du.write_trie(f, kept_keys)
+        du.save_npy(out(du.QUOTAS_FILE), plan.quotas)
     kept = int(plan.quotas.sum())
     if len(kept_keys) < kept:
         du.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
                        "(same name, other extension); the key sets hold each key once")
-    du.save_npy(out(du.KEPT_KEYS_FILE), kept_keys)
-    if not args.no_trie:
-        with du.atomic_open(out(du.TRIE_FILE)) as f:
-            du.write_trie(f, du.trie_order(kept_keys))
-    du.save_npy(out(du.QUOTAS_FILE), plan.quotas)
-    with du.atomic_open(out(du.STATS_FILE)) as f:
-        du.write_cluster_stats(f, {
-            "cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
-            "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
-            "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)})
-    with du.atomic_open(out(du.PLOT_FILE)) as f:
-        du.plot_quotas(f, probs, plan.quotas, target,
-                       f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}")
     du.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
     with du.atomic_open(out(du.LOG_FILE), "w") as f:
         f.write(log_text.getvalue())

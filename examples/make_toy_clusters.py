@@ -79,11 +79,17 @@ def write_sorted_clusters(folder: str, paths: list, labels: np.ndarray, sims: np
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(k + 1))
     for c in range(k):
-        members = order[bounds[c]:bounds[c + 1]].tolist()
-        dists = (1 - sims[members]).astype(np.float32).tolist()  # pandas hands SemDeDup Python floats
-        rows = zip([paths[i] for i in members], members, dists, [c] * len(members))
-        np.save(os.path.join(folder, f"cluster_{c}.npy"),
-                sorted(rows, key=lambda row: row[2], reverse=descending))
+        members = order[bounds[c]:bounds[c + 1]]
+        save_sorted_cluster(os.path.join(folder, f"cluster_{c}.npy"), [paths[i] for i in members], members,
+                            1 - sims[members], c, descending)
+
+
+def save_sorted_cluster(path: str, paths: list, ids: np.ndarray, dists: np.ndarray, cluster_id: int,
+                        descending: bool = True) -> None:
+    """np.save of the cluster's (path, index, distance, cluster id) tuples sorted by distance, as SemDeDup does."""
+    dists = np.asarray(dists, dtype=np.float32).tolist()  # pandas hands SemDeDup Python floats
+    rows = zip(paths, np.asarray(ids).tolist(), dists, [cluster_id] * len(paths))
+    np.save(path, sorted(rows, key=lambda row: row[2], reverse=descending))
 
 
 def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int = 10000,

@@ -27,9 +27,11 @@ def pygtrie_pickle(keys, value=1):
 
 
 def our_pickle(keys):
+    """write_trie of str keys, and the order it inserts them in."""
+    unique = np.array(sorted({k.encode() for k in keys}), dtype=bytes) if keys else np.zeros(0, "S1")
     f = io.BytesIO()
-    du.write_trie(f, keys)
-    return f.getvalue()
+    du.write_trie(f, unique)
+    return f.getvalue(), [k.decode() for k in du.trie_order(unique).tolist()]
 
 
 @settings(max_examples=500, deadline=None)
@@ -49,32 +51,59 @@ def test_strip_extension_examples():
     np.testing.assert_array_equal(du.to_utf8(np.array(["é/x.jpg"])), np.array(["é/x.jpg".encode()]))
 
 
+def check_trie(keys):
+    """Our pickle is pygtrie's own for the same insertion order, and loads to the same trie in any order."""
+    ours, ordered = our_pickle(keys)
+    assert ordered == sorted(keys, key=lambda k: k.split("/"))
+    assert ours == pygtrie_pickle(ordered)[1]
+    shuffled = list(keys)
+    random.Random(0).shuffle(shuffled)
+    loaded = pickle.loads(ours)
+    assert loaded == pygtrie_pickle(shuffled)[0]
+    assert sorted(loaded.keys()) == sorted(keys)
+    return loaded
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.sets(paths, max_size=40))
 def test_trie_pickle_is_pygtries_own(keys):
-    ordered = du.trie_order(np.array(sorted(k.encode() for k in keys), dtype=bytes) if keys else np.zeros(0, "S1"))
-    assert ordered == sorted(keys, key=lambda k: k.split("/"))
-    reference, reference_bytes = pygtrie_pickle(ordered)
-    assert our_pickle(ordered) == reference_bytes
-    loaded = pickle.loads(our_pickle(ordered))
-    shuffled = list(keys)
-    random.Random(0).shuffle(shuffled)
-    assert loaded == pygtrie_pickle(shuffled)[0]
-    assert sorted(loaded.keys()) == sorted(keys)
+    check_trie(keys)
+
+
+components = st.text(st.sampled_from(list("ab.-1é_")), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda depth: st.sets(st.tuples(*[components] * depth), max_size=40)))
+def test_trie_pickle_of_equal_depth_keys(parts):
+    check_trie({"/".join(p) for p in parts})
 
 
 def test_trie_pickle_edge_keys():
     keys = ["a", "a/b", "a/b/c", "a-b/x", "a/x", "1/1", "2/1", "é/ü", "", "x//y", "x/", "z/.jpg"]
-    ordered = du.trie_order(np.array(sorted(k.encode() for k in keys), dtype=bytes))
-    assert our_pickle(ordered) == pygtrie_pickle(ordered)[1]
-    trie = pickle.loads(our_pickle(ordered))
+    trie = check_trie(keys)
     assert all(du.trie_search(trie, k) for k in keys)
     assert not du.trie_search(trie, "x") and not du.trie_search(trie, "a/b/c/d")
+    check_trie(["00001/000010001", "00001/000010002", "00002/000020001", "00010/x"])
+    check_trie([f"{s}/{i:03d}" for s in ("1", "10", "1-0", "2") for i in range(5)])  # unequal shard widths
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 18])
+def test_trie_pickle_of_many_keys_spans_frames_batches_and_chunks(monkeypatch, chunk):
+    """Tens of frames and batches, keys encoded a few at a time, long names, and interned steps
+    (single characters) repeated after the memo passes 256 entries."""
+    monkeypatch.setattr(du, "TRIE_CHUNK_KEYS", chunk)
+    rng = random.Random(chunk)
+    keys = {f"{s:05d}/{i:09d}" for s in range(40) for i in rng.sample(range(10**6), 300)}
+    keys |= {f"{c}/{i}" for c in "abcé" for i in range(30)} | {"z" * 300 + "/x", "é/" + "ü" * 200}
+    keys |= {f"deep/{i % 3}/{i % 7}/{i}" for i in range(500)}
+    check_trie(keys)
+    for n in range(5400, 5480, 7):  # tails landing at every offset around a frame boundary
+        check_trie({f"{i:05d}" for i in range(n)})
 
 
 def test_trie_holds_plain_str_keys():
-    ordered = du.trie_order(np.array([b"00001/000010001", b"00001/000010002"]))
-    trie = pickle.loads(our_pickle(ordered))
+    trie = pickle.loads(our_pickle(["00001/000010001", "00001/000010002"])[0])
     assert all(type(k) is str for k in trie.keys()) and trie["00001/000010002"] == 1
 
 
@@ -118,7 +147,7 @@ def test_webdataset_filter_keeps_exactly_the_kept(tmp_path, source, with_shard):
     kept = sorted(k for k in all_keys if rng.random() < 0.4)
     kept_bytes = np.array([k.encode() for k in kept])
     with open(tmp_path / "trie.pkl", "wb") as f:
-        du.write_trie(f, du.trie_order(kept_bytes))
+        du.write_trie(f, kept_bytes)
     du.save_npy(str(tmp_path / "kept.npy"), kept_bytes)
     keys = {"trie": du.load_trie(str(tmp_path / "trie.pkl")), "npy": du.load_kept_keys(str(tmp_path / "kept.npy")),
             "trie_path": str(tmp_path / "trie.pkl"), "npy_path": tmp_path / "kept.npy"}[source]

@@ -1,0 +1,225 @@
+"""Benchmark the DBP pipeline against the floor of simply reading the data.
+
+Generates SemDeDup-style sorted cluster files of the given size (reused when already there),
+warms the page cache, then measures:
+  - the floor: one process reading every cluster file and parsing its distance column;
+  - each script as a whole process: wall time and peak RSS (largest process, and the sampled
+    sum over the script and its workers), with its ratio to the floor;
+  - the loader side: load time and lookups per second of kept_keys_trie.pkl and kept_keys.npy;
+  - that prune's outputs are byte-identical with --workers 1.
+
+    python benchmarks/bench_pipeline.py --rows 5000000 --clusters 500 --keep 0.3
+    python benchmarks/bench_pipeline.py --rows 50000000 --data /big/disk/bench50m --skip-identity
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+
+from make_toy_clusters import CENTROIDS_FILE, SORTED_DIR, save_sorted_cluster  # noqa: E402
+
+SHARD_SIZE = 10000  # LAION-style keys: `00012/000120034.jpg`
+EMBED_DIM = 768
+LOOKUPS = 200_000
+SAMPLE_S = 0.02  # memory sampling period
+FLOOR = """
+import glob, sys, numpy as np
+for path in sorted(glob.glob(sys.argv[1] + "/cluster_*.npy")):
+    rows = np.load(path)
+    if rows.size:
+        rows[:, 2].astype(np.float64)
+"""
+LOADER = """
+import json, sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+import dbp_utils as du
+kind, path, probes = sys.argv[2], sys.argv[3], np.load(sys.argv[4]).tolist()
+t = time.perf_counter()
+keys = du.load_trie(path) if kind == "trie" else du.load_kept_keys(path)
+loaded = time.perf_counter() - t
+probes = [p.decode() for p in probes]
+t = time.perf_counter()
+hits = sum(du.trie_search(keys, p) for p in probes) if kind == "trie" else sum(p in keys for p in probes)
+print(json.dumps({"load_s": loaded, "lookups_per_s": len(probes) / (time.perf_counter() - t), "hits": hits}))
+"""
+
+
+def generate(folder: str, rows: int, k: int, seed: int) -> None:
+    """Cluster files as SemDeDup writes them (descending), with LAION-like spread in cluster sizes."""
+    manifest = os.path.join(folder, "manifest.json")
+    spec = {"rows": rows, "clusters": k, "seed": seed}
+    if os.path.exists(manifest) and json.load(open(manifest)) == spec:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(os.path.join(folder, SORTED_DIR))
+    rng = np.random.default_rng(seed)
+    sizes = rng.multinomial(rows, rng.dirichlet(np.full(k, 4.0)))
+    ids = rng.permutation(rows)
+    start = 0
+    for j, size in enumerate(sizes):
+        members = np.sort(ids[start:start + size])
+        start += size
+        paths = [f"{i // SHARD_SIZE:05d}/{i:09d}.jpg" for i in members.tolist()]
+        spread = rng.uniform(0.05, 0.5)  # tight and diffuse concepts
+        save_sorted_cluster(os.path.join(folder, SORTED_DIR, f"cluster_{j}.npy"), paths, members,
+                            rng.gamma(4, spread / 4, size), j)
+        print(f"\rgenerating: {j + 1}/{k} clusters", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    np.save(os.path.join(folder, CENTROIDS_FILE), rng.standard_normal((k, EMBED_DIM)).astype(np.float32))
+    json.dump(spec, open(manifest, "w"))
+
+
+def warm_cache(folder: str) -> None:
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                pass
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier and p not in tree]
+        tree += frontier
+    return tree
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in kB: resident now, and the peak since it started its program."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def measure(cmd: list[str]) -> dict:
+    """Wall time, peak RSS of the largest process and peak summed RSS of the process tree (sampled)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"largest": 0, "tree": 0}
+
+    def sample():
+        while proc.poll() is None:
+            mem = [memory_kb(p) for p in process_tree(proc.pid)]
+            peak["largest"] = max(peak["largest"], *(hwm for _, hwm in mem))
+            peak["tree"] = max(peak["tree"], sum(rss for rss, _ in mem))
+            time.sleep(SAMPLE_S)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err}")
+    return {"wall_s": wall, "peak_rss_mb": peak["largest"] / 1024, "tree_rss_mb": peak["tree"] / 1024,
+            "stdout": out.strip()}
+
+
+def compare_outputs(a: str, b: str) -> bool:
+    names = sorted(os.listdir(a))
+    return names == sorted(os.listdir(b)) and all(
+        open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=5_000_000, help="rows in all cluster files (default: 5M)")
+    parser.add_argument("--clusters", type=int, default=500, help="k (default: 500)")
+    parser.add_argument("--keep", type=float, default=0.3, help="--prune-ratio (default: 0.3)")
+    parser.add_argument("--which-to-keep", default="hard", help="hard, easy or random (default: hard)")
+    parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"),
+                        help="folder for the generated data (reused when it matches)")
+    parser.add_argument("--workers", type=int, default=None, help="--workers of the scripts (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-identity", action="store_true", help="skip the --workers 1 rerun of prune")
+    parser.add_argument("--no-trie", action="store_true", help="pass --no-trie to prune")
+    args = parser.parse_args()
+
+    data = os.path.join(args.data, f"{args.rows}_{args.clusters}")
+    generate(data, args.rows, args.clusters, args.seed)
+    sorted_dir = os.path.join(data, SORTED_DIR)
+    size_gb = sum(os.path.getsize(os.path.join(sorted_dir, n)) for n in os.listdir(sorted_dir)) / 1e9
+    warm_cache(sorted_dir)
+    work = tempfile.mkdtemp(prefix="dbp_bench_")
+    py = sys.executable
+    workers = [] if args.workers is None else ["--workers", str(args.workers)]
+    steps = {
+        "floor (read + parse distances)": [py, "-c", FLOOR, sorted_dir],
+        "compute_avg_dist_to_cluster_centroid.py": [
+            py, os.path.join(ROOT, "compute_avg_dist_to_cluster_centroid.py"), "--num_clusters", str(args.clusters),
+            "--sorted_clusters_path", sorted_dir, "--avg_distance_to_cent_save_path", f"{work}/dintra.npy", *workers],
+        "compute_centroid_distances.py": [
+            py, os.path.join(ROOT, "compute_centroid_distances.py"), "--num_clusters", str(args.clusters),
+            "--sorted_clusters_path", sorted_dir, "--mean_centroid_distances_save_path", f"{work}/dinter.npy",
+            *workers],
+    }
+    prune = [py, os.path.join(ROOT, "prune.py"), "--num-centroids", str(args.clusters),
+             "--mean_centroid_distances_save_path", f"{work}/dinter.npy",
+             "--avg_distance_to_cent_save_path", f"{work}/dintra.npy", "--sorted-clusters-path", sorted_dir,
+             "--prune-ratio", str(args.keep), "--which-to-keep", args.which_to_keep]
+    prune += ["--no-trie"] if args.no_trie else []
+    steps["prune.py"] = prune + ["--save-dir", f"{work}/run", *workers]
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+          f"Python {platform.python_version()}")
+    print(f"data: {args.rows:,} rows in {args.clusters} clusters, {size_gb:.2f} GB of cluster files; "
+          f"keep {args.keep} ({args.which_to_keep})\n")
+    results = {name: measure(cmd) for name, cmd in steps.items()}
+    floor = results["floor (read + parse distances)"]["wall_s"]
+    print(f"{'step':42s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'tree RSS MB':>12s}")
+    for name, r in results.items():
+        print(f"{name:42s} {r['wall_s']:8.2f} {r['wall_s'] / floor:8.2f} {r['peak_rss_mb']:12.0f} "
+              f"{r['tree_rss_mb']:12.0f}")
+    total = sum(r["wall_s"] for name, r in results.items() if not name.startswith("floor"))
+    print(f"{'three scripts together':42s} {total:8.2f} {total / floor:8.2f}")
+
+    kept = np.load(f"{work}/run/kept_keys.npy")
+    rng = np.random.default_rng(1)
+    present = kept[rng.integers(0, len(kept), LOOKUPS // 2)]
+    absent = np.char.add(present, b"x")  # same shape of key, never kept
+    np.save(f"{work}/probes.npy", np.concatenate([present, absent]))
+    print(f"\nloader side ({len(kept):,} kept keys, {LOOKUPS:,} lookups, half of them hits):")
+    for kind, name in (("trie", "kept_keys_trie.pkl"), ("npy", "kept_keys.npy")):
+        path = f"{work}/run/{name}"
+        if not os.path.exists(path):
+            continue
+        r = measure([py, "-c", LOADER, ROOT, kind, path, f"{work}/probes.npy"])
+        stats = json.loads(r["stdout"])
+        assert stats["hits"] == LOOKUPS // 2, stats
+        print(f"  {name:20s} {os.path.getsize(path) / 1e6:8.1f} MB  load {stats['load_s']:6.2f} s  "
+              f"{stats['lookups_per_s']:10,.0f} lookups/s  peak RSS {r['peak_rss_mb']:6.0f} MB")
+
+    if not args.skip_identity:  # same --save-dir, since params.json records it
+        os.rename(f"{work}/run", f"{work}/run_parallel")
+        single = measure(prune + ["--save-dir", f"{work}/run", "--workers", "1"])
+        same = compare_outputs(f"{work}/run", f"{work}/run_parallel")
+        print(f"\nprune --workers 1: {single['wall_s']:.2f} s; outputs byte-identical to the parallel run: {same}")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
