@@ -15,9 +15,11 @@ import argparse
 import contextlib
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
+import posixpath
 import re
 import signal
 import sys
@@ -239,23 +241,32 @@ class ClusterFile:
     offset: int = 0
     fortran: bool = False
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a (n, 4) string array, read into memory (no mapping keeps them resident)."""
-        if self.fortran:  # column-major: rows are not contiguous on disk
+    def column(self, col: int, start: int, stop: int) -> np.ndarray:
+        """Column `col` of rows [start, stop), copied out of a mapping of just those rows: the kernel
+        hands over page-cache pages without a copy, and unmapping keeps resident memory flat."""
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        if self.fortran:  # column-major: the column is contiguous
             data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), "F")
-            return np.array(data[start:stop])
-        rows = np.empty((stop - start, NUM_COLS), self.dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + start * NUM_COLS * self.dtype.itemsize)
-            if f.readinto(rows.view(np.uint8).reshape(-1)) != rows.nbytes:
-                raise UsageError(self.path, "ended early while being read", "the file changed; rewrite it")
-        return rows
+            return np.array(data[start:stop, col])
+        row_bytes = NUM_COLS * self.dtype.itemsize
+        first = self.offset + start * row_bytes
+        base = first - first % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), first - base + (stop - start) * row_bytes,
+                                                       access=mmap.ACCESS_READ, offset=base) as m:
+                rows = np.frombuffer(m, self.dtype, (stop - start) * NUM_COLS, first - base).reshape(-1, NUM_COLS)
+                values = rows[:, col].copy()
+                del rows  # release the mapping's buffer before it closes
+        except (OSError, ValueError) as e:
+            raise UsageError(self.path, f"cannot be read ({e})", "the file changed or is damaged; rewrite it") from None
+        return values
 
-    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, rows) for rows [start, stop), CHUNK_ROWS at a time."""
+    def chunks(self, col: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, column values) for rows [start, stop), CHUNK_ROWS at a time."""
         stop = self.rows if stop is None else stop
         for first in range(start, stop, CHUNK_ROWS):
-            yield first, self.read(first, min(first + CHUNK_ROWS, stop))
+            yield first, self.column(col, first, min(first + CHUNK_ROWS, stop))
 
 
 def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -345,7 +356,7 @@ def scan_clusters(folder: str | None, k: int | None, folder_flag: str, k_flag: s
 def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
     """Column 2 strings -> float64, refusing text, NaN and infinity with the row named."""
     try:
-        d = values.astype(np.float64)
+        d = to_utf8(values).astype(np.float64)  # numpy parses bytes twice as fast as str
     except (ValueError, UnicodeError):
         d = np.full(len(values), np.nan)
         for i, v in enumerate(values):
@@ -368,8 +379,8 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
         return float("nan"), True
     total, previous = 0.0, None
     ascending = descending = True
-    for start, rows in cluster.chunks():
-        d = parse_distances(rows[:, DIST_COL], cluster.path, start)
+    for start, values in cluster.chunks(DIST_COL):
+        d = parse_distances(values, cluster.path, start)
         if previous is not None:
             d_prev = np.concatenate(([previous], d))
         else:
@@ -386,8 +397,8 @@ def is_descending(cluster: ClusterFile) -> bool:
     """Sort direction of a file from its first and last distance (SemDeDup writes either)."""
     if cluster.rows == 0:
         return True
-    first = parse_distances(cluster.read(0, 1)[:, DIST_COL], cluster.path)[0]
-    last = parse_distances(cluster.read(cluster.rows - 1, cluster.rows)[:, DIST_COL], cluster.path, cluster.rows - 1)[0]
+    first = parse_distances(cluster.column(DIST_COL, 0, 1), cluster.path)[0]
+    last = parse_distances(cluster.column(DIST_COL, cluster.rows - 1, cluster.rows), cluster.path, cluster.rows - 1)[0]
     return bool(first >= last)
 
 
@@ -580,24 +591,31 @@ def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cl
     return slice(0, quota) if take_head else slice(rows - quota, rows)
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(kept paths, kept keys) of one cluster, both UTF-8 bytes; reads only the kept rows."""
+def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[bytes, np.ndarray]:
+    """(kept paths as lines of kept_paths.txt, sorted kept keys) of one cluster; reads only the kept rows."""
     cluster, quota, which, descending, seed, cluster_id = task
     if quota == 0:
-        return np.zeros(0, "S1"), np.zeros(0, "S1")
+        return b"", np.zeros(0, "S1")
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
-        parts = [to_utf8(rows[:, PATH_COL]) for _, rows in cluster.chunks(keep.start, keep.stop)]
+        parts = [to_utf8(paths) for _, paths in cluster.chunks(PATH_COL, keep.start, keep.stop)]
     else:  # random: pick the sampled rows out of each chunk
         bounds = np.searchsorted(keep, np.arange(0, cluster.rows + CHUNK_ROWS, CHUNK_ROWS))
-        parts = [to_utf8(rows[keep[bounds[i]:bounds[i + 1]] - first, PATH_COL])
-                 for i, (first, rows) in enumerate(cluster.chunks())]
+        parts = [to_utf8(paths[keep[bounds[i]:bounds[i + 1]] - first])
+                 for i, (first, paths) in enumerate(cluster.chunks(PATH_COL))]
     paths = np.concatenate(parts)
-    return paths, np.sort(strip_extensions(paths))  # sorted here, in parallel, so the merge is cheap
+    return as_lines(paths), np.sort(strip_extensions(paths))  # sorted here, in parallel: the merge is cheap
+
+
+def as_lines(paths: np.ndarray) -> bytes:
+    """Fixed-width bytes as newline-terminated lines, without the padding."""
+    chars = np.ascontiguousarray(paths).view(np.uint8).reshape(len(paths), -1)
+    lines = np.concatenate([chars, np.full((len(paths), 1), ord("\n"), np.uint8)], axis=1)
+    return lines[lines != 0].tobytes()
 
 
 def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int,
-                workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                workers: int) -> Iterator[tuple[bytes, np.ndarray]]:
     """Per cluster, in order, the kept paths and keys; hard/easy read the sort direction first."""
     tasks = []
     for j, (cluster, quota) in enumerate(zip(clusters, quotas)):
@@ -640,16 +658,15 @@ def strip_extensions(keys: np.ndarray) -> np.ndarray:
     if n == 0:
         return keys.copy()
     chars = np.ascontiguousarray(keys).view(np.uint8).reshape(n, width)
-    cols = np.arange(width)
     last_slash = _last_index(chars == ord("/"))
     last_dot = _last_index(chars == ord("."))
-    # splitext ignores the leading dots of the last component: it needs a non-dot before the dot.
-    non_dot_after_slash = (chars != ord(".")) & (cols >= last_slash[:, None] + 1)
-    first_non_dot = np.where(non_dot_after_slash.any(axis=1), non_dot_after_slash.argmax(axis=1), width)
-    has_ext = (last_dot > last_slash) & (first_non_dot < last_dot)
-    cut = np.where(has_ext, last_dot, width)
-    out = np.where(cols < cut[:, None], chars, 0).astype(np.uint8)
-    return out.view(f"S{width}").ravel()
+    cut = np.where(last_dot > last_slash, last_dot, width)
+    # splitext skips the leading dots of the last component (`.hidden`, `..x.y`): decide those rare
+    # names one by one; for the rest, a dot after the last slash starts the extension.
+    odd = np.flatnonzero((cut < width) & (chars[np.arange(n), np.minimum(last_slash + 1, width - 1)] == ord(".")))
+    for i in odd:
+        cut[i] = len(posixpath.splitext(chars[i].tobytes().rstrip(b"\0"))[0])
+    return (chars * (np.arange(width) < cut[:, None])).view(f"S{width}").ravel()
 
 
 def _last_index(hits: np.ndarray) -> np.ndarray:
@@ -697,7 +714,7 @@ def trie_order(keys: np.ndarray) -> np.ndarray:
 FRAME_TARGET = 64 * 1024
 FRAME_MIN = 4  # shorter frames get no FRAME header
 LIST_BATCH = 1000
-TRIE_CHUNK_KEYS = 1 << 18  # keys encoded at a time: memory stays flat however many are kept
+TRIE_CHUNK_KEYS = 1 << 14  # keys encoded at a time: arrays stay in cache, memory stays flat
 OP = {name: ord(code) for name, code in dict(
     MARK="(", APPENDS="e", BININT="J", BININT1="K", SHORT_BINUNICODE="\x8c", BINUNICODE="X",
     MEMOIZE="\x94", BINGET="h", LONG_BINGET="j", FRAME="\x95").items()}
@@ -776,7 +793,7 @@ def _split_levels(keys: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray],
         levels.append(rest * (cols < cut[:, None]))
         lengths.append(cut)
         shifted = np.zeros_like(rest)
-        for at in np.unique(cut[more]):  # few distinct widths (shard names): a block copy each
+        for at in np.flatnonzero(np.bincount(cut[more])):  # few distinct widths (shard names): a block copy each
             rows = more & (cut == at)
             shifted[rows, : width - at - 1] = rest[rows, at + 1:]
         rest, rest_len = shifted, np.where(more, rest_len - cut - 1, 0)
@@ -788,80 +805,74 @@ def _encode_trie_items(chunk: np.ndarray, state: dict) -> tuple[np.ndarray, np.n
     prev = state["previous"]
     keys = chunk if prev is None else np.concatenate([prev, chunk])
     levels, lengths, depth = _split_levels(keys)
-    width = levels[0].shape[1]
     common = np.zeros(len(keys), np.int64)  # leading components shared with the previous key
     same = np.ones(len(keys) - 1, bool)
     for level, chars in enumerate(levels):
-        as_str = chars.view(f"S{width}").ravel()
+        as_str = chars.view(f"S{chars.shape[1]}").ravel()
         same &= (level < depth[1:]) & (level < depth[:-1]) & (as_str[1:] == as_str[:-1])
         common[1:] += same
     up = np.concatenate([[0], depth[:-1] - common[1:]])
-    down = depth - common
     if prev is not None:  # the predecessor only set `common` for the chunk's first key
         levels, lengths = [m[1:] for m in levels], [x[1:] for x in lengths]
-        up, down, common, depth = up[1:], down[1:], common[1:], depth[1:]
+        up, common, depth = up[1:], common[1:], depth[1:]
     state["previous"] = chunk[-1:]
+    n, n_levels = len(chunk), len(levels)
 
-    # Items per key: [-up], down, its new components, the value.
-    has_up = up > 0
-    count = has_up + down + 2
-    first = np.cumsum(count) - count
-    total = int(count.sum())
-    size = np.full(total, 2, np.int64)  # BININT1 n: the down steps and the value
-    size[first[has_up]] = 5  # BININT -up
-    parts = []  # per level: item position, level, row, length and first two bytes of each new component
-    for level, (chars, length) in enumerate(zip(levels, lengths)):
-        rows = np.flatnonzero((common <= level) & (level < depth))
-        second = chars[rows, 1] if width > 1 else np.zeros(len(rows), np.uint8)
-        parts.append(np.stack([first[rows] + has_up[rows] + 1 + level - common[rows], np.full(len(rows), level),
-                               rows, length[rows], chars[rows, 0], second]))
-    parts = np.concatenate(parts, axis=1) if parts else np.zeros((6, 0), np.int64)
-    str_pos, str_level, str_row, str_len, c0, c1 = parts[:, np.argsort(parts[0], kind="stable")]
-    memo_index, is_get = _memo_indices(str_len, c0, c1, state)
-    size[str_pos] = np.where(is_get, np.where(memo_index < 256, 2, 5),
-                             np.where(str_len < 256, 2, 5) + str_len + 1)
+    # Items per key: [-up], down, its new components (levels common..depth-1), the value 1.
+    level = np.arange(n_levels)
+    new_part = (common[:, None] <= level) & (level < depth[:, None])
+    length = np.stack(lengths, axis=1)
+    c0 = np.stack([m[:, 0] for m in levels], axis=1).astype(np.int64)
+    c1 = np.stack([m[:, 1] if m.shape[1] > 1 else np.zeros(n, np.uint8) for m in levels], axis=1).astype(np.int64)
+    memo, get = np.zeros((n, n_levels), np.int64), np.zeros((n, n_levels), bool)
+    memo[new_part], get[new_part] = _memo_indices(length[new_part], c0[new_part], c1[new_part], state)
+    head = np.where(length < 256, 2, 5)  # SHORT_BINUNICODE len | BINUNICODE len4
+    str_size = np.where(new_part, np.where(get, np.where(memo < 256, 2, 5), head + length + 1), 0)
+    size = np.column_stack([np.where(up > 0, 5, 0), np.full(n, 2), str_size, np.full(n, 2)])
 
-    # Batches: MARK before every 1000th item of the list, APPENDS after each full batch.
+    # One record per key in a fixed-slot byte matrix; `valid` marks the bytes really written.
+    slots = [5, 2] + [int(head[:, i].max()) + m.shape[1] + 1 for i, m in enumerate(levels)] + [2]
+    at = np.cumsum(slots) - slots
+    rec = np.zeros((n, at[-1] + 2), np.uint8)
+    rec[:, 0] = OP["BININT"]
+    rec[:, 1:5] = (-up).astype("<i4").view(np.uint8).reshape(n, 4)
+    rec[:, 5] = OP["BININT1"]
+    rec[:, 6] = depth - common
+    for i, chars in enumerate(levels):
+        o, rows = at[2 + i], np.arange(n)
+        for short in (True, False):
+            r = rows[new_part[:, i] & ~get[:, i] & ((length[:, i] < 256) == short)]
+            data = o + (2 if short else 5)
+            rec[r, o] = OP["SHORT_BINUNICODE"] if short else OP["BINUNICODE"]
+            rec[r, o + 1:data] = length[r, i].astype("<u4").view(np.uint8).reshape(-1, 4)[:, : data - o - 1]
+            rec[r, data:data + chars.shape[1]] = chars[r]
+            rec[r, data + length[r, i]] = OP["MEMOIZE"]
+            r = rows[get[:, i] & ((memo[:, i] < 256) == short)]
+            rec[r, o] = OP["BINGET"] if short else OP["LONG_BINGET"]
+            rec[r, o + 1:o + (2 if short else 5)] = memo[r, i].astype("<u4").view(np.uint8).reshape(-1, 4)[
+                :, : 1 if short else 4]
+    rec[:, -2:] = (OP["BININT1"], TRIE_VALUE)
+    valid = np.ones(rec.shape, bool)
+    valid[:, :5] = (up > 0)[:, None]
+    for i in range(n_levels):
+        valid[:, at[2 + i]:at[3 + i]] = np.arange(slots[2 + i]) < str_size[:, i, None]
+    out = rec[valid]
+
+    # Item ends in `out`, then MARK before every 1000th item of the list and APPENDS after each full batch.
+    item_size = size[size > 0]
+    ends = np.cumsum(item_size)
+    total = len(item_size)
     opens = np.arange(-state["items"] % LIST_BATCH, total, LIST_BATCH)
     closes = np.arange((LIST_BATCH - 1 - state["items"]) % LIST_BATCH, total, LIST_BATCH)
-    seg = size.copy()
-    seg[opens] += 1
-    seg[closes] += 1
-    start = np.cumsum(seg) - seg
-    start[opens] += 1
-    save_end = start + size
-    out = np.zeros(int(seg.sum()), np.uint8)
-    out[start[opens] - 1] = OP["MARK"]
-    out[save_end[closes]] = OP["APPENDS"]
-    out[start] = OP["BININT1"]
-    down_pos = first + has_up
-    out[start[down_pos] + 1] = down
-    out[start[first + count - 1] + 1] = TRIE_VALUE
-    up_at = start[first[has_up]]
-    out[up_at] = OP["BININT"]
-    _put_u32(out, up_at + 1, -up[has_up])  # negative: BININT is signed
-    s = start[str_pos]
-    get, new = is_get, ~is_get
-    short_get = get & (memo_index < 256)
-    out[s[short_get]] = OP["BINGET"]
-    out[s[short_get] + 1] = memo_index[short_get]
-    out[s[get & ~short_get]] = OP["LONG_BINGET"]
-    _put_u32(out, s[get & ~short_get] + 1, memo_index[get & ~short_get])
-    short = new & (str_len < 256)
-    out[s[short]] = OP["SHORT_BINUNICODE"]
-    out[s[short] + 1] = str_len[short]
-    out[s[new & ~short]] = OP["BINUNICODE"]
-    _put_u32(out, s[new & ~short] + 1, str_len[new & ~short])
-    data_at = s + np.where(str_len < 256, 2, 5)
-    out[data_at[new] + str_len[new]] = OP["MEMOIZE"]
-    for level, chars in enumerate(levels):  # the components' bytes, as one ragged copy per level
-        pick = new & (str_level == level)
-        rows, at, n = str_row[pick], data_at[pick], str_len[pick]
-        src = chars[rows]
-        flat = src[np.arange(src.shape[1]) < n[:, None]]
-        out[np.repeat(at - (np.cumsum(n) - n), n) + np.arange(len(flat))] = flat
+    where = np.concatenate([ends[closes], ends[opens] - item_size[opens]])  # at a tie, APPENDS goes first
+    marks = np.concatenate([np.full(len(closes), OP["APPENDS"]), np.full(len(opens), OP["MARK"])]).astype(np.uint8)
+    order = np.argsort(where, kind="stable")
+    out = np.insert(out, where[order], marks[order])
+    # Marks before an item's end: the MARKs up to and including its own, the APPENDS before it.
+    g, g0 = state["items"] + np.arange(total), state["items"]
+    shift = (g // LIST_BATCH - (g0 - 1) // LIST_BATCH) + (g // LIST_BATCH - g0 // LIST_BATCH)
     state["items"] += total
-    return out, save_end
+    return out, ends + shift
 
 
 def _memo_indices(length: np.ndarray, c0: np.ndarray, c1: np.ndarray, state: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -127,13 +127,13 @@ def main() -> None:
              "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
+    key_parts = []
+    with du.atomic_open(out(du.KEPT_PATHS_FILE)) as f:
+        for lines, keys in selection:
+            f.write(lines)
+            key_parts.append(keys)
+    # The stats and the plot need only the quotas: written on the core the selection has freed.
     with du.Background(du.write_report, args.save_dir, stats, probs, plan.quotas, target, title):
-        key_parts = []
-        with du.atomic_open(out(du.KEPT_PATHS_FILE)) as f:
-            for paths, keys in selection:
-                if len(paths):
-                    f.write(b"\n".join(paths.tolist()) + b"\n")
-                key_parts.append(keys)
         kept_keys = du.unique_keys(key_parts)
         du.save_npy(out(du.KEPT_KEYS_FILE), kept_keys)
         if not args.no_trie:

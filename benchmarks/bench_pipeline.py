@@ -89,19 +89,19 @@ def warm_cache(folder: str) -> None:
 
 
 def process_tree(pid: int) -> list[int]:
-    """A process and all its descendants, from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                pass
+    """A process and all its descendants, from the kernel's per-thread children lists."""
     tree, frontier = [pid], [pid]
     while frontier:
-        frontier = [p for p, parent in parents.items() if parent in frontier and p not in tree]
-        tree += frontier
+        found = []
+        for p in frontier:
+            try:
+                for tid in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{tid}/children") as f:
+                        found += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        tree += found
+        frontier = found
     return tree
 
 
