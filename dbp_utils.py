@@ -629,8 +629,10 @@ def unique_keys(parts: list[np.ndarray]) -> np.ndarray:
     parts = [p for p in parts if len(p)]
     if not parts:
         return np.zeros(0, "S1")
-    keys = np.sort(np.concatenate(parts), kind="stable")  # timsort merges the per-cluster sorted runs
-    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    keys = np.concatenate(parts)
+    keys.sort(kind="stable")  # in place; timsort merges the per-cluster sorted runs
+    repeats = keys[1:] == keys[:-1]
+    return keys[np.concatenate(([True], ~repeats))] if repeats.any() else keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,7 +668,9 @@ def strip_extensions(keys: np.ndarray) -> np.ndarray:
     odd = np.flatnonzero((cut < width) & (chars[np.arange(n), np.minimum(last_slash + 1, width - 1)] == ord(".")))
     for i in odd:
         cut[i] = len(posixpath.splitext(chars[i].tobytes().rstrip(b"\0"))[0])
-    return (chars * (np.arange(width) < cut[:, None])).view(f"S{width}").ravel()
+    cut = np.minimum(cut, (chars != 0).sum(axis=1))  # the key's length
+    narrow = max(1, int(cut.max()))  # no wider than the longest key: less to sort, store and send
+    return np.ascontiguousarray((chars * (np.arange(width) < cut[:, None]))[:, :narrow]).view(f"S{narrow}").ravel()
 
 
 def _last_index(hits: np.ndarray) -> np.ndarray:

@@ -39,9 +39,9 @@ def parse_args():
                 help="dataset size the kept fraction refers to (default: the number of rows in the "
                      "cluster files; a different value is used but warned about)")
     du.add_flag(parser, "--prune-ratio", type=float, required=True,
-                help="the fraction of the dataset to KEEP, in (0, 1] (the upstream name): 0.3 keeps 30%%")
+                help="required: the fraction of the dataset to KEEP, in (0, 1] (the upstream name): 0.3 keeps 30%%")
     du.add_flag(parser, "--save-dir", default=None,
-                help="folder for the outputs (created; refused if it holds a completed run)")
+                help="required: folder for the outputs (created; refused if it holds a completed run)")
     du.add_flag(parser, "--temperature", type=float, default=0.5,
                 help="softmax temperature T > 0 (default: 0.5); lower favours complex clusters more")
     du.add_flag(parser, "--cls-bal-ratio", type=float, default=0.5,

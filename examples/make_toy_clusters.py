@@ -25,14 +25,20 @@ PATH_DTYPE = "S24"  # SemDeDup's paths memmap dtype for LAION
 
 
 def make_embeddings(n: int, dim: int, concepts: int, seed: int) -> np.ndarray:
-    """Unit vectors around `concepts` random directions, each concept with its own size and spread."""
+    """Unit vectors around `concepts` directions, each concept with its own size and spread.
+
+    Like real image embeddings, all concepts lean towards one shared direction (so neighbouring
+    concepts are at cosine distances of about 0.3-0.7), and a concept's members lie from about
+    0.1 (tight) to 0.5 (diffuse) from its centre.
+    """
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((concepts, dim))
-    spread = np.exp(rng.uniform(np.log(0.3), np.log(3.0), concepts))  # tight .. diffuse concepts
+    shared = _unit(rng.standard_normal(dim))
+    centers = _unit(shared + _unit(rng.standard_normal((concepts, dim))) * rng.uniform(0.6, 1.4, (concepts, 1)))
+    spread = np.exp(rng.uniform(np.log(0.5), np.log(1.6), concepts))  # tight .. diffuse concepts
     weights = rng.dirichlet(np.full(concepts, 0.7))  # a few large concepts, many small ones
     concept = rng.choice(concepts, size=n, p=weights)
-    x = centers[concept] / np.sqrt(dim) * 4 + rng.standard_normal((n, dim)) * spread[concept, None] / np.sqrt(dim)
-    return _unit(x)
+    noise = rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return _unit(centers[concept] + noise * spread[concept, None])
 
 
 def sample_paths(n: int, shard_size: int) -> list[str]:
@@ -40,32 +46,26 @@ def sample_paths(n: int, shard_size: int) -> list[str]:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(centroids, label, cosine similarity to the label's centroid), as SemDeDup runs faiss."""
+    """(centroids, label, cosine similarity to the label's centroid), as SemDeDup runs faiss: spherical
+    k-means, then a search of its inner-product index for each sample's nearest centroid."""
     import faiss
 
     kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
     kmeans.train(x)
-    return assign(x, kmeans.centroids)
+    sims, labels = kmeans.index.search(x, 1)
+    return kmeans.centroids, labels[:, 0], sims[:, 0]
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product, the search SemDeDup runs with the spherical k-means index."""
-    import faiss
-
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    sims, labels = index.search(x, 1)
-    return np.asarray(centroids, dtype=np.float32), labels[:, 0], sims[:, 0]
-
-
-def add_edge_clusters(x: np.ndarray, centroids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append three outliers and three centroids: an empty cluster, one of 1 member, one of 2."""
+def add_edge_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sims: np.ndarray,
+                      seed: int) -> tuple[np.ndarray, ...]:
+    """Append three clusters k-means would not make: an empty one, one of 1 member and one of 2."""
     rng = np.random.default_rng(seed + 1)
-    dim = x.shape[1]
-    a, b = rng.standard_normal((2, dim))
-    outliers = np.stack([a, b, b + 0.05 * rng.standard_normal(dim)])
-    empty = -(centroids.sum(axis=0) + a + b)  # points away from every sample
-    return np.concatenate([x, _unit(outliers)]), np.concatenate([centroids, _unit(np.stack([empty, a, b]))])
+    empty, a, b = _unit(rng.standard_normal((3, x.shape[1])))
+    outliers = np.stack([a, b, _unit(b + 0.05 * rng.standard_normal(x.shape[1]))])
+    k = len(centroids)
+    return (np.concatenate([x, outliers]), np.concatenate([centroids, np.stack([empty, a, b])]),
+            np.concatenate([labels, [k + 1, k + 2, k + 2]]),
+            np.concatenate([sims, (outliers * np.stack([a, b, b])).sum(axis=1)]).astype(np.float32))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -98,10 +98,7 @@ def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int 
     x = make_embeddings(n, dim, concepts=max(2, k // 2), seed=seed)
     centroids, labels, sims = spherical_kmeans(x, k, seed)
     if edge_clusters:
-        x, centroids = add_edge_clusters(x, centroids, seed)
-        centroids, labels, sims = assign(x, centroids)
-        counts = np.bincount(labels, minlength=len(centroids))[-3:]
-        assert counts.tolist() == [0, 1, 2], f"edge clusters came out as {counts.tolist()}"
+        x, centroids, labels, sims = add_edge_clusters(x, centroids, labels, sims, seed)
     paths = sample_paths(len(x), shard_size)
     stored = np.array(paths, dtype=PATH_DTYPE).tolist() if bytes_paths else paths  # bytes, as from a memmap
     os.makedirs(out, exist_ok=True)
