@@ -21,9 +21,10 @@ import os
 import pickle
 import posixpath
 import re
+import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,8 @@ PLOT_FILE = "quotas.png"
 LOG_FILE = "logs.log"
 PARAMS_FILE = "params.json"
 OUTPUT_FILES = (KEPT_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, QUOTAS_FILE, STATS_FILE, PLOT_FILE, LOG_FILE, PARAMS_FILE)
-PARTIAL_SUFFIX = ".partial"
+STAGING_DIR = ".dbp_staging"  # prune's outputs until the run completes
+PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 
 TRIE_SEPARATOR = "/"
 TRIE_VALUE = 1
@@ -241,14 +243,14 @@ class ClusterFile:
     offset: int = 0
     fortran: bool = False
 
-    def column(self, col: int, start: int, stop: int) -> np.ndarray:
-        """Column `col` of rows [start, stop), copied out of a mapping of just those rows: the kernel
+    def columns(self, cols: tuple[int, ...], start: int, stop: int) -> list[np.ndarray]:
+        """Columns `cols` of rows [start, stop), copied out of a mapping of just those rows: the kernel
         hands over page-cache pages without a copy, and unmapping keeps resident memory flat."""
         if stop <= start:
-            return np.zeros(0, self.dtype)
-        if self.fortran:  # column-major: the column is contiguous
+            return [np.zeros(0, self.dtype) for _ in cols]
+        if self.fortran:  # column-major: each column is contiguous
             data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), "F")
-            return np.array(data[start:stop, col])
+            return [np.array(data[start:stop, c]) for c in cols]
         row_bytes = NUM_COLS * self.dtype.itemsize
         first = self.offset + start * row_bytes
         base = first - first % mmap.ALLOCATIONGRANULARITY
@@ -256,17 +258,17 @@ class ClusterFile:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), first - base + (stop - start) * row_bytes,
                                                        access=mmap.ACCESS_READ, offset=base) as m:
                 rows = np.frombuffer(m, self.dtype, (stop - start) * NUM_COLS, first - base).reshape(-1, NUM_COLS)
-                values = rows[:, col].copy()
+                values = [rows[:, c].copy() for c in cols]
                 del rows  # release the mapping's buffer before it closes
         except (OSError, ValueError) as e:
             raise UsageError(self.path, f"cannot be read ({e})", "the file changed or is damaged; rewrite it") from None
         return values
 
-    def chunks(self, col: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, column values) for rows [start, stop), CHUNK_ROWS at a time."""
+    def chunks(self, cols: tuple[int, ...], start: int = 0, stop: int | None = None) -> Iterator[tuple[int, list]]:
+        """(first row, columns) for rows [start, stop), CHUNK_ROWS at a time."""
         stop = self.rows if stop is None else stop
         for first in range(start, stop, CHUNK_ROWS):
-            yield first, self.column(col, first, min(first + CHUNK_ROWS, stop))
+            yield first, self.columns(cols, first, min(first + CHUNK_ROWS, stop))
 
 
 def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -379,7 +381,7 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
         return float("nan"), True
     total, previous = 0.0, None
     ascending = descending = True
-    for start, values in cluster.chunks(DIST_COL):
+    for start, (values,) in cluster.chunks((DIST_COL,)):
         d = parse_distances(values, cluster.path, start)
         if previous is not None:
             d_prev = np.concatenate(([previous], d))
@@ -397,8 +399,9 @@ def is_descending(cluster: ClusterFile) -> bool:
     """Sort direction of a file from its first and last distance (SemDeDup writes either)."""
     if cluster.rows == 0:
         return True
-    first = parse_distances(cluster.column(DIST_COL, 0, 1), cluster.path)[0]
-    last = parse_distances(cluster.column(DIST_COL, cluster.rows - 1, cluster.rows), cluster.path, cluster.rows - 1)[0]
+    (first,) = cluster.columns((DIST_COL,), 0, 1)
+    (last,) = cluster.columns((DIST_COL,), cluster.rows - 1, cluster.rows)
+    first, last = parse_distances(first, cluster.path)[0], parse_distances(last, cluster.path, cluster.rows - 1)[0]
     return bool(first >= last)
 
 
@@ -591,20 +594,27 @@ def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cl
     return slice(0, quota) if take_head else slice(rows - quota, rows)
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[bytes, np.ndarray]:
-    """(kept paths as lines of kept_paths.txt, sorted kept keys) of one cluster; reads only the kept rows."""
+def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[bytes, np.ndarray, bool]:
+    """One cluster's kept paths (as lines of kept_paths.txt) and sorted kept keys, and whether the
+    distances read were in the file's order. Reads only the kept rows, and checks their distances."""
     cluster, quota, which, descending, seed, cluster_id = task
     if quota == 0:
-        return b"", np.zeros(0, "S1")
+        return b"", np.zeros(0, "S1"), True
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
+    paths, dists = [], []
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
-        parts = [to_utf8(paths) for _, paths in cluster.chunks(PATH_COL, keep.start, keep.stop)]
+        for first, (p, d) in cluster.chunks((PATH_COL, DIST_COL), keep.start, keep.stop):
+            paths.append(to_utf8(p))
+            dists.append(parse_distances(d, cluster.path, first))
     else:  # random: pick the sampled rows out of each chunk
         bounds = np.searchsorted(keep, np.arange(0, cluster.rows + CHUNK_ROWS, CHUNK_ROWS))
-        parts = [to_utf8(paths[keep[bounds[i]:bounds[i + 1]] - first])
-                 for i, (first, paths) in enumerate(cluster.chunks(PATH_COL))]
-    paths = np.concatenate(parts)
-    return as_lines(paths), np.sort(strip_extensions(paths))  # sorted here, in parallel: the merge is cheap
+        for i, (first, (p, d)) in enumerate(cluster.chunks((PATH_COL, DIST_COL))):
+            picked = keep[bounds[i]:bounds[i + 1]] - first
+            paths.append(to_utf8(p[picked]))
+            dists.append(parse_distances(d, cluster.path, first)[picked])
+    paths, steps = np.concatenate(paths), np.diff(np.concatenate(dists))
+    in_order = which == "random" or bool((steps <= 0).all() if descending else (steps >= 0).all())
+    return as_lines(paths), np.sort(strip_extensions(paths)), in_order  # sorted here, in parallel
 
 
 def as_lines(paths: np.ndarray) -> bytes:
@@ -615,7 +625,7 @@ def as_lines(paths: np.ndarray) -> bytes:
 
 
 def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int,
-                workers: int) -> Iterator[tuple[bytes, np.ndarray]]:
+                workers: int) -> Iterator[tuple[bytes, np.ndarray, bool]]:
     """Per cluster, in order, the kept paths and keys; hard/easy read the sort direction first."""
     tasks = []
     for j, (cluster, quota) in enumerate(zip(clusters, quotas)):
@@ -957,29 +967,55 @@ def save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def check_save_dir(save_dir: str | None, overwrite: bool) -> None:
-    """Refuse an unusable save dir, or one holding a completed run unless --overwrite."""
-    if not save_dir:
-        raise UsageError("--save-dir", "is required", "pass the folder for the outputs")
-    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        raise UsageError("--save-dir", f"{save_dir} is a file", "pass a folder")
-    _check_creatable(os.path.abspath(save_dir), "--save-dir")
-    if os.path.exists(os.path.join(save_dir, PARAMS_FILE)) and not overwrite:
-        raise UsageError("--save-dir", f"{save_dir} already holds the outputs of a completed run",
-                         "pass --overwrite to replace them, or choose another --save-dir")
+class SaveDir:
+    """prune.py's --save-dir. `with SaveDir(path, overwrite) as out:` writes every output into a hidden
+    staging folder (`out.path(name)`) and, when the block succeeds, moves them into place with
+    params.json last, the mark of a completed run. A failed or killed run leaves the outputs the
+    folder had untouched (a folder it created goes again); a rerun finishes a killed one."""
 
+    def __init__(self, path: str | None, overwrite: bool):
+        if not path:
+            raise UsageError("--save-dir", "is required", "pass the folder for the outputs")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError("--save-dir", f"{path} is a file", "pass a folder")
+        _check_creatable(os.path.abspath(path), "--save-dir")
+        if os.path.exists(os.path.join(path, PARAMS_FILE)) and not overwrite:
+            raise UsageError("--save-dir", f"{path} already holds the outputs of a completed run",
+                             "pass --overwrite to replace them, or choose another --save-dir")
+        self.dir, self.staging = path, os.path.join(path, STAGING_DIR)
 
-def begin_save_dir(save_dir: str, stale: Iterable[str] = ()) -> None:
-    """Create the save dir and mark it incomplete: params.json goes, and is written back last.
+    def path(self, name: str) -> str:
+        return os.path.join(self.staging, name)
 
-    `stale` names outputs this run will not write (the trie under --no-trie), so a replaced run
-    leaves none of its predecessor's files behind.
-    """
-    os.makedirs(save_dir, exist_ok=True)
-    partials = [f".{name}{PARTIAL_SUFFIX}" for name in OUTPUT_FILES]  # left by a killed run
-    for name in (PARAMS_FILE, *stale, *partials):
+    def __enter__(self) -> SaveDir:
+        self.created, self.touched = None, os.path.abspath(self.dir)  # the top folder this run makes
+        while not os.path.exists(self.touched):
+            self.created, self.touched = self.touched, os.path.dirname(self.touched)
+        self.times = os.stat(self.touched)
+        os.makedirs(self.dir, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left
+        os.mkdir(self.staging)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.created:
+                shutil.rmtree(self.created, ignore_errors=True)
+            with contextlib.suppress(OSError):  # as it was, down to the folder's timestamps
+                os.utime(self.touched, ns=(self.times.st_atime_ns, self.times.st_mtime_ns))
+            return
+        written = set(os.listdir(self.staging))
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(save_dir, name))
+            os.remove(os.path.join(self.dir, PARAMS_FILE))  # incomplete from here until the end
+        for name in OUTPUT_FILES:
+            if name in written and name != PARAMS_FILE:
+                os.replace(self.path(name), os.path.join(self.dir, name))
+            elif name not in written:  # an earlier run's output this one does not make (--no-trie)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.dir, name))
+        os.replace(self.path(PARAMS_FILE), os.path.join(self.dir, PARAMS_FILE))
+        shutil.rmtree(self.staging)
 
 
 def write_cluster_stats(f, table: dict[str, np.ndarray]) -> None:
@@ -1005,12 +1041,12 @@ def plot_quotas(f, probs: np.ndarray, quotas: np.ndarray, target: int, title: st
     fig.savefig(f, format="png")
 
 
-def write_report(save_dir: str, table: dict[str, np.ndarray], probs: np.ndarray, quotas: np.ndarray,
+def write_report(out: SaveDir, table: dict[str, np.ndarray], probs: np.ndarray, quotas: np.ndarray,
                  target: int, title: str) -> None:
-    """cluster_stats.csv and quotas.png: they need only the quotas, so they are written beside the selection."""
-    with atomic_open(os.path.join(save_dir, STATS_FILE)) as f:
+    """cluster_stats.csv and quotas.png: they need only the quotas, so they are written beside the trie."""
+    with open(out.path(STATS_FILE), "wb") as f:
         write_cluster_stats(f, table)
-    with atomic_open(os.path.join(save_dir, PLOT_FILE)) as f:
+    with open(out.path(PLOT_FILE), "wb") as f:
         plot_quotas(f, probs, quotas, target, title)
 
 

@@ -18,7 +18,6 @@ kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, p
 
 import io
 import logging
-import os
 
 import numpy as np
 
@@ -100,7 +99,7 @@ def main() -> None:
     clusters = du.scan_clusters(args.sorted_clusters_path, args.num_centroids,
                                 "--sorted-clusters-path", "--num-centroids")
     k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
-    du.check_save_dir(args.save_dir, args.overwrite)
+    save_dir = du.SaveDir(args.save_dir, args.overwrite)
     d_intra, d_inter = load_scores(args, k)
     total_rows = int(sizes.sum())
     total = args.total_dataset_size or total_rows
@@ -111,49 +110,50 @@ def main() -> None:
     probs = du.cluster_probabilities(args.density, scores, args.temperature)
     plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
     selection = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, workers)
-    if total != total_rows:  # warned only now: a bad input must end in its error line alone
-        du.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
-                       "files; the kept target uses the given size")
     du.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
                 f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
 
-    # 3. Select and write; params.json last marks the run complete.
-    du.begin_save_dir(args.save_dir, stale=[du.TRIE_FILE] if args.no_trie else [])
-
-    def out(name: str) -> str:
-        return os.path.join(args.save_dir, name)
-
+    # 3. Select and write, into a staging folder published at the end (params.json last).
     stats = {"cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
              "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    key_parts = []
-    with du.atomic_open(out(du.KEPT_PATHS_FILE)) as f:
-        for lines, keys in selection:
-            f.write(lines)
-            key_parts.append(keys)
-    # The stats and the plot need only the quotas: written on the core the selection has freed.
-    with du.Background(du.write_report, args.save_dir, stats, probs, plan.quotas, target, title):
-        kept_keys = du.unique_keys(key_parts)
-        du.save_npy(out(du.KEPT_KEYS_FILE), kept_keys)
-        if not args.no_trie:
-            with du.atomic_open(out(du.TRIE_FILE)) as f:
-                du.write_trie(f, kept_keys)
-        du.save_npy(out(du.QUOTAS_FILE), plan.quotas)
-    kept = int(plan.quotas.sum())
-    if len(kept_keys) < kept:
-        du.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
-                       "(same name, other extension); the key sets hold each key once")
-    du.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
-    with du.atomic_open(out(du.LOG_FILE), "w") as f:
-        f.write(log_text.getvalue())
-    run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
-    params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
-    params.update(num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
-                  min_per_cluster=plan.min_per_cluster, water_level=plan.nu, kept_samples=kept,
-                  kept_keys=len(kept_keys))
-    with du.atomic_open(out(du.PARAMS_FILE)) as f:
-        du.write_params(f, params)
+    with save_dir as out:
+        key_parts, unsorted = [], []
+        with open(out.path(du.KEPT_PATHS_FILE), "wb") as f:
+            for cluster, (lines, keys, in_order) in zip(clusters, selection):
+                f.write(lines)
+                key_parts.append(keys)
+                if not in_order:
+                    unsorted.append(cluster.path)
+        # The stats and the plot need only the quotas: written on the core the selection has freed.
+        with du.Background(du.write_report, out, stats, probs, plan.quotas, target, title):
+            kept_keys = du.unique_keys(key_parts)
+            np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
+            if not args.no_trie:
+                with open(out.path(du.TRIE_FILE), "wb") as f:
+                    du.write_trie(f, kept_keys)
+            np.save(out.path(du.QUOTAS_FILE), plan.quotas)
+        kept = int(plan.quotas.sum())
+        if total != total_rows:  # warned only now: a bad input must end in its error line alone
+            du.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
+                           "files; the kept target uses the given size")
+        if unsorted:
+            du.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
+                           f"--which-to-keep {args.which_to_keep} kept a prefix or suffix of each as if they were")
+        if len(kept_keys) < kept:
+            du.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
+                           "(same name, other extension); the key sets hold each key once")
+        du.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
+        with open(out.path(du.LOG_FILE), "w") as f:
+            f.write(log_text.getvalue())
+        run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
+        params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
+        params.update(num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
+                      min_per_cluster=plan.min_per_cluster, water_level=plan.nu, kept_samples=kept,
+                      kept_keys=len(kept_keys))
+        with open(out.path(du.PARAMS_FILE), "wb") as f:
+            du.write_params(f, params)
     print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "
           f"({args.which_to_keep}, {args.density}) -> {args.save_dir}")
 

@@ -54,7 +54,7 @@ def args_for(script, root, **override):
             base.pop(flag, None)
         else:
             base[flag] = value(root) if callable(value) else value
-    return [str(a) for pair in base.items() for a in pair]
+    return [str(a) for pair in base.items() for a in pair if a != ""]  # "" marks a flag without a value
 
 
 def snapshot(root):
@@ -121,6 +121,9 @@ CASES = [
      "distance is nan"),
     ("distance-inf-middle", (DINTRA_SCRIPT,), save_cluster([ROWS[0], ("a/3.jpg", 1, float("inf"), 1), ROWS[1]]),
      {}, "row 1: distance is inf"),
+    # Among the rows prune keeps (a prefix of a descending file), and over a completed run it must not harm.
+    ("distance-nan-kept", (PRUNE_SCRIPT,), save_cluster([ROWS[0], ("a/3.jpg", 1, float("nan"), 1)] + ROWS[1:] * 3),
+     {"--save-dir": lambda r: r / "done", "--overwrite": ""}, "row 1: distance is nan"),
     ("out-under-file", ALL, None, {"OUT": lambda r: r / "blocker/out"}, "is a file"),
     ("out-is-folder", (DINTRA_SCRIPT, DINTER_SCRIPT), None, {"OUT": lambda r: r / "scores"}, "is a folder"),
     ("centroids-missing", (DINTER_SCRIPT,), remove("save", "kmeans_centroids.npy"), {}, "no kmeans_centroids.npy"),

@@ -29,7 +29,9 @@ def big(tmp_path_factory):
 
 
 def read_outputs(save_dir):
-    return {name: (save_dir / name).read_bytes() for name in os.listdir(save_dir)}
+    """The outputs in sight; a killed run may also leave its hidden staging folder."""
+    assert set(os.listdir(save_dir)) <= set(OUTPUTS) | {".dbp_staging"}
+    return {name: (save_dir / name).read_bytes() for name in os.listdir(save_dir) if not name.startswith(".")}
 
 
 def test_same_inputs_give_byte_identical_outputs(big, tmp_path):
@@ -47,20 +49,21 @@ def start_prune(big, save_dir):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def kill_when(proc, save_dir, delay, partial):
-    """SIGKILL after `delay` s, or as soon as a `.partial` file shows up mid-write."""
+def kill_when(proc, save_dir, delay, writing_outputs):
+    """SIGKILL after `delay` s, or as soon as outputs are being written (the staging folder fills)."""
+    staging = save_dir / ".dbp_staging"
     start = time.monotonic()
     while proc.poll() is None:
-        writing = partial and save_dir.exists() and any(n.endswith(".partial") for n in os.listdir(save_dir))
-        if writing or (not partial and time.monotonic() - start > delay):
+        writing = writing_outputs and staging.exists() and any(os.scandir(staging))
+        if writing or (not writing_outputs and time.monotonic() - start > delay):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
     proc.wait()
 
 
-@pytest.mark.parametrize("fraction,partial", [(0.0, True), (0.3, False), (0.6, False), (0.9, False)])
-def test_killed_prune_leaves_no_half_output_and_rerun_finishes(big, tmp_path, fraction, partial):
+@pytest.mark.parametrize("fraction,writing", [(0.0, True), (0.3, False), (0.6, False), (0.9, False)])
+def test_killed_prune_leaves_no_half_output_and_rerun_finishes(big, tmp_path, fraction, writing):
     reference_dir = tmp_path / "reference"
     save_dir = tmp_path / "run"
     # Both runs write to the same path so that params.json (which records it) matches too.
@@ -71,14 +74,12 @@ def test_killed_prune_leaves_no_half_output_and_rerun_finishes(big, tmp_path, fr
     reference = read_outputs(reference_dir)
 
     proc = start_prune(big, save_dir)
-    kill_when(proc, save_dir, fraction * duration, partial)
+    kill_when(proc, save_dir, fraction * duration, writing)
     if (save_dir / "params.json").exists():  # complete before the kill landed: nothing to resume
         assert read_outputs(save_dir) == reference
         return
-    if save_dir.exists():
-        visible = {n: b for n, b in read_outputs(save_dir).items() if not n.endswith(".partial")}
-        # Every output in sight is whole: exactly what the uninterrupted run wrote.
-        assert all(reference[n] == b for n, b in visible.items())
+    if save_dir.exists():  # every output in sight is whole: exactly what the uninterrupted run wrote
+        assert all(reference[n] == b for n, b in read_outputs(save_dir).items())
     r = run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir)
     assert r.returncode == 0, r.stderr
     assert read_outputs(save_dir) == reference

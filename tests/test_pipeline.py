@@ -187,3 +187,15 @@ def test_help_explains_every_flag_and_both_spellings_work(desc_str, scored, tmp_
                    "--cls_bal_ratio", 0.1, "--total_dataset_size", len(desc_str["x"]))
     assert r.returncode == 0, r.stderr
     assert du.load_trie(str(tmp_path / "run" / "kept_keys_trie.pkl"))
+
+
+def test_prune_warns_about_unsorted_files(tmp_path):
+    sorted_dir = tmp_path / "sorted"
+    sorted_dir.mkdir()
+    np.save(sorted_dir / "cluster_0.npy", [(f"a/{i}.jpg", i, d, 0) for i, d in enumerate([0.9, 0.2, 0.5, 0.1])])
+    np.save(sorted_dir / "cluster_1.npy", [(f"b/{i}.jpg", i, d, 1) for i, d in enumerate([0.8, 0.6, 0.4, 0.3])])
+    r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--density", "uniform", "--prune-ratio", 0.5,
+                   "--cls-bal-ratio", 0, "--save-dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "1 cluster file(s) are not sorted" in r.stderr and "cluster_0.npy" in r.stderr
+    assert (tmp_path / "run" / "kept_paths.txt").read_text().split() == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"]
