@@ -192,7 +192,7 @@ def test_help_explains_every_flag_and_both_spellings_work(desc_str, scored, tmp_
 def test_prune_warns_about_unsorted_files(tmp_path):
     sorted_dir = tmp_path / "sorted"
     sorted_dir.mkdir()
-    np.save(sorted_dir / "cluster_0.npy", [(f"a/{i}.jpg", i, d, 0) for i, d in enumerate([0.9, 0.2, 0.5, 0.1])])
+    np.save(sorted_dir / "cluster_0.npy", [(f"a/{i}.jpg", i, d, 0) for i, d in enumerate([0.9, 0.95, 0.5, 0.1])])
     np.save(sorted_dir / "cluster_1.npy", [(f"b/{i}.jpg", i, d, 1) for i, d in enumerate([0.8, 0.6, 0.4, 0.3])])
     r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--density", "uniform", "--prune-ratio", 0.5,
                    "--cls-bal-ratio", 0, "--save-dir", tmp_path / "run")
