@@ -188,31 +188,37 @@ def parallel_map(func: Callable[[Any], Any], tasks: list, workers: int, desc: st
 
 
 class Background:
-    """`with Background(func, *args):` runs func in a forked process beside the block; leaving the
-    block waits for it and re-raises its exception, or stops it if the block itself failed."""
+    """A forked process for side work: `Background(func, *args)` forks at once, while the parent is
+    still small (a fork shares, and is charged for, the parent's memory); `with` it, func runs beside
+    the block, and leaving the block waits for it and re-raises its exception."""
 
     def __init__(self, func: Callable[..., None], *args: Any):
         ctx = multiprocessing.get_context("fork")
-        self._result, child_end = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=self._run, args=(os.getpid(), child_end, func, args), daemon=True)
+        go_reader, self._go = ctx.Pipe(duplex=False)
+        self._result, result_writer = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=self._run, args=(os.getpid(), go_reader, result_writer, func, args),
+                                 daemon=True)
+        self._proc.start()
 
     @staticmethod
-    def _run(parent: int, conn, func: Callable[..., None], args: tuple) -> None:
+    def _run(parent: int, go, result, func: Callable[..., None], args: tuple) -> None:
         # Die with the parent: a killed run must not leave a writer behind to race its rerun.
         with contextlib.suppress(Exception):
             import ctypes
 
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
         try:
+            if os.getppid() != parent or not go.recv():
+                return
             func(*args)
-            conn.send(None)
+            result.send(None)
+        except EOFError:  # the parent went without starting us
+            return
         except BaseException as e:  # handed to the parent, which reports it
-            conn.send(e)
+            result.send(e)
 
     def __enter__(self) -> Background:
-        self._proc.start()
+        self._go.send(True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -634,15 +640,25 @@ def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, see
     return parallel_map(select_cluster, tasks, workers, "select")
 
 
-def unique_keys(parts: list[np.ndarray]) -> np.ndarray:
-    """The sorted, de-duplicated kept keys as one fixed-width bytes array (kept_keys.npy)."""
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return np.zeros(0, "S1")
-    keys = np.concatenate(parts)
-    keys.sort(kind="stable")  # in place; timsort merges the per-cluster sorted runs
-    repeats = keys[1:] == keys[:-1]
-    return keys[np.concatenate(([True], ~repeats))] if repeats.any() else keys
+class KeptKeyCollector:
+    """The kept keys of all clusters, gathered into one array allocated once (no list of parts to
+    concatenate: memory stays near the keys' own size), then sorted and de-duplicated."""
+
+    def __init__(self, capacity: int):
+        self.keys, self.count = np.zeros(capacity, "S1"), 0
+
+    def add(self, part: np.ndarray) -> None:
+        if part.dtype.itemsize > self.keys.dtype.itemsize:  # a longer key than any so far: widen
+            self.keys = self.keys.astype(part.dtype)
+        self.keys[self.count:self.count + len(part)] = part
+        self.count += len(part)
+
+    def sorted_unique(self) -> np.ndarray:
+        """kept_keys.npy: sorted, each key once."""
+        keys = self.keys[:self.count]
+        keys.sort(kind="stable")  # in place; timsort merges the per-cluster sorted runs
+        repeats = keys[1:] == keys[:-1]
+        return keys[np.concatenate(([True], ~repeats))] if repeats.any() else keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,13 +723,21 @@ def trie_order(keys: np.ndarray) -> np.ndarray:
     """Sorted unique keys (bytes) reordered by their '/'-separated components: the trie's insertion order."""
     if len(keys) < 2:
         return keys
-    chars = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), -1)
-    if (chars == 1).any():  # the mapping below needs byte 0x01 free
-        return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
-    # Component order is byte order with '/' mapped below every other byte.
-    mapped = np.where(chars == ord(TRIE_SEPARATOR), 1, chars).astype(np.uint8).view(keys.dtype).ravel()
-    if (mapped[1:] >= mapped[:-1]).all():  # the usual case: equal-width shard names
+    # Component order is byte order with '/' mapped below every other byte (0x01 must then be free).
+    # Sorted keys are usually in it already (equal-width shard names): check that block by block.
+    in_order, previous = True, None
+    for start in range(0, len(keys), TRIE_CHUNK_KEYS):
+        chars = np.ascontiguousarray(keys[start:start + TRIE_CHUNK_KEYS]).view(np.uint8).reshape(-1, keys.itemsize)
+        if (chars == 1).any():
+            return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
+        mapped = np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
+        block = mapped if previous is None else np.concatenate([previous, mapped])
+        in_order &= bool((block[1:] >= block[:-1]).all())
+        previous = mapped[-1:]
+    if in_order:
         return keys
+    chars = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), -1)
+    mapped = np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
     return keys[np.argsort(mapped, kind="stable")]
 
 

@@ -119,16 +119,17 @@ def main() -> None:
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out:
-        key_parts, unsorted = [], []
+        report = du.Background(du.write_report, out, stats, probs, plan.quotas, target, title)
+        collected, unsorted = du.KeptKeyCollector(int(plan.quotas.sum())), []
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f:
             for cluster, (lines, keys, in_order) in zip(clusters, selection):
                 f.write(lines)
-                key_parts.append(keys)
+                collected.add(keys)
                 if not in_order:
                     unsorted.append(cluster.path)
         # The stats and the plot need only the quotas: written on the core the selection has freed.
-        with du.Background(du.write_report, out, stats, probs, plan.quotas, target, title):
-            kept_keys = du.unique_keys(key_parts)
+        with report:
+            kept_keys = collected.sorted_unique()
             np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
             if not args.no_trie:
                 with open(out.path(du.TRIE_FILE), "wb") as f:

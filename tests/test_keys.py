@@ -155,3 +155,18 @@ def test_webdataset_filter_keeps_exactly_the_kept(tmp_path, source, with_shard):
     dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(keys, with_shard=with_shard))
     seen = [(du.shard_stem(s["__url__"]) + "/" + s["__key__"]) if with_shard else s["__key__"] for s in dataset]
     assert seen == kept
+
+
+def test_trie_order_checks_across_blocks(monkeypatch):
+    monkeypatch.setattr(du, "TRIE_CHUNK_KEYS", 2)
+    keys = np.array([b"0", b"a-b/x", b"a/x", b"z"])  # byte order; components put a/x first
+    assert du.trie_order(keys).tolist() == [b"0", b"a/x", b"a-b/x", b"z"]
+    in_order = np.array([b"00001/1", b"00001/2", b"00002/1", b"00003/0"])
+    assert du.trie_order(in_order) is in_order
+
+
+def test_kept_key_collector_sorts_dedupes_and_widens():
+    collector = du.KeptKeyCollector(7)
+    for part in ([b"b/2", b"a/1"], [b"c/333333", b"a/1"], [], [b"b/10", b"a/0", b"z"]):
+        collector.add(np.array(sorted(part), dtype=f"S{max([len(p) for p in part] + [1])}"))
+    assert collector.sorted_unique().tolist() == sorted({b"a/0", b"a/1", b"b/10", b"b/2", b"c/333333", b"z"})
