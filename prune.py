@@ -95,7 +95,8 @@ def main() -> None:
     log_handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     du.log.addHandler(log_handler)
 
-    # 1. Inputs, all validated before anything is written.
+    # 1. Inputs, checked before anything is written (the distances of the rows read are checked as
+    #    they are read; a failure there still leaves the save dir as it was).
     clusters = du.scan_clusters(args.sorted_clusters_path, args.num_centroids,
                                 "--sorted-clusters-path", "--num-centroids")
     k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
