@@ -725,20 +725,20 @@ def trie_order(keys: np.ndarray) -> np.ndarray:
         return keys
     # Component order is byte order with '/' mapped below every other byte (0x01 must then be free).
     # Sorted keys are usually in it already (equal-width shard names): check that block by block.
-    in_order, previous = True, None
+    def mapped(block: np.ndarray) -> np.ndarray:
+        chars = np.ascontiguousarray(block).view(np.uint8).reshape(len(block), -1)
+        return np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
+
+    if any((np.ascontiguousarray(keys[i:i + TRIE_CHUNK_KEYS]).view(np.uint8) == 1).any()
+           for i in range(0, len(keys), TRIE_CHUNK_KEYS)):
+        return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
+    previous = np.zeros(0, keys.dtype)
     for start in range(0, len(keys), TRIE_CHUNK_KEYS):
-        chars = np.ascontiguousarray(keys[start:start + TRIE_CHUNK_KEYS]).view(np.uint8).reshape(-1, keys.itemsize)
-        if (chars == 1).any():
-            return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
-        mapped = np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
-        block = mapped if previous is None else np.concatenate([previous, mapped])
-        in_order &= bool((block[1:] >= block[:-1]).all())
-        previous = mapped[-1:]
-    if in_order:
-        return keys
-    chars = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), -1)
-    mapped = np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
-    return keys[np.argsort(mapped, kind="stable")]
+        block = np.concatenate([previous, mapped(keys[start:start + TRIE_CHUNK_KEYS])])
+        if not (block[1:] >= block[:-1]).all():
+            return keys[np.argsort(mapped(keys), kind="stable")]
+        previous = block[-1:]
+    return keys
 
 
 # The trie pickle is written as CPython's C pickler would write pygtrie's own pickle of the trie,
@@ -762,8 +762,11 @@ def write_trie(f, keys: np.ndarray) -> None:
     """Pickle a pygtrie.StringTrie of the sorted unique `keys` (bytes, value 1 each): byte-identical
     to pickle.dump(trie, f, protocol=4) of the trie built key by key in `trie_order`."""
     proto, head, head_memos, tail, tail_ends = _empty_trie_pickle()
-    if not (np.ascontiguousarray(keys).view(np.uint8) < 128).all():
-        to_str(keys)  # raises on bytes that are not UTF-8, which no str key could hold
+    for i in range(0, len(keys), TRIE_CHUNK_KEYS):  # no str key can hold bytes that are not UTF-8
+        try:
+            to_str(keys[i:i + TRIE_CHUNK_KEYS])
+        except UnicodeDecodeError as e:
+            raise UsageError(KEPT_KEYS_FILE, f"a kept key is not UTF-8 ({e})", "fix the paths") from None
     f.write(proto)
     frames = _Framer(f)
     frames.feed(np.frombuffer(head, np.uint8), np.zeros(0, np.int64))
@@ -937,13 +940,6 @@ def _memo_indices(length: np.ndarray, c0: np.ndarray, c1: np.ndarray, state: dic
         memo = np.where(is_get, table[code + 1], memo)
     state["memo"] += int((~is_get).sum())
     return memo, is_get
-
-
-def _put_u32(out: np.ndarray, at: np.ndarray, values: np.ndarray) -> None:
-    """Write 4-byte little-endian integers (two's complement for negatives) at the given offsets."""
-    as_bytes = np.asarray(values, "<i8").astype("<u4").view(np.uint8).reshape(-1, 4)
-    for i in range(4):
-        out[at + i] = as_bytes[:, i]
 
 
 # ---------------------------------------------------------------------------------------------
