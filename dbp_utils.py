@@ -385,19 +385,15 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
     """(mean distance to the centroid, whether the file is sorted), streaming the distance column."""
     if cluster.rows == 0:
         return float("nan"), True
-    total, previous = 0.0, None
+    total, previous = 0.0, np.zeros(0)
     ascending = descending = True
     for start, (values,) in cluster.chunks((DIST_COL,)):
         d = parse_distances(values, cluster.path, start)
-        if previous is not None:
-            d_prev = np.concatenate(([previous], d))
-        else:
-            d_prev = d
-        steps = np.diff(d_prev)
+        steps = np.diff(np.concatenate([previous, d]))  # across chunk borders too
         ascending &= bool((steps >= 0).all())
         descending &= bool((steps <= 0).all())
         total += float(d.sum())
-        previous = d[-1]
+        previous = d[-1:]
     return total / cluster.rows, ascending or descending
 
 
@@ -625,7 +621,7 @@ def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[
 
 def as_lines(paths: np.ndarray) -> bytes:
     """Fixed-width bytes as newline-terminated lines, without the padding."""
-    chars = np.ascontiguousarray(paths).view(np.uint8).reshape(len(paths), -1)
+    chars = _byte_matrix(paths)
     lines = np.concatenate([chars, np.full((len(paths), 1), ord("\n"), np.uint8)], axis=1)
     return lines[lines != 0].tobytes()
 
@@ -666,6 +662,11 @@ class KeptKeyCollector:
 # ---------------------------------------------------------------------------------------------
 
 
+def _byte_matrix(strings: np.ndarray) -> np.ndarray:
+    """A fixed-width bytes array as an (n, width) uint8 matrix, zero-padded on the right."""
+    return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)
+
+
 def to_utf8(paths: np.ndarray) -> np.ndarray:
     """A str or bytes array of paths as UTF-8 bytes ('S' dtype)."""
     if paths.dtype.kind == "S":
@@ -685,7 +686,7 @@ def strip_extensions(keys: np.ndarray) -> np.ndarray:
     n, width = len(keys), keys.dtype.itemsize
     if n == 0:
         return keys.copy()
-    chars = np.ascontiguousarray(keys).view(np.uint8).reshape(n, width)
+    chars = _byte_matrix(keys)
     last_slash = _last_index(chars == ord("/"))
     last_dot = _last_index(chars == ord("."))
     cut = np.where(last_dot > last_slash, last_dot, width)
@@ -710,15 +711,6 @@ def strip_extension(path: str) -> str:
     return strip_extensions(np.array([path.encode("utf-8")]))[0].decode("utf-8")
 
 
-def to_str(keys: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes ('S') as str ('U'); ASCII bytes just widen to code points (numpy's cast is slower)."""
-    width = max(1, keys.dtype.itemsize)
-    chars = np.ascontiguousarray(keys).view(np.uint8)
-    if (chars < 128).all():
-        return chars.astype("<u4").view(f"<U{width}")
-    return np.strings.decode(keys, "utf-8")
-
-
 def trie_order(keys: np.ndarray) -> np.ndarray:
     """Sorted unique keys (bytes) reordered by their '/'-separated components: the trie's insertion order."""
     if len(keys) < 2:
@@ -726,11 +718,10 @@ def trie_order(keys: np.ndarray) -> np.ndarray:
     # Component order is byte order with '/' mapped below every other byte (0x01 must then be free).
     # Sorted keys are usually in it already (equal-width shard names): check that block by block.
     def mapped(block: np.ndarray) -> np.ndarray:
-        chars = np.ascontiguousarray(block).view(np.uint8).reshape(len(block), -1)
+        chars = _byte_matrix(block)
         return np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
 
-    if any((np.ascontiguousarray(keys[i:i + TRIE_CHUNK_KEYS]).view(np.uint8) == 1).any()
-           for i in range(0, len(keys), TRIE_CHUNK_KEYS)):
+    if any((_byte_matrix(keys[i:i + TRIE_CHUNK_KEYS]) == 1).any() for i in range(0, len(keys), TRIE_CHUNK_KEYS)):
         return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
     previous = np.zeros(0, keys.dtype)
     for start in range(0, len(keys), TRIE_CHUNK_KEYS):
@@ -763,8 +754,10 @@ def write_trie(f, keys: np.ndarray) -> None:
     to pickle.dump(trie, f, protocol=4) of the trie built key by key in `trie_order`."""
     proto, head, head_memos, tail, tail_ends = _empty_trie_pickle()
     for i in range(0, len(keys), TRIE_CHUNK_KEYS):  # no str key can hold bytes that are not UTF-8
+        chunk = keys[i:i + TRIE_CHUNK_KEYS]
         try:
-            to_str(keys[i:i + TRIE_CHUNK_KEYS])
+            if (_byte_matrix(chunk) >= 128).any():
+                np.strings.decode(chunk, "utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(KEPT_KEYS_FILE, f"a kept key is not UTF-8 ({e})", "fix the paths") from None
     f.write(proto)
@@ -822,8 +815,8 @@ def _empty_trie_pickle() -> tuple[bytes, bytes, int, bytes, list[int]]:
 
 def _split_levels(keys: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """The '/'-separated components of each key: per level a zero-padded byte matrix and lengths."""
-    n, width = len(keys), max(1, keys.dtype.itemsize)
-    rest = np.ascontiguousarray(keys).view(np.uint8).reshape(n, width)
+    rest = _byte_matrix(keys)
+    n, width = rest.shape
     rest_len = (rest != 0).sum(axis=1)
     depth = (rest == ord(TRIE_SEPARATOR)).sum(axis=1) + 1
     cols = np.arange(width)
