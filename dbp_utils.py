@@ -596,12 +596,13 @@ def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cl
     return slice(0, quota) if take_head else slice(rows - quota, rows)
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, bool, int, int]) -> tuple[bytes, np.ndarray, bool]:
+def select_cluster(task: tuple[ClusterFile, int, str, int, int]) -> tuple[bytes, np.ndarray, bool]:
     """One cluster's kept paths (as lines of kept_paths.txt) and sorted kept keys, and whether the
     distances read were in the file's order. Reads only the kept rows, and checks their distances."""
-    cluster, quota, which, descending, seed, cluster_id = task
+    cluster, quota, which, seed, cluster_id = task
     if quota == 0:
         return b"", np.zeros(0, "S1"), True
+    descending = which == "random" or is_descending(cluster)
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
     paths, dists = [], []
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
@@ -628,11 +629,8 @@ def as_lines(paths: np.ndarray) -> bytes:
 
 def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int,
                 workers: int) -> Iterator[tuple[bytes, np.ndarray, bool]]:
-    """Per cluster, in order, the kept paths and keys; hard/easy read the sort direction first."""
-    tasks = []
-    for j, (cluster, quota) in enumerate(zip(clusters, quotas)):
-        descending = is_descending(cluster) if which != "random" and quota else True
-        tasks.append((cluster, int(quota), which, descending, seed, j))
+    """Per cluster, in order, the kept paths and keys, whether its distances were in order, from workers."""
+    tasks = [(cluster, int(quota), which, seed, j) for j, (cluster, quota) in enumerate(zip(clusters, quotas))]
     return parallel_map(select_cluster, tasks, workers, "select")
 
 
