@@ -28,7 +28,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
-from make_toy_clusters import CENTROIDS_FILE, SORTED_DIR, save_sorted_cluster  # noqa: E402
+from make_toy_clusters import CENTROIDS_FILE, SORTED_DIR, sample_paths, save_sorted_cluster  # noqa: E402
 
 SHARD_SIZE = 10000  # LAION-style keys: `00012/000120034.jpg`
 EMBED_DIM = 768
@@ -71,7 +71,7 @@ def generate(folder: str, rows: int, k: int, seed: int) -> None:
     for j, size in enumerate(sizes):
         members = np.sort(ids[start:start + size])
         start += size
-        paths = [f"{i // SHARD_SIZE:05d}/{i:09d}.jpg" for i in members.tolist()]
+        paths = sample_paths(members.tolist(), SHARD_SIZE)
         spread = rng.uniform(0.05, 0.5)  # tight and diffuse concepts
         save_sorted_cluster(os.path.join(folder, SORTED_DIR, f"cluster_{j}.npy"), paths, members,
                             rng.gamma(4, spread / 4, size), j)

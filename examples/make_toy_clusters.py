@@ -41,8 +41,9 @@ def make_embeddings(n: int, dim: int, concepts: int, seed: int) -> np.ndarray:
     return _unit(centers[concept] + noise * spread[concept, None])
 
 
-def sample_paths(n: int, shard_size: int) -> list[str]:
-    return [f"{i // shard_size:05d}/{i:09d}.jpg" for i in range(n)]
+def sample_paths(ids, shard_size: int) -> list[str]:
+    """LAION-style webdataset paths of the given sample indices: `00012/000120034.jpg`."""
+    return [f"{i // shard_size:05d}/{i:09d}.jpg" for i in ids]
 
 
 def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +100,7 @@ def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int 
     centroids, labels, sims = spherical_kmeans(x, k, seed)
     if edge_clusters:
         x, centroids, labels, sims = add_edge_clusters(x, centroids, labels, sims, seed)
-    paths = sample_paths(len(x), shard_size)
+    paths = sample_paths(range(len(x)), shard_size)
     stored = np.array(paths, dtype=PATH_DTYPE).tolist() if bytes_paths else paths  # bytes, as from a memmap
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, CENTROIDS_FILE), centroids)

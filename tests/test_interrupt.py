@@ -7,10 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, ROOT, make, run_script
-
-OUTPUTS = ["kept_keys_trie.pkl", "kept_keys.npy", "kept_paths.txt", "quotas.npy", "cluster_stats.csv",
-           "params.json", "quotas.png", "logs.log"]
+from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, ROOT, make, run_script
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,9 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, brute_dinter, brute_dintra, run_script
+from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, brute_dinter, brute_dintra, run_script
 
 import dbp_utils as du
-
-OUTPUTS = ["kept_keys_trie.pkl", "kept_keys.npy", "kept_paths.txt", "quotas.npy", "cluster_stats.csv",
-           "params.json", "quotas.png", "logs.log"]
 
 
 @pytest.fixture(scope="module")
