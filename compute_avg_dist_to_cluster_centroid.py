@@ -11,42 +11,45 @@ column is parsed, a chunk at a time, so memory stays flat however large the clus
 
 import numpy as np
 
+import dbp_cli as cli
 import dbp_utils as du
+from dbp_clusters import scan_clusters
 
 
 def parse_args():
-    parser = du.make_parser(__doc__)
-    du.add_flag(parser, "--num_clusters", type=int, default=None,
+    parser = cli.make_parser(__doc__)
+    cli.add_flag(parser, "--num_clusters", type=int, default=None,
                 help="number of k-means clusters k (default: the number of cluster_<j>.npy files, "
                      "which must be exactly cluster_0 .. cluster_{k-1})")
-    du.add_flag(parser, "--sorted_clusters_path", default=None,
+    cli.add_flag(parser, "--sorted_clusters_path", default=None,
                 help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
-    du.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
+    cli.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
                 help="the .npy file to write d_intra to (written as given; folders are created)")
-    du.add_workers_flag(parser)
+    cli.add_workers_flag(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    workers = du.num_workers(args.workers)
-    clusters = du.scan_clusters(args.sorted_clusters_path, args.num_clusters,
+    workers = cli.num_workers(args.workers)
+    clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters,
                                 "--sorted_clusters_path", "--num_clusters")
     out = args.avg_distance_to_cent_save_path
-    du.check_output_file(out, "--avg_distance_to_cent_save_path")
+    cli.check_output_file(out, "--avg_distance_to_cent_save_path")
 
-    results = list(du.parallel_map(du.cluster_mean_distance, clusters, workers, "d_intra"))
+    with cli.worker_pool(workers) as pool:
+        results = list(cli.parallel_map(du.cluster_mean_distance, clusters, pool, "d_intra"))
     d_intra = np.array([mean for mean, _ in results], dtype=np.float32)
     unsorted = [c.path for c, (_, is_sorted) in zip(clusters, results) if not is_sorted]
     if unsorted:
-        du.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
+        cli.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
                        "prune.py's hard/easy selection expects sorted files")
 
-    du.save_npy(out, d_intra)
+    cli.save_npy(out, d_intra)
     empty = int(np.isnan(d_intra).sum())
     print(f"d_intra of {len(clusters)} clusters ({sum(c.rows for c in clusters)} rows, {empty} empty) "
           f"-> {out}")
 
 
 if __name__ == "__main__":
-    du.run_main(main)
+    cli.run_main(main)

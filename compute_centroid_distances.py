@@ -12,56 +12,57 @@ SemDeDup's save folder above it; the cluster files there fix k.
         --mean_centroid_distances_save_path OUT/dinter.npy --num_NNs 20
 """
 
-
+import dbp_cli as cli
 import dbp_utils as du
+from dbp_clusters import find_centroids, load_centroids, scan_clusters
 
 
 def parse_args():
-    parser = du.make_parser(__doc__)
-    du.add_flag(parser, "--num_clusters", type=int, default=None,
+    parser = cli.make_parser(__doc__)
+    cli.add_flag(parser, "--num_clusters", type=int, default=None,
                 help="number of k-means clusters k (default: the number of cluster files, or of "
                      "centroids when only --centroids_file is given)")
-    du.add_flag(parser, "--sorted_clusters_path", default=None,
+    cli.add_flag(parser, "--sorted_clusters_path", default=None,
                 help="folder of SemDeDup's sorted cluster files; kmeans_centroids.npy is looked up "
                      "here and in its parent folder")
-    du.add_flag(parser, "--centroids_file", default=None,
+    cli.add_flag(parser, "--centroids_file", default=None,
                 help="the k-means centroids .npy, shape (k, dim) (default: found beside the clusters)")
-    du.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
+    cli.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
                 help="the .npy file to write d_inter to (written as given; folders are created)")
-    du.add_flag(parser, "--num_NNs", type=int, default=20,
+    cli.add_flag(parser, "--num_NNs", type=int, default=20,
                 help="l, the number of nearest other centroids averaged over (default: 20; "
                      "l >= k uses all k-1 others)")
-    du.add_flag(parser, "--dim", type=int, default=None,
+    cli.add_flag(parser, "--dim", type=int, default=None,
                 help="embedding dimension, checked against the centroids (default: the file's)")
-    du.add_flag(parser, "--workers", type=int, default=None,
+    cli.add_flag(parser, "--workers", type=int, default=None,
                 help="threads for faiss (default: all cores)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    workers = du.num_workers(args.workers)
+    workers = cli.num_workers(args.workers)
     if args.num_NNs < 1:
-        raise du.UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
+        raise cli.UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
     k = args.num_clusters
     if args.sorted_clusters_path or not args.centroids_file:
-        k = len(du.scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters"))
+        k = len(scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters"))
     elif k is not None and k < 1:
-        raise du.UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
-    centroids_file = args.centroids_file or du.find_centroids(args.sorted_clusters_path)
+        raise cli.UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
+    centroids_file = args.centroids_file or find_centroids(args.sorted_clusters_path)
     out = args.mean_centroid_distances_save_path
-    du.check_output_file(out, "--mean_centroid_distances_save_path")
-    centroids = du.load_centroids(centroids_file, k, args.dim, "--centroids_file")
+    cli.check_output_file(out, "--mean_centroid_distances_save_path")
+    centroids = load_centroids(centroids_file, k, args.dim, "--centroids_file")
     k = len(centroids)
     if args.num_NNs >= k:
-        du.log.warning(f"--num_NNs {args.num_NNs} >= k = {k}: averaging over all {k - 1} other centroids")
+        cli.log.warning(f"--num_NNs {args.num_NNs} >= k = {k}: averaging over all {k - 1} other centroids")
 
     d_inter = du.mean_centroid_distances(centroids, args.num_NNs, workers)
 
-    du.save_npy(out, d_inter)
+    cli.save_npy(out, d_inter)
     print(f"d_inter of {k} centroids (dim {centroids.shape[1]}, {min(args.num_NNs, k - 1)} neighbours, "
           f"from {centroids_file}) -> {out}")
 
 
 if __name__ == "__main__":
-    du.run_main(main)
+    cli.run_main(main)

@@ -18,57 +18,60 @@ kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, p
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+import dbp_cli as cli
 import dbp_utils as du
+from dbp_clusters import load_cluster_scores, scan_clusters
 
 
 def parse_args():
-    parser = du.make_parser(__doc__)
-    du.add_flag(parser, "--num-centroids", "--num-clusters", type=int, default=None,
+    parser = cli.make_parser(__doc__)
+    cli.add_flag(parser, "--num-centroids", "--num-clusters", type=int, default=None,
                 help="number of k-means clusters k (default: the number of cluster_<j>.npy files)")
-    du.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
+    cli.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
                 help="d_inter .npy from compute_centroid_distances.py (needed by the dinter densities)")
-    du.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
+    cli.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
                 help="d_intra .npy from compute_avg_dist_to_cluster_centroid.py (needed by the dintra densities)")
-    du.add_flag(parser, "--sorted-clusters-path", default=None,
+    cli.add_flag(parser, "--sorted-clusters-path", default=None,
                 help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
-    du.add_flag(parser, "--total-dataset-size", type=int, default=None,
+    cli.add_flag(parser, "--total-dataset-size", type=int, default=None,
                 help="dataset size the kept fraction refers to (default: the number of rows in the "
                      "cluster files; a different value is used but warned about)")
-    du.add_flag(parser, "--prune-ratio", type=float, required=True,
+    cli.add_flag(parser, "--prune-ratio", type=float, required=True,
                 help="required: the fraction of the dataset to KEEP, in (0, 1] (the upstream name): 0.3 keeps 30%%")
-    du.add_flag(parser, "--save-dir", default=None,
+    cli.add_flag(parser, "--save-dir", default=None,
                 help="required: folder for the outputs (created; refused if it holds a completed run)")
-    du.add_flag(parser, "--temperature", type=float, default=0.5,
+    cli.add_flag(parser, "--temperature", type=float, default=0.5,
                 help="softmax temperature T > 0 (default: 0.5); lower favours complex clusters more")
-    du.add_flag(parser, "--cls-bal-ratio", type=float, default=0.5,
+    cli.add_flag(parser, "--cls-bal-ratio", type=float, default=0.5,
                 help="in [0, 1]: every cluster keeps at least int(N / k * ratio) samples (capped at "
                      "its size - 1); 0 means at least 1 (default: 0.5)")
-    du.add_flag(parser, "--which-to-keep", default="hard", choices=du.WHICH_TO_KEEP,
+    cli.add_flag(parser, "--which-to-keep", default="hard", choices=du.WHICH_TO_KEEP,
                 help="hard (default): the members farthest from the centroid; easy: the nearest; "
                      "random: a seeded random sample")
-    du.add_flag(parser, "--density", default="dintra*dinter", choices=du.DENSITIES,
+    cli.add_flag(parser, "--density", default="dintra*dinter", choices=du.DENSITIES,
                 help="complexity fed to the softmax: dintra*dinter (default, the paper's; "
                      "dinter*dintra is the same), dintra, dinter, uniform (equal quotas), "
                      "clustersize (the same kept fraction everywhere, no softmax: SSP-Pruning)")
-    du.add_flag(parser, "--seed", type=int, default=42, help="seed of --which-to-keep random (default: 42)")
-    du.add_flag(parser, "--no-trie", action="store_true",
+    cli.add_flag(parser, "--seed", type=int, default=42, help="seed of --which-to-keep random (default: 42)")
+    cli.add_flag(parser, "--no-trie", action="store_true",
                 help="skip kept_keys_trie.pkl; loaders use kept_keys.npy (far smaller at web scale)")
-    du.add_flag(parser, "--overwrite", action="store_true",
+    cli.add_flag(parser, "--overwrite", action="store_true",
                 help="replace the outputs of a completed run in --save-dir")
-    du.add_workers_flag(parser)
+    cli.add_workers_flag(parser)
     return parser.parse_args()
 
 
 def check_args(args) -> None:
-    du.check_range("--prune-ratio", args.prune_ratio, 0, 1, low_open=True)
-    du.check_range("--temperature", args.temperature, 0, float("inf"), low_open=True, high_open=True,
+    cli.check_range("--prune-ratio", args.prune_ratio, 0, 1, low_open=True)
+    cli.check_range("--temperature", args.temperature, 0, float("inf"), low_open=True, high_open=True,
                    fix="pass a temperature > 0 (default 0.5)")
-    du.check_range("--cls-bal-ratio", args.cls_bal_ratio, 0, 1)
+    cli.check_range("--cls-bal-ratio", args.cls_bal_ratio, 0, 1)
     if args.total_dataset_size is not None and args.total_dataset_size < 1:
-        raise du.UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
+        raise cli.UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
                             "omit it to use the number of rows in the cluster files")
 
 
@@ -81,26 +84,25 @@ def load_scores(args, k: int) -> tuple[np.ndarray, np.ndarray]:
     scores = []
     for flag, path, needed in files:
         if needed and not path:
-            raise du.UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
-        scores.append(du.load_cluster_scores(path, k, flag) if path else np.full(k, np.nan))
+            raise cli.UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
+        scores.append(load_cluster_scores(path, k, flag) if path else np.full(k, np.nan))
     return scores[0], scores[1]
 
 
 def main() -> None:
     args = parse_args()
     check_args(args)
-    workers = du.num_workers(args.workers)
+    workers = cli.num_workers(args.workers)
     log_text = io.StringIO()
     log_handler = logging.StreamHandler(log_text)
     log_handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    du.log.addHandler(log_handler)
+    cli.log.addHandler(log_handler)
 
     # 1. Inputs, checked before anything is written (the distances of the rows read are checked as
     #    they are read; a failure there still leaves the save dir as it was).
-    clusters = du.scan_clusters(args.sorted_clusters_path, args.num_centroids,
-                                "--sorted-clusters-path", "--num-centroids")
+    clusters = scan_clusters(args.sorted_clusters_path, args.num_centroids, "--sorted-clusters-path", "--num-centroids")
     k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
-    save_dir = du.SaveDir(args.save_dir, args.overwrite)
+    save_dir = cli.SaveDir(args.save_dir, args.overwrite, du.OUTPUT_FILES, du.PARAMS_FILE, "--save-dir")
     d_intra, d_inter = load_scores(args, k)
     total_rows = int(sizes.sum())
     total = args.total_dataset_size or total_rows
@@ -110,43 +112,44 @@ def main() -> None:
     scores = du.complexity(args.density, d_intra, d_inter, sizes)
     probs = du.cluster_probabilities(args.density, scores, args.temperature)
     plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
-    selection = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, workers)
-    du.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
-                f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
+    cli.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
+                 f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
 
     # 3. Select and write, into a staging folder published at the end (params.json last).
     stats = {"cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
              "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    with save_dir as out:
-        report = du.Background(du.write_report, out, stats, probs, plan.quotas, target, title)
+    with save_dir as out, cli.worker_pool(workers) as pool, ThreadPoolExecutor(1) as beside:
+        # The stats and the plot need only the quotas: drawn while the workers select.
+        report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, probs,
+                               plan.quotas, target, title)
         collected, unsorted = du.KeptKeyCollector(int(plan.quotas.sum())), []
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f:
+            selection = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, pool)
             for cluster, (lines, keys, in_order) in zip(clusters, selection):
                 f.write(lines)
                 collected.add(keys)
                 if not in_order:
                     unsorted.append(cluster.path)
-        # The stats and the plot need only the quotas: written on the core the selection has freed.
-        with report:
-            kept_keys = collected.sorted_unique()
-            np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
-            if not args.no_trie:
-                with open(out.path(du.TRIE_FILE), "wb") as f:
-                    du.write_trie(f, kept_keys)
-            np.save(out.path(du.QUOTAS_FILE), plan.quotas)
+        kept_keys = collected.sorted_unique()
+        np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
+        if not args.no_trie:
+            with open(out.path(du.TRIE_FILE), "wb") as f:
+                du.write_trie(f, kept_keys)
+        np.save(out.path(du.QUOTAS_FILE), plan.quotas)
+        report.result()
         kept = int(plan.quotas.sum())
         if total != total_rows:  # warned only now: a bad input must end in its error line alone
-            du.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
+            cli.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
                            "files; the kept target uses the given size")
         if unsorted:
-            du.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
+            cli.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
                            f"--which-to-keep {args.which_to_keep} kept a prefix or suffix of each as if they were")
         if len(kept_keys) < kept:
-            du.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
+            cli.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
                            "(same name, other extension); the key sets hold each key once")
-        du.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
+        cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
         with open(out.path(du.LOG_FILE), "w") as f:
             f.write(log_text.getvalue())
         run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
@@ -161,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    du.run_main(main)
+    cli.run_main(main)

@@ -59,7 +59,7 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple
 
 def add_edge_clusters(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sims: np.ndarray,
                       seed: int) -> tuple[np.ndarray, ...]:
-    """Append three clusters k-means would not make: an empty one, one of 1 member and one of 2."""
+    """Append three clusters k-means would not make: an empty one (k), one of 1 member (k + 1) and one of 2."""
     rng = np.random.default_rng(seed + 1)
     empty, a, b = _unit(rng.standard_normal((3, x.shape[1])))
     outliers = np.stack([a, b, _unit(b + 0.05 * rng.standard_normal(x.shape[1]))])
@@ -98,8 +98,10 @@ def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int 
     """Write a SemDeDup-style data set into `out`; returns its parts for tests and the demo."""
     x = make_embeddings(n, dim, concepts=max(2, k // 2), seed=seed)
     centroids, labels, sims = spherical_kmeans(x, k, seed)
+    edge = {}
     if edge_clusters:
         x, centroids, labels, sims = add_edge_clusters(x, centroids, labels, sims, seed)
+        edge = {"empty": k, "one member": k + 1, "two members": k + 2}
     paths = sample_paths(range(len(x)), shard_size)
     stored = np.array(paths, dtype=PATH_DTYPE).tolist() if bytes_paths else paths  # bytes, as from a memmap
     os.makedirs(out, exist_ok=True)
@@ -109,7 +111,7 @@ def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int 
         f.write("\n".join(paths) + "\n")
     write_sorted_clusters(os.path.join(out, SORTED_DIR), stored, labels, sims, len(centroids), descending)
     return {"x": x, "centroids": centroids, "labels": labels, "sims": sims, "paths": paths,
-            "sorted": os.path.join(out, SORTED_DIR), "k": len(centroids)}
+            "sorted": os.path.join(out, SORTED_DIR), "k": len(centroids), "edge_clusters": edge}
 
 
 def main() -> None:

@@ -16,9 +16,13 @@ def test_dintra_matches_brute_force(dataset, tmp_path):
     d_intra = np.load(out)
     assert d_intra.dtype == np.float32 and d_intra.shape == (dataset["k"],)
     expected = brute_dintra(dataset)
-    assert np.isnan(d_intra[-3]) and np.isnan(expected[-3])  # the empty cluster
+    empty = dataset["edge_clusters"]["empty"]
+    assert np.isnan(d_intra[empty]) and np.isnan(expected[empty])
+    assert np.isnan(d_intra).sum() == 1
     np.testing.assert_allclose(d_intra, expected, atol=1e-5)
-    assert "d_intra of 15 clusters" in r.stdout
+    one = dataset["edge_clusters"]["one member"]
+    assert d_intra[one] == pytest.approx(1 - dataset["sims"][dataset["labels"] == one][0], abs=1e-6)
+    assert f"d_intra of {dataset['k']} clusters" in r.stdout
 
 
 def test_dintra_workers_agree_and_k_is_inferred(desc_str, tmp_path):

@@ -1,5 +1,10 @@
-"""A killed prune leaves no half-written output and a rerun finishes it; runs are byte-identical."""
+"""Runs that are killed, interrupted, lose a worker or race another run never leave half an output.
 
+Every fault is delivered at a named stage of a real prune run, found by watching its staging folder;
+a run that finishes before the fault lands fails the test instead of passing it unchecked.
+"""
+
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +14,14 @@ import time
 import pytest
 from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, ROOT, make, run_script
 
+DEADLINE = 20  # seconds a faulted run may take to end: it must never hang
+POLL = 0.001
+
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """Large enough that a prune takes a second or two, so it can be killed mid-way."""
-    data = make(tmp_path_factory, "big", n=200_000, k=40, dim=8, edge_clusters=False)
+    """Large enough that prune takes a second or two, so that faults land in every stage."""
+    data = make(tmp_path_factory, "big", n=300_000, k=40, dim=8, edge_clusters=False)
     out = tmp_path_factory.mktemp("big_scores")
     for script, flag in ((DINTRA_SCRIPT, "--avg_distance_to_cent_save_path"),
                          (DINTER_SCRIPT, "--mean_centroid_distances_save_path")):
@@ -25,58 +33,158 @@ def big(tmp_path_factory):
     return data
 
 
-def read_outputs(save_dir):
-    """The outputs in sight; a killed run may also leave its hidden staging folder."""
-    assert set(os.listdir(save_dir)) <= set(OUTPUTS) | {".dbp_staging"}
-    return {name: (save_dir / name).read_bytes() for name in os.listdir(save_dir) if not name.startswith(".")}
-
-
-def test_same_inputs_give_byte_identical_outputs(big, tmp_path):
-    save_dir = tmp_path / "run"
-    assert run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir, "--workers", "1").returncode == 0
-    first = read_outputs(save_dir)
-    assert sorted(first) == sorted(OUTPUTS)
-    r = run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir, "--workers", "2", "--overwrite")
-    assert r.returncode == 0, r.stderr
-    assert read_outputs(save_dir) == first
-
-
-def start_prune(big, save_dir):
-    cmd = [sys.executable, os.path.join(ROOT, PRUNE_SCRIPT), *map(str, big["args"]), "--save-dir", str(save_dir)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def kill_when(proc, save_dir, delay, writing_outputs):
-    """SIGKILL after `delay` s, or as soon as outputs are being written (the staging folder fills)."""
-    staging = save_dir / ".dbp_staging"
-    start = time.monotonic()
-    while proc.poll() is None:
-        writing = writing_outputs and staging.exists() and any(os.scandir(staging))
-        if writing or (not writing_outputs and time.monotonic() - start > delay):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-
-
-@pytest.mark.parametrize("fraction,writing", [(0.0, True), (0.3, False), (0.6, False), (0.9, False)])
-def test_killed_prune_leaves_no_half_output_and_rerun_finishes(big, tmp_path, fraction, writing):
-    reference_dir = tmp_path / "reference"
-    save_dir = tmp_path / "run"
-    # Both runs write to the same path so that params.json (which records it) matches too.
-    start = time.monotonic()
-    assert run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir).returncode == 0
-    duration = time.monotonic() - start
-    os.rename(save_dir, reference_dir)
-    reference = read_outputs(reference_dir)
-
-    proc = start_prune(big, save_dir)
-    kill_when(proc, save_dir, fraction * duration, writing)
-    if (save_dir / "params.json").exists():  # complete before the kill landed: nothing to resume
-        assert read_outputs(save_dir) == reference
-        return
-    if save_dir.exists():  # every output in sight is whole: exactly what the uninterrupted run wrote
-        assert all(reference[n] == b for n, b in read_outputs(save_dir).items())
+@pytest.fixture(scope="module")
+def reference(big, tmp_path_factory):
+    """What an uninterrupted run writes."""
+    save_dir = tmp_path_factory.mktemp("reference") / "run"
     r = run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir)
     assert r.returncode == 0, r.stderr
-    assert read_outputs(save_dir) == reference
+    return comparable(save_dir)
+
+
+def comparable(save_dir):
+    """The outputs in sight, as what must match between runs: params.json without the save dir it
+    records. A killed run may also leave its hidden staging folder and lock file."""
+    assert set(os.listdir(save_dir)) <= set(OUTPUTS) | {".dbp_staging", ".dbp_lock"}
+    found = {name: (save_dir / name).read_bytes() for name in os.listdir(save_dir) if not name.startswith(".")}
+    if "params.json" in found:
+        params = json.loads(found["params.json"])
+        params.pop("save_dir")
+        found["params.json"] = params
+    return found
+
+
+def snapshot(folder):
+    """Every path under folder with its bytes and modification time."""
+    state = {}
+    for where, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(where, name)
+            state[path] = (os.stat(path).st_mtime_ns, None if name in dirs else open(path, "rb").read())
+    return state
+
+
+def start_prune(big, save_dir, *extra):
+    """prune in a session of its own, so that a signal can go to its whole process group."""
+    cmd = [sys.executable, os.path.join(ROOT, PRUNE_SCRIPT), *map(str, big["args"]), "--save-dir", str(save_dir),
+           "--workers", "2", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+STAGES = {  # what the staging folder shows while the run is in each stage
+    "selecting": lambda out: (out / "kept_paths.txt").stat().st_size > 0 and not (out / "kept_keys.npy").exists(),
+    "writing the trie": lambda out: (out / "kept_keys_trie.pkl").exists(),
+}
+
+
+def wait_for_stage(proc, save_dir, stage):
+    """Return as soon as the run is in `stage`; fail the test if it ended first."""
+    staged = save_dir / ".dbp_staging"
+    while proc.poll() is None:
+        try:
+            if STAGES[stage](staged):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(POLL)
+    pytest.fail(f"the run ended before reaching the stage {stage!r}: the fault never landed")
+
+
+def children(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def wait_ended(proc):
+    """stdout, stderr and exit status of a faulted run, which must end within DEADLINE seconds."""
+    try:
+        out, err = proc.communicate(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run hung: still running {DEADLINE} s after the fault")
+    return out, err, proc.returncode
+
+
+def assert_one_line(err, *expected):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(text in lines[0] for text in expected), lines[0]
+
+
+def test_same_inputs_give_identical_outputs_for_any_workers(big, reference, tmp_path):
+    r = run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", tmp_path / "run", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert comparable(tmp_path / "run") == reference and sorted(reference) == sorted(OUTPUTS)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_killed_prune_leaves_no_half_output_and_rerun_finishes(big, reference, tmp_path, stage):
+    save_dir = tmp_path / "run"
+    proc = start_prune(big, save_dir)
+    wait_for_stage(proc, save_dir, stage)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, as the OOM killer or a crash would
+    wait_ended(proc)
+    assert not (save_dir / "params.json").exists()
+    assert all(reference[n] == b for n, b in comparable(save_dir).items())  # what is in sight is whole
+    r = run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir)
+    assert r.returncode == 0, r.stderr
+    assert comparable(save_dir) == reference
+
+
+@pytest.mark.parametrize("fault,status,message", [
+    ("ctrl-c", 130, "interrupted (Ctrl-C)"), ("sigterm", 143, "terminated (SIGTERM)"),
+    ("worker killed", 1, "a worker process died")])
+@pytest.mark.parametrize("existing", [False, True])
+def test_faults_end_in_one_line_and_roll_back(big, tmp_path, fault, status, message, existing):
+    save_dir = tmp_path / "run"
+    extra = []
+    if existing:  # a completed run that --overwrite would replace: it must survive the fault whole
+        assert run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir, "--prune-ratio", "0.5").returncode == 0
+        extra = ["--overwrite"]
+    before = snapshot(tmp_path)
+    proc = start_prune(big, save_dir, *extra)
+    wait_for_stage(proc, save_dir, "selecting")
+    if fault == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: to the run and its workers
+    elif fault == "sigterm":
+        os.kill(proc.pid, signal.SIGTERM)  # what kill and timeout send
+    else:
+        os.kill(children(proc.pid)[0], signal.SIGKILL)  # what the OOM killer does to a worker
+    out, err, returncode = wait_ended(proc)
+    assert returncode == status, err
+    assert_one_line(err, message)
+    assert "Traceback" not in err and out == ""
+    assert snapshot(tmp_path) == before
+    assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b"", "workers left behind"
+
+
+def test_workers_die_with_a_killed_run(big, tmp_path):
+    proc = start_prune(big, tmp_path / "run")
+    wait_for_stage(proc, tmp_path / "run", "selecting")
+    workers = children(proc.pid)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)  # the run alone: its workers must not live on as orphans
+    wait_ended(proc)
+    deadline = time.monotonic() + DEADLINE
+    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
+        assert time.monotonic() < deadline, "orphaned workers are still running"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_second_run_on_the_same_save_dir_is_refused(big, reference, tmp_path, existing):
+    save_dir = tmp_path / "run"
+    if existing:
+        assert run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir, "--prune-ratio", "0.5").returncode == 0
+    first = start_prune(big, save_dir, *(["--overwrite"] if existing else []))
+    wait_for_stage(first, save_dir, "selecting")
+    second = run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir, "--overwrite", "--prune-ratio", "0.2")
+    assert second.returncode == 2
+    assert_one_line(second.stderr, "in use by another run", f"pid {first.pid}")
+    out, err, returncode = wait_ended(first)
+    assert returncode == 0, err
+    assert comparable(save_dir) == reference  # the first run's outputs alone, whole
+    assert not (save_dir / ".dbp_lock").exists()

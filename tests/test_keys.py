@@ -13,25 +13,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dbp_utils as du
+from dbp_clusters import keys_as_utf8
 
 PATH_CHARS = st.sampled_from(list("ab.-/1é_"))
 paths = st.text(PATH_CHARS, min_size=1, max_size=12)
 
 
-def pygtrie_pickle(keys, value=1):
-    """What pygtrie itself writes: a trie built key by key, in the given order."""
+def built_trie(keys, value=1):
+    """What the trie should be: a pygtrie.StringTrie built key by key, in the given order."""
     trie = pygtrie.StringTrie(separator="/")
     for key in keys:
         trie[key] = value
-    return trie, pickle.dumps(trie, protocol=du.PICKLE_PROTOCOL)
+    return trie
 
 
-def our_pickle(keys):
-    """write_trie of str keys, and the order it inserts them in."""
+def written_trie(keys):
+    """write_trie of str keys, loaded back with the standard unpickler."""
     unique = np.array(sorted({k.encode() for k in keys}), dtype=bytes) if keys else np.zeros(0, "S1")
     f = io.BytesIO()
     du.write_trie(f, unique)
-    return f.getvalue(), [k.decode() for k in du.trie_order(unique).tolist()]
+    return pickle.loads(f.getvalue())
 
 
 @settings(max_examples=500, deadline=None)
@@ -43,30 +44,32 @@ def test_strip_extensions_is_splitext(values):
 
 
 def test_strip_extension_examples():
-    assert du.strip_extension("00012/000120034.jpg") == "00012/000120034"
-    assert du.strip_extension("00012/000120034") == "00012/000120034"
-    assert du.strip_extension("a.b/c") == "a.b/c"
-    assert du.strip_extension("dir/.hidden") == "dir/.hidden"
-    assert du.strip_extension("x/y.tar.gz") == "x/y.tar"
-    np.testing.assert_array_equal(du.to_utf8(np.array(["é/x.jpg"])), np.array(["é/x.jpg".encode()]))
+    paths = ["00012/000120034.jpg", "00012/000120034", "a.b/c", "dir/.hidden", "x/y.tar.gz", "é/x.jpg"]
+    utf8 = keys_as_utf8(np.array(paths), "cluster_0.npy")
+    assert utf8.tolist() == [p.encode() for p in paths]
+    assert [k.decode() for k in du.strip_extensions(utf8).tolist()] == [
+        "00012/000120034", "00012/000120034", "a.b/c", "dir/.hidden", "x/y.tar", "é/x"]
 
 
 def check_trie(keys):
-    """Our pickle is pygtrie's own for the same insertion order, and loads to the same trie in any order."""
-    ours, ordered = our_pickle(keys)
-    assert ordered == sorted(keys, key=lambda k: k.split("/"))
-    assert ours == pygtrie_pickle(ordered)[1]
+    """The written trie loads as the trie built key by key (in any order), and works as one."""
+    loaded = written_trie(keys)
+    assert type(loaded) is pygtrie.StringTrie
     shuffled = list(keys)
     random.Random(0).shuffle(shuffled)
-    loaded = pickle.loads(ours)
-    assert loaded == pygtrie_pickle(shuffled)[0]
-    assert sorted(loaded.keys()) == sorted(keys)
-    return loaded
+    expected = built_trie(shuffled)
+    assert loaded == expected
+    assert sorted(loaded.items()) == sorted(expected.items()) == sorted((k, 1) for k in keys)
+    for key in sorted(keys)[:5]:  # put together right, it changes like the built one
+        for trie in (loaded, expected):
+            trie[key + "/new"] = 2
+            del trie[key]
+    assert loaded == expected
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.sets(paths, max_size=40))
-def test_trie_pickle_is_pygtries_own(keys):
+def test_written_trie_is_the_built_trie(keys):
     check_trie(keys)
 
 
@@ -75,13 +78,14 @@ components = st.text(st.sampled_from(list("ab.-1é_")), max_size=4)
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 4).flatmap(lambda depth: st.sets(st.tuples(*[components] * depth), max_size=40)))
-def test_trie_pickle_of_equal_depth_keys(parts):
+def test_written_trie_of_equal_depth_keys(parts):
     check_trie({"/".join(p) for p in parts})
 
 
-def test_trie_pickle_edge_keys():
+def test_written_trie_edge_keys():
     keys = ["a", "a/b", "a/b/c", "a-b/x", "a/x", "1/1", "2/1", "é/ü", "", "x//y", "x/", "z/.jpg"]
-    trie = check_trie(keys)
+    check_trie(keys)
+    trie = written_trie(keys)
     assert all(du.trie_search(trie, k) for k in keys)
     assert not du.trie_search(trie, "x") and not du.trie_search(trie, "a/b/c/d")
     check_trie(["00001/000010001", "00001/000010002", "00002/000020001", "00010/x"])
@@ -89,28 +93,30 @@ def test_trie_pickle_edge_keys():
 
 
 @pytest.mark.parametrize("chunk", [7, 1000, 1 << 18])
-def test_trie_pickle_of_many_keys_spans_frames_batches_and_chunks(monkeypatch, chunk):
-    """Tens of frames and batches, keys encoded a few at a time, long names, and interned steps
-    (single characters) repeated after the memo passes 256 entries."""
+def test_written_trie_of_many_keys_across_chunks(monkeypatch, chunk):
+    """Keys turned into commands a few at a time or all at once, long names, deep and shallow keys."""
     monkeypatch.setattr(du, "TRIE_CHUNK_KEYS", chunk)
     rng = random.Random(chunk)
     keys = {f"{s:05d}/{i:09d}" for s in range(40) for i in rng.sample(range(10**6), 300)}
     keys |= {f"{c}/{i}" for c in "abcé" for i in range(30)} | {"z" * 300 + "/x", "é/" + "ü" * 200}
     keys |= {f"deep/{i % 3}/{i % 7}/{i}" for i in range(500)}
     check_trie(keys)
-    for n in range(5400, 5480, 7):  # tails landing at every offset around a frame boundary
-        check_trie({f"{i:05d}" for i in range(n)})
+
+
+def test_write_trie_refuses_keys_that_are_not_utf8():
+    with pytest.raises(du.UsageError, match="not UTF-8"):
+        du.write_trie(io.BytesIO(), np.array([b"a/1", b"b/\xff"]))
 
 
 def test_trie_holds_plain_str_keys():
-    trie = pickle.loads(our_pickle(["00001/000010001", "00001/000010002"])[0])
+    trie = written_trie(["00001/000010001", "00001/000010002"])
     assert all(type(k) is str for k in trie.keys()) and trie["00001/000010002"] == 1
 
 
 def test_kept_keys_membership(tmp_path):
     keys = np.array(sorted([b"00001/000010001", b"00001/000010003", b"00002/x", "é/ü".encode()]))
     path = tmp_path / "kept_keys.npy"
-    du.save_npy(str(path), keys)
+    np.save(str(path), keys)
     kept = du.load_kept_keys(str(path))
     assert len(kept) == 4
     assert all(k.decode() in kept for k in keys)
@@ -148,7 +154,7 @@ def test_webdataset_filter_keeps_exactly_the_kept(tmp_path, source, with_shard):
     kept_bytes = np.array([k.encode() for k in kept])
     with open(tmp_path / "trie.pkl", "wb") as f:
         du.write_trie(f, kept_bytes)
-    du.save_npy(str(tmp_path / "kept.npy"), kept_bytes)
+    np.save(str(tmp_path / "kept.npy"), kept_bytes)
     keys = {"trie": du.load_trie(str(tmp_path / "trie.pkl")), "npy": du.load_kept_keys(str(tmp_path / "kept.npy")),
             "trie_path": str(tmp_path / "trie.pkl"), "npy_path": tmp_path / "kept.npy"}[source]
 

@@ -13,8 +13,6 @@ import pandas as pd
 import pytest
 from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, brute_dinter, brute_dintra, run_script
 
-import dbp_utils as du
-
 
 @pytest.fixture(scope="module")
 def scored(request, tmp_path_factory):
@@ -63,7 +61,7 @@ def reference_x(data, density, ratio, temperature, cls_bal):
     return np.clip(p * n - nu, lb, ub), n
 
 
-def check_selection(data, save_dir, which):
+def check_selection(data, save_dir, which, trie=True):
     """Every cluster keeps exactly its quota, and the right members; the key sets hold exactly those."""
     quotas = np.load(save_dir / "quotas.npy")
     kept_paths = (save_dir / "kept_paths.txt").read_text().splitlines()
@@ -85,9 +83,9 @@ def check_selection(data, save_dir, which):
             else:
                 assert far.max() <= near.min()
     expected_keys = {p[: -len(".jpg")] for p in kept_paths}
-    with open(save_dir / "kept_keys_trie.pkl", "rb") as f:
-        trie = pickle.load(f)
-    assert set(trie.keys()) == expected_keys
+    if trie:
+        with open(save_dir / "kept_keys_trie.pkl", "rb") as f:
+            assert set(pickle.load(f).keys()) == expected_keys
     assert {k.decode() for k in np.load(save_dir / "kept_keys.npy").tolist()} == expected_keys
 
 
@@ -150,8 +148,8 @@ def test_defaults_need_only_the_readme_flags(asc_bytes, scored, tmp_path):
 
 
 def test_total_dataset_size_differs_warns(desc_str, scored, tmp_path):
-    r = prune(desc_str, scored(desc_str), tmp_path / "run", "--prune-ratio", 0.3)
-    assert r.returncode == 0
+    r = prune(desc_str, scored(desc_str), tmp_path / "run", "--prune-ratio", 0.3)  # the true size: no warning
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", desc_str["sorted"], "--density", "uniform",
                    "--total-dataset-size", 2000, "--prune-ratio", 0.5, "--save-dir", tmp_path / "run2")
     assert r.returncode == 0, r.stderr
@@ -181,9 +179,18 @@ def test_help_explains_every_flag_and_both_spellings_work(desc_str, scored, tmp_
     r = run_script(PRUNE_SCRIPT, "--num_centroids", desc_str["k"], "--mean-centroid-distances-save-path", dinter,
                    "--avg-distance-to-cent-save-path", dintra, "--sorted_clusters_path", desc_str["sorted"],
                    "--prune_ratio", 0.3, "--save_dir", tmp_path / "run", "--which_to_keep", "easy",
-                   "--cls_bal_ratio", 0.1, "--total_dataset_size", len(desc_str["x"]))
+                   "--cls_bal_ratio", 0.1, "--total_dataset_size", 2 * len(desc_str["x"]), "--density", "uniform",
+                   "--temperature", 0.25, "--seed", 5, "--no_trie")
     assert r.returncode == 0, r.stderr
-    assert du.load_trie(str(tmp_path / "run" / "kept_keys_trie.pkl"))
+    params = json.loads((tmp_path / "run" / "params.json").read_text())
+    assert params["num_centroids"] == desc_str["k"] and params["total_dataset_size"] == 2 * len(desc_str["x"])
+    assert params["which_to_keep"] == "easy" and params["cls_bal_ratio"] == 0.1 and params["prune_ratio"] == 0.3
+    assert params["density"] == "uniform" and params["temperature"] == 0.25 and params["seed"] == 5
+    assert params["target_size"] == int(0.3 * 2 * len(desc_str["x"])) and params["no_trie"]
+    assert not (tmp_path / "run" / "kept_keys_trie.pkl").exists()
+    x, _ = reference_x(desc_str, "uniform", 0.6, 0.25, 0.1)  # N = 0.3 of twice the rows
+    assert (np.abs(np.load(tmp_path / "run" / "quotas.npy") - x) < 1 + 1e-6).all()
+    check_selection(desc_str, tmp_path / "run", "easy", trie=False)
 
 
 def test_prune_warns_about_unsorted_files(tmp_path):

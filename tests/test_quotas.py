@@ -1,4 +1,4 @@
-"""The quota solver against brute force, its KKT conditions, and arbitrary inputs."""
+"""The quota solver against brute force, an independent bisection, exchange optimality, arbitrary inputs."""
 
 import itertools
 
@@ -43,14 +43,33 @@ def brute_force_integer(t, lb, ub, target):
     return best
 
 
+def bisection_qp(t, lb, ub, target, steps=200):
+    """The real QP optimum from its optimality condition alone: x = clip(t - nu, lb, ub) for the nu
+    found by plain bisection on the (monotone) sum."""
+    lo, hi = (t - ub).min() - 1, (t - lb).max() + 1
+    for _ in range(steps):
+        nu = (lo + hi) / 2
+        lo, hi = (nu, hi) if np.clip(t - nu, lb, ub).sum() > target else (lo, nu)
+    return np.clip(t - (lo + hi) / 2, lb, ub)
+
+
 def check_invariants(plan, probs, sizes, target):
-    t = probs * target
     assert plan.quotas.dtype == np.int64
     assert plan.quotas.sum() == target
     assert (plan.quotas >= plan.lower).all() and (plan.quotas <= plan.upper).all()
     assert (np.abs(plan.quotas - plan.x) < 1).all()
-    np.testing.assert_allclose(plan.x, np.clip(t - plan.nu, plan.lower, plan.upper), rtol=0, atol=1e-9)
     assert plan.x.sum() == pytest.approx(target, abs=1e-6 * max(1, target))
+
+
+def no_better_exchange(quotas, t, lb, ub):
+    """Integer optimality: no move of one sample from cluster j to cluster i (keeping the sum and the
+    bounds) lowers sum (N - t)^2. The move changes it by (2 g_i + 1) + (1 - 2 g_j), g = N - t."""
+    g = quotas - t
+    can_grow, can_shrink = quotas < ub, quotas > lb
+    if not can_grow.any() or not can_shrink.any():
+        return True
+    # The best move pairs the cheapest growth with the cheapest shrink (i == j would cost 2, never < 0).
+    return (2 * g[can_grow] + 1).min() + (1 - 2 * g[can_shrink]).min() >= -1e-9
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -75,10 +94,11 @@ def test_small_cases_match_brute_force(seed):
     check_invariants(plan, probs, sizes, target)
     # Largest-remainder rounding is also the integer optimum of the same objective.
     assert ((plan.quotas - t) ** 2).sum() == pytest.approx(brute_force_integer(t, lb, ub, target), abs=1e-9)
+    assert no_better_exchange(plan.quotas, t, lb, ub)
 
 
 @pytest.mark.parametrize("k", [10, 500, 20000])
-def test_large_random_cases_meet_kkt(k):
+def test_large_cases_match_bisection_and_no_exchange_helps(k):
     rng = np.random.default_rng(k)
     sizes = rng.integers(0, 2000, k)
     probs = np.exp(rng.standard_normal(k) * 3)
@@ -87,9 +107,17 @@ def test_large_random_cases_meet_kkt(k):
         target = int(ratio * sizes.sum())
         plan = du.solve_quotas(probs, sizes, target, 0.5)
         check_invariants(plan, probs, sizes, target)
-        # KKT: clusters strictly inside their bounds share the water level: x = t - nu.
-        inside = (plan.x > plan.lower) & (plan.x < plan.upper)
-        np.testing.assert_allclose((probs * target - plan.x)[inside], plan.nu, atol=1e-6)
+        t = probs * target
+        lb, ub = bounds(sizes, target, 0.5)
+        np.testing.assert_allclose(plan.x, bisection_qp(t, lb, ub, target), rtol=0, atol=1e-6 * max(1, t.max()))
+        assert no_better_exchange(plan.quotas, t, lb, ub)
+        worse = plan.quotas.copy()  # the check itself can fail: a feasible move away from the optimum
+        grow = np.flatnonzero((worse < ub) & (worse - t >= 0))
+        shrink = np.flatnonzero((worse > lb) & (worse - t <= 0))
+        if len(grow) and len(shrink) and grow[0] != shrink[0]:
+            worse[grow[0]] += 1
+            worse[shrink[0]] -= 1
+            assert not no_better_exchange(worse, t, lb, ub)
 
 
 def test_uniform_and_clustersize_densities():
@@ -130,4 +158,6 @@ def test_arbitrary_inputs_meet_invariants_or_raise(sizes, weights, keep, ratio):
         with pytest.raises(du.UsageError):
             du.solve_quotas(probs, sizes, target, ratio)
         return
-    check_invariants(du.solve_quotas(probs, sizes, target, ratio), probs, sizes, target)
+    plan = du.solve_quotas(probs, sizes, target, ratio)
+    check_invariants(plan, probs, sizes, target)
+    assert no_better_exchange(plan.quotas, probs * target, lb, ub)

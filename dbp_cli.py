@@ -1,0 +1,491 @@
+"""Command-line and process plumbing shared by the DBP scripts.
+
+What no script should have to think about: flags under both spellings, user mistakes as one line
+and exit status 2, Ctrl-C and SIGTERM, a pool of worker processes that notices a dead worker,
+progress bars, and outputs that appear whole or not at all (atomic files, and output folders
+used by one run at a time, published only when the run is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tqdm import tqdm
+
+USAGE_EXIT = 2  # argparse's status for usage errors
+SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
+PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
+TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
+PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
+STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
+LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
+
+log = logging.getLogger("dbp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and flags
+# ---------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A user mistake: reported as `error: <where>: <what> (<fix>)`, exit status 2."""
+
+    def __init__(self, where: str, what: str = "", fix: str = ""):
+        # One positional form (the whole message) keeps the error picklable across workers.
+        super().__init__(f"{where}: {what} ({fix})" if what else where)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that the same rollback runs."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's two-line usage error -> our one line
+        if m := re.fullmatch(r"argument ([^/:]+)[^:]*: (.*)", message):
+            raise UsageError(m[1], m[2], "see --help")
+        if m := re.fullmatch(r"the following arguments are required: (.*)", message):
+            raise UsageError(m[1], "is required", "see --help")
+        if m := re.fullmatch(r"unrecognized arguments: (.*)", message):
+            raise UsageError(m[1], "unrecognized argument", "see --help")
+        raise UsageError(self.prog, message, "see --help")
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the script's docstring and whose errors are one line."""
+    parser = _Parser(description=doc, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
+    return parser
+
+
+def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
+    """Add a flag under every spelling given plus its underscore and dash twins."""
+    spellings: list[str] = []
+    for name in names:
+        word = name.removeprefix("--")
+        for s in (word, word.replace("_", "-"), word.replace("-", "_")):
+            if f"--{s}" not in spellings:
+                spellings.append(f"--{s}")
+    parser.add_argument(*spellings, dest=names[0].removeprefix("--").replace("-", "_"), **kwargs)
+
+
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--workers", type=int, default=None,
+             help="processes for the per-cluster work (default: all cores); results are identical for any value")
+
+
+def check_range(flag: str, value: float, low: float, high: float, *,
+                low_open: bool = False, high_open: bool = False, fix: str = "") -> None:
+    """Raise a UsageError unless low <(=) value <(=) high; NaN always fails."""
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UsageError(flag, f"{value!r} is outside {interval}", fix or f"pass a value in {interval}")
+
+
+def num_workers(requested: int | None) -> int:
+    if requested is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested < 1:
+        raise UsageError("--workers", f"{requested} is less than 1", "pass 1 or more")
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a script: one line per failure, and the exit status says which kind
+# ---------------------------------------------------------------------------------------------
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main: every failure becomes one line on stderr, never a traceback (but with --debug)."""
+    debug = "--debug" in sys.argv[1:]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        main()
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C): stopped, and what it had not finished was removed (rerun the command)",
+              SIGNAL_EXIT + signal.SIGINT)
+    except Terminated:
+        _fail("terminated (SIGTERM): stopped, and what it had not finished was removed (rerun the command)",
+              SIGNAL_EXIT + signal.SIGTERM)
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, UsageError):
+            _fail(str(e), USAGE_EXIT)
+        elif isinstance(e, WorkerDied):
+            _fail("a worker process died, killed from outside (the out-of-memory killer?); what the run had not "
+                  "finished was removed (rerun, with fewer --workers if memory is short)", 1)
+        elif isinstance(e, OSError):
+            _fail(f"{e.filename or 'system'}: {e.strerror or e} (check the path, its permissions and free disk "
+                  "space)", 1)
+        else:  # a bug: still one line
+            _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one rollback, however many SIGTERMs follow
+    raise Terminated
+
+
+def _fail(message: str, status: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def progress(total: int, desc: str, unit: str = "cluster") -> tqdm:
+    """A tqdm bar on stderr, drawn only once the work has taken PROGRESS_DELAY seconds."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, delay=PROGRESS_DELAY)
+
+
+@contextlib.contextmanager
+def bar_ending_cleanly(bar: tqdm) -> Iterator[tqdm]:
+    """Close the bar so that what is printed next starts on a line of its own: on a terminal a failed
+    run's bar is wiped, in a log file it ends its line."""
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = not sys.stderr.isatty()
+        raise
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------------
+
+
+class WorkerDied(Exception):
+    """A worker process ended without being asked to: killed from outside, typically by the OOM killer."""
+
+
+class WorkerPool:
+    """Forked worker processes (they share this process's pages), each with a pipe of its own.
+
+    Why not multiprocessing.Pool or ProcessPoolExecutor: their workers all answer over one shared
+    pipe, so a worker killed while it sends a result leaves half a message there and the pool waits
+    for the rest forever (ProcessPoolExecutor hung so in 1 of 2 tries here). With a pipe per worker a
+    dead worker is an end of file on its own pipe, noticed at once. Workers ignore Ctrl-C and SIGTERM
+    (this process decides, and stops them) and exit when this process dies (their pipe ends).
+    """
+
+    def __init__(self, workers: int):
+        ctx = multiprocessing.get_context("fork")
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for _ in range(workers):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(theirs, [*self.conns, ours]), daemon=True)
+            proc.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.procs.append(proc)
+
+    def map(self, func: Callable[[Any], Any], tasks: list) -> Iterator[Any]:
+        """func(task) for every task, in task order; a task's exception is raised here."""
+        todo = iter(enumerate(tasks))
+        idle, busy, done = list(self.conns), {}, {}
+        sentinels = {proc.sentinel for proc in self.procs}
+        for wanted in range(len(tasks)):
+            while wanted not in done:
+                # Keep every worker busy, but never run far ahead of the results handed out.
+                while idle and len(busy) + len(done) < TASKS_AHEAD * len(self.conns) and (job := next(todo, None)):
+                    conn = idle.pop()
+                    try:
+                        conn.send((func, job[1]))
+                    except OSError:  # its worker is gone
+                        raise WorkerDied from None
+                    busy[conn] = job[0]
+                for ready in multiprocessing.connection.wait([*busy, *sentinels]):
+                    if ready in sentinels:
+                        raise WorkerDied
+                    try:
+                        ok, value = ready.recv()
+                    except (EOFError, OSError):
+                        raise WorkerDied from None
+                    if not ok:
+                        raise value
+                    done[busy.pop(ready)] = value
+                    idle.append(ready)
+            yield done.pop(wanted)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            if exc_type is None:
+                with contextlib.suppress(OSError):
+                    conn.send(None)  # done: the worker returns
+            else:
+                proc.kill()  # stop at once, mid-task
+        for conn, proc in zip(self.conns, self.procs):
+            proc.join()
+            conn.close()
+
+
+def _serve(conn: Any, inherited: list[Any]) -> None:
+    """A worker: run (func, task) jobs from `conn` and answer (ok, result or exception) until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for other in inherited:  # the pool's ends of the pipes: only the pool's death may close them
+        other.close()
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:  # the pool's process is gone
+            return
+        if job is None:
+            return
+        func, task = job
+        try:
+            reply = (True, func(task))
+        except Exception as e:
+            reply = (False, e)
+        try:
+            conn.send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError):  # an exception that cannot travel
+            conn.send((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
+    """A WorkerPool, or None for one worker: then the work runs in this process."""
+    if workers <= 1:
+        yield None
+        return
+    with WorkerPool(workers) as pool:
+        yield pool
+
+
+def parallel_map(func: Callable[[Any], Any], tasks: list, pool: WorkerPool | None, desc: str) -> Iterator[Any]:
+    """func over tasks, results in task order, spread over the pool, with a progress bar."""
+    with bar_ending_cleanly(progress(len(tasks), desc)) as bar:
+        results = map(func, tasks) if pool is None or len(tasks) <= 1 else pool.map(func, tasks)
+        for result in results:
+            yield result
+            bar.update()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: whole or not at all, one run per folder
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
+    """Write to `.<name>.partial` beside `path`, renamed into place only once complete."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+class _NewFolders:
+    """`path` and its missing parents, created; `remove_created()` and `restore_times()` (which gives the
+    folder that was there its timestamps back) undo that, so a failed run leaves the tree as it found it."""
+
+    def __init__(self, path: str):
+        self.created, self.existing = None, os.path.abspath(path)
+        while not os.path.exists(self.existing):
+            self.created, self.existing = self.existing, os.path.dirname(self.existing)
+        self.times = os.stat(self.existing)
+        os.makedirs(path, exist_ok=True)
+
+    def remove_created(self) -> None:
+        if self.created:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+    def restore_times(self) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.existing, ns=(self.times.st_atime_ns, self.times.st_mtime_ns))
+
+
+def save_npy(path: str, array: Any) -> None:
+    """np.save, atomically, creating the folders it needs (and removing them again if it fails)."""
+    import numpy as np
+
+    folders = _NewFolders(os.path.dirname(os.path.abspath(path)))
+    try:
+        with atomic_open(path) as f:
+            np.save(f, array)
+    except BaseException:
+        folders.remove_created()
+        folders.restore_times()
+        raise
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if not path:
+        raise UsageError(flag, "is required", "pass the .npy file to write")
+    if os.path.isdir(path):
+        raise UsageError(flag, f"{path} is a folder", "pass a file path such as out/dintra.npy")
+    check_creatable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def check_creatable(folder: str, flag: str) -> None:
+    """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(flag, f"{probe} is a file, so {folder} cannot be created", "choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(flag, f"{probe} is not writable", "choose a path you can write to")
+
+
+class FolderLock:
+    """`with FolderLock(folder, flag):` one run at a time in an output folder.
+
+    A POSIX record lock on FOLDER/.dbp_lock: the kernel drops it when the process ends, however it
+    ends, and forked workers never inherit it. The file names the holder for a refused run.
+    """
+
+    def __init__(self, folder: str, flag: str):
+        self.path, self.flag, self.fd = os.path.join(folder, LOCK_FILE), flag, -1
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def acquire(self) -> FolderLock:
+        """Take the lock, or raise a UsageError naming the run that holds it."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                raise UsageError(self.flag, f"{os.path.dirname(self.path)} was removed as this run started",
+                                 "rerun the command") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "starting up"
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UsageError(self.flag, f"{os.path.dirname(self.path)} is in use by another run ({holder})",
+                                 "wait for it to end, or choose another folder") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break  # still the file in the folder, not one its last holder removed as we opened it
+            os.close(fd)
+        self.fd = fd
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}".encode())
+        return self
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)  # while still holding it: whoever opened this file finds it held
+        os.close(self.fd)
+
+
+class SaveDir:
+    """An output folder published whole. `with SaveDir(path, ...) as out:` writes each output into a
+    hidden staging folder (`out.path(name)`) and, when the block succeeds, moves them into place with
+    the marker file (params.json) last, the sign of a completed run. A folder holding a completed run
+    is refused unless `overwrite`; a failed, interrupted or killed run leaves what the folder had
+    untouched (a folder it created goes again) and a rerun finishes a killed one. One run at a time."""
+
+    def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str):
+        if not path:
+            raise UsageError(flag, "is required", "pass the folder for the outputs")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(flag, f"{path} is a file", "pass a folder")
+        check_creatable(os.path.abspath(path), flag)
+        self.dir, self.staging = path, os.path.join(path, STAGING_DIR)
+        self.overwrite, self.outputs, self.marker, self.flag = overwrite, outputs, marker, flag
+        self._refuse_completed()
+
+    def _refuse_completed(self) -> None:
+        if os.path.exists(os.path.join(self.dir, self.marker)) and not self.overwrite:
+            raise UsageError(self.flag, f"{self.dir} already holds the outputs of a completed run",
+                             f"pass --overwrite to replace them, or choose another {self.flag}")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.staging, name)
+
+    def __enter__(self) -> SaveDir:
+        self.folders = _NewFolders(self.dir)
+        # Refused here, nothing is undone: the folder, even one this run created, is the other run's now.
+        self.lock = FolderLock(self.dir, self.flag).acquire()
+        try:
+            self._refuse_completed()  # again: another run may have completed it since we looked
+            shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left
+            os.mkdir(self.staging)
+        except BaseException:
+            self._roll_back()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._roll_back()
+            return
+        with _signals_held():  # an interrupted publish would leave two runs' files side by side
+            self._publish()
+        self.lock.release()
+
+    def _roll_back(self) -> None:
+        """Undo this run, still holding the lock so that no other run starts in what is removed."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.folders.remove_created()
+        self.lock.release()
+        self.folders.restore_times()  # last: removing the lock file touched them
+
+    def _publish(self) -> None:
+        written = set(os.listdir(self.staging))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.dir, self.marker))  # incomplete from here until the end
+        for name in self.outputs:
+            if name in written and name != self.marker:
+                os.replace(self.path(name), os.path.join(self.dir, name))
+            elif name not in written:  # an earlier run's output this one does not make (--no-trie)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.dir, name))
+        os.replace(self.path(self.marker), os.path.join(self.dir, self.marker))
+        shutil.rmtree(self.staging)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (they are delivered right after it)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

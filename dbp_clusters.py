@@ -1,0 +1,292 @@
+"""SemDeDup's sorted-cluster files: finding, validating and reading them, and the other inputs.
+
+SemDeDup's `sort_clusters.py` writes one file per k-means cluster j, `SORTED/cluster_{j}.npy`:
+`np.save` of a list of (key, row index, distance to centroid, cluster id) tuples, a string array
+of shape (n_j, 4) (`<U..`, or `|S..` for bytes keys), sorted by distance; an empty cluster is
+`np.save(path, [])`, a float64 (0,). The centroids, float32 (k, dim), are `kmeans_centroids.npy`
+in SemDeDup's save folder, the parent of SORTED. Everything here reads .npy headers first and
+then only the rows and columns a step needs, so no cluster is ever held in memory whole.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dbp_cli import UsageError
+
+KEY_COL, DIST_COL = 0, 2  # the columns DBP reads: the sample's key (its path) and its distance
+NUM_COLS = 4
+CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
+CENTROIDS_FILE = "kmeans_centroids.npy"
+CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
+NAMES_SHOWN = 5  # cluster files named in an error about gaps
+
+# .npy header readers by format version; 3.0 is 2.0 with a UTF-8 header (for non-latin-1 field
+# names, which the plain string and number arrays read here never have).
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
+                      (3, 0): np.lib.format.read_array_header_2_0}
+
+
+@dataclass(frozen=True)
+class ClusterFile:
+    """One sorted cluster file, known from its .npy header alone."""
+
+    path: str
+    rows: int
+    dtype: np.dtype | None = None  # str ('U') or bytes ('S'); None for an empty cluster
+    offset: int = 0
+    fortran: bool = False
+
+    def columns(self, cols: tuple[int, ...], start: int, stop: int) -> list[np.ndarray]:
+        """Columns `cols` of rows [start, stop), copied out of a mapping of just those rows: the kernel
+        hands over page-cache pages without a copy, and unmapping keeps resident memory flat."""
+        if stop <= start:
+            return [np.zeros(0, self.dtype) for _ in cols]
+        if self.fortran:  # column-major: each column is contiguous
+            data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), "F")
+            return [np.array(data[start:stop, c]) for c in cols]
+        row_bytes = NUM_COLS * self.dtype.itemsize
+        first = self.offset + start * row_bytes
+        base = first - first % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), first - base + (stop - start) * row_bytes,
+                                                       access=mmap.ACCESS_READ, offset=base) as m:
+                rows = np.frombuffer(m, self.dtype, (stop - start) * NUM_COLS, first - base).reshape(-1, NUM_COLS)
+                values = [rows[:, c].copy() for c in cols]
+                del rows  # release the mapping's buffer before it closes
+        except (OSError, ValueError) as e:
+            raise UsageError(self.path, f"cannot be read ({e})", "the file changed or is damaged; rewrite it") from None
+        return values
+
+    def chunks(self, cols: tuple[int, ...], start: int = 0, stop: int | None = None) -> Iterator[tuple[int, list]]:
+        """(first row, columns) for rows [start, stop), CHUNK_ROWS at a time."""
+        stop = self.rows if stop is None else stop
+        for first in range(start, stop, CHUNK_ROWS):
+            yield first, self.columns(cols, first, min(first + CHUNK_ROWS, stop))
+
+    def distances(self, start: int, stop: int) -> np.ndarray:
+        """The distances of rows [start, stop) as float64, checked."""
+        (values,) = self.columns((DIST_COL,), start, stop)
+        return parse_distances(values, self.path, start)
+
+    def is_descending(self) -> bool:
+        """Sort direction, from the first and last distance (SemDeDup writes either)."""
+        return self.rows == 0 or bool(self.distances(0, 1)[0] >= self.distances(self.rows - 1, self.rows)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers and the folder
+# ---------------------------------------------------------------------------------------------
+
+
+def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = NPY_HEADER_READERS.get(version)
+            if read is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, EOFError, SyntaxError) as e:
+        raise UsageError(path, f"is not a readable .npy file ({e})", "point at files written by np.save") from None
+    except IsADirectoryError:
+        raise UsageError(path, "is a folder, not a .npy file", "point at a .npy file") from None
+    except OSError as e:
+        raise UsageError(path, f"cannot be read: {e.strerror}", "check that it exists and its permissions") from None
+    if dtype.hasobject:
+        raise UsageError(path, "holds Python objects (a pickled .npy), which is never loaded",
+                         "re-save it as a plain numeric or string array")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if os.path.getsize(path) < expected:
+        raise UsageError(path, f"is truncated: {os.path.getsize(path)} bytes, the header promises {expected}",
+                         "rewrite the file")
+    return tuple(shape), dtype, fortran, offset
+
+
+def read_cluster_header(path: str) -> ClusterFile:
+    """Validate a cluster file's header: an (n, 4) str/bytes array, or the (0,) of an empty cluster."""
+    shape, dtype, fortran, offset = read_npy_header(path)
+    if shape == (0,) or (len(shape) == 2 and shape[0] == 0):
+        return ClusterFile(path, 0)
+    if len(shape) != 2:
+        raise UsageError(path, f"has shape {shape}; a cluster file is 2-D (rows, 4)",
+                         "point at SemDeDup's sorted clusters")
+    if shape[1] != NUM_COLS:
+        raise UsageError(path, f"has {shape[1]} columns; expected 4 (path, index, distance, cluster id)",
+                         "point at SemDeDup's sorted clusters")
+    if dtype.kind not in "US":
+        raise UsageError(path, f"has dtype {dtype}; expected a string array",
+                         "save each cluster as np.save of a list of (path, index, distance, cluster) tuples")
+    return ClusterFile(path, shape[0], dtype, offset, fortran)
+
+
+def find_cluster_files(folder: str | None, k: int | None, folder_flag: str, k_flag: str) -> list[str]:
+    """Paths of cluster_0.npy .. cluster_{k-1}.npy; k defaults to the number of files on disk."""
+    if not folder:
+        raise UsageError(folder_flag, "is required", "point it at SemDeDup's sorted clusters folder")
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(folder_flag, f"{folder} {what}", "point it at SemDeDup's sorted clusters folder")
+    if k is not None and k < 1:
+        raise UsageError(k_flag, f"{k} is less than 1", "pass the number of k-means clusters")
+    ids = {int(m[1]) for name in os.listdir(folder) if (m := CLUSTER_FILE.fullmatch(name))}
+    if not ids:
+        raise UsageError(folder_flag, f"{folder} holds no cluster_<j>.npy files",
+                         "point it at SemDeDup's sorted clusters folder")
+    expected = k if k is not None else max(ids) + 1
+    extra = sorted(j for j in ids if j >= expected)
+    missing_count = expected - (len(ids) - len(extra))  # counted, never listed: k may be absurdly large
+    if missing_count or extra:
+        gaps = []
+        if missing_count:
+            gaps.append("missing " + _name_list(_first_missing(ids, expected, NAMES_SHOWN), missing_count))
+        if extra:
+            gaps.append("unexpected " + _name_list(extra[:NAMES_SHOWN], len(extra)))
+        claim = f"{k_flag} is {k}" if k is not None else f"the highest file is cluster_{max(ids)}.npy"
+        raise UsageError(folder_flag, f"{claim} but {folder} holds {len(ids)} cluster files ({'; '.join(gaps)})",
+                         f"cluster files must be exactly cluster_0..cluster_{expected - 1}; fix the folder or {k_flag}")
+    return [os.path.join(folder, f"cluster_{j}.npy") for j in range(expected)]
+
+
+def _first_missing(ids: set[int], expected: int, most: int) -> list[int]:
+    """The smallest `most` numbers below `expected` not in `ids`, found in O(len(ids) + most) steps."""
+    found, j = [], 0
+    while len(found) < most and j < expected:
+        if j not in ids:
+            found.append(j)
+        j += 1
+    return found
+
+
+def _name_list(ids: list[int], total: int) -> str:
+    names = ", ".join(f"cluster_{j}.npy" for j in ids)
+    return names + (f" and {total - len(ids)} more" if total > len(ids) else "")
+
+
+def scan_clusters(folder: str | None, k: int | None, folder_flag: str, k_flag: str) -> list[ClusterFile]:
+    """Find and validate every cluster file from its header (no rows are read)."""
+    return [read_cluster_header(p) for p in find_cluster_files(folder, k, folder_flag, k_flag)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
+    """Distance strings -> float64, refusing text, NaN and infinity with the row named."""
+    try:  # numpy parses bytes twice as fast as str
+        d = (values if values.dtype.kind == "S" else _ascii_bytes(values)).astype(np.float64)
+    except (ValueError, UnicodeError):
+        d = np.full(len(values), np.nan)
+        for i, v in enumerate(values):
+            try:
+                d[i] = float(v)
+            except (ValueError, UnicodeError):
+                text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                raise UsageError(path, f"row {first_row + i}: distance {text!r} is not a number",
+                                 "column 2 must hold the distance to the centroid") from None
+    bad = np.flatnonzero(~np.isfinite(d))
+    if len(bad):
+        raise UsageError(path, f"row {first_row + bad[0]}: distance is {d[bad[0]]}",
+                         "column 2 must hold finite distances to the centroid")
+    return d
+
+
+def _ascii_bytes(text: np.ndarray) -> np.ndarray:
+    """A str array as bytes, if it is all ASCII (raises UnicodeError otherwise)."""
+    points = np.ascontiguousarray(text).view("<u4")
+    if (points >= 128).any():
+        raise UnicodeError("not ASCII")
+    return points.astype(np.uint8).view(f"S{max(1, text.dtype.itemsize // 4)}").reshape(text.shape)
+
+
+def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
+    """Keys (str or bytes) as UTF-8 bytes; a str key that cannot be encoded is a clear error."""
+    if keys.dtype.kind == "S":
+        return np.ascontiguousarray(keys)
+    try:
+        return _ascii_bytes(keys)  # the usual case, and far faster than encoding
+    except UnicodeError:
+        pass
+    try:
+        return np.strings.encode(keys, "utf-8")
+    except UnicodeEncodeError:
+        row = next(i for i, key in enumerate(keys.tolist()) if not _encodable(key))
+        raise UsageError(path, f"row {first_row + row}: key {keys[row]!r} is not valid Unicode (a lone surrogate, as "
+                         "from a file name that is not UTF-8)", "write the keys as UTF-8 text or bytes") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Centroids and the per-cluster score files
+# ---------------------------------------------------------------------------------------------
+
+
+def find_centroids(sorted_dir: str) -> str:
+    """kmeans_centroids.npy in the sorted-clusters folder or SemDeDup's save folder above it (above the
+    folder as given, then above its real location when it is a symbolic link)."""
+    above = (os.path.dirname(os.path.abspath(sorted_dir)), os.path.dirname(os.path.realpath(sorted_dir)))
+    for folder in dict.fromkeys((sorted_dir, *above)):
+        if os.path.isfile(path := os.path.join(folder, CENTROIDS_FILE)):
+            return path
+    raise UsageError("--centroids_file", f"not given, and no {CENTROIDS_FILE} in {sorted_dir} or its parent",
+                     "pass --centroids_file")
+
+
+def load_centroids(path: str, k: int | None, dim: int | None, flag: str) -> np.ndarray:
+    """k-means centroids as float64 (k, dim), checked: finite, and none all zeros."""
+    shape, dtype, _, _ = read_npy_header(path)
+    if len(shape) != 2:
+        raise UsageError(path, f"has shape {shape}; centroids are a 2-D (k, dim) array",
+                         f"point {flag} at SemDeDup's kmeans_centroids.npy")
+    if shape[0] == 0 or shape[1] == 0:
+        raise UsageError(path, f"has shape {shape}: no centroids", f"point {flag} at the centroids of a k-means run")
+    if dtype.kind not in "fiu":
+        raise UsageError(path, f"has dtype {dtype}; centroids are numbers", f"point {flag} at kmeans_centroids.npy")
+    if k is not None and shape[0] != k:
+        raise UsageError(path, f"holds {shape[0]} centroids but there are {k} clusters",
+                         "use the centroids of the same k-means run")
+    if dim is not None and shape[1] != dim:
+        raise UsageError("--dim", f"is {dim} but {path} has dimension {shape[1]}",
+                         "omit --dim or pass the centroids' dimension")
+    c = np.load(path, allow_pickle=False).astype(np.float64)
+    if not np.isfinite(c).all():
+        raise UsageError(path, f"row {np.argwhere(~np.isfinite(c))[0][0]}: centroid is not finite",
+                         "use the centroids of a converged k-means run")
+    zero = np.flatnonzero(~c.any(axis=1))
+    if len(zero):
+        raise UsageError(path, f"row {zero[0]}: centroid is all zeros",
+                         "a zero centroid has no direction; rerun k-means")
+    return c
+
+
+def load_cluster_scores(path: str, k: int, flag: str) -> np.ndarray:
+    """A d_intra or d_inter file: float (k,), NaN allowed (empty clusters), infinity not."""
+    shape, dtype, _, _ = read_npy_header(path)
+    if dtype.kind != "f":
+        raise UsageError(flag, f"{path} has dtype {dtype}; expected floats",
+                         "pass the file written by the matching compute_*.py script")
+    if shape != (k,):
+        raise UsageError(flag, f"{path} has shape {shape} but there are {k} clusters",
+                         "recompute it on the same sorted clusters")
+    values = np.load(path, allow_pickle=False).astype(np.float64)
+    if np.isinf(values).any():
+        raise UsageError(flag, f"{path}: entry {np.flatnonzero(np.isinf(values))[0]} is infinite",
+                         "recompute it on the same sorted clusters")
+    return values
