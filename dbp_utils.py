@@ -7,12 +7,13 @@ data loader uses to filter a webdataset with them (`load_trie`, `trie_search`, `
 `webdataset_filter`); then prune.py's report. Reading the cluster files lives in dbp_clusters.py,
 the command-line and process plumbing in dbp_cli.py.
 
-faiss, pandas and matplotlib are imported inside the functions that need them, so the scripts
+faiss and matplotlib are imported inside the functions that need them, so the scripts
 start fast in shell pipelines and a data loader importing this module stays light.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -385,7 +386,7 @@ class _StreamedList:
 
 def _trie_commands(keys: np.ndarray) -> Any:
     """pygtrie's node commands for keys in component order: per key [-up,] down, its new steps, value."""
-    previous: list[str] = []
+    previous, folder = None, None  # the previous key, and its components but the last
     for start in range(0, len(keys), TRIE_CHUNK_KEYS):
         try:
             texts = [key.decode("utf-8") for key in keys[start:start + TRIE_CHUNK_KEYS].tolist()]
@@ -393,18 +394,19 @@ def _trie_commands(keys: np.ndarray) -> Any:
             raise UsageError(TRIE_FILE, f"a kept key is not UTF-8 ({e})", "fix the paths") from None
         commands: list[Any] = []
         for text in texts:
-            steps = text.split(TRIE_SEPARATOR)
-            shared = 0
-            for a, b in zip(previous, steps):
-                if a != b:
-                    break
-                shared += 1
-            if shared < len(previous):
-                commands.append(shared - len(previous))
-            commands.append(len(steps) - shared)
-            commands += steps[shared:]
-            commands.append(TRIE_VALUE)
-            previous = steps
+            cut = text.rfind(TRIE_SEPARATOR) + 1
+            if text[:cut] == folder:  # the usual case, the previous key's sibling: one step up, one down
+                commands += (-1, 1, text[cut:], TRIE_VALUE)
+            else:
+                steps, old = text.split(TRIE_SEPARATOR), [] if previous is None else previous.split(TRIE_SEPARATOR)
+                shared = 0
+                while shared < min(len(old), len(steps)) and old[shared] == steps[shared]:
+                    shared += 1
+                if shared < len(old):
+                    commands.append(shared - len(old))
+                commands += (len(steps) - shared, *steps[shared:], TRIE_VALUE)
+                folder = text[:cut]
+            previous = text
         yield from commands
 
 
@@ -506,9 +508,10 @@ def webdataset_filter(trie_or_path: Any, with_shard: bool = True) -> WebdatasetF
 def write_report(stats_path: str, plot_path: str, table: dict[str, np.ndarray], probs: np.ndarray,
                  quotas: np.ndarray, target: int, title: str) -> None:
     """cluster_stats.csv and quotas.png (they need only the quotas, so they can be written beside the selection)."""
-    import pandas as pd
-
-    pd.DataFrame(table).to_csv(stats_path, index=False, na_rep="nan")
+    with open(stats_path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(table)
+        rows.writerows(zip(*(column.tolist() for column in table.values())))  # floats as repr: exact
     with open(plot_path, "wb") as f:
         plot_quotas(f, probs, quotas, target, title)
 

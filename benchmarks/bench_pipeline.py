@@ -5,6 +5,8 @@ warms the page cache, then measures:
   - the floor: one process reading every cluster file and parsing its distance column;
   - each script as a whole process: wall time and peak RSS (largest process, and the sampled
     sum over the script and its workers), with its ratio to the floor;
+  - the trie writer alone (dbp_utils.write_trie on the run's kept keys): keys per second, and the
+    memory it adds per key;
   - the loader side: load time and lookups per second of kept_keys_trie.pkl and kept_keys.npy;
   - that prune's outputs are byte-identical with --workers 1.
 
@@ -40,6 +42,22 @@ for path in sorted(glob.glob(sys.argv[1] + "/cluster_*.npy")):
     rows = np.load(path)
     if rows.size:
         rows[:, 2].astype(np.float64)
+"""
+TRIE_WRITER = """
+import json, resource, sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+import dbp_utils as du
+keys = np.load(sys.argv[2])
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+before = rss_bytes()
+t = time.perf_counter()
+with open(sys.argv[3], "wb") as f:
+    du.write_trie(f, keys)
+seconds = time.perf_counter() - t
+added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(json.dumps({"keys_per_s": len(keys) / seconds, "bytes_per_key": added / len(keys)}))
 """
 LOADER = """
 import json, sys, time, numpy as np
@@ -196,6 +214,11 @@ def main() -> None:
               f"{r['tree_rss_mb']:12.0f}")
     total = sum(r["wall_s"] for name, r in results.items() if not name.startswith("floor"))
     print(f"{'three scripts together':42s} {total:8.2f} {total / floor:8.2f}")
+
+    r = measure([py, "-c", TRIE_WRITER, ROOT, f"{work}/run/kept_keys.npy", f"{work}/trie.pkl"])
+    stats = json.loads(r["stdout"])
+    print(f"\ntrie writer: {stats['keys_per_s'] / 1e6:.2f} M keys/s, {stats['bytes_per_key']:.0f} bytes per key "
+          "above the kept keys themselves")
 
     kept = np.load(f"{work}/run/kept_keys.npy")
     rng = np.random.default_rng(1)

@@ -2,8 +2,9 @@
 
 Writes webdataset tar shards for every sample of a toy data set (one shard per `<shard>/` prefix
 of the keys, members `<key>.jpg` and `<key>.txt`), unless they are already there, then streams
-them through `webdataset.WebDataset(shards).select(dbp_utils.webdataset_filter(trie))` and checks
-that exactly the kept samples come out.
+them through `webdataset.WebDataset(shards).select(dbp_utils.webdataset_filter(trie))`, once in a
+plain loop and once through a torch DataLoader with two workers, as a training loop would, and
+checks that exactly the kept samples come out, each once.
 
     python examples/webdataset_demo.py --paths toy/paths.txt --shards toy/shards \\
         --keys run/kept_keys_trie.pkl
@@ -17,6 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 import webdataset as wds
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dbp_utils  # noqa: E402
@@ -53,12 +55,20 @@ def main() -> None:
     print(f"webdataset: {len(paths)} samples in {len(shards)} shards under {args.shards}")
 
     keep = dbp_utils.webdataset_filter(args.keys)  # keys are `<shard stem>/<__key__>`
-    dataset = wds.WebDataset(shards, shardshuffle=False).select(keep)
-    kept = [f"{dbp_utils.shard_stem(s['__url__'])}/{s['__key__']}" for s in dataset]
+    dataset = wds.WebDataset(shards, shardshuffle=False).select(keep).map(sample_key)
     expected = keep.keys
-    print(f"webdataset: the filter let through {len(kept)} samples; {args.keys} holds {len(expected)} keys")
-    if len(kept) != len(expected) or not all(k in expected for k in kept):
-        sys.exit("webdataset: the filtered samples differ from the kept keys")
+    loaders = {"a plain loop": dataset,
+               "a torch DataLoader with 2 workers": DataLoader(dataset, batch_size=None, num_workers=2)}
+    for name, loader in loaders.items():
+        kept = list(loader)
+        print(f"webdataset: through {name}, the filter let through {len(kept)} samples; "
+              f"{args.keys} holds {len(expected)} keys")
+        if len(kept) != len(expected) or len(set(kept)) != len(kept) or not all(k in expected for k in kept):
+            sys.exit("webdataset: the filtered samples differ from the kept keys")
+
+
+def sample_key(sample: dict) -> str:
+    return f"{dbp_utils.shard_stem(sample['__url__'])}/{sample['__key__']}"
 
 
 if __name__ == "__main__":

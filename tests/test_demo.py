@@ -19,7 +19,8 @@ def test_demo_runs_end_to_end(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
     trie = du.load_trie(str(out / "run" / "kept_keys_trie.pkl"))
     assert len(trie) == 6000 == int(0.3 * 20000)
-    assert "the filter let through 6000 samples" in r.stdout
+    assert "through a plain loop, the filter let through 6000 samples" in r.stdout
+    assert "through a torch DataLoader with 2 workers, the filter let through 6000 samples" in r.stdout
     assert len(os.listdir(out / "shards")) == 20
     kept = np.load(out / "run" / "kept_keys.npy")
     assert sorted(trie.keys()) == [k.decode() for k in kept.tolist()]

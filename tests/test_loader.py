@@ -1,0 +1,75 @@
+"""The loader side: real webdataset shards filtered by the kept keys, in plain loops and in torch workers."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+import dbp_utils as du
+
+SHARDS, PER_SHARD = 4, 25
+
+
+def write_shard(path, members):
+    """A webdataset tar shard: for every member name, a .jpg and a .cls file."""
+    with tarfile.open(path, "w") as tar:
+        for name in members:
+            for ext, payload in ((".jpg", b"\xff\xd8fake"), (".cls", b"3")):
+                info = tarfile.TarInfo(name + ext)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def make_shards(folder, with_shard=True):
+    """Shards 00000.tar .. and a random 40% of their keys written as a trie and as kept_keys.npy."""
+    rng = np.random.default_rng(1)
+    all_keys, urls = [], []
+    for shard in range(SHARDS):
+        stem = f"{shard:05d}"
+        names = [f"{shard * 100 + i:09d}" for i in range(PER_SHARD)]
+        # Style 1: `<shard stem>/<__key__>`; style 2: the tar member names carry the shard folder.
+        members = names if with_shard else [f"{stem}/{n}" for n in names]
+        urls.append(str(folder / f"{stem}.tar"))
+        write_shard(urls[-1], members)
+        all_keys += [f"{stem}/{n}" for n in names]
+    kept = sorted(k for k in all_keys if rng.random() < 0.4)
+    kept_bytes = np.array([k.encode() for k in kept])
+    with open(folder / "trie.pkl", "wb") as f:
+        du.write_trie(f, kept_bytes)
+    np.save(folder / "kept.npy", kept_bytes)
+    return urls, kept
+
+
+def sample_key(sample):
+    """The DBP key of a webdataset sample (module level: spawned loader workers import it)."""
+    return f"{du.shard_stem(sample['__url__'])}/{sample['__key__']}"
+
+
+@pytest.mark.parametrize("source", ["trie", "npy", "trie_path", "npy_path"])
+@pytest.mark.parametrize("with_shard", [True, False])
+def test_webdataset_filter_keeps_exactly_the_kept(tmp_path, source, with_shard):
+    urls, kept = make_shards(tmp_path, with_shard)
+    keys = {"trie": du.load_trie(str(tmp_path / "trie.pkl")), "npy": du.load_kept_keys(str(tmp_path / "kept.npy")),
+            "trie_path": str(tmp_path / "trie.pkl"), "npy_path": tmp_path / "kept.npy"}[source]
+    dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(keys, with_shard=with_shard))
+    seen = [sample_key(s) if with_shard else s["__key__"] for s in dataset]
+    assert seen == kept
+
+
+@pytest.mark.parametrize("keys", ["trie.pkl", "kept.npy"])
+@pytest.mark.parametrize("loader", ["DataLoader", "WebLoader", "DataLoader spawn"])
+def test_torch_loader_workers_yield_each_kept_sample_once(tmp_path, keys, loader):
+    import torch.utils.data
+
+    urls, kept = make_shards(tmp_path)
+    # webdataset hands each loader worker its own shards; the filter travels to the workers by pickle.
+    dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(tmp_path / keys)).map(sample_key)
+    if loader == "WebLoader":
+        batches = wds.WebLoader(dataset, batch_size=None, num_workers=2)
+    else:
+        context = "spawn" if loader.endswith("spawn") else None
+        batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context=context)
+    seen = list(batches)
+    assert len(seen) == len(set(seen)) and sorted(seen) == kept
