@@ -288,8 +288,8 @@ def parallel_map(func: Callable[[Any], Any], tasks: list, pool: WorkerPool | Non
     with bar_ending_cleanly(progress(len(tasks), desc)) as bar:
         results = map(func, tasks) if pool is None or len(tasks) <= 1 else pool.map(func, tasks)
         for result in results:
-            yield result
             bar.update()
+            yield result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +306,9 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
         with open(tmp, mode) as f:
             yield f
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or path  # a failed write (a full disk) names no file of its own
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -454,6 +457,8 @@ class SaveDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._roll_back()
+            if isinstance(exc, OSError):
+                exc.filename = exc.filename or self.dir  # a failed write (a full disk) names no file of its own
             return
         with _signals_held():  # an interrupted publish would leave two runs' files side by side
             self._publish()

@@ -20,7 +20,7 @@ import numpy as np
 
 from dbp_cli import UsageError
 
-KEY_COL, DIST_COL = 0, 2  # the columns DBP reads: the sample's key (its path) and its distance
+KEY_COL, DIST_COL, CLUSTER_COL = 0, 2, 3  # the columns DBP reads: key (the sample's path), distance, cluster id
 NUM_COLS = 4
 CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
 CENTROIDS_FILE = "kmeans_centroids.npy"
@@ -210,19 +210,38 @@ def _ascii_bytes(text: np.ndarray) -> np.ndarray:
 
 
 def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
-    """Keys (str or bytes) as UTF-8 bytes; a str key that cannot be encoded is a clear error."""
+    """Keys (str or bytes) as UTF-8 bytes, refusing a str key that cannot be encoded and a key holding a
+    line break (kept_paths.txt has one key per line)."""
     if keys.dtype.kind == "S":
-        return np.ascontiguousarray(keys)
+        utf8 = np.ascontiguousarray(keys)
+    else:
+        try:
+            utf8 = _ascii_bytes(keys)  # the usual case, and far faster than encoding
+        except UnicodeError:
+            try:
+                utf8 = np.strings.encode(keys, "utf-8")
+            except UnicodeEncodeError:
+                row = next(i for i, key in enumerate(keys.tolist()) if not _encodable(key))
+                raise UsageError(path, f"row {first_row + row}: key {keys[row].item()!r} is not valid Unicode (a lone "
+                                 "surrogate, as from a file name that is not UTF-8)",
+                                 "write the keys as UTF-8 text or bytes") from None
+    broken = np.flatnonzero(np.strings.find(utf8, b"\n") >= 0)
+    if len(broken):
+        text = utf8[broken[0]].item().decode("utf-8", "replace")
+        raise UsageError(path, f"row {first_row + broken[0]}: key {text!r} holds a line break",
+                         "keys are one per line in kept_paths.txt; rename the sample")
+    return utf8
+
+
+def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:
+    """Whether every entry of a cluster-id column says `cluster_id` (written as `7`, or `7.0`)."""
+    as_text = str(cluster_id).encode() if ids.dtype.kind == "S" else str(cluster_id)
+    if (ids == as_text).all():
+        return True
     try:
-        return _ascii_bytes(keys)  # the usual case, and far faster than encoding
-    except UnicodeError:
-        pass
-    try:
-        return np.strings.encode(keys, "utf-8")
-    except UnicodeEncodeError:
-        row = next(i for i, key in enumerate(keys.tolist()) if not _encodable(key))
-        raise UsageError(path, f"row {first_row + row}: key {keys[row]!r} is not valid Unicode (a lone surrogate, as "
-                         "from a file name that is not UTF-8)", "write the keys as UTF-8 text or bytes") from None
+        return bool((ids.astype(np.float64) == cluster_id).all())
+    except ValueError:
+        return False
 
 
 def _encodable(text: str) -> bool:

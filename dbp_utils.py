@@ -25,7 +25,17 @@ import numpy as np
 import pygtrie
 
 from dbp_cli import UsageError, log, parallel_map
-from dbp_clusters import CHUNK_ROWS, DIST_COL, KEY_COL, ClusterFile, keys_as_utf8, parse_distances, read_npy_header
+from dbp_clusters import (
+    CHUNK_ROWS,
+    CLUSTER_COL,
+    DIST_COL,
+    KEY_COL,
+    ClusterFile,
+    keys_as_utf8,
+    names_cluster,
+    parse_distances,
+    read_npy_header,
+)
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
 WHICH_TO_KEEP = ("hard", "easy", "random")
@@ -45,6 +55,7 @@ TRIE_SEPARATOR = "/"
 TRIE_VALUE = 1
 PICKLE_PROTOCOL = 4
 TRIE_CHUNK_KEYS = 1 << 14  # keys turned into trie commands at a time
+SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +76,9 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
         descending &= bool((steps <= 0).all())
         mean += float((d / cluster.rows).sum())  # a sum of huge distances could overflow; the mean cannot
         previous = d[-1:]
+    if abs(mean) > float(np.finfo(np.float32).max):
+        raise UsageError(cluster.path, f"the mean distance {mean:g} is too large for d_intra's float32",
+                         "column 2 must hold distances to the centroid (cosine or L2), not raw values")
     return mean, ascending or descending
 
 
@@ -105,7 +119,8 @@ def complexity(density: str, d_intra: np.ndarray | None, d_inter: np.ndarray | N
                sizes: np.ndarray) -> np.ndarray:
     """The per-cluster score the softmax turns into probabilities (NaN -> nanmean)."""
     if density in ("dintra*dinter", "dinter*dintra"):
-        c = d_intra * d_inter
+        with np.errstate(over="ignore"):  # checked below
+            c = d_intra * d_inter
     elif density == "dintra":
         c = d_intra.copy()
     elif density == "dinter":
@@ -218,32 +233,44 @@ def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cl
     return slice(0, quota) if take_head else slice(rows - quota, rows)
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, int, int]) -> tuple[bytes, np.ndarray, bool]:
-    """One cluster's kept paths (as lines of kept_paths.txt) and sorted kept keys, and whether the
-    distances read were in the file's order. Reads only the kept rows, and checks their distances."""
+@dataclass(frozen=True)
+class Selection:
+    """One cluster's kept members, and what was noticed reading them."""
+
+    lines: bytes  # the kept paths as lines of kept_paths.txt
+    keys: np.ndarray  # their keys, sorted
+    in_order: bool = True  # the distances read follow the file's sort order
+    ids_match: bool = True  # the cluster-id column names this cluster
+
+
+def select_cluster(task: tuple[ClusterFile, int, str, int, int]) -> Selection:
+    """The kept members of one cluster. Reads only the kept rows, and checks their distances."""
     cluster, quota, which, seed, cluster_id = task
     if quota == 0:
-        return b"", np.zeros(0, "S1"), True
+        return Selection(b"", np.zeros(0, "S1"))
     descending = which == "random" or cluster.is_descending()
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
-    paths, dists = [], []
+    paths, dists, ids_match = [], [], True
+    columns = (KEY_COL, DIST_COL, CLUSTER_COL)
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
-        for first, (p, d) in cluster.chunks((KEY_COL, DIST_COL), keep.start, keep.stop):
+        for first, (p, d, ids) in cluster.chunks(columns, keep.start, keep.stop):
             paths.append(keys_as_utf8(p, cluster.path, first))
             dists.append(parse_distances(d, cluster.path, first))
+            ids_match &= names_cluster(ids, cluster_id)
     else:  # random: pick the sampled rows out of each chunk
         bounds = np.searchsorted(keep, np.arange(0, cluster.rows + CHUNK_ROWS, CHUNK_ROWS))
-        for i, (first, (p, d)) in enumerate(cluster.chunks((KEY_COL, DIST_COL))):
+        for i, (first, (p, d, ids)) in enumerate(cluster.chunks(columns)):
             picked = keep[bounds[i]:bounds[i + 1]] - first
-            paths.append(keys_as_utf8(p[picked], cluster.path, first))
+            paths.append(keys_as_utf8(p, cluster.path, first)[picked])
             dists.append(parse_distances(d, cluster.path, first)[picked])
+            ids_match &= names_cluster(ids[picked], cluster_id)
     paths, steps = np.concatenate(paths), np.diff(np.concatenate(dists))
     in_order = which == "random" or bool((steps <= 0).all() if descending else (steps >= 0).all())
-    return as_lines(paths), np.sort(strip_extensions(paths)), in_order  # sorted here, in parallel
+    return Selection(as_lines(paths), np.sort(strip_extensions(paths)), in_order, ids_match)  # sorted here, in parallel
 
 
 def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int, pool: Any) -> Any:
-    """Per cluster, in order, the kept paths and keys and whether its distances were in order."""
+    """Per cluster, in order, its Selection."""
     tasks = [(cluster, int(quota), which, seed, j) for j, (cluster, quota) in enumerate(zip(clusters, quotas))]
     return parallel_map(select_cluster, tasks, pool, "select")
 
@@ -473,13 +500,16 @@ def _key_set(source: Any) -> Any:
     return load_kept_keys(path) if is_npy else load_trie(path)
 
 
-def shard_stem(url: str) -> str:
-    """`.../00012.tar` -> `00012`: the shard part of a `<shard>/<key>` key."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+def shard_stem(url: str) -> str | None:
+    """The shard part of a `<shard>/<key>` key: `00012` for `.../00012.tar`, `https://host/00012.tar?sig=x`,
+    and `pipe:` commands (`pipe:aws s3 cp s3://b/00012.tar -`): the last word naming a .tar, .tgz or
+    .tar.gz. None if no word does."""
+    for word in reversed(url.removeprefix("pipe:").split()):
+        name = word.strip("'\"").split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        for extension in SHARD_EXTENSIONS:
+            if name.endswith(extension) and len(name) > len(extension):
+                return name[: -len(extension)]
+    return None
 
 
 class WebdatasetFilter:
@@ -491,7 +521,12 @@ class WebdatasetFilter:
     def __call__(self, sample: dict) -> bool:
         key = sample["__key__"]
         if self.with_shard:
-            key = f"{shard_stem(sample['__url__'])}/{key}"
+            stem = shard_stem(sample["__url__"])
+            if stem is None:  # better an error now than an empty data set later
+                raise ValueError(f"no shard name in __url__ {sample['__url__']!r}: it names no .tar, .tgz or "
+                                 ".tar.gz file, so the key <shard>/<__key__> cannot be made (pass with_shard=False "
+                                 "if the member names hold whole keys)")
+            key = f"{stem}/{key}"
         return key in self.keys
 
 

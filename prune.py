@@ -70,6 +70,8 @@ def check_args(args) -> None:
     cli.check_range("--temperature", args.temperature, 0, float("inf"), low_open=True, high_open=True,
                    fix="pass a temperature > 0 (default 0.5)")
     cli.check_range("--cls-bal-ratio", args.cls_bal_ratio, 0, 1)
+    if args.seed < 0:
+        raise cli.UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 42)")
     if args.total_dataset_size is not None and args.total_dataset_size < 1:
         raise cli.UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
                             "omit it to use the number of rows in the cluster files")
@@ -124,14 +126,16 @@ def main() -> None:
         # The stats and the plot need only the quotas: drawn while the workers select.
         report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, probs,
                                plan.quotas, target, title)
-        collected, unsorted = du.KeptKeyCollector(int(plan.quotas.sum())), []
+        collected, unsorted, misnamed = du.KeptKeyCollector(int(plan.quotas.sum())), [], []
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f:
-            selection = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, pool)
-            for cluster, (lines, keys, in_order) in zip(clusters, selection):
-                f.write(lines)
-                collected.add(keys)
-                if not in_order:
+            selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, pool)
+            for cluster, kept in zip(clusters, selections, strict=True):  # strict: to the end, bar included
+                f.write(kept.lines)
+                collected.add(kept.keys)
+                if not kept.in_order:
                     unsorted.append(cluster.path)
+                if not kept.ids_match:
+                    misnamed.append(cluster.path)
         kept_keys = collected.sorted_unique()
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if not args.no_trie:
@@ -140,15 +144,21 @@ def main() -> None:
         np.save(out.path(du.QUOTAS_FILE), plan.quotas)
         report.result()
         kept = int(plan.quotas.sum())
-        if total != total_rows:  # warned only now: a bad input must end in its error line alone
+        # Warned only now: a bad input found on the way must end in its error line alone.
+        if total != total_rows:
             cli.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
-                           "files; the kept target uses the given size")
+                            "files; the kept target uses the given size")
+        if target == 0:
+            cli.log.warning(f"--prune-ratio {args.prune_ratio:g} of {total} samples keeps none (N = 0)")
         if unsorted:
             cli.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
-                           f"--which-to-keep {args.which_to_keep} kept a prefix or suffix of each as if they were")
+                            f"--which-to-keep {args.which_to_keep} kept a prefix or suffix of each as if they were")
+        if misnamed:
+            cli.log.warning(f"{len(misnamed)} cluster file(s) hold rows whose cluster id (column 3) is not their "
+                            f"own, e.g. {misnamed[0]}; check that the files were not renamed or mixed up")
         if len(kept_keys) < kept:
-            cli.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path "
-                           "(same name, other extension); the key sets hold each key once")
+            cli.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path: the same path "
+                            "in two clusters, or the same name with another extension; the key sets hold each once")
         cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
         with open(out.path(du.LOG_FILE), "w") as f:
             f.write(log_text.getvalue())

@@ -166,6 +166,22 @@ CASES = [
     ("save-dir-done", (PRUNE_SCRIPT,), None, {"--save-dir": lambda r: r / "done"}, "completed run"),
     ("save-dir-is-file", (PRUNE_SCRIPT,), None, {"--save-dir": lambda r: r / "blocker"}, "is a file"),
     ("unknown-flag", ALL, None, {"--colour": "blue"}, "unrecognized"),
+    # Hostile sizes and values: reported at once, never built up in memory, never an internal error.
+    ("stray-huge-file", ALL, add_file("cluster_400000000.npy"), {"KFLAG": None},
+     "missing cluster_4.npy, cluster_5.npy, cluster_6.npy, cluster_7.npy, cluster_8.npy and 399999991 more"),
+    ("k-huge", ALL, None, {"KFLAG": 10**12}, "missing cluster_4.npy, cluster_5.npy, cluster_6.npy, cluster_7.npy, "
+     "cluster_8.npy and 999999999991 more"),
+    ("seed-negative", (PRUNE_SCRIPT,), None, {"--seed": -1, "--which-to-keep": "random"}, "--seed: -1 is negative"),
+    ("key-surrogate", (PRUNE_SCRIPT,), save_cluster([("a/\udcff.jpg", 0, 0.5, 1)] + ROWS[1:]), {},
+     "row 0: key 'a/\\udcff.jpg' is not valid Unicode"),
+    ("key-newline", (PRUNE_SCRIPT,), save_cluster([("a/1\n2.jpg", 0, 0.5, 1)] + ROWS[1:]), {},
+     "row 0: key 'a/1\\n2.jpg' holds a line break"),
+    ("centroids-none", (DINTER_SCRIPT,), lambda r: np.save(r / "save/kmeans_centroids.npy", np.zeros((0, DIM))),
+     {"FOLDER": None, "KFLAG": None, "--centroids_file": lambda r: r / "save/kmeans_centroids.npy"}, "no centroids"),
+    ("complexity-overflow", (PRUNE_SCRIPT,), lambda r: [np.save(r / f"scores/{name}.npy", np.full(K, 1e200))
+                                                        for name in ("dintra", "dinter")], {}, "overflows"),
+    ("dintra-too-large", (DINTRA_SCRIPT,), save_cluster([(f"a/{i}.jpg", i, 1e308, 1) for i in range(3)]), {},
+     "mean distance 1e+308 is too large for d_intra's float32"),
 ]
 
 

@@ -87,3 +87,60 @@ def test_dinter_finds_centroids_in_sorted_folder_or_its_parent(desc_str, tmp_pat
         assert r.returncode == 0, r.stderr
         np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
         os.remove(where / "kmeans_centroids.npy")
+
+
+def test_dinter_of_extreme_but_finite_centroids(desc_str, tmp_path):
+    """Rows scaled by 1e200 or 1e-200 have the same directions: the same d_inter, not overflow or 'all zeros'."""
+    centroids = desc_str["centroids"].astype(np.float64)
+    scaled = centroids * np.where(np.arange(len(centroids)) % 2, 1e200, 1e-200)[:, None]
+    np.save(tmp_path / "centroids.npy", scaled)
+    r = run_script(DINTER_SCRIPT, "--centroids_file", tmp_path / "centroids.npy",
+                   "--mean_centroid_distances_save_path", tmp_path / "dinter.npy")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "dinter.npy"), brute_dinter(centroids, 20), atol=1e-5)
+
+
+def test_dintra_of_huge_distances_is_their_mean(tmp_path):
+    """Three distances of 1e38 sum past float32 but their mean fits: d_intra is that mean, not inf."""
+    folder = tmp_path / "sorted"
+    folder.mkdir()
+    np.save(folder / "cluster_0.npy", [(f"a/{i}.jpg", i, 3e38, 0) for i in range(3)])
+    np.save(folder / "cluster_1.npy", [("b/0.jpg", 3, 1.5e308, 1), ("b/1.jpg", 4, 1.5e308, 1), ("b/2.jpg", 5, 0, 1)])
+    r = run_script(DINTRA_SCRIPT, "--sorted_clusters_path", folder, "--avg_distance_to_cent_save_path",
+                   tmp_path / "dintra.npy")
+    assert r.returncode == 2 and "cluster_1.npy: the mean distance 1e+308 is too large" in r.stderr
+    os.remove(folder / "cluster_1.npy")
+    r = run_script(DINTRA_SCRIPT, "--sorted_clusters_path", folder, "--avg_distance_to_cent_save_path",
+                   tmp_path / "dintra.npy")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "dintra.npy")[0] == np.float32(3e38)
+
+
+def test_npy_format_3_is_read(tmp_path):
+    """np.save writes format 3.0 for some arrays; np.load reads it, so do the scripts."""
+    folder = tmp_path / "sorted"
+    folder.mkdir()
+    rows = np.array([("a/é.jpg", "0", "0.5", "0"), ("a/b.jpg", "1", "0.25", "0")])
+    with open(folder / "cluster_0.npy", "wb") as f:
+        np.lib.format.write_array(f, rows, version=(3, 0))
+    assert (folder / "cluster_0.npy").read_bytes()[6:8] == b"\x03\x00"
+    r = run_script(DINTRA_SCRIPT, "--sorted_clusters_path", folder, "--avg_distance_to_cent_save_path",
+                   tmp_path / "dintra.npy")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "dintra.npy"), [0.375])
+
+
+def test_dinter_finds_centroids_beside_a_linked_sorted_folder(desc_str, tmp_path):
+    """SAVE/sorted as a symbolic link to elsewhere: the centroids beside the link's target are found,
+    and the summary names the file used."""
+    real = tmp_path / "semdedup_save"
+    shutil.copytree(desc_str["sorted"], real / "sorted")
+    np.save(real / "kmeans_centroids.npy", desc_str["centroids"])
+    (tmp_path / "project").mkdir()
+    os.symlink(real / "sorted", tmp_path / "project" / "sorted")
+    out = tmp_path / "dinter.npy"
+    r = run_script(DINTER_SCRIPT, "--sorted_clusters_path", tmp_path / "project" / "sorted",
+                   "--mean_centroid_distances_save_path", out)
+    assert r.returncode == 0, r.stderr
+    assert f"from {real / 'kmeans_centroids.npy'}" in r.stdout
+    np.testing.assert_allclose(np.load(out), brute_dinter(desc_str["centroids"], 20), atol=1e-5)

@@ -6,6 +6,8 @@ a run that finishes before the fault lands fails the test instead of passing it 
 
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -109,9 +111,10 @@ def wait_ended(proc):
 
 
 def assert_one_line(err, *expected):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(text in lines[0] for text in expected), lines[0]
+    """One error line, on a line of its own; before it at most the progress bars the run had drawn."""
+    *bars, line = err.strip().splitlines()
+    assert all(re.match(r"\r?[\w ]+: +\d+%\|", bar) for bar in bars), err
+    assert line.startswith("error: ") and all(text in line for text in expected), err
 
 
 def test_same_inputs_give_identical_outputs_for_any_workers(big, reference, tmp_path):
@@ -188,3 +191,40 @@ def test_a_second_run_on_the_same_save_dir_is_refused(big, reference, tmp_path, 
     assert returncode == 0, err
     assert comparable(save_dir) == reference  # the first run's outputs alone, whole
     assert not (save_dir / ".dbp_lock").exists()
+
+
+def limit_file_size(limit):
+    """preexec_fn: files may not grow past `limit` bytes, as on a full disk (writes fail, nothing is killed)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_ends_in_one_line_and_rolls_back(big, tmp_path, existing):
+    save_dir = tmp_path / "run"
+    extra = []
+    if existing:
+        assert run_script(PRUNE_SCRIPT, *big["args"], "--save-dir", save_dir, "--prune-ratio", "0.5").returncode == 0
+        extra = ["--overwrite"]
+    before = snapshot(tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, PRUNE_SCRIPT), *map(str, big["args"]), "--save-dir", str(save_dir),
+           "--workers", "2", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=limit_file_size(1 << 20))  # kept_paths.txt alone is ~7 MB
+    out, err, returncode = wait_ended(proc)
+    assert returncode == 1
+    assert_one_line(err, f"error: {save_dir}: File too large", "free disk space")
+    assert snapshot(tmp_path) == before
+
+
+def test_dintra_on_a_full_disk_leaves_no_folders_behind(big, tmp_path):
+    out = tmp_path / "new" / "deeper" / "dintra.npy"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, DINTRA_SCRIPT), "--sorted_clusters_path",
+                             big["sorted"], "--avg_distance_to_cent_save_path", out], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=limit_file_size(100))
+    _, err, returncode = wait_ended(proc)
+    assert returncode == 1
+    assert_one_line(err, f"error: {out}: File too large")
+    assert os.listdir(tmp_path) == []

@@ -1,6 +1,7 @@
 """The loader side: real webdataset shards filtered by the kept keys, in plain loops and in torch workers."""
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -73,3 +74,28 @@ def test_torch_loader_workers_yield_each_kept_sample_once(tmp_path, keys, loader
         batches = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context=context)
     seen = list(batches)
     assert len(seen) == len(set(seen)) and sorted(seen) == kept
+
+
+@pytest.mark.parametrize("form", ["pipe:cat {}", "pipe:cat {} || true", "pipe:cat '{}'", "pipe:dd if={} status=none"])
+def test_pipe_shards_are_filtered_like_files(tmp_path, form):
+    """Shards streamed by a command (from an object store, say) keep exactly the kept samples too."""
+    urls, kept = make_shards(tmp_path)
+    dataset = wds.WebDataset([form.format(u) for u in urls], shardshuffle=False)
+    seen = [sample_key(s) for s in dataset.select(du.webdataset_filter(tmp_path / "kept.npy"))]
+    assert seen == kept
+
+
+@pytest.mark.parametrize("url", [
+    "pipe:aws s3 cp s3://bucket/laion/00012.tar -", "pipe:curl -s -L https://host/data/00012.tar",
+    "pipe:cat 00012.tar || true", "https://host/data/00012.tar?X-Amz-Signature=abc&x=1", "/data/00012.tar.gz",
+    "gs://bucket/00012.tgz", "/data/my shards/00012.tar", "file:///data/00012.tar#frag"])
+def test_shard_stem_of_every_url_form(url):
+    assert du.shard_stem(url) == "00012"
+
+
+def test_a_url_without_a_shard_name_fails_on_the_first_sample(tmp_path):
+    urls, _ = make_shards(tmp_path)
+    os.rename(urls[0], tmp_path / "shard-zero")
+    dataset = wds.WebDataset([f"pipe:cat {tmp_path / 'shard-zero'}"], shardshuffle=False)
+    with pytest.raises(ValueError, match="no shard name in __url__"):
+        next(iter(dataset.select(du.webdataset_filter(tmp_path / "kept.npy"))))

@@ -203,3 +203,44 @@ def test_prune_warns_about_unsorted_files(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "1 cluster file(s) are not sorted" in r.stderr and "cluster_0.npy" in r.stderr
     assert (tmp_path / "run" / "kept_paths.txt").read_text().split() == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"]
+
+
+def test_a_tiny_temperature_gives_the_most_complex_cluster_all_it_can_take(desc_str, scored, tmp_path):
+    """T = 1e-310 would overflow exp(C / T); the softmax is then one-hot on the largest complexity."""
+    r = prune(desc_str, scored(desc_str), tmp_path / "run", "--prune-ratio", 0.3, "--temperature", 1e-310,
+              "--cls-bal-ratio", 0)
+    assert r.returncode == 0, r.stderr
+    d_intra, d_inter = brute_dintra(desc_str), brute_dinter(desc_str["centroids"], 20)
+    c = d_intra * d_inter
+    c = np.where(np.isnan(c), np.nanmean(c), c)
+    sizes = np.bincount(desc_str["labels"], minlength=desc_str["k"])
+    quotas = np.load(tmp_path / "run" / "quotas.npy")
+    top = np.argmax(c)
+    assert quotas[top] == sizes[top]  # the one cluster with all the probability keeps everything
+    assert quotas.sum() == int(0.3 * len(desc_str["x"]))
+
+
+def write_clusters(folder, clusters):
+    folder.mkdir()
+    for j, rows in enumerate(clusters):
+        np.save(folder / f"cluster_{j}.npy", rows)
+
+
+def test_warnings_for_what_prune_notices_on_the_way(tmp_path):
+    sorted_dir = tmp_path / "sorted"
+    write_clusters(sorted_dir, [
+        [("a/0.jpg", 0, 0.9, 0), ("a/1.jpg", 1, 0.5, 0)],
+        [("b/0.jpg", 2, 0.8, 7), ("b/1.jpg", 3, 0.2, 7)],  # rows that say they belong to cluster 7
+        [("a/0.jpg", 0, 0.7, 2), ("a/1.png", 1, 0.1, 2)],  # the same path again, and the same name as .png
+    ])
+    common = ["--sorted-clusters-path", sorted_dir, "--density", "uniform"]
+    r = run_script(PRUNE_SCRIPT, *common, "--prune-ratio", 1, "--save-dir", tmp_path / "all")
+    assert r.returncode == 0, r.stderr
+    assert "1 cluster file(s) hold rows whose cluster id (column 3) is not their own" in r.stderr
+    assert str(sorted_dir / "cluster_1.npy") in r.stderr
+    assert "2 kept paths share a key with another kept path: the same path in two clusters, or the same" in r.stderr
+    assert np.load(tmp_path / "all" / "kept_keys.npy").tolist() == [b"a/0", b"a/1", b"b/0", b"b/1"]
+    r = run_script(PRUNE_SCRIPT, *common, "--prune-ratio", 0.1, "--save-dir", tmp_path / "none")
+    assert r.returncode == 0, r.stderr
+    assert "--prune-ratio 0.1 of 6 samples keeps none (N = 0)" in r.stderr
+    assert (tmp_path / "none" / "kept_paths.txt").read_text() == ""
