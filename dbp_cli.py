@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -23,7 +24,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -35,6 +36,7 @@ TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, s
 PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
 LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
+STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
 
 log = logging.getLogger("dbp")
 
@@ -124,19 +126,17 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except KeyboardInterrupt:
-        _fail("interrupted (Ctrl-C): stopped, and what it had not finished was removed (rerun the command)",
-              SIGNAL_EXIT + signal.SIGINT)
+        _fail(f"interrupted (Ctrl-C): {STOPPED}", SIGNAL_EXIT + signal.SIGINT)
     except Terminated:
-        _fail("terminated (SIGTERM): stopped, and what it had not finished was removed (rerun the command)",
-              SIGNAL_EXIT + signal.SIGTERM)
+        _fail(f"terminated (SIGTERM): {STOPPED}", SIGNAL_EXIT + signal.SIGTERM)
     except Exception as e:
         if debug:
             raise
         if isinstance(e, UsageError):
             _fail(str(e), USAGE_EXIT)
         elif isinstance(e, WorkerDied):
-            _fail("a worker process died, killed from outside (the out-of-memory killer?); what the run had not "
-                  "finished was removed (rerun, with fewer --workers if memory is short)", 1)
+            _fail("a worker process died, killed from outside (by the out-of-memory killer?); nothing unfinished "
+                  "was published (rerun the command, with fewer --workers if memory is short)", 1)
         elif isinstance(e, OSError):
             _fail(f"{e.filename or 'system'}: {e.strerror or e} (check the path, its permissions and free disk "
                   "space)", 1)
@@ -155,15 +155,11 @@ def _fail(message: str, status: int) -> None:
     sys.exit(status)
 
 
-def progress(total: int, desc: str, unit: str = "cluster") -> tqdm:
-    """A tqdm bar on stderr, drawn only once the work has taken PROGRESS_DELAY seconds."""
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, delay=PROGRESS_DELAY)
-
-
 @contextlib.contextmanager
-def bar_ending_cleanly(bar: tqdm) -> Iterator[tqdm]:
-    """Close the bar so that what is printed next starts on a line of its own: on a terminal a failed
-    run's bar is wiped, in a log file it ends its line."""
+def progress(total: int, desc: str, unit: str = "cluster") -> Iterator[tqdm]:
+    """A tqdm bar on stderr, drawn once the work has taken PROGRESS_DELAY seconds. If the work fails, the
+    bar is wiped on a terminal and ends its line in a log file: the error line after it stands alone."""
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, delay=PROGRESS_DELAY)
     try:
         yield bar
     except BaseException:
@@ -204,33 +200,39 @@ class WorkerPool:
             self.conns.append(ours)
             self.procs.append(proc)
 
-    def map(self, func: Callable[[Any], Any], tasks: list) -> Iterator[Any]:
-        """func(task) for every task, in task order; a task's exception is raised here."""
-        todo = iter(enumerate(tasks))
+    def map(self, func: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        """func(task) for every task, in task order; a task's exception is raised here. Tasks are drawn
+        from the iterable only as workers take them, so a lazy one never sits in memory whole."""
+        todo = enumerate(tasks)
         idle, busy, done = list(self.conns), {}, {}
         sentinels = {proc.sentinel for proc in self.procs}
-        for wanted in range(len(tasks)):
-            while wanted not in done:
-                # Keep every worker busy, but never run far ahead of the results handed out.
-                while idle and len(busy) + len(done) < TASKS_AHEAD * len(self.conns) and (job := next(todo, None)):
-                    conn = idle.pop()
-                    try:
-                        conn.send((func, job[1]))
-                    except OSError:  # its worker is gone
-                        raise WorkerDied from None
-                    busy[conn] = job[0]
-                for ready in multiprocessing.connection.wait([*busy, *sentinels]):
-                    if ready in sentinels:
-                        raise WorkerDied
-                    try:
-                        ok, value = ready.recv()
-                    except (EOFError, OSError):
-                        raise WorkerDied from None
-                    if not ok:
-                        raise value
-                    done[busy.pop(ready)] = value
-                    idle.append(ready)
-            yield done.pop(wanted)
+        wanted = 0
+        while True:
+            # Keep every worker busy, but never run far ahead of the results handed out.
+            while idle and len(busy) + len(done) < TASKS_AHEAD * len(self.conns) and (job := next(todo, None)):
+                conn = idle.pop()
+                try:
+                    conn.send((func, job[1]))
+                except OSError:  # its worker is gone
+                    raise WorkerDied from None
+                busy[conn] = job[0]
+            if wanted in done:
+                yield done.pop(wanted)
+                wanted += 1
+                continue
+            if not busy:
+                return
+            for ready in multiprocessing.connection.wait([*busy, *sentinels]):
+                if ready in sentinels:
+                    raise WorkerDied
+                try:
+                    ok, value = ready.recv()
+                except (EOFError, OSError):
+                    raise WorkerDied from None
+                if not ok:
+                    raise value
+                done[busy.pop(ready)] = value
+                idle.append(ready)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -283,10 +285,13 @@ def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
         yield pool
 
 
-def parallel_map(func: Callable[[Any], Any], tasks: list, pool: WorkerPool | None, desc: str) -> Iterator[Any]:
-    """func over tasks, results in task order, spread over the pool, with a progress bar."""
-    with bar_ending_cleanly(progress(len(tasks), desc)) as bar:
-        results = map(func, tasks) if pool is None or len(tasks) <= 1 else pool.map(func, tasks)
+def parallel_map(func: Callable[[Any], Any], tasks: Iterable[Any], pool: WorkerPool | None, desc: str,
+                 total: int | None = None) -> Iterator[Any]:
+    """func over tasks, results in task order, spread over the pool, with a progress bar (`total`: for a
+    lazy iterable of tasks)."""
+    total = len(tasks) if total is None else total
+    with progress(total, desc) as bar:
+        results = map(func, tasks) if pool is None or total <= 1 else pool.map(func, tasks)
         for result in results:
             bar.update()
             yield result
@@ -312,6 +317,20 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def save_json(path: str, value: Any) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+
+
+def load_json(path: str) -> Any:
+    """The value in a JSON file, or None if there is none (or it is not JSON)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 class _NewFolders:
@@ -417,13 +436,15 @@ class FolderLock:
 
 
 class SaveDir:
-    """An output folder published whole. `with SaveDir(path, ...) as out:` writes each output into a
-    hidden staging folder (`out.path(name)`) and, when the block succeeds, moves them into place with
-    the marker file (params.json) last, the sign of a completed run. A folder holding a completed run
-    is refused unless `overwrite`; a failed, interrupted or killed run leaves what the folder had
-    untouched (a folder it created goes again) and a rerun finishes a killed one. One run at a time."""
+    """An output folder published whole. `with SaveDir(path, ...) as out:` writes each output (a file or a
+    folder) into a hidden staging folder (`out.path(name)`) and, when the block succeeds, moves them into
+    place with the marker file last, the sign of a completed run. A folder holding outputs is refused
+    unless `overwrite` (those of a killed run are not: a rerun finishes it). A failed run leaves the folder
+    as it was (one it created goes again); a `resumable` run keeps its staging folder when it is stopped
+    (not when it fails on bad input), for a rerun to go on from. One run at a time (FolderLock)."""
 
-    def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str):
+    def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str,
+                 resumable: bool = False):
         if not path:
             raise UsageError(flag, "is required", "pass the folder for the outputs")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -431,12 +452,19 @@ class SaveDir:
         check_creatable(os.path.abspath(path), flag)
         self.dir, self.staging = path, os.path.join(path, STAGING_DIR)
         self.overwrite, self.outputs, self.marker, self.flag = overwrite, outputs, marker, flag
-        self._refuse_completed()
+        self.resumable = resumable
+        self._refuse_existing()
 
-    def _refuse_completed(self) -> None:
-        if os.path.exists(os.path.join(self.dir, self.marker)) and not self.overwrite:
+    def _refuse_existing(self) -> None:
+        if self.overwrite:
+            return
+        if os.path.exists(os.path.join(self.dir, self.marker)):
             raise UsageError(self.flag, f"{self.dir} already holds the outputs of a completed run",
                              f"pass --overwrite to replace them, or choose another {self.flag}")
+        found = [name for name in self.outputs if os.path.exists(os.path.join(self.dir, name))]
+        if found and not os.path.isdir(self.staging):  # not the leftovers of a killed run of ours
+            raise UsageError(self.flag, f"{self.dir} already holds {found[0]}",
+                             f"pass --overwrite to replace it, or choose another {self.flag}")
 
     def path(self, name: str) -> str:
         return os.path.join(self.staging, name)
@@ -446,23 +474,27 @@ class SaveDir:
         # Refused here, nothing is undone: the folder, even one this run created, is the other run's now.
         self.lock = FolderLock(self.dir, self.flag).acquire()
         try:
-            self._refuse_completed()  # again: another run may have completed it since we looked
-            shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left
-            os.mkdir(self.staging)
+            self._refuse_existing()  # again: another run may have completed it since we looked
+            if not self.resumable:
+                shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left
+            os.makedirs(self.staging, exist_ok=True)
         except BaseException:
             self._roll_back()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._roll_back()
-            if isinstance(exc, OSError):
-                exc.filename = exc.filename or self.dir  # a failed write (a full disk) names no file of its own
+        if exc_type is None:
+            with _signals_held():  # an interrupted publish would leave two runs' files side by side
+                self._publish()
+            self.lock.release()
             return
-        with _signals_held():  # an interrupted publish would leave two runs' files side by side
-            self._publish()
-        self.lock.release()
+        if isinstance(exc, OSError):
+            exc.filename = exc.filename or self.dir  # a failed write (a full disk) names no file of its own
+        if self.resumable and not isinstance(exc, UsageError):
+            self.lock.release()  # the staging folder stays, for a rerun to go on from
+        else:
+            self._roll_back()
 
     def _roll_back(self) -> None:
         """Undo this run, still holding the lock so that no other run starts in what is removed."""
@@ -476,11 +508,13 @@ class SaveDir:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.dir, self.marker))  # incomplete from here until the end
         for name in self.outputs:
+            target = os.path.join(self.dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):  # a folder is replaced whole, not merged
+                os.replace(target, self.path(f".replaced {name}"))  # and goes with the staging folder
             if name in written and name != self.marker:
-                os.replace(self.path(name), os.path.join(self.dir, name))
-            elif name not in written:  # an earlier run's output this one does not make (--no-trie)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.dir, name))
+                os.replace(self.path(name), target)
+            elif name not in written and os.path.lexists(target):  # an earlier run's output this one does not make
+                os.remove(target)
         os.replace(self.path(self.marker), os.path.join(self.dir, self.marker))
         shutil.rmtree(self.staging)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import UsageError
+from dbp_cli import UsageError, atomic_open
 
 KEY_COL, DIST_COL, CLUSTER_COL = 0, 2, 3  # the columns DBP reads: key (the sample's path), distance, cluster id
 NUM_COLS = 4
@@ -250,6 +250,23 @@ def _encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def cluster_table(keys: np.ndarray, rows: np.ndarray, distances: np.ndarray, cluster_id: int,
+                  descending: bool) -> np.ndarray:
+    """One cluster's file content as SemDeDup writes it: (key, row index, distance, cluster id) rows as a
+    `<U` (n, 4) array sorted by distance (farthest first when `descending`), ties in row order."""
+    order = np.argsort(-distances if descending else distances, kind="stable")
+    keys = keys if keys.dtype.kind == "U" else np.strings.decode(keys, "utf-8")
+    ids = np.full(len(rows), str(cluster_id))
+    # A float32 distance prints as the shortest text that reads back as the same float32.
+    return np.stack([keys[order], rows[order].astype(str), distances[order].astype(str), ids], axis=1)
+
+
+def save_cluster_file(path: str, table: np.ndarray) -> None:
+    """Write a cluster file atomically; an empty cluster is `np.save(path, [])`, as SemDeDup writes it."""
+    with atomic_open(path) as f:
+        np.save(f, table if len(table) else np.array([]))
 
 
 # ---------------------------------------------------------------------------------------------

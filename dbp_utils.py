@@ -14,7 +14,6 @@ start fast in shell pipelines and a data loader importing this module stays ligh
 from __future__ import annotations
 
 import csv
-import json
 import os
 import pickle
 import posixpath
@@ -567,6 +566,3 @@ def plot_quotas(f, probs: np.ndarray, quotas: np.ndarray, target: int, title: st
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     fig.savefig(f, format="png")
 
-
-def write_params(f, params: dict[str, Any]) -> None:
-    f.write((json.dumps(params, indent=2) + "\n").encode())

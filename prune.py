@@ -167,8 +167,7 @@ def main() -> None:
         params.update(num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
                       min_per_cluster=plan.min_per_cluster, water_level=plan.nu, kept_samples=kept,
                       kept_keys=len(kept_keys))
-        with open(out.path(du.PARAMS_FILE), "wb") as f:
-            du.write_params(f, params)
+        cli.save_json(out.path(du.PARAMS_FILE), params)
     print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "
           f"({args.which_to_keep}, {args.density}) -> {args.save_dir}")
 

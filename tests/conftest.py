@@ -15,13 +15,14 @@ import make_toy_clusters  # noqa: E402
 DINTRA_SCRIPT = "compute_avg_dist_to_cluster_centroid.py"
 DINTER_SCRIPT = "compute_centroid_distances.py"
 PRUNE_SCRIPT = "prune.py"
+CLUSTER_SCRIPT = "cluster_embeddings.py"
 # prune.py's outputs, by the names the SPEC gives them (written out, not taken from dbp_utils).
 OUTPUTS = ["kept_keys_trie.pkl", "kept_keys.npy", "kept_paths.txt", "quotas.npy", "cluster_stats.csv",
            "params.json", "quotas.png", "logs.log"]
 
 
 def run_script(script: str, *args, cwd=None) -> subprocess.CompletedProcess:
-    """Run one of the three scripts as a user would, capturing its output."""
+    """Run one of the scripts as a user would, capturing its output."""
     args = [str(a) for a in args]
     if "--workers" not in args:
         args += ["--workers", "2"]

@@ -1,0 +1,143 @@
+"""Cluster embeddings with k-means and write SemDeDup's sorted clusters, the input of the three DBP scripts.
+
+Reads the embeddings as researchers hold them (the layout is read off the files):
+  - one .npy (n, dim), float16 or float32, with --keys a .txt (one key per line), a 1-D string .npy or
+    a .parquet (--key-column);
+  - clip-retrieval's output, as LAION's embedding releases come: --embeddings the img_emb folder of
+    img_emb_<n>.npy parts, --keys the metadata folder of metadata_<n>.parquet (default: the metadata
+    folder beside img_emb; key column image_path);
+  - DataComp's shards: --embeddings a folder of <shard>.npz (array --npz-key, default l14_img) beside
+    <shard>.parquet (keys: the uid column); no --keys.
+Rows are L2-normalised as they are read. k-means is faiss's, as SemDeDup runs it (spherical, 100
+iterations, seed 1234), trained on a seeded sample of --sample-size rows (default: up to 256 per
+centroid); every row then goes to its nearest centroid in one streamed pass.
+
+Writes into --save_folder, exactly what SemDeDup writes:
+  kmeans_centroids.npy                   float32 (k, dim)
+  sorted_clusters/cluster_{j}.npy        (key, row index, cosine distance to the centroid, cluster id)
+                                         as a <U (n_j, 4) array, farthest first (--ascending: nearest
+                                         first); an empty cluster is np.save(path, [])
+and clustering.json (the flags and figures of the run; written last, it marks the folder complete).
+A killed or interrupted run is finished by rerunning the same command; a completed folder is refused
+unless --overwrite.
+
+    python cluster_embeddings.py --embeddings emb.npy --keys keys.txt --num_clusters 500 --save_folder SAVE
+    python cluster_embeddings.py --embeddings laion/img_emb --num_clusters 500 --save_folder SAVE
+    python cluster_embeddings.py --embeddings datacomp/shards --num_clusters 100 --save_folder SAVE
+"""
+
+import argparse
+import os
+import shutil
+
+import numpy as np
+
+import dbp_cli as cli
+import dbp_embeddings as de
+
+PARAMS_FILE = "clustering.json"
+OUTPUTS = (de.CENTROIDS_FILE, de.SORTED_DIR, PARAMS_FILE)
+MANIFEST, OBJECTIVE = "manifest.json", "objective.json"  # in the staging folder: what the work is for; k-means' own
+
+
+def parse_args():
+    parser = cli.make_parser(__doc__)
+    cli.add_flag(parser, "--embeddings", default=None,
+                 help="a .npy of embeddings (n, dim), a clip-retrieval img_emb folder, or a folder of DataComp shards")
+    cli.add_flag(parser, "--keys", default=None,
+                 help="the keys of the rows: a .txt (one per line), a 1-D string .npy or a .parquet; for "
+                      "clip-retrieval, the metadata folder (default: beside img_emb); not for DataComp shards")
+    cli.add_flag(parser, "--num_clusters", type=int, default=None, help="k, the number of k-means clusters")
+    cli.add_flag(parser, "--save_folder", default=None,
+                 help="folder for kmeans_centroids.npy and sorted_clusters/ (SemDeDup's save folder)")
+    cli.add_flag(parser, "--niter", type=int, default=100, help="k-means iterations (default: 100, SemDeDup's)")
+    cli.add_flag(parser, "--seed", type=int, default=1234,
+                 help="seed of the training sample and of k-means (default: 1234, SemDeDup's)")
+    cli.add_flag(parser, "--sample-size", type=int, default=None,
+                 help="rows k-means is trained on, drawn uniformly (default: all rows, up to 256 per centroid)")
+    parser.add_argument("--spherical", action=argparse.BooleanOptionalAction, default=True,
+                        help="spherical k-means, SemDeDup's Kmeans_with_cos_dist (default: on)")
+    cli.add_flag(parser, "--ascending", action="store_true",
+                 help="sort each cluster nearest first (SemDeDup's keep_hard False); default: farthest first")
+    cli.add_flag(parser, "--npz-key", default="l14_img",
+                 help="the embedding array in DataComp's .npz (default: l14_img)")
+    cli.add_flag(parser, "--key-column", default=None,
+                 help="the key column of parquet keys (default: image_path for clip-retrieval, uid for DataComp)")
+    cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
+    cli.add_workers_flag(parser)
+    return parser.parse_args()
+
+
+def check_args(args, rows: int) -> int:
+    """The flags against the data; returns the sample size."""
+    k = args.num_clusters
+    if k is None:
+        raise cli.UsageError("--num_clusters", "is required", "pass k, e.g. 500 for LAION, 100 for DataComp")
+    if k < 1 or k > rows:
+        raise cli.UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows", "pass a smaller k")
+    if args.niter < 1:
+        raise cli.UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
+    if args.seed < 0:
+        raise cli.UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 1234)")
+    sample = min(rows, de.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
+    if not k <= sample <= rows:
+        raise cli.UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows",
+                             "omit it for up to 256 rows per centroid")
+    return sample
+
+
+def fingerprint(args, embeddings: de.Embeddings, sample: int) -> dict:
+    """What a rerun must match to go on from a stopped run's work: the flags and the input files."""
+    files = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in embeddings.files()]
+    flags = {name: getattr(args, name) for name in ("num_clusters", "niter", "seed", "spherical", "ascending",
+                                                     "npz_key", "key_column")}
+    return {"files": files, "flags": flags, "sample_size": sample}
+
+
+def main() -> None:
+    args = parse_args()
+    workers = cli.num_workers(args.workers)
+    if not args.embeddings:
+        raise cli.UsageError("--embeddings", "is required", "pass a .npy file or a folder of embedding parts")
+    embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
+    n, k = embeddings.rows, args.num_clusters
+    sample = check_args(args, n)
+    save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resumable=True)
+    run = fingerprint(args, embeddings, sample)
+
+    with save as out:
+        work = out.staging
+        if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
+            shutil.rmtree(work)
+            os.mkdir(work)
+            cli.save_json(out.path(MANIFEST), run)
+        # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.
+        if not os.path.exists(out.path(de.KEY_ENDS)):
+            repeats = de.gather_keys(embeddings, work)
+            if repeats:
+                cli.log.warning(f"{repeats} keys repeat an earlier key; they are kept (as SemDeDup does), but "
+                                "the DBP key sets will hold each once")
+        if not os.path.exists(out.path(de.CENTROIDS_FILE)):
+            centroids, objective = de.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
+                                                   workers)
+            cli.save_json(out.path(OBJECTIVE), objective)
+            cli.save_npy(out.path(de.CENTROIDS_FILE), centroids)
+        if not os.path.exists(out.path(de.DISTANCES)):
+            labels, distances = de.assign(embeddings, np.load(out.path(de.CENTROIDS_FILE)), args.spherical, workers)
+            cli.save_npy(out.path(de.LABELS), labels)
+            cli.save_npy(out.path(de.DISTANCES), distances)
+        labels, distances = np.load(out.path(de.LABELS)), np.load(out.path(de.DISTANCES))
+        with cli.worker_pool(workers) as pool:
+            de.write_clusters(out.path(de.SORTED_DIR), work, labels, distances, k, not args.ascending, pool)
+        sizes = np.bincount(labels, minlength=k)
+        cli.save_json(out.path(PARAMS_FILE), {
+            "embeddings": os.path.abspath(args.embeddings), "keys": args.keys and os.path.abspath(args.keys),
+            **run["flags"], "sample_size": sample, "rows": n, "dim": embeddings.dim, "parts": len(embeddings.parts),
+            "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": int((sizes == 0).sum()),
+            "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
+    print(f"clustered {n} rows (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
+          f"{sizes.min()} to {sizes.max()} rows ({int((sizes == 0).sum())} empty) -> {args.save_folder}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,430 @@
+"""From the embeddings researchers hold to SemDeDup's sorted clusters, on one machine, in bounded memory.
+
+The layouts read, found from the files themselves:
+  - one .npy (n, dim) of float16/float32 embeddings, with its keys in a .txt (one per line), a 1-D
+    string .npy or a .parquet column;
+  - clip-retrieval's parts, the layout of LAION's embedding releases: `img_emb/img_emb_<n>.npy` with
+    `metadata/metadata_<n>.parquet` (key column `image_path`), paired by <n>, rows by position;
+  - DataComp's shards: `<shard>.npz` (the embeddings under `l14_img`) beside `<shard>.parquet` (`uid`).
+
+Embeddings are read a chunk at a time and L2-normalised as they are read. k-means is faiss's, as
+SemDeDup runs it (spherical, niter 100, seed 1234), trained on a seeded sample; then one streamed
+pass assigns every row to its nearest centroid and keeps 8 bytes per row (cluster id, distance);
+each cluster's file is then written from those, reading only its own keys. The keys are gathered
+once into a text file (one per line) so that a cluster's keys can be read without the others.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dbp_cli import UsageError, atomic_open, parallel_map, progress
+from dbp_clusters import NPY_HEADER_READERS, cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
+from dbp_utils import unit_rows
+
+CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
+WINDOW_BYTES = 64 << 20  # a sample's rows are read through mappings of at most this much of a file
+POINTS_PER_CENTROID = 256  # faiss's own cap on training points per centroid: the default sample size
+CLIP_EMBEDDINGS = re.compile(r"(?:img|text)_emb_(\d+)\.npy")
+CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
+SORTED_DIR = "sorted_clusters"
+CENTROIDS_FILE = "kmeans_centroids.npy"
+# Work files, kept in the save folder's staging area until the run is published.
+KEYS_TEXT, KEY_ENDS = "keys.txt", "key_ends.npy"  # every key, one per line; where each line ends
+LABELS, DISTANCES = "labels.npy", "distances.npy"  # per row: its cluster, its distance to the centroid
+FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a, for duplicates
+
+
+# ---------------------------------------------------------------------------------------------
+# The layouts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file of embeddings (a .npy, or an array in a .npz) and the file with the keys of its rows."""
+
+    path: str
+    rows: int
+    dim: int
+    dtype: np.dtype
+    keys: str  # .txt, .npy or .parquet
+    key_column: str | None = None  # for .parquet keys
+    npz_key: str | None = None  # for .npz embeddings
+    offset: int = 0  # where the rows start in a .npy
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) for all rows, CHUNK_ROWS at a time, read (not mapped) so memory stays flat."""
+        if self.npz_key:
+            whole = self._npz_array()
+            for start in range(0, self.rows, CHUNK_ROWS):
+                yield start, whole[start:start + CHUNK_ROWS].astype(np.float32)
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for start in range(0, self.rows, CHUNK_ROWS):
+                count = min(CHUNK_ROWS, self.rows - start)
+                yield start, np.fromfile(f, self.dtype, count * self.dim).reshape(count, self.dim).astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 rows at the given sorted indices, through short-lived mappings of a window at a time."""
+        if self.npz_key:
+            return self._npz_array()[rows].astype(np.float32)
+        out = np.empty((len(rows), self.dim), np.float32)
+        row_bytes = self.dim * self.dtype.itemsize
+        per_window = max(1, WINDOW_BYTES // row_bytes)
+        bounds = np.searchsorted(rows, np.arange(0, self.rows + per_window, per_window))
+        for w, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if a < b:
+                first = w * per_window
+                window = np.memmap(self.path, self.dtype, "r", self.offset + first * row_bytes,
+                                   (min(per_window, self.rows - first), self.dim))
+                out[a:b] = window[rows[a:b] - first]
+                del window  # unmapped: its pages stop counting as ours
+        return out
+
+    def _npz_array(self) -> np.ndarray:
+        with np.load(self.path, allow_pickle=False) as npz:
+            return npz[self.npz_key]
+
+    def key_chunks(self) -> Iterator[np.ndarray]:
+        """The keys of this part's rows as UTF-8 bytes, in chunks."""
+        yield from read_keys(self.keys, self.key_column)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """All parts, in order: row r of the whole is row r - start of the part holding it."""
+
+    parts: list[Part]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def dim(self) -> int:
+        return self.parts[0].dim
+
+    def starts(self) -> np.ndarray:
+        return np.cumsum([0] + [p.rows for p in self.parts])
+
+    def unit_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row of the whole, its rows checked and L2-normalised), a chunk at a time."""
+        for part, start in zip(self.parts, self.starts()):
+            for first, x in part.chunks():
+                yield int(start) + first, checked_unit(x, part, np.arange(first, first + len(x)))
+
+    def unit_rows_at(self, rows: np.ndarray) -> np.ndarray:
+        """The rows at sorted indices of the whole, checked and L2-normalised."""
+        starts = self.starts()
+        bounds = np.searchsorted(rows, starts)
+        pieces = []
+        for part, start, a, b in zip(self.parts, starts, bounds[:-1], bounds[1:]):
+            if a < b:
+                local = rows[a:b] - start
+                pieces.append(checked_unit(part.take(local), part, local))
+        return np.concatenate(pieces)
+
+    def files(self) -> list[str]:
+        return sorted({p.path for p in self.parts} | {p.keys for p in self.parts})
+
+
+def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, npz_key: str) -> Embeddings:
+    """Detect the layout of --embeddings (and --keys) and check every part's header."""
+    if not os.path.exists(embeddings):
+        raise UsageError("--embeddings", f"{embeddings} does not exist", "point it at a .npy file or a folder of parts")
+    if os.path.isfile(embeddings):
+        if not embeddings.endswith(".npy"):
+            raise UsageError("--embeddings", f"{embeddings} is not a .npy file",
+                             "pass a .npy of shape (n, dim), or a folder of clip-retrieval or DataComp parts")
+        if not keys:
+            raise UsageError("--keys", "is required with a single .npy of embeddings",
+                             "pass the keys as a .txt (one per line), a 1-D string .npy or a .parquet")
+        parts = [npy_part(embeddings, keys, key_column)]
+    else:
+        names = sorted(os.listdir(embeddings))
+        clip = {int(m[1]): name for name in names if (m := CLIP_EMBEDDINGS.fullmatch(name))}
+        shards = [name for name in names if name.endswith(".npz")]
+        if clip and not shards:
+            parts = clip_retrieval_parts(embeddings, clip, keys, key_column or "image_path")
+        elif shards and not clip:
+            if keys:
+                raise UsageError("--keys", "is not used with DataComp shards: their keys (uid) are in each "
+                                 "<shard>.parquet", "drop --keys")
+            parts = [datacomp_part(os.path.join(embeddings, name), npz_key, key_column or "uid") for name in shards]
+        else:
+            what = "both clip-retrieval parts and .npz shards" if clip else "no img_emb_<n>.npy and no .npz files"
+            raise UsageError("--embeddings", f"{embeddings} holds {what}",
+                             "point it at one .npy, a clip-retrieval img_emb folder or a folder of DataComp shards")
+    for part in parts[1:]:
+        if part.dim != parts[0].dim:
+            raise UsageError(part.path, f"has dimension {part.dim} but {parts[0].path} has {parts[0].dim}",
+                             "all parts must come from the same embedding model")
+    return Embeddings(parts)
+
+
+def npy_part(path: str, keys: str, key_column: str | None) -> Part:
+    shape, dtype, fortran, offset = read_npy_header(path)
+    _check_embedding_header(path, shape, dtype, fortran)
+    _check_keys_file(keys, shape[0], path, key_column)
+    return Part(path, shape[0], shape[1], dtype, keys, key_column, offset=offset)
+
+
+def clip_retrieval_parts(folder: str, parts: dict[int, str], keys: str | None, key_column: str) -> list[Part]:
+    """img_emb_<n>.npy + metadata_<n>.parquet, paired by <n> and ordered by it (0, 1, .., 10: not by name)."""
+    metadata = keys or os.path.join(os.path.dirname(os.path.abspath(folder)), "metadata")
+    if not os.path.isdir(metadata):
+        raise UsageError("--keys", f"{metadata} is not a folder", "pass clip-retrieval's metadata folder")
+    tables = {int(m[1]): name for name in os.listdir(metadata) if (m := CLIP_METADATA.fullmatch(name))}
+    unpaired = sorted(set(parts) ^ set(tables))
+    if unpaired:
+        n = unpaired[0]
+        missing = f"metadata_{n}.parquet in {metadata}" if n in parts else f"{folder}'s part {n}"
+        raise UsageError("--keys", f"part {n} has no partner: no {missing}",
+                         "pass the metadata folder written with these embeddings")
+    return [npy_part(os.path.join(folder, parts[n]), os.path.join(metadata, tables[n]), key_column)
+            for n in sorted(parts)]
+
+
+def datacomp_part(path: str, npz_key: str, key_column: str) -> Part:
+    """<shard>.npz with the embeddings under npz_key, beside <shard>.parquet with the uids."""
+    keys = path[: -len(".npz")] + ".parquet"
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{npz_key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = NPY_HEADER_READERS[version](f)
+    except KeyError:
+        raise UsageError(path, f"holds no array {npz_key!r}",
+                         "pass --npz-key with the embedding array's name") from None
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UsageError(path, f"is not a readable .npz file ({e})",
+                         "point at DataComp's embedding shards") from None
+    _check_embedding_header(path, shape, dtype, fortran)
+    if not os.path.isfile(keys):
+        raise UsageError(path, f"has no {os.path.basename(keys)} beside it", "DataComp shards come as .npz + .parquet")
+    _check_keys_file(keys, shape[0], path, key_column)
+    return Part(path, shape[0], shape[1], dtype, keys, key_column, npz_key=npz_key)
+
+
+def _check_embedding_header(path: str, shape: tuple, dtype: np.dtype, fortran: bool) -> None:
+    if len(shape) != 2 or shape[1] == 0:
+        raise UsageError(path, f"has shape {shape}; embeddings are (rows, dim)", "save them as a 2-D array")
+    if shape[0] == 0:
+        raise UsageError(path, "holds no rows", "point at the embeddings of your data set")
+    if dtype.kind != "f":
+        raise UsageError(path, f"has dtype {dtype}; embeddings are float16 or float32", "save them as floats")
+    if fortran:
+        raise UsageError(path, "is stored column by column (Fortran order)",
+                         "re-save it with np.save(path, np.ascontiguousarray(x))")
+
+
+def _check_keys_file(keys: str, rows: int, embeddings: str, key_column: str | None) -> None:
+    """What can be checked from a keys file's header: that it exists, its kind, and (but for .txt) its length."""
+    if not os.path.isfile(keys):
+        raise UsageError("--keys", f"{keys} does not exist", "pass the keys of the embeddings' rows")
+    if keys.endswith(".npy"):
+        shape, dtype, _, _ = read_npy_header(keys)
+        if len(shape) != 1 or dtype.kind not in "US":
+            raise UsageError(keys, f"has shape {shape} and dtype {dtype}; keys are a 1-D string array",
+                             "save the keys as np.array(list_of_str)")
+        count = shape[0]
+    elif keys.endswith(".parquet"):
+        count = _parquet_file(keys, key_column).metadata.num_rows
+    elif keys.endswith(".txt"):
+        return  # counted as it is read
+    else:
+        raise UsageError("--keys", f"{keys} is not a .txt, .npy or .parquet file", "pass the keys in one of those")
+    if count != rows:
+        raise UsageError(keys, f"holds {count} keys but {embeddings} has {rows} rows",
+                         "pass the keys written with these embeddings, in the same order")
+
+
+def _parquet_file(path: str, column: str | None):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors share no base class worth naming
+        raise UsageError(path, f"is not a readable parquet file ({e})", "point at the metadata parquet") from None
+    if column not in table.schema_arrow.names:
+        raise UsageError(path, f"has no column {column!r} (it has {', '.join(table.schema_arrow.names)})",
+                         "pass --key-column with the column that holds the keys")
+    return table
+
+
+def read_keys(path: str, column: str | None) -> Iterator[np.ndarray]:
+    """The keys in a .txt (one per line), a 1-D string .npy or a parquet column, as UTF-8 bytes, in chunks."""
+    if path.endswith(".npy"):
+        shape, dtype, _, offset = read_npy_header(path)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for start in range(0, shape[0], CHUNK_ROWS):
+                count = min(CHUNK_ROWS, shape[0] - start)
+                yield keys_as_utf8(np.fromfile(f, dtype, count), path, start)
+    elif path.endswith(".parquet"):
+        start = 0
+        for batch in _parquet_file(path, column).iter_batches(batch_size=CHUNK_ROWS, columns=[column]):
+            values = batch.column(0)
+            if values.null_count:
+                row = start + values.is_null().to_numpy(zero_copy_only=False).argmax()
+                raise UsageError(path, f"row {row}: key {column!r} is missing (null)", "every row needs a key")
+            yield keys_as_utf8(np.array(values.to_pylist(), dtype=str), path, start)
+            start += len(values)
+    else:
+        with open(path, "rb") as f:
+            start = 0
+            while lines := f.readlines(CHUNK_ROWS * 32):
+                keys = np.array([line.rstrip(b"\r\n") for line in lines], dtype=bytes)
+                try:
+                    np.strings.decode(keys, "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UsageError(path, f"holds a key that is not UTF-8 ({e})", "write the keys as UTF-8") from None
+                yield keys
+                start += len(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: gathered once, so each cluster reads only its own
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_keys(embeddings: Embeddings, folder: str) -> int:
+    """Write every key, one per line, to folder/keys.txt and where each line ends to key_ends.npy;
+    check each part's key count; return how many keys repeat another (SemDeDup keeps them: a warning)."""
+    ends, hashes, written = [], [], 0
+    with atomic_open(os.path.join(folder, KEYS_TEXT)) as out, progress(len(embeddings.parts), "keys", "part") as bar:
+        for part in embeddings.parts:
+            count = 0
+            for keys in part.key_chunks():
+                chars = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
+                lengths = (chars != 0).sum(axis=1) + 1  # with its newline
+                lines = np.concatenate([chars, np.full((len(keys), 1), ord("\n"), np.uint8)], axis=1)
+                out.write(lines[lines != 0].tobytes())
+                ends.append(written + np.cumsum(lengths))
+                written = int(ends[-1][-1]) if len(keys) else written
+                hashes.append(_fnv1a(chars))
+                count += len(keys)
+            if count != part.rows:
+                raise UsageError(part.keys, f"holds {count} keys but {part.path} has {part.rows} rows",
+                                 "pass the keys written with these embeddings, in the same order")
+            bar.update()
+    np.save(os.path.join(folder, KEY_ENDS), np.concatenate(ends) if ends else np.zeros(0, np.int64))
+    hashes = np.sort(np.concatenate(hashes))
+    return int((hashes[1:] == hashes[:-1]).sum())
+
+
+def _fnv1a(chars: np.ndarray) -> np.ndarray:
+    """64-bit FNV-1a of each row of a zero-padded byte matrix (padding left out)."""
+    h = np.full(len(chars), FNV_OFFSET)
+    with np.errstate(over="ignore"):
+        for column in chars.T:
+            h = np.where(column != 0, (h ^ column) * FNV_PRIME, h)
+    return h
+
+
+def read_cluster_keys(folder: str, rows: np.ndarray) -> np.ndarray:
+    """The keys of the given rows (UTF-8 bytes), read from keys.txt through a short-lived mapping."""
+    if len(rows) == 0:
+        return np.zeros(0, "S1")
+    ends = np.load(os.path.join(folder, KEY_ENDS), mmap_mode="r")
+    stop = ends[rows] - 1  # without the newline
+    start = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+    width = max(1, int((stop - start).max()))
+    text = np.memmap(os.path.join(folder, KEYS_TEXT), np.uint8, "r")
+    at = start[:, None] + np.arange(width)
+    chars = np.where(at < stop[:, None], text[np.minimum(at, len(text) - 1)], 0).astype(np.uint8)
+    del text, ends  # unmapped
+    return np.ascontiguousarray(chars).view(f"S{width}").ravel()
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means and the assignment
+# ---------------------------------------------------------------------------------------------
+
+
+def checked_unit(x: np.ndarray, part: Part, rows: np.ndarray) -> np.ndarray:
+    """float32 rows L2-normalised, refusing non-finite and all-zero rows (named by their row in `part`)."""
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise UsageError(part.path, f"row {rows[bad[0]]}: embedding is not finite (NaN or infinity)",
+                         "recompute or drop that row")
+    zero = np.flatnonzero(~x.any(axis=1))
+    if len(zero):
+        raise UsageError(part.path, f"row {rows[zero[0]]}: embedding is all zeros",
+                         "a zero embedding has no direction; drop that row")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.isfinite(norms).all() and norms.all():  # the usual case
+        return x / norms
+    return unit_rows(x.astype(np.float64)).astype(np.float32)  # norms past float32's range: scaled first
+
+
+def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_size: int, spherical: bool,
+                 threads: int) -> tuple[np.ndarray, float]:
+    """faiss.Kmeans on a seeded uniform sample of the rows: (centroids float32 (k, dim), final objective)."""
+    import faiss
+
+    rows = np.sort(np.random.default_rng(seed).choice(embeddings.rows, size=sample_size, replace=False))
+    x = embeddings.unit_rows_at(rows)
+    faiss.omp_set_num_threads(threads)
+    # Every sampled row is used (faiss would subsample past 256 per centroid), and faiss's warning about
+    # few points per centroid, printed straight to stderr, is left to our own checks.
+    kmeans = faiss.Kmeans(embeddings.dim, k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+                          max_points_per_centroid=-(-sample_size // k), min_points_per_centroid=1)
+    kmeans.train(x)
+    return kmeans.centroids, float(kmeans.obj[-1])
+
+
+def assign(embeddings: Embeddings, centroids: np.ndarray, spherical: bool,
+           threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's nearest centroid and its cosine distance to it, in one streamed pass: (labels, distances)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexFlatIP(embeddings.dim) if spherical else faiss.IndexFlatL2(embeddings.dim)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    directions = unit_rows(centroids.astype(np.float64)).astype(np.float32)  # for the cosine of plain k-means
+    labels = np.empty(embeddings.rows, np.int32)
+    distances = np.empty(embeddings.rows, np.float32)
+    with progress(embeddings.rows, "assign", "row") as bar:
+        for first, x in embeddings.unit_chunks():
+            scores, nearest = index.search(x, 1)
+            rows = slice(first, first + len(x))
+            labels[rows] = nearest[:, 0]
+            if spherical:  # unit rows and unit centroids: the inner product is the cosine
+                distances[rows] = 1 - scores[:, 0]
+            else:
+                distances[rows] = 1 - np.einsum("ij,ij->i", x, directions[nearest[:, 0]])
+            bar.update(len(x))
+    return labels, distances
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the sorted clusters
+# ---------------------------------------------------------------------------------------------
+
+
+def write_clusters(folder: str, work: str, labels: np.ndarray, distances: np.ndarray, k: int, descending: bool,
+                   pool) -> None:
+    """SORTED/cluster_{j}.npy for every cluster not written yet (a rerun finishes a killed run)."""
+    os.makedirs(folder, exist_ok=True)
+    order = np.argsort(labels, kind="stable")  # each cluster's rows, in row order
+    bounds = np.searchsorted(labels, np.arange(k + 1), sorter=order)
+    todo = [j for j in range(k) if not os.path.exists(os.path.join(folder, f"cluster_{j}.npy"))]
+    tasks = ((os.path.join(folder, f"cluster_{j}.npy"), work, j, order[bounds[j]:bounds[j + 1]],
+              distances[order[bounds[j]:bounds[j + 1]]], descending) for j in todo)
+    for _ in parallel_map(write_cluster, tasks, pool, "write", total=len(todo)):
+        pass
+
+
+def write_cluster(task: tuple) -> None:
+    path, work, j, rows, distances, descending = task
+    keys = read_cluster_keys(work, rows)
+    save_cluster_file(path, cluster_table(keys, rows, distances, j, descending))
+

@@ -1,0 +1,316 @@
+"""cluster_embeddings.py: every layout in, SemDeDup's sorted clusters out, checked against numpy and faiss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import (
+    CLUSTER_SCRIPT,
+    DINTER_SCRIPT,
+    DINTRA_SCRIPT,
+    PRUNE_SCRIPT,
+    ROOT,
+    brute_dinter,
+    make_toy_clusters,
+    run_script,
+)
+
+N, DIM, K = 3000, 16, 12
+
+
+def embeddings(n=N, seed=0):
+    """Image-like unit vectors around concepts, scaled by a random factor per row (they are normalised as read)."""
+    x = make_toy_clusters.make_embeddings(n, DIM, concepts=8, seed=seed).astype(np.float64)
+    return x * np.random.default_rng(seed).uniform(0.5, 3, (n, 1))
+
+
+def key_of(i):
+    return f"{i // 500:05d}/{i:09d}.jpg"
+
+
+def write_parquet(path, **columns):
+    pd.DataFrame(columns).to_parquet(path)
+
+
+def layout(root, kind, x, dtype=np.float32):
+    """Write x in one of the layouts users hold; returns the flags that point at it and the keys in row order."""
+    keys = [key_of(i) for i in range(len(x))]
+    if kind in ("npy+txt", "npy+npy", "npy+parquet"):
+        np.save(root / "emb.npy", x.astype(dtype))
+        if kind == "npy+txt":
+            (root / "keys.txt").write_text("".join(k + "\n" for k in keys))
+            return ["--embeddings", root / "emb.npy", "--keys", root / "keys.txt"], keys
+        if kind == "npy+npy":
+            np.save(root / "keys.npy", np.array(keys))
+            return ["--embeddings", root / "emb.npy", "--keys", root / "keys.npy"], keys
+        write_parquet(root / "keys.parquet", sample=keys, caption=["a photo"] * len(keys))
+        return ["--embeddings", root / "emb.npy", "--keys", root / "keys.parquet", "--key-column", "sample"], keys
+    if kind == "clip-retrieval":  # 12 parts of uneven size, numbered 0..11 without zero padding
+        (root / "img_emb").mkdir()
+        (root / "metadata").mkdir()
+        bounds = np.linspace(0, len(x), 13).astype(int)
+        bounds[5] += 7
+        for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            np.save(root / "img_emb" / f"img_emb_{n}.npy", x[a:b].astype(dtype))
+            write_parquet(root / "metadata" / f"metadata_{n}.parquet", image_path=keys[a:b], key=list(range(a, b)),
+                          url=[f"https://host/{i}.jpg" for i in range(a, b)])
+        return ["--embeddings", root / "img_emb"], keys
+    if kind == "datacomp":
+        keys = [f"{(i * 2654435761) % (1 << 64):016x}{i:016x}" for i in range(len(x))]  # 32-hex uids
+        (root / "shards").mkdir()
+        for s, a in enumerate(range(0, len(x), 700)):
+            np.savez(root / "shards" / f"{s:08d}.npz", l14_img=x[a:a + 700].astype(dtype), b32_img=np.zeros((1, 2)))
+            write_parquet(root / "shards" / f"{s:08d}.parquet", uid=keys[a:a + 700], text=["t"] * len(keys[a:a + 700]))
+        return ["--embeddings", root / "shards"], keys
+    raise ValueError(kind)
+
+
+def read_output(save):
+    centroids = np.load(save / "kmeans_centroids.npy")
+    files = sorted(os.listdir(save / "sorted_clusters"), key=lambda n: int(n[8:-4]))
+    assert files == [f"cluster_{j}.npy" for j in range(len(centroids))]
+    return centroids, [np.load(save / "sorted_clusters" / name) for name in files]
+
+
+def check_output(save, x, keys, descending=True, spherical=True):
+    """Every row once with its key and index; column 3 is j; sorted as asked; distances are 1 - cosine to
+    the written centroid and each row's cluster is its nearest centroid, all from numpy."""
+    centroids, clusters = read_output(save)
+    assert centroids.dtype == np.float32 and centroids.shape == (K, DIM)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = centroids.astype(np.float64)
+    cosine = unit @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
+    seen = np.zeros(len(x), int)
+    for j, rows in enumerate(clusters):
+        if rows.size == 0:
+            assert rows.shape == (0,) and rows.dtype == np.float64
+            continue
+        assert rows.dtype.kind == "U" and rows.shape[1] == 4
+        index = rows[:, 1].astype(int)
+        seen[index] += 1
+        assert rows[:, 0].tolist() == [keys[i] for i in index]
+        assert (rows[:, 3] == str(j)).all()
+        d = rows[:, 2].astype(np.float64)
+        assert (np.diff(d) <= 0).all() if descending else (np.diff(d) >= 0).all()
+        np.testing.assert_allclose(d, 1 - cosine[index, j], atol=2e-6)
+        if spherical:  # nearest by cosine
+            assert (cosine[index, j] >= cosine[index].max(axis=1) - 1e-6).all()
+        else:  # nearest by L2 distance to the raw centroid
+            l2 = ((unit[index, None, :] - c[None]) ** 2).sum(axis=2)
+            assert (l2[:, j] <= l2.min(axis=1) + 1e-6).all()
+    assert (seen == 1).all()
+    return centroids, clusters
+
+
+@pytest.mark.parametrize("kind", ["npy+txt", "npy+npy", "npy+parquet", "clip-retrieval", "datacomp"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_every_layout_gives_semdedups_sorted_clusters(tmp_path, kind, dtype):
+    x = embeddings()
+    flags, keys = layout(tmp_path, kind, x, dtype)
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", tmp_path / "save")
+    assert r.returncode == 0, r.stderr
+    check_output(tmp_path / "save", x.astype(dtype).astype(np.float64), keys)
+    assert f"clustered {N} rows (dim {DIM}" in r.stdout
+    params = json.loads((tmp_path / "save" / "clustering.json").read_text())
+    assert params["rows"] == N and params["num_clusters"] == K and params["sample_size"] == N
+
+
+def test_kmeans_is_as_good_as_faiss_run_directly(tmp_path):
+    import faiss
+
+    x = embeddings()
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", tmp_path / "save", "--niter", 25)
+    assert r.returncode == 0, r.stderr
+    centroids, _ = check_output(tmp_path / "save", x.astype(np.float32).astype(np.float64), keys)
+    unit = x.astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    direct = faiss.Kmeans(DIM, K, niter=25, seed=1234, spherical=True, max_points_per_centroid=N)
+    direct.train(unit)
+
+    def objective(c):  # spherical k-means maximises the summed cosine to the nearest centroid
+        c = c.astype(np.float64) / np.linalg.norm(c, axis=1, keepdims=True)
+        return (unit.astype(np.float64) @ c.T).max(axis=1).sum()
+    assert objective(centroids) >= objective(direct.centroids) - 1e-6 * N
+
+
+def test_plain_kmeans_and_ascending_order(tmp_path):
+    x = embeddings()
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", tmp_path / "save", "--no-spherical",
+                   "--ascending", "--sample-size", 1000, "--seed", 7)
+    assert r.returncode == 0, r.stderr
+    check_output(tmp_path / "save", x.astype(np.float32).astype(np.float64), keys, descending=False, spherical=False)
+    params = json.loads((tmp_path / "save" / "clustering.json").read_text())
+    assert params["spherical"] is False and params["ascending"] is True and params["sample_size"] == 1000
+
+
+def test_workers_do_not_change_a_byte(tmp_path):
+    flags, _ = layout(tmp_path, "clip-retrieval", embeddings())
+    outputs = []
+    for workers in ("1", "2"):
+        save = tmp_path / f"save{workers}"
+        r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", save, "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        outputs.append({p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()})
+    assert outputs[0] == outputs[1]
+
+
+def test_the_whole_chain_in_one_bash_pipeline(tmp_path):
+    """As the README shows it: cluster -> d_intra -> d_inter -> prune, the scripts' outputs checked."""
+    x = embeddings()
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    script = f"""set -euo pipefail
+    PY={sys.executable}; cd {ROOT}; OUT={tmp_path}; SORTED=$OUT/save/sorted_clusters
+    $PY {CLUSTER_SCRIPT} --embeddings $OUT/emb.npy --keys $OUT/keys.txt --num_clusters {K} --save_folder $OUT/save
+    $PY {DINTRA_SCRIPT} --sorted_clusters_path $SORTED --avg_distance_to_cent_save_path $OUT/dintra.npy
+    $PY {DINTER_SCRIPT} --sorted_clusters_path $SORTED --mean_centroid_distances_save_path $OUT/dinter.npy
+    $PY {PRUNE_SCRIPT} --mean_centroid_distances_save_path $OUT/dinter.npy \\
+        --avg_distance_to_cent_save_path $OUT/dintra.npy --sorted-clusters-path $SORTED \\
+        --prune-ratio 0.3 --save-dir $OUT/run
+    """
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    centroids, clusters = read_output(tmp_path / "save")
+    unit = x.astype(np.float32).astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    c = centroids.astype(np.float64) / np.linalg.norm(centroids, axis=1, keepdims=True)
+    labels = np.empty(N, int)
+    for j, rows in enumerate(clusters):
+        labels[rows[:, 1].astype(int)] = j
+    expected = [np.mean(1 - unit[labels == j] @ c[j]) for j in range(K)]
+    np.testing.assert_allclose(np.load(tmp_path / "dintra.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "dinter.npy"), brute_dinter(centroids, 20), atol=1e-5)
+    kept = (tmp_path / "run" / "kept_paths.txt").read_text().split()
+    assert len(kept) == int(0.3 * N) and set(kept) <= set(keys)
+
+
+def test_killed_run_is_finished_by_a_rerun_without_redoing_clusters(tmp_path):
+    x = make_toy_clusters.make_embeddings(60_000, DIM, concepts=40, seed=1)
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    args = [*flags, "--num_clusters", 400, "--niter", 5]
+    r = run_script(CLUSTER_SCRIPT, *args, "--save_folder", tmp_path / "reference")
+    assert r.returncode == 0, r.stderr
+    save = tmp_path / "save"
+    cmd = [sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), *map(str, args), "--save_folder", str(save)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    staged = save / ".dbp_staging" / "sorted_clusters"
+    while proc.poll() is None and not (staged.exists() and len(os.listdir(staged)) > 20):
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before it was killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (save / "sorted_clusters").exists() and not (save / "clustering.json").exists()
+    done = {name: (staged / name).stat().st_mtime_ns for name in os.listdir(staged) if not name.startswith(".")}
+    r = run_script(CLUSTER_SCRIPT, *args, "--save_folder", save)
+    assert r.returncode == 0, r.stderr
+    assert {name: (save / "sorted_clusters" / name).stat().st_mtime_ns for name in done} == done  # not redone
+    assert sorted(os.listdir(save)) == sorted(os.listdir(tmp_path / "reference"))
+    for path in (tmp_path / "reference").rglob("*.npy"):
+        assert (save / path.relative_to(tmp_path / "reference")).read_bytes() == path.read_bytes(), path
+
+
+def test_completed_folder_is_refused_and_duplicates_are_warned_about(tmp_path):
+    x = embeddings()
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    (tmp_path / "keys.txt").write_text("".join(k + "\n" for k in keys[:-1]) + keys[0] + "\n")  # a repeat
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", tmp_path / "save")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 1 keys repeat an earlier key" in r.stderr
+    before = (tmp_path / "save" / "kmeans_centroids.npy").read_bytes()
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K + 1, "--save_folder", tmp_path / "save")
+    assert r.returncode == 2 and "already holds the outputs of a completed run" in r.stderr
+    assert (tmp_path / "save" / "kmeans_centroids.npy").read_bytes() == before
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K + 1, "--save_folder", tmp_path / "save", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(tmp_path / "save" / "sorted_clusters")) == K + 1
+
+
+def bad(kind, change):
+    """A layout, then a change that makes it wrong."""
+    def go(root):
+        flags, _ = layout(root, kind, embeddings(300))
+        change(root, flags)
+        return flags
+    return go
+
+
+def set_row(path_name, row, value):
+    def change(root, flags):
+        x = np.load(root / path_name)
+        x[row] = value
+        np.save(root / path_name, x)
+    return change
+
+
+BAD = [  # (id, setup, extra flags, what the one line says)
+    ("missing", lambda root: ["--embeddings", root / "nope.npy", "--keys", root / "k.txt"], [], "does not exist"),
+    ("no-rows", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.zeros((0, DIM), np.float32))), [],
+     "holds no rows"),
+    ("integers", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.ones((300, DIM), np.int32))), [],
+     "dtype int32"),
+    ("ragged", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.array([[1.0], [1.0, 2.0]], dtype=object),
+                                                    allow_pickle=True)), [], "Python objects"),
+    ("nan-row", bad("npy+txt", set_row("emb.npy", 123, np.nan)), [], "row 123: embedding is not finite"),
+    ("inf-row", bad("npy+txt", set_row("emb.npy", 299, np.inf)), [], "row 299: embedding is not finite"),
+    ("zero-row", bad("npy+txt", set_row("emb.npy", 7, 0)), [], "row 7: embedding is all zeros"),
+    ("k-above-rows", bad("npy+txt", lambda r, f: None), ["--num_clusters", 301], "301 is not between 1 and the 300"),
+    ("dim-mismatch", bad("clip-retrieval", lambda r, f: np.save(r / "img_emb" / "img_emb_3.npy",
+                                                              np.ones((25, DIM + 1), np.float32))), [],
+     "has dimension 17 but"),
+    ("txt-too-short", bad("npy+txt", lambda r, f: (r / "keys.txt").write_text("a\nb\n")), [],
+     "holds 2 keys but"),
+    ("parquet-mismatch", bad("clip-retrieval", lambda r, f: write_parquet(r / "metadata" / "metadata_4.parquet",
+                                                                       image_path=["x"] * 3)), [],
+     "metadata_4.parquet: holds 3 keys but"),
+    ("metadata-missing", bad("clip-retrieval", lambda r, f: os.remove(r / "metadata" / "metadata_11.parquet")), [],
+     "part 11 has no partner"),
+    ("wrong-key-column", bad("npy+parquet", lambda r, f: None), ["--key-column", "path"], "has no column 'path'"),
+    ("keys-with-datacomp", bad("datacomp", lambda r, f: None), ["--keys", "x.txt"], "--keys: is not used"),
+    ("npz-key", bad("datacomp", lambda r, f: None), ["--npz-key", "b16_img"], "holds no array 'b16_img'"),
+    ("no-k", bad("npy+txt", lambda r, f: None), ["--num_clusters", None], "--num_clusters: is required"),
+]
+
+
+@pytest.mark.parametrize("setup,extra,expect", [pytest.param(s, e, x, id=i) for i, s, e, x in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, setup, extra, expect):
+    flags = setup(tmp_path)
+    args = [*flags, "--num_clusters", 10, "--save_folder", tmp_path / "save"]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            at = args.index(flag)
+            del args[at:at + 2]
+        if value is not None:
+            args += [flag, value]
+    r = run_script(CLUSTER_SCRIPT, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+    assert not (tmp_path / "save").exists()
+
+
+def test_ctrl_c_keeps_the_work_for_a_rerun_and_a_second_run_is_refused(tmp_path):
+    x = make_toy_clusters.make_embeddings(60_000, DIM, concepts=40, seed=2)
+    flags, _ = layout(tmp_path, "npy+txt", x)
+    args = [*map(str, flags), "--num_clusters", "400", "--niter", "5", "--save_folder", str(tmp_path / "save")]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    staged = tmp_path / "save" / ".dbp_staging"
+    while proc.poll() is None and not (staged / "kmeans_centroids.npy").exists():
+        time.sleep(0.002)
+    second = run_script(CLUSTER_SCRIPT, *args)
+    assert second.returncode == 2 and "in use by another run" in second.stderr and f"pid {proc.pid}" in second.stderr
+    assert proc.poll() is None, "the run ended before it was interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
+    assert (staged / "kmeans_centroids.npy").exists() and not (tmp_path / "save" / "sorted_clusters").exists()
+    r = run_script(CLUSTER_SCRIPT, *args)
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(tmp_path / "save" / "sorted_clusters")) == 400 and not staged.exists()
