@@ -112,7 +112,7 @@ def main() -> None:
             os.mkdir(work)
             cli.save_json(out.path(MANIFEST), run)
         # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.
-        if not os.path.exists(out.path(de.KEY_ENDS)):
+        if not os.path.exists(out.path(de.KEYS_FILE)):
             repeats = de.gather_keys(embeddings, work)
             if repeats:
                 cli.log.warning(f"{repeats} keys repeat an earlier key; they are kept (as SemDeDup does), but "

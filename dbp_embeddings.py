@@ -16,6 +16,7 @@ once into a text file (one per line) so that a cluster's keys can be read withou
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import zipfile
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import UsageError, atomic_open, parallel_map, progress
+from dbp_cli import PARTIAL_SUFFIX, UsageError, parallel_map, progress
 from dbp_clusters import NPY_HEADER_READERS, cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
 from dbp_utils import unit_rows
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
+TEXT_BLOCK_BYTES = 1 << 20  # of a keys .txt, read at a time
 WINDOW_BYTES = 64 << 20  # a sample's rows are read through mappings of at most this much of a file
 POINTS_PER_CENTROID = 256  # faiss's own cap on training points per centroid: the default sample size
 CLIP_EMBEDDINGS = re.compile(r"(?:img|text)_emb_(\d+)\.npy")
@@ -36,9 +38,9 @@ CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
 SORTED_DIR = "sorted_clusters"
 CENTROIDS_FILE = "kmeans_centroids.npy"
 # Work files, kept in the save folder's staging area until the run is published.
-KEYS_TEXT, KEY_ENDS = "keys.txt", "key_ends.npy"  # every key, one per line; where each line ends
+KEYS_FILE = "keys.npy"  # every key, in row order, fixed width
 LABELS, DISTANCES = "labels.npy", "distances.npy"  # per row: its cluster, its distance to the centroid
-FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a, for duplicates
+HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,16 +280,37 @@ def read_keys(path: str, column: str | None) -> Iterator[np.ndarray]:
             yield keys_as_utf8(np.array(values.to_pylist(), dtype=str), path, start)
             start += len(values)
     else:
-        with open(path, "rb") as f:
-            start = 0
-            while lines := f.readlines(CHUNK_ROWS * 32):
-                keys = np.array([line.rstrip(b"\r\n") for line in lines], dtype=bytes)
-                try:
-                    np.strings.decode(keys, "utf-8")
-                except UnicodeDecodeError as e:
-                    raise UsageError(path, f"holds a key that is not UTF-8 ({e})", "write the keys as UTF-8") from None
-                yield keys
-                start += len(keys)
+        yield from _text_lines(path)
+
+
+def _text_lines(path: str) -> Iterator[np.ndarray]:
+    """The lines of a text file (without \\n or \\r\\n) as bytes arrays, a block of the file at a time."""
+    rest = b""
+    with open(path, "rb") as f:
+        while block := f.read(TEXT_BLOCK_BYTES):
+            data = rest + block
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield _split_lines(np.frombuffer(data, np.uint8, cut), path)
+    if rest:
+        yield _split_lines(np.frombuffer(rest + b"\n", np.uint8), path)
+
+
+def _split_lines(data: np.ndarray, path: str) -> np.ndarray:
+    """Newline-terminated lines as a fixed-width bytes array, without a Python loop over them."""
+    if (data >= 128).any():  # not ASCII: the block as a whole is UTF-8 if and only if every line is
+        try:
+            data.tobytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(path, f"holds a key that is not UTF-8 ({e})", "write the keys as UTF-8") from None
+    ends = np.flatnonzero(data == ord("\n"))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts - (data[np.maximum(ends - 1, 0)] == ord("\r")) * (ends > starts)
+    width = max(1, int(lengths.max()))
+    at = starts[:, None] + np.arange(width)
+    chars = np.where(np.arange(width) < lengths[:, None], data[np.minimum(at, len(data) - 1)], 0).astype(np.uint8)
+    return np.ascontiguousarray(chars).view(f"S{width}").ravel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,52 +319,59 @@ def read_keys(path: str, column: str | None) -> Iterator[np.ndarray]:
 
 
 def gather_keys(embeddings: Embeddings, folder: str) -> int:
-    """Write every key, one per line, to folder/keys.txt and where each line ends to key_ends.npy;
-    check each part's key count; return how many keys repeat another (SemDeDup keeps them: a warning)."""
-    ends, hashes, written = [], [], 0
-    with atomic_open(os.path.join(folder, KEYS_TEXT)) as out, progress(len(embeddings.parts), "keys", "part") as bar:
+    """Write every key, in row order, to folder/keys.npy as one fixed-width bytes array (so that a cluster
+    reads only its own keys); check each part's key count; return how many keys repeat an earlier one
+    (SemDeDup keeps them: a warning). The width is known only at the end: chunks wait in files till then."""
+    chunk_files, hashes = [], []
+    with progress(len(embeddings.parts), "keys", "part") as bar:
         for part in embeddings.parts:
             count = 0
             for keys in part.key_chunks():
-                chars = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
-                lengths = (chars != 0).sum(axis=1) + 1  # with its newline
-                lines = np.concatenate([chars, np.full((len(keys), 1), ord("\n"), np.uint8)], axis=1)
-                out.write(lines[lines != 0].tobytes())
-                ends.append(written + np.cumsum(lengths))
-                written = int(ends[-1][-1]) if len(keys) else written
-                hashes.append(_fnv1a(chars))
+                chunk_files.append(os.path.join(folder, f"keys_{len(chunk_files)}.npy"))
+                np.save(chunk_files[-1], keys)
+                hashes.append(_hash(keys))
                 count += len(keys)
             if count != part.rows:
                 raise UsageError(part.keys, f"holds {count} keys but {part.path} has {part.rows} rows",
                                  "pass the keys written with these embeddings, in the same order")
             bar.update()
-    np.save(os.path.join(folder, KEY_ENDS), np.concatenate(ends) if ends else np.zeros(0, np.int64))
-    hashes = np.sort(np.concatenate(hashes))
+    widths = [read_npy_header(path)[1].itemsize for path in chunk_files]
+    partial = os.path.join(folder, KEYS_FILE + PARTIAL_SUFFIX)
+    keys = np.lib.format.open_memmap(partial, "w+", f"S{max(widths, default=1)}", (embeddings.rows,))
+    start = 0
+    for path in chunk_files:
+        chunk = np.load(path)
+        keys[start:start + len(chunk)] = chunk
+        start += len(chunk)
+        os.remove(path)
+    keys.flush()
+    del keys
+    os.replace(partial, os.path.join(folder, KEYS_FILE))
+    hashes = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
     return int((hashes[1:] == hashes[:-1]).sum())
 
 
-def _fnv1a(chars: np.ndarray) -> np.ndarray:
-    """64-bit FNV-1a of each row of a zero-padded byte matrix (padding left out)."""
-    h = np.full(len(chars), FNV_OFFSET)
+def _hash(keys: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each key (FNV-1a's step over 8-byte words), to count repeated keys in 8 bytes a key."""
+    width = -(-keys.dtype.itemsize // 8) * 8
+    words = np.ascontiguousarray(keys.astype(f"S{width}")).view(np.uint64).reshape(len(keys), width // 8)
+    h = np.full(len(keys), HASH_OFFSET)
     with np.errstate(over="ignore"):
-        for column in chars.T:
-            h = np.where(column != 0, (h ^ column) * FNV_PRIME, h)
+        for column in words.T:
+            h = (h ^ column) * HASH_PRIME
     return h
 
 
 def read_cluster_keys(folder: str, rows: np.ndarray) -> np.ndarray:
-    """The keys of the given rows (UTF-8 bytes), read from keys.txt through a short-lived mapping."""
-    if len(rows) == 0:
-        return np.zeros(0, "S1")
-    ends = np.load(os.path.join(folder, KEY_ENDS), mmap_mode="r")
-    stop = ends[rows] - 1  # without the newline
-    start = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
-    width = max(1, int((stop - start).max()))
-    text = np.memmap(os.path.join(folder, KEYS_TEXT), np.uint8, "r")
-    at = start[:, None] + np.arange(width)
-    chars = np.where(at < stop[:, None], text[np.minimum(at, len(text) - 1)], 0).astype(np.uint8)
-    del text, ends  # unmapped
-    return np.ascontiguousarray(chars).view(f"S{width}").ravel()
+    """The keys of the given rows, from keys.npy."""
+    return _mapped_keys(os.path.join(folder, KEYS_FILE))[rows]
+
+
+@functools.lru_cache(maxsize=1)
+def _mapped_keys(path: str) -> np.ndarray:
+    """keys.npy mapped once per process: a cluster's keys are spread over the whole file, and mapping it
+    afresh for each cluster would fault most of its pages in again every time."""
+    return np.load(path, mmap_mode="r")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +380,12 @@ def read_cluster_keys(folder: str, rows: np.ndarray) -> np.ndarray:
 
 
 def checked_unit(x: np.ndarray, part: Part, rows: np.ndarray) -> np.ndarray:
-    """float32 rows L2-normalised, refusing non-finite and all-zero rows (named by their row in `part`)."""
+    """float32 rows (a copy of ours) L2-normalised in place, refusing non-finite and all-zero rows (named by
+    their row in `part`)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.isfinite(norms).all() and norms.all():  # the usual case: every row finite and non-zero
+        x /= norms
+        return x
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
         raise UsageError(part.path, f"row {rows[bad[0]]}: embedding is not finite (NaN or infinity)",
@@ -359,9 +394,6 @@ def checked_unit(x: np.ndarray, part: Part, rows: np.ndarray) -> np.ndarray:
     if len(zero):
         raise UsageError(part.path, f"row {rows[zero[0]]}: embedding is all zeros",
                          "a zero embedding has no direction; drop that row")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.isfinite(norms).all() and norms.all():  # the usual case
-        return x / norms
     return unit_rows(x.astype(np.float64)).astype(np.float32)  # norms past float32's range: scaled first
 
 
@@ -421,6 +453,7 @@ def write_clusters(folder: str, work: str, labels: np.ndarray, distances: np.nda
               distances[order[bounds[j]:bounds[j + 1]]], descending) for j in todo)
     for _ in parallel_map(write_cluster, tasks, pool, "write", total=len(todo)):
         pass
+    _mapped_keys.cache_clear()  # unmapped, when this process wrote them
 
 
 def write_cluster(task: tuple) -> None:
