@@ -21,9 +21,15 @@ and clustering.json (the flags and figures of the run; written last, it marks th
 A killed or interrupted run is finished by rerunning the same command; a completed folder is refused
 unless --overwrite.
 
+With --from-nemo-curator, NeMo Curator 1.x's k-means result (kmeans_results/centroid=<j>/*.parquet) is
+converted instead, without rerunning k-means: keys from --id-column, distances from
+cosine_dist_to_cent, centroids from --centroids_file or a kmeans_centroids.npy beside the results,
+else the normalised mean of each cluster's normalised embeddings (--embedding-column).
+
     python cluster_embeddings.py --embeddings emb.npy --keys keys.txt --num_clusters 500 --save_folder SAVE
     python cluster_embeddings.py --embeddings laion/img_emb --num_clusters 500 --save_folder SAVE
     python cluster_embeddings.py --embeddings datacomp/shards --num_clusters 100 --save_folder SAVE
+    python cluster_embeddings.py --from-nemo-curator cache/kmeans_results --save_folder SAVE
 """
 
 import argparse
@@ -34,6 +40,7 @@ import numpy as np
 
 import dbp_cli as cli
 import dbp_embeddings as de
+from dbp_clusters import load_centroids, read_npy_header
 
 PARAMS_FILE = "clustering.json"
 OUTPUTS = (de.CENTROIDS_FILE, de.SORTED_DIR, PARAMS_FILE)
@@ -63,6 +70,13 @@ def parse_args():
                  help="the embedding array in DataComp's .npz (default: l14_img)")
     cli.add_flag(parser, "--key-column", default=None,
                  help="the key column of parquet keys (default: image_path for clip-retrieval, uid for DataComp)")
+    cli.add_flag(parser, "--from-nemo-curator", default=None, metavar="KMEANS_RESULTS",
+                 help="convert NeMo Curator 1.x's k-means result folder (centroid=<j>/*.parquet) instead")
+    cli.add_flag(parser, "--id-column", default="id", help="NeMo Curator's id column: the keys (default: id)")
+    cli.add_flag(parser, "--embedding-column", default="embeddings",
+                 help="NeMo Curator's embedding column, for centroids when none were saved (default: embeddings)")
+    cli.add_flag(parser, "--centroids_file", default=None,
+                 help="NeMo Curator's kmeans_centroids.npy (default: looked up beside KMEANS_RESULTS)")
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
     cli.add_workers_flag(parser)
     return parser.parse_args()
@@ -97,6 +111,8 @@ def fingerprint(args, embeddings: de.Embeddings, sample: int) -> dict:
 def main() -> None:
     args = parse_args()
     workers = cli.num_workers(args.workers)
+    if args.from_nemo_curator:
+        return convert_nemo_curator(args, workers)
     if not args.embeddings:
         raise cli.UsageError("--embeddings", "is required", "pass a .npy file or a folder of embedding parts")
     embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
@@ -137,6 +153,44 @@ def main() -> None:
             "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
     print(f"clustered {n} rows (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
           f"{sizes.min()} to {sizes.max()} rows ({int((sizes == 0).sum())} empty) -> {args.save_folder}")
+
+
+def convert_nemo_curator(args, workers: int) -> None:
+    """NeMo Curator 1.x's k-means result as SemDeDup's layout: one pass over each cluster's parquet files."""
+    if args.embeddings or args.keys:
+        raise cli.UsageError("--embeddings" if args.embeddings else "--keys", "is not used with --from-nemo-curator",
+                             "the keys and distances come from NeMo Curator's parquet files")
+    results = args.from_nemo_curator
+    beside = [os.path.join(f, de.CENTROIDS_FILE) for f in (results, os.path.dirname(os.path.abspath(results)))]
+    centroids_file = args.centroids_file or next((p for p in beside if os.path.isfile(p)), None)
+    k = args.num_clusters
+    if centroids_file and k is None:  # the saved centroids know k, even when the last clusters are empty
+        k = read_npy_header(centroids_file)[0][0]
+    clusters = de.find_nemo_clusters(results, k, args.id_column, args.embedding_column,
+                                     need_embeddings=centroids_file is None)
+    k = len(clusters)
+    centroids = load_centroids(centroids_file, k, None, "--centroids_file") if centroids_file else None
+    save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
+    with save as out, cli.worker_pool(workers) as pool:
+        os.mkdir(out.path(de.SORTED_DIR))
+        tasks = ((cluster, out.path(os.path.join(de.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
+                  args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
+        means = list(cli.parallel_map(de.convert_nemo_cluster, tasks, pool, "convert", total=k))
+        if centroids is None:  # an empty cluster has no members to average: its row is NaN (d_inter: NaN too)
+            dim = next(len(m) for m in means if m is not None) if any(m is not None for m in means) else 1
+            centroids = np.stack([np.full(dim, np.nan) if m is None else m for m in means])
+            source = "the normalised mean of each cluster's normalised embeddings (no kmeans_centroids.npy found)"
+        else:
+            source = os.path.abspath(centroids_file)
+        cli.save_npy(out.path(de.CENTROIDS_FILE), centroids.astype(np.float32))
+        sizes = np.array([c.rows for c in clusters])
+        cli.save_json(out.path(PARAMS_FILE), {
+            "from_nemo_curator": os.path.abspath(results), "id_column": args.id_column, "centroids": source,
+            "num_clusters": k, "ascending": args.ascending, "rows": int(sizes.sum()),
+            "empty_clusters": int((sizes == 0).sum()), "smallest_cluster": int(sizes.min()),
+            "largest_cluster": int(sizes.max())})
+    print(f"converted {sizes.sum()} rows of NeMo Curator's k-means into {k} clusters of {sizes.min()} to "
+          f"{sizes.max()} rows ({int((sizes == 0).sum())} empty); centroids: {source} -> {args.save_folder}")
 
 
 if __name__ == "__main__":

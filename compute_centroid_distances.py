@@ -4,13 +4,15 @@ Reads the k-means centroids (SemDeDup's kmeans_centroids.npy, float32 (k, dim)),
 them and writes a float32 array of shape (k,) whose entry j is the mean cosine distance
 (1 - cosine similarity) from centroid j to its --num_NNs nearest *other* centroids, found with
 faiss. Without --centroids_file the centroids are looked up in the sorted clusters folder and in
-SemDeDup's save folder above it; the cluster files there fix k.
+SemDeDup's save folder above it; the cluster files there fix k. An empty cluster whose centroid is
+NaN (no member defines it, as when converted from NeMo Curator without saved centroids) gets NaN.
 
     python compute_centroid_distances.py --num_clusters 500 --sorted_clusters_path SORTED \\
         --mean_centroid_distances_save_path OUT/dinter.npy
     python compute_centroid_distances.py --centroids_file kmeans_centroids.npy \\
         --mean_centroid_distances_save_path OUT/dinter.npy --num_NNs 20
 """
+import numpy as np
 
 import dbp_cli as cli
 import dbp_utils as du
@@ -44,15 +46,16 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     if args.num_NNs < 1:
         raise cli.UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
-    k = args.num_clusters
+    k, empty = args.num_clusters, None
     if args.sorted_clusters_path or not args.centroids_file:
-        k = len(scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters"))
+        clusters = scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters")
+        k, empty = len(clusters), np.array([c.rows == 0 for c in clusters])
     elif k is not None and k < 1:
         raise cli.UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
     centroids_file = args.centroids_file or find_centroids(args.sorted_clusters_path)
     out = args.mean_centroid_distances_save_path
     cli.check_output_file(out, "--mean_centroid_distances_save_path")
-    centroids = load_centroids(centroids_file, k, args.dim, "--centroids_file")
+    centroids = load_centroids(centroids_file, k, args.dim, "--centroids_file", empty)
     k = len(centroids)
     if args.num_NNs >= k:
         cli.log.warning(f"--num_NNs {args.num_NNs} >= k = {k}: averaging over all {k - 1} other centroids")

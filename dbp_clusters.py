@@ -3,7 +3,8 @@
 SemDeDup's `sort_clusters.py` writes one file per k-means cluster j, `SORTED/cluster_{j}.npy`:
 `np.save` of a list of (key, row index, distance to centroid, cluster id) tuples, a string array
 of shape (n_j, 4) (`<U..`, or `|S..` for bytes keys), sorted by distance; an empty cluster is
-`np.save(path, [])`, a float64 (0,). The centroids, float32 (k, dim), are `kmeans_centroids.npy`
+`np.save(path, [])`, a float64 (0,). NeMo Curator 0.4-0.7 wrote the same files with three columns
+(id, distance, cluster id); both are read. The centroids, float32 (k, dim), are `kmeans_centroids.npy`
 in SemDeDup's save folder, the parent of SORTED. Everything here reads .npy headers first and
 then only the rows and columns a step needs, so no cluster is ever held in memory whole.
 """
@@ -20,8 +21,8 @@ import numpy as np
 
 from dbp_cli import UsageError, atomic_open
 
-KEY_COL, DIST_COL, CLUSTER_COL = 0, 2, 3  # the columns DBP reads: key (the sample's path), distance, cluster id
-NUM_COLS = 4
+# Where the columns DBP reads are, by the number of columns: SemDeDup's 4, NeMo Curator 0.4-0.7's 3.
+COLUMNS = {4: {"key": 0, "distance": 2, "cluster": 3}, 3: {"key": 0, "distance": 1, "cluster": 2}}
 CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
 CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
@@ -42,37 +43,40 @@ class ClusterFile:
     dtype: np.dtype | None = None  # str ('U') or bytes ('S'); None for an empty cluster
     offset: int = 0
     fortran: bool = False
+    width: int = 4  # columns: 4 (SemDeDup) or 3 (NeMo Curator 0.4-0.7)
 
-    def columns(self, cols: tuple[int, ...], start: int, stop: int) -> list[np.ndarray]:
-        """Columns `cols` of rows [start, stop), copied out of a mapping of just those rows: the kernel
-        hands over page-cache pages without a copy, and unmapping keeps resident memory flat."""
+    def columns(self, names: tuple[str, ...], start: int, stop: int) -> list[np.ndarray]:
+        """The named columns ("key", "distance", "cluster") of rows [start, stop), copied out of a mapping of
+        just those rows: the kernel hands over page-cache pages without a copy, and unmapping keeps
+        resident memory flat."""
+        cols = [COLUMNS[self.width][name] for name in names]
         if stop <= start:
             return [np.zeros(0, self.dtype) for _ in cols]
         if self.fortran:  # column-major: each column is contiguous
-            data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, NUM_COLS), "F")
+            data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, self.width), "F")
             return [np.array(data[start:stop, c]) for c in cols]
-        row_bytes = NUM_COLS * self.dtype.itemsize
+        row_bytes = self.width * self.dtype.itemsize
         first = self.offset + start * row_bytes
         base = first - first % mmap.ALLOCATIONGRANULARITY
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), first - base + (stop - start) * row_bytes,
                                                        access=mmap.ACCESS_READ, offset=base) as m:
-                rows = np.frombuffer(m, self.dtype, (stop - start) * NUM_COLS, first - base).reshape(-1, NUM_COLS)
+                rows = np.frombuffer(m, self.dtype, (stop - start) * self.width, first - base).reshape(-1, self.width)
                 values = [rows[:, c].copy() for c in cols]
                 del rows  # release the mapping's buffer before it closes
         except (OSError, ValueError) as e:
             raise UsageError(self.path, f"cannot be read ({e})", "the file changed or is damaged; rewrite it") from None
         return values
 
-    def chunks(self, cols: tuple[int, ...], start: int = 0, stop: int | None = None) -> Iterator[tuple[int, list]]:
-        """(first row, columns) for rows [start, stop), CHUNK_ROWS at a time."""
+    def chunks(self, names: tuple[str, ...], start: int = 0, stop: int | None = None) -> Iterator[tuple[int, list]]:
+        """(first row, named columns) for rows [start, stop), CHUNK_ROWS at a time."""
         stop = self.rows if stop is None else stop
         for first in range(start, stop, CHUNK_ROWS):
-            yield first, self.columns(cols, first, min(first + CHUNK_ROWS, stop))
+            yield first, self.columns(names, first, min(first + CHUNK_ROWS, stop))
 
     def distances(self, start: int, stop: int) -> np.ndarray:
         """The distances of rows [start, stop) as float64, checked."""
-        (values,) = self.columns((DIST_COL,), start, stop)
+        (values,) = self.columns(("distance",), start, stop)
         return parse_distances(values, self.path, start)
 
     def is_descending(self) -> bool:
@@ -112,20 +116,20 @@ def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
 
 
 def read_cluster_header(path: str) -> ClusterFile:
-    """Validate a cluster file's header: an (n, 4) str/bytes array, or the (0,) of an empty cluster."""
+    """Validate a cluster file's header: an (n, 4) or (n, 3) str/bytes array, or the (0,) of an empty cluster."""
     shape, dtype, fortran, offset = read_npy_header(path)
     if shape == (0,) or (len(shape) == 2 and shape[0] == 0):
         return ClusterFile(path, 0)
     if len(shape) != 2:
         raise UsageError(path, f"has shape {shape}; a cluster file is 2-D (rows, 4)",
                          "point at SemDeDup's sorted clusters")
-    if shape[1] != NUM_COLS:
-        raise UsageError(path, f"has {shape[1]} columns; expected 4 (path, index, distance, cluster id)",
-                         "point at SemDeDup's sorted clusters")
+    if shape[1] not in COLUMNS:
+        raise UsageError(path, f"has {shape[1]} columns; expected 4 (path, index, distance, cluster id) or, from "
+                         "NeMo Curator, 3 (id, distance, cluster id)", "point at SemDeDup's sorted clusters")
     if dtype.kind not in "US":
         raise UsageError(path, f"has dtype {dtype}; expected a string array",
                          "save each cluster as np.save of a list of (path, index, distance, cluster) tuples")
-    return ClusterFile(path, shape[0], dtype, offset, fortran)
+    return ClusterFile(path, shape[0], dtype, offset, fortran, shape[1])
 
 
 def find_cluster_files(folder: str | None, k: int | None, folder_flag: str, k_flag: str) -> list[str]:
@@ -193,11 +197,11 @@ def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.nda
             except (ValueError, UnicodeError):
                 text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
                 raise UsageError(path, f"row {first_row + i}: distance {text!r} is not a number",
-                                 "column 2 must hold the distance to the centroid") from None
+                                 "the distance column must hold the distance to the centroid") from None
     bad = np.flatnonzero(~np.isfinite(d))
     if len(bad):
         raise UsageError(path, f"row {first_row + bad[0]}: distance is {d[bad[0]]}",
-                         "column 2 must hold finite distances to the centroid")
+                         "the distance column must hold finite distances to the centroid")
     return d
 
 
@@ -298,8 +302,10 @@ def find_centroids(sorted_dir: str) -> str:
                      "pass --centroids_file")
 
 
-def load_centroids(path: str, k: int | None, dim: int | None, flag: str) -> np.ndarray:
-    """k-means centroids as float64 (k, dim), checked: finite, and none all zeros."""
+def load_centroids(path: str, k: int | None, dim: int | None, flag: str,
+                   empty: np.ndarray | None = None) -> np.ndarray:
+    """k-means centroids as float64 (k, dim), checked: finite, and none all zeros. Where `empty` marks an
+    empty cluster, an all-NaN row (a centroid no member defines) is taken as it is."""
     shape, dtype, _, _ = read_npy_header(path)
     if len(shape) != 2:
         raise UsageError(path, f"has shape {shape}; centroids are a 2-D (k, dim) array",
@@ -315,10 +321,11 @@ def load_centroids(path: str, k: int | None, dim: int | None, flag: str) -> np.n
         raise UsageError("--dim", f"is {dim} but {path} has dimension {shape[1]}",
                          "omit --dim or pass the centroids' dimension")
     c = np.load(path, allow_pickle=False).astype(np.float64)
-    if not np.isfinite(c).all():
-        raise UsageError(path, f"row {np.argwhere(~np.isfinite(c))[0][0]}: centroid is not finite",
-                         "use the centroids of a converged k-means run")
-    zero = np.flatnonzero(~c.any(axis=1))
+    undefined = np.isnan(c).all(axis=1) & (empty if empty is not None else False)
+    bad = np.flatnonzero(~np.isfinite(c).all(axis=1) & ~undefined)
+    if len(bad):
+        raise UsageError(path, f"row {bad[0]}: centroid is not finite", "use the centroids of a converged k-means run")
+    zero = np.flatnonzero(~c.any(axis=1) & ~undefined)
     if len(zero):
         raise UsageError(path, f"row {zero[0]}: centroid is all zeros",
                          "a zero centroid has no direction; rerun k-means")

@@ -7,7 +7,8 @@ The layouts read, found from the files themselves:
     `metadata/metadata_<n>.parquet` (key column `image_path`), paired by <n>, rows by position;
   - DataComp's shards: `<shard>.npz` (the embeddings under `l14_img`) beside `<shard>.parquet` (`uid`).
 
-Embeddings are read a chunk at a time and L2-normalised as they are read. k-means is faiss's, as
+NeMo Curator 1.x's k-means result (`kmeans_results/centroid=<j>/*.parquet`) is converted without
+rerunning k-means. Embeddings are read a chunk at a time and L2-normalised as they are read. k-means is faiss's, as
 SemDeDup runs it (spherical, niter 100, seed 1234), trained on a seeded sample; then one streamed
 pass assigns every row to its nearest centroid and keeps 8 bytes per row (cluster id, distance);
 each cluster's file is then written from those, reading only its own keys. The keys are gathered
@@ -35,6 +36,8 @@ WINDOW_BYTES = 64 << 20  # a sample's rows are read through mappings of at most 
 POINTS_PER_CENTROID = 256  # faiss's own cap on training points per centroid: the default sample size
 CLIP_EMBEDDINGS = re.compile(r"(?:img|text)_emb_(\d+)\.npy")
 CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
+NEMO_PARTITION = re.compile(r"centroid=(\d+)")  # NeMo Curator 1.x: kmeans_results/centroid=<j>/*.parquet
+NEMO_DISTANCE = "cosine_dist_to_cent"
 SORTED_DIR = "sorted_clusters"
 CENTROIDS_FILE = "kmeans_centroids.npy"
 # Work files, kept in the save folder's staging area until the run is published.
@@ -461,3 +464,118 @@ def write_cluster(task: tuple) -> None:
     keys = read_cluster_keys(work, rows)
     save_cluster_file(path, cluster_table(keys, rows, distances, j, descending))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# NeMo Curator's k-means results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NemoCluster:
+    """One cluster of NeMo Curator 1.x's k-means result: the parquet files of its `centroid=<j>` folder."""
+
+    j: int
+    files: tuple[str, ...]
+    rows: int
+    first_row: int  # its rows are numbered from here in column 1 (NeMo's output has no embedding index)
+
+
+def find_nemo_clusters(results: str, k: int | None, id_column: str, embedding_column: str,
+                       need_embeddings: bool) -> list[NemoCluster]:
+    """The clusters of a Hive-partitioned `kmeans_results/centroid=<j>/*.parquet` folder, checked from the
+    parquet footers; a missing or row-less folder is an empty cluster."""
+    import pyarrow.parquet as pq
+
+    if not os.path.isdir(results):
+        what = "is a file, not a folder" if os.path.exists(results) else "does not exist"
+        raise UsageError("--from-nemo-curator", f"{results} {what}",
+                         "point it at NeMo Curator's kmeans_results folder")
+    folders = {int(m[1]): name for name in os.listdir(results) if (m := NEMO_PARTITION.fullmatch(name))}
+    if not folders:
+        raise UsageError("--from-nemo-curator", f"{results} holds no centroid=<j> folders",
+                         "point it at NeMo Curator's kmeans_results folder")
+    k = max(folders) + 1 if k is None else k
+    if max(folders) >= k:
+        raise UsageError("--num_clusters", f"is {k} but {results} holds centroid={max(folders)}",
+                         "omit --num_clusters, or pass the k of the k-means run")
+    clusters, first = [], 0
+    for j in range(k):
+        folder = os.path.join(results, folders[j]) if j in folders else None
+        files = tuple(sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))) \
+            if folder else ()
+        rows = 0
+        for path in files:
+            try:
+                schema, count = pq.read_schema(path), pq.read_metadata(path).num_rows
+            except Exception as e:  # pyarrow's errors share no base class worth naming
+                raise UsageError(path, f"is not a readable parquet file ({e})",
+                                 "rerun NeMo Curator's k-means") from None
+            wanted = [id_column, NEMO_DISTANCE] + ([embedding_column] if need_embeddings else [])
+            missing = [c for c in wanted if c not in schema.names]
+            if missing:
+                flag = {id_column: "--id-column", embedding_column: "--embedding-column"}.get(missing[0])
+                fix = f"pass {flag} with the right name" if flag else "point at NeMo Curator's k-means output"
+                raise UsageError(path, f"has no column {missing[0]!r} (it has {', '.join(schema.names)})", fix)
+            rows += count
+        clusters.append(NemoCluster(j, files, rows, first))
+        first += rows
+    return clusters
+
+
+def convert_nemo_cluster(task: tuple) -> np.ndarray | None:
+    """Write one NeMo Curator cluster as SemDeDup's cluster file; return the L2-normalised mean of its
+    normalised embeddings when asked for (the centroid when none was saved), else None."""
+    cluster, path, id_column, embedding_column, descending, mean_wanted = task
+    import pyarrow.parquet as pq
+
+    keys, distances, total = [], [], None
+    for file in cluster.files:
+        columns = [id_column, NEMO_DISTANCE] + ([embedding_column] if mean_wanted else [])
+        table = pq.read_table(file, columns=columns)
+        if table.num_rows == 0:  # an empty file's columns may not even have their types
+            continue
+        ids = table.column(id_column)
+        if ids.null_count:
+            raise UsageError(file, f"an {id_column!r} is missing (null)", "every row needs an id")
+        keys.append(keys_as_utf8(np.array([str(v) for v in ids.to_pylist()], dtype=str), file))
+        distances.append(_finite(table.column(NEMO_DISTANCE).to_numpy().astype(np.float32), file))
+        if mean_wanted:
+            x = _embedding_matrix(table.column(embedding_column), file)
+            unit = checked_unit(x, Part(file, len(x), x.shape[1], x.dtype, file), np.arange(len(x)))
+            total = unit.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
+    width = max([1] + [k.dtype.itemsize for k in keys])
+    keys = np.concatenate([k.astype(f"S{width}") for k in keys]) if keys else np.zeros(0, "S1")
+    distances = np.concatenate(distances) if distances else np.zeros(0, np.float32)
+    rows = np.arange(cluster.first_row, cluster.first_row + len(keys))
+    save_cluster_file(path, cluster_table(keys, rows, distances, cluster.j, descending))
+    if total is None:
+        return None
+    return total / np.linalg.norm(total) if total.any() else total
+
+
+def _embedding_matrix(column, path: str) -> np.ndarray:
+    """A parquet list column of embeddings as float32 (n, dim); float16 comes as uint16 bit patterns."""
+    import pyarrow as pa
+
+    column = column.combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        raise UsageError(path, f"embedding column has type {column.type}, not a list", "pass --embedding-column")
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise UsageError(path, f"embeddings of different lengths ({lengths.min()} to {lengths.max()})",
+                         "every embedding must have the same dimension")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if values.dtype == np.uint16:  # float16 stored as its bit pattern
+        values = values.view(np.float16)
+    if values.dtype.kind != "f":
+        raise UsageError(path, f"embedding values have dtype {values.dtype}", "embeddings are floats")
+    return values.astype(np.float32).reshape(len(lengths), -1)
+
+
+def _finite(values: np.ndarray, path: str) -> np.ndarray:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise UsageError(path, f"row {bad[0]}: {NEMO_DISTANCE} is {values[bad[0]]}", "rerun NeMo Curator's k-means")
+    return values

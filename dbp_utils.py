@@ -24,17 +24,7 @@ import numpy as np
 import pygtrie
 
 from dbp_cli import UsageError, log, parallel_map
-from dbp_clusters import (
-    CHUNK_ROWS,
-    CLUSTER_COL,
-    DIST_COL,
-    KEY_COL,
-    ClusterFile,
-    keys_as_utf8,
-    names_cluster,
-    parse_distances,
-    read_npy_header,
-)
+from dbp_clusters import CHUNK_ROWS, ClusterFile, keys_as_utf8, names_cluster, parse_distances, read_npy_header
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
 WHICH_TO_KEEP = ("hard", "easy", "random")
@@ -48,13 +38,19 @@ STATS_FILE = "cluster_stats.csv"
 PLOT_FILE = "quotas.png"
 LOG_FILE = "logs.log"
 PARAMS_FILE = "params.json"
-OUTPUT_FILES = (KEPT_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, QUOTAS_FILE, STATS_FILE, PLOT_FILE, LOG_FILE, PARAMS_FILE)
+DATACOMP_FILE = "datacomp_subset.npy"  # with --datacomp-subset
+OUTPUT_FILES = (KEPT_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, DATACOMP_FILE, QUOTAS_FILE, STATS_FILE, PLOT_FILE, LOG_FILE,
+                PARAMS_FILE)
+DATACOMP_UID = np.dtype("u8,u8")  # a DataComp uid, 32 hex digits, as its (high, low) 64-bit halves
 
 TRIE_SEPARATOR = "/"
 TRIE_VALUE = 1
 PICKLE_PROTOCOL = 4
 TRIE_CHUNK_KEYS = 1 << 14  # keys turned into trie commands at a time
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
+HEX_DIGITS = np.full(256, 16, np.uint8)  # byte -> its value as a hex digit, 16 if it is none
+HEX_DIGITS[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+HEX_DIGITS[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +64,7 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
         return float("nan"), True
     mean, previous = 0.0, np.zeros(0)
     ascending = descending = True
-    for start, (values,) in cluster.chunks((DIST_COL,)):
+    for start, (values,) in cluster.chunks(("distance",)):
         d = parse_distances(values, cluster.path, start)
         steps = np.diff(np.concatenate([previous, d]))  # across chunk borders too
         ascending &= bool((steps >= 0).all())
@@ -77,7 +73,7 @@ def cluster_mean_distance(cluster: ClusterFile) -> tuple[float, bool]:
         previous = d[-1:]
     if abs(mean) > float(np.finfo(np.float32).max):
         raise UsageError(cluster.path, f"the mean distance {mean:g} is too large for d_intra's float32",
-                         "column 2 must hold distances to the centroid (cosine or L2), not raw values")
+                         "the distance column must hold distances to the centroid (cosine or L2)")
     return mean, ascending or descending
 
 
@@ -88,7 +84,13 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def mean_centroid_distances(centroids: np.ndarray, num_nns: int, threads: int) -> np.ndarray:
-    """d_inter: mean cosine distance from each centroid to its num_nns nearest other centroids."""
+    """d_inter: mean cosine distance from each centroid to its num_nns nearest other centroids. A NaN row
+    (the centroid of an empty cluster that no member defines) has NaN and is no one's neighbour."""
+    defined = ~np.isnan(centroids).any(axis=1)
+    if not defined.all():
+        d_inter = np.full(len(centroids), np.nan, dtype=np.float32)
+        d_inter[defined] = mean_centroid_distances(centroids[defined], num_nns, threads)
+        return d_inter
     import faiss
 
     k, dim = centroids.shape
@@ -250,7 +252,7 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int]) -> Selection:
     descending = which == "random" or cluster.is_descending()
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
     paths, dists, ids_match = [], [], True
-    columns = (KEY_COL, DIST_COL, CLUSTER_COL)
+    columns = ("key", "distance", "cluster")
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
         for first, (p, d, ids) in cluster.chunks(columns, keep.start, keep.stop):
             paths.append(keys_as_utf8(p, cluster.path, first))
@@ -532,6 +534,22 @@ class WebdatasetFilter:
 def webdataset_filter(trie_or_path: Any, with_shard: bool = True) -> WebdatasetFilter:
     """Keep the samples whose key was kept: `<shard stem>/<__key__>`, or `__key__` alone."""
     return WebdatasetFilter(_key_set(trie_or_path), with_shard)
+
+
+def datacomp_subset(keys: np.ndarray) -> np.ndarray:
+    """Kept keys that are DataComp uids (32 hex digits) as DataComp's resharder takes them (`--subset_file`):
+    (high, low) 64-bit halves, dtype u8,u8, sorted, each once."""
+    chars = _byte_matrix(keys)
+    digits = HEX_DIGITS[chars]
+    bad = np.flatnonzero(((chars != 0).sum(axis=1) != 32) | (digits[:, :32] > 15).any(axis=1)) if len(keys) else []
+    if len(bad):
+        raise UsageError("--datacomp-subset", f"the kept key {keys[bad[0]].decode('utf-8', 'replace')!r} is not a "
+                         "DataComp uid (32 hex digits)", "use it on DataComp data, whose keys are the uids")
+    shifts = np.arange(60, -4, -4, dtype=np.uint64)  # the 16 hex digits of a half, most significant first
+    subset = np.empty(len(keys), DATACOMP_UID)
+    subset["f0"] = (digits[:, :16].astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)  # no carries: an OR
+    subset["f1"] = (digits[:, 16:32].astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)
+    return np.unique(subset)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ N_j solve min ||N_j - P_j N||^2 with sum N_j = N and min(m, n_j - 1) <= N_j <= n
 
 Writes into --save-dir: kept_keys_trie.pkl (pygtrie.StringTrie of kept keys: paths without their
 extension, for a webdataset filter), kept_keys.npy (the same keys, sorted bytes, memory-mappable),
-kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, params.json.
+kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, params.json; with
+--datacomp-subset also datacomp_subset.npy, the kept uids as DataComp's resharder.py reads them.
 
     python prune.py --num-centroids 500 --mean_centroid_distances_save_path OUT/dinter.npy \\
         --avg_distance_to_cent_save_path OUT/dintra.npy --sorted-clusters-path SORTED \\
@@ -59,6 +60,8 @@ def parse_args():
     cli.add_flag(parser, "--seed", type=int, default=42, help="seed of --which-to-keep random (default: 42)")
     cli.add_flag(parser, "--no-trie", action="store_true",
                 help="skip kept_keys_trie.pkl; loaders use kept_keys.npy (far smaller at web scale)")
+    cli.add_flag(parser, "--datacomp-subset", action="store_true",
+                 help="also write datacomp_subset.npy: the kept DataComp uids for resharder.py --subset_file")
     cli.add_flag(parser, "--overwrite", action="store_true",
                 help="replace the outputs of a completed run in --save-dir")
     cli.add_workers_flag(parser)
@@ -138,6 +141,8 @@ def main() -> None:
                     misnamed.append(cluster.path)
         kept_keys = collected.sorted_unique()
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
+        if args.datacomp_subset:
+            np.save(out.path(du.DATACOMP_FILE), du.datacomp_subset(kept_keys))
         if not args.no_trie:
             with open(out.path(du.TRIE_FILE), "wb") as f:
                 du.write_trie(f, kept_keys)

@@ -10,8 +10,10 @@ k-means and writes what SemDeDup's clustering and sort_clusters.py write:
     OUT/embeddings.npy, OUT/paths.txt      the embeddings and the sample keys, in dataset order
 
 Keys look like LAION's webdataset keys: `00012/000120034.jpg` is sample 120034 in shard 00012.
+With --embeddings-only it writes just embeddings.npy and paths.txt, for cluster_embeddings.py.
 
     python examples/make_toy_clusters.py --out toy --n 20000 --k 50 --dim 64 --seed 0
+    python examples/make_toy_clusters.py --out toy --n 20000 --dim 64 --embeddings-only
 """
 
 import argparse
@@ -74,27 +76,31 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def write_sorted_clusters(folder: str, paths: list, labels: np.ndarray, sims: np.ndarray, k: int,
-                          descending: bool = True) -> None:
-    """One file per cluster exactly as SemDeDup's sort_clusters.py writes it (cosine, spherical)."""
+                          descending: bool = True, three_columns: bool = False) -> None:
+    """One file per cluster exactly as SemDeDup's sort_clusters.py writes it (cosine, spherical), or as
+    NeMo Curator 0.4-0.7 wrote it: three columns (id, distance, cluster id)."""
     os.makedirs(folder, exist_ok=True)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(k + 1))
     for c in range(k):
         members = order[bounds[c]:bounds[c + 1]]
         save_sorted_cluster(os.path.join(folder, f"cluster_{c}.npy"), [paths[i] for i in members], members,
-                            1 - sims[members], c, descending)
+                            1 - sims[members], c, descending, three_columns)
 
 
 def save_sorted_cluster(path: str, paths: list, ids: np.ndarray, dists: np.ndarray, cluster_id: int,
-                        descending: bool = True) -> None:
-    """np.save of the cluster's (path, index, distance, cluster id) tuples sorted by distance, as SemDeDup does."""
+                        descending: bool = True, three_columns: bool = False) -> None:
+    """np.save of the cluster's (path, index, distance, cluster id) tuples sorted by distance, as SemDeDup does
+    (or of (path, distance, cluster id) tuples, as NeMo Curator 0.4-0.7 did)."""
     dists = np.asarray(dists, dtype=np.float32).tolist()  # pandas hands SemDeDup Python floats
-    rows = zip(paths, np.asarray(ids).tolist(), dists, [cluster_id] * len(paths))
-    np.save(path, sorted(rows, key=lambda row: row[2], reverse=descending))
+    rows = sorted(zip(paths, np.asarray(ids).tolist(), dists, [cluster_id] * len(paths)),
+                  key=lambda row: row[2], reverse=descending)
+    np.save(path, [(p, d, c) for p, _, d, c in rows] if three_columns else rows)
 
 
 def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int = 10000,
-                 descending: bool = True, bytes_paths: bool = False, edge_clusters: bool = False) -> dict:
+                 descending: bool = True, bytes_paths: bool = False, edge_clusters: bool = False,
+                 three_columns: bool = False) -> dict:
     """Write a SemDeDup-style data set into `out`; returns its parts for tests and the demo."""
     x = make_embeddings(n, dim, concepts=max(2, k // 2), seed=seed)
     centroids, labels, sims = spherical_kmeans(x, k, seed)
@@ -103,15 +109,21 @@ def make_dataset(out: str, n: int, k: int, dim: int, seed: int, shard_size: int 
         x, centroids, labels, sims = add_edge_clusters(x, centroids, labels, sims, seed)
         edge = {"empty": k, "one member": k + 1, "two members": k + 2}
     paths = sample_paths(range(len(x)), shard_size)
+    write_embeddings(out, x, paths)
     stored = np.array(paths, dtype=PATH_DTYPE).tolist() if bytes_paths else paths  # bytes, as from a memmap
-    os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, CENTROIDS_FILE), centroids)
-    np.save(os.path.join(out, "embeddings.npy"), x)
-    with open(os.path.join(out, "paths.txt"), "w") as f:
-        f.write("\n".join(paths) + "\n")
-    write_sorted_clusters(os.path.join(out, SORTED_DIR), stored, labels, sims, len(centroids), descending)
+    write_sorted_clusters(os.path.join(out, SORTED_DIR), stored, labels, sims, len(centroids), descending,
+                          three_columns)
     return {"x": x, "centroids": centroids, "labels": labels, "sims": sims, "paths": paths,
             "sorted": os.path.join(out, SORTED_DIR), "k": len(centroids), "edge_clusters": edge}
+
+
+def write_embeddings(out: str, x: np.ndarray, paths: list[str]) -> None:
+    """OUT/embeddings.npy and OUT/paths.txt (one key per line), in dataset order."""
+    os.makedirs(out, exist_ok=True)
+    np.save(os.path.join(out, "embeddings.npy"), x)
+    with open(os.path.join(out, "paths.txt"), "w") as f:
+        f.write("".join(p + "\n" for p in paths))
 
 
 def main() -> None:
@@ -125,7 +137,14 @@ def main() -> None:
     parser.add_argument("--ascending", action="store_true",
                         help="sort clusters nearest first (SemDeDup keep_hard=False)")
     parser.add_argument("--bytes-paths", action="store_true", help="store paths as bytes, as from an S24 memmap")
+    parser.add_argument("--embeddings-only", action="store_true",
+                        help="write only embeddings.npy and paths.txt (no k-means, no sorted clusters)")
     args = parser.parse_args()
+    if args.embeddings_only:
+        x = make_embeddings(args.n, args.dim, concepts=max(2, args.k // 2), seed=args.seed)
+        write_embeddings(args.out, x, sample_paths(range(args.n), args.shard_size))
+        print(f"{args.n} embeddings of dim {args.dim} -> {args.out}/embeddings.npy, keys -> {args.out}/paths.txt")
+        return
     data = make_dataset(args.out, args.n, args.k, args.dim, args.seed, args.shard_size,
                         descending=not args.ascending, bytes_paths=args.bytes_paths)
     print(f"{args.n} samples, dim {args.dim}, {data['k']} clusters -> {data['sorted']}")

@@ -48,7 +48,13 @@ def asc_bytes(tmp_path_factory):
     return make(tmp_path_factory, "asc_bytes", seed=5, descending=False, bytes_paths=True)
 
 
-@pytest.fixture(params=["desc_str", "asc_bytes"])
+@pytest.fixture(scope="session")
+def nemo_three(tmp_path_factory):
+    """NeMo Curator 0.4-0.7's files: three columns (id, distance, cluster id), descending."""
+    return make(tmp_path_factory, "nemo_three", seed=7, three_columns=True)
+
+
+@pytest.fixture(params=["desc_str", "asc_bytes", "nemo_three"])
 def dataset(request):
     return request.getfixturevalue(request.param)
 

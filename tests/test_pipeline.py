@@ -73,7 +73,7 @@ def check_selection(data, save_dir, which, trie=True):
             assert quotas[j] == 0
             continue
         paths = [p.decode() if isinstance(p, bytes) else p for p in rows[:, 0].tolist()]
-        dist = rows[:, 2].astype(float)
+        dist = rows[:, -2].astype(float)  # the distance is second to last in 4 and in 3 columns
         is_kept = np.array([p in kept for p in paths])
         assert is_kept.sum() == quotas[j]
         if which != "random" and 0 < quotas[j] < len(rows):

@@ -1,0 +1,156 @@
+"""NeMo Curator's k-means results in, DataComp's subset file out."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLUSTER_SCRIPT, DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, make_toy_clusters, run_script
+
+from dbp_clusters import cluster_table
+
+N, DIM, K = 1200, 12, 8
+MISSING, EMPTY = 3, 5  # cluster 3 has no centroid=3 folder at all, cluster 5 a folder with no rows
+
+
+def nemo_results(root, ids_kind, float16, with_centroids):
+    """NeMo Curator 1.x's kmeans_results, written with pandas' Hive partitioning: unsorted rows, the id, the
+    embeddings as a list column, both distances and a metadata column; cluster 2 split over two files."""
+    rng = np.random.default_rng(0)
+    x = make_toy_clusters.make_embeddings(N, DIM, concepts=6, seed=1).astype(np.float32)
+    x *= rng.uniform(0.5, 2, (N, 1)).astype(np.float32)  # NeMo's embeddings need not be unit length
+    centroids = rng.standard_normal((K, DIM)).astype(np.float32)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.argmax(unit @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T, axis=1)
+    labels[labels == MISSING] = 0  # no member: no folder
+    labels[labels == EMPTY] = 1
+    ids = np.arange(N) * 7 + 100000 if ids_kind == "int" else [f"doc-{i:05d}" for i in range(N)]
+    cos = 1 - (unit * (centroids / np.linalg.norm(centroids, axis=1, keepdims=True))[labels]).sum(axis=1)
+    emb = x.astype(np.float16).view(np.uint16) if float16 else x
+    order = rng.permutation(N)  # NeMo's rows are not sorted
+    frame = pd.DataFrame({"id": np.asarray(ids)[order], "embeddings": list(emb[order]), "caption": "a photo",
+                          "cosine_dist_to_cent": cos[order].astype(np.float32),
+                          "l2_dist_to_cent": np.linalg.norm(x - centroids[labels], axis=1)[order].astype(np.float32),
+                          "centroid": labels[order]})
+    results = root / "cache" / "kmeans_results"
+    frame[frame.centroid != 2].to_parquet(results, partition_cols=["centroid"])
+    two = frame[frame.centroid == 2].drop(columns="centroid")
+    (results / "centroid=2").mkdir()
+    two.iloc[: len(two) // 2].to_parquet(results / "centroid=2" / "task_0.parquet")
+    two.iloc[len(two) // 2:].to_parquet(results / "centroid=2" / "task_1.parquet")
+    (results / f"centroid={EMPTY}").mkdir()
+    frame.drop(columns="centroid").iloc[:0].to_parquet(results / f"centroid={EMPTY}" / "task_0.parquet")
+    if with_centroids:
+        np.save(root / "cache" / "kmeans_centroids.npy", centroids)
+    stored = emb.view(np.float16).astype(np.float32) if float16 else x
+    return results, {"x": stored, "ids": [str(i) for i in ids], "labels": labels, "cos": cos, "centroids": centroids,
+                     "files": {j: sorted((results / f"centroid={j}").glob("*.parquet")) for j in range(K)
+                               if (results / f"centroid={j}").exists()}}
+
+
+@pytest.mark.parametrize("ids_kind", ["int", "str"])
+@pytest.mark.parametrize("float16", [False, True])
+@pytest.mark.parametrize("with_centroids", [True, False])
+def test_nemo_curator_results_become_semdedups_layout(tmp_path, ids_kind, float16, with_centroids):
+    results, truth = nemo_results(tmp_path, ids_kind, float16, with_centroids)
+    save = tmp_path / "save"
+    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", save, "--num_clusters", K)
+    assert r.returncode == 0, r.stderr
+    beside = tmp_path / "cache" / "kmeans_centroids.npy"
+    assert (f"centroids: {beside}" if with_centroids else "centroids: the normalised mean") in r.stdout
+    seen, first = [], 0
+    for j in range(K):
+        rows = np.load(save / "sorted_clusters" / f"cluster_{j}.npy")
+        members = np.flatnonzero(truth["labels"] == j)
+        if j in (MISSING, EMPTY):
+            assert rows.shape == (0,) and rows.dtype == np.float64
+            continue
+        assert rows.shape == (len(members), 4) and (rows[:, 3] == str(j)).all()
+        assert sorted(rows[:, 0].tolist()) == sorted(truth["ids"][i] for i in members)
+        d = rows[:, 2].astype(np.float64)
+        assert (np.diff(d) <= 0).all()  # sorted as SemDeDup does: farthest first
+        by_id = dict(zip(truth["ids"], truth["cos"]))
+        np.testing.assert_allclose(d, [by_id[key] for key in rows[:, 0]], atol=1e-6)
+        # The same file as our own writer gives for this cluster, its rows numbered on from the last cluster's.
+        files = pd.concat([pd.read_parquet(f) for f in truth["files"][j]])
+        expected = cluster_table(np.array(files["id"].astype(str).tolist()), np.arange(first, first + len(files)),
+                                 files["cosine_dist_to_cent"].to_numpy(np.float32), j, True)
+        np.testing.assert_array_equal(rows, expected)
+        first += len(files)
+        seen += rows[:, 0].tolist()
+    assert sorted(seen) == sorted(truth["ids"])
+    centroids = np.load(save / "kmeans_centroids.npy")
+    assert centroids.dtype == np.float32 and centroids.shape == (K, DIM)
+    if with_centroids:
+        np.testing.assert_array_equal(centroids, truth["centroids"])
+    else:  # the normalised mean of each cluster's normalised embeddings; NaN where no member defines it
+        x = truth["x"].astype(np.float64)
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        for j in range(K):
+            if j in (MISSING, EMPTY):
+                assert np.isnan(centroids[j]).all()
+            else:
+                mean = unit[truth["labels"] == j].mean(axis=0)
+                np.testing.assert_allclose(centroids[j], mean / np.linalg.norm(mean), atol=1e-5)
+
+    # And the three DBP scripts run on it: empty clusters get NaN d_intra (and NaN d_inter without centroids).
+    sorted_dir = save / "sorted_clusters"
+    assert run_script(DINTRA_SCRIPT, "--sorted_clusters_path", sorted_dir, "--avg_distance_to_cent_save_path",
+                      tmp_path / "dintra.npy").returncode == 0
+    r = run_script(DINTER_SCRIPT, "--sorted_clusters_path", sorted_dir, "--mean_centroid_distances_save_path",
+                   tmp_path / "dinter.npy", "--num_NNs", 3)
+    assert r.returncode == 0, r.stderr
+    d_inter = np.load(tmp_path / "dinter.npy")
+    assert np.isnan(d_inter[[MISSING, EMPTY]]).all() != with_centroids and np.isfinite(d_inter[[0, 1, 2]]).all()
+    r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--avg_distance_to_cent_save_path",
+                   tmp_path / "dintra.npy", "--mean_centroid_distances_save_path", tmp_path / "dinter.npy",
+                   "--prune-ratio", 0.5, "--save-dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "run" / "kept_paths.txt").read_text().split()) == N // 2
+
+
+def test_nemo_curator_bad_input(tmp_path):
+    results, _ = nemo_results(tmp_path, "str", False, False)
+    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", tmp_path / "save",
+                   "--id-column", "image_id")
+    assert r.returncode == 2 and "has no column 'image_id'" in r.stderr and "--id-column" in r.stderr
+    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", tmp_path / "save",
+                   "--num_clusters", 4)
+    assert r.returncode == 2 and "--num_clusters: is 4 but" in r.stderr
+    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", tmp_path / "nowhere", "--save_folder", tmp_path / "save")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert not (tmp_path / "save").exists()
+
+
+def datacomp_lookup(subset, uid):
+    """How DataComp's resharder finds a uid in the subset file: its two 64-bit halves, binary search."""
+    key = np.array([divmod(int(uid, 16), 2**64)], subset.dtype)[0]
+    return np.searchsorted(subset, key, "right") - np.searchsorted(subset, key, "left")
+
+
+def test_datacomp_subset_is_what_the_resharder_reads(tmp_path):
+    uids = [f"{(i * 0x9E3779B97F4A7C15) % (1 << 64):016x}{(i * 7919) % (1 << 64):016x}" for i in range(600)]
+    sorted_dir = tmp_path / "sorted"
+    sorted_dir.mkdir()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, len(uids))
+    for j in range(4):
+        rows = [(uids[i], i, float(rng.random()), j) for i in np.flatnonzero(labels == j)]
+        np.save(sorted_dir / f"cluster_{j}.npy", sorted(rows, key=lambda row: row[2], reverse=True))
+    r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--density", "uniform", "--prune-ratio", 0.4,
+                   "--save-dir", tmp_path / "run", "--datacomp-subset")
+    assert r.returncode == 0, r.stderr
+    subset = np.load(tmp_path / "run" / "datacomp_subset.npy")
+    assert subset.dtype == np.dtype("u8,u8") and len(subset) == int(0.4 * len(uids))
+    as_int = [(int(hi) << 64) | int(lo) for hi, lo in subset.tolist()]
+    assert as_int == sorted(set(as_int))  # sorted, each uid once
+    kept = set((tmp_path / "run" / "kept_paths.txt").read_text().split())
+    assert all(datacomp_lookup(subset, uid) == (uid in kept) for uid in uids)
+    assert json.loads((tmp_path / "run" / "params.json").read_text())["datacomp_subset"] is True
+
+    np.save(sorted_dir / "cluster_4.npy", [("not-a-uid.jpg", 600, 0.9, 4), ("also-not", 601, 0.1, 4)])
+    r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--density", "uniform", "--prune-ratio", 0.4,
+                   "--save-dir", tmp_path / "bad", "--datacomp-subset")
+    assert r.returncode == 2 and "is not a DataComp uid (32 hex digits)" in r.stderr
+    assert not os.path.exists(tmp_path / "bad")
