@@ -49,13 +49,16 @@ MANIFEST, OBJECTIVE = "manifest.json", "objective.json"  # in the staging folder
 
 def parse_args():
     parser = cli.make_parser(__doc__)
-    cli.add_flag(parser, "--embeddings", default=None,
+    source = parser.add_mutually_exclusive_group(required=True)
+    cli.add_flag(source, "--embeddings", default=None,
                  help="a .npy of embeddings (n, dim), a clip-retrieval img_emb folder, or a folder of DataComp shards")
+    cli.add_flag(source, "--from-nemo-curator", default=None, metavar="KMEANS_RESULTS",
+                 help="convert NeMo Curator 1.x's k-means result folder (centroid=<j>/*.parquet) instead")
     cli.add_flag(parser, "--keys", default=None,
                  help="the keys of the rows: a .txt (one per line), a 1-D string .npy or a .parquet; for "
                       "clip-retrieval, the metadata folder (default: beside img_emb); not for DataComp shards")
     cli.add_flag(parser, "--num_clusters", type=int, default=None, help="k, the number of k-means clusters")
-    cli.add_flag(parser, "--save_folder", default=None,
+    cli.add_flag(parser, "--save_folder", required=True,
                  help="folder for kmeans_centroids.npy and sorted_clusters/ (SemDeDup's save folder)")
     cli.add_flag(parser, "--niter", type=int, default=100, help="k-means iterations (default: 100, SemDeDup's)")
     cli.add_flag(parser, "--seed", type=int, default=1234,
@@ -70,8 +73,6 @@ def parse_args():
                  help="the embedding array in DataComp's .npz (default: l14_img)")
     cli.add_flag(parser, "--key-column", default=None,
                  help="the key column of parquet keys (default: image_path for clip-retrieval, uid for DataComp)")
-    cli.add_flag(parser, "--from-nemo-curator", default=None, metavar="KMEANS_RESULTS",
-                 help="convert NeMo Curator 1.x's k-means result folder (centroid=<j>/*.parquet) instead")
     cli.add_flag(parser, "--id-column", default="id", help="NeMo Curator's id column: the keys (default: id)")
     cli.add_flag(parser, "--embedding-column", default="embeddings",
                  help="NeMo Curator's embedding column, for centroids when none were saved (default: embeddings)")
@@ -113,8 +114,6 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     if args.from_nemo_curator:
         return convert_nemo_curator(args, workers)
-    if not args.embeddings:
-        raise cli.UsageError("--embeddings", "is required", "pass a .npy file or a folder of embedding parts")
     embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
     n, k = embeddings.rows, args.num_clusters
     sample = check_args(args, n)
@@ -157,8 +156,8 @@ def main() -> None:
 
 def convert_nemo_curator(args, workers: int) -> None:
     """NeMo Curator 1.x's k-means result as SemDeDup's layout: one pass over each cluster's parquet files."""
-    if args.embeddings or args.keys:
-        raise cli.UsageError("--embeddings" if args.embeddings else "--keys", "is not used with --from-nemo-curator",
+    if args.keys:
+        raise cli.UsageError("--keys", "is not used with --from-nemo-curator",
                              "the keys and distances come from NeMo Curator's parquet files")
     results = args.from_nemo_curator
     beside = [os.path.join(f, de.CENTROIDS_FILE) for f in (results, os.path.dirname(os.path.abspath(results)))]
@@ -193,5 +192,10 @@ def convert_nemo_curator(args, workers: int) -> None:
           f"{sizes.max()} rows ({int((sizes == 0).sum())} empty); centroids: {source} -> {args.save_folder}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command (dbp-... once installed): main, with user mistakes as one line."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -13,18 +13,20 @@ import numpy as np
 
 import dbp_cli as cli
 import dbp_utils as du
-from dbp_clusters import scan_clusters
+from dbp_clusters import save_scores, scan_clusters
 
 
 def parse_args():
     parser = cli.make_parser(__doc__)
     cli.add_flag(parser, "--num_clusters", type=int, default=None,
-                help="number of k-means clusters k (default: the number of cluster_<j>.npy files, "
-                     "which must be exactly cluster_0 .. cluster_{k-1})")
-    cli.add_flag(parser, "--sorted_clusters_path", default=None,
-                help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
-    cli.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
-                help="the .npy file to write d_intra to (written as given; folders are created)")
+                 help="number of k-means clusters k (default: the number of cluster_<j>.npy files, "
+                      "which must be exactly cluster_0 .. cluster_{k-1})")
+    cli.add_flag(parser, "--sorted_clusters_path", required=True,
+                 help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
+    cli.add_flag(parser, "--avg_distance_to_cent_save_path", required=True,
+                 help="the .npy file to write d_intra to (folders are created; with a .dbp.json sidecar beside "
+                      "it saying what it holds)")
+    cli.add_flag(parser, "--overwrite", action="store_true", help="replace an existing output file")
     cli.add_workers_flag(parser)
     return parser.parse_args()
 
@@ -32,10 +34,9 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     workers = cli.num_workers(args.workers)
-    clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters,
-                                "--sorted_clusters_path", "--num_clusters")
+    clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     out = args.avg_distance_to_cent_save_path
-    cli.check_output_file(out, "--avg_distance_to_cent_save_path")
+    cli.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
 
     with cli.worker_pool(workers) as pool:
         results = list(cli.parallel_map(du.cluster_mean_distance, clusters, pool, "d_intra"))
@@ -43,13 +44,18 @@ def main() -> None:
     unsorted = [c.path for c, (_, is_sorted) in zip(clusters, results) if not is_sorted]
     if unsorted:
         cli.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
-                       "prune.py's hard/easy selection expects sorted files")
+                        "prune.py's hard/easy selection expects sorted files")
 
-    cli.save_npy(out, d_intra)
+    save_scores(out, d_intra, "d_intra", args.sorted_clusters_path)
     empty = int(np.isnan(d_intra).sum())
     print(f"d_intra of {len(clusters)} clusters ({sum(c.rows for c in clusters)} rows, {empty} empty) "
           f"-> {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command (dbp-... once installed): main, with user mistakes as one line."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

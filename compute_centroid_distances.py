@@ -16,28 +16,30 @@ import numpy as np
 
 import dbp_cli as cli
 import dbp_utils as du
-from dbp_clusters import find_centroids, load_centroids, scan_clusters
+from dbp_clusters import find_centroids, load_centroids, save_scores, scan_clusters
 
 
 def parse_args():
     parser = cli.make_parser(__doc__)
     cli.add_flag(parser, "--num_clusters", type=int, default=None,
-                help="number of k-means clusters k (default: the number of cluster files, or of "
-                     "centroids when only --centroids_file is given)")
+                 help="number of k-means clusters k (default: the number of cluster files, or of "
+                      "centroids when only --centroids_file is given)")
     cli.add_flag(parser, "--sorted_clusters_path", default=None,
-                help="folder of SemDeDup's sorted cluster files; kmeans_centroids.npy is looked up "
-                     "here and in its parent folder")
+                 help="folder of SemDeDup's sorted cluster files; kmeans_centroids.npy is looked up "
+                      "here and in its parent folder")
     cli.add_flag(parser, "--centroids_file", default=None,
-                help="the k-means centroids .npy, shape (k, dim) (default: found beside the clusters)")
-    cli.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
-                help="the .npy file to write d_inter to (written as given; folders are created)")
+                 help="the k-means centroids .npy, shape (k, dim) (default: found beside the clusters)")
+    cli.add_flag(parser, "--mean_centroid_distances_save_path", required=True,
+                 help="the .npy file to write d_inter to (folders are created; with a .dbp.json sidecar beside "
+                      "it saying what it holds)")
     cli.add_flag(parser, "--num_NNs", type=int, default=20,
-                help="l, the number of nearest other centroids averaged over (default: 20; "
-                     "l >= k uses all k-1 others)")
+                 help="l, the number of nearest other centroids averaged over (default: 20; "
+                      "l >= k uses all k-1 others)")
     cli.add_flag(parser, "--dim", type=int, default=None,
-                help="embedding dimension, checked against the centroids (default: the file's)")
+                 help="embedding dimension, checked against the centroids (default: the file's)")
+    cli.add_flag(parser, "--overwrite", action="store_true", help="replace an existing output file")
     cli.add_flag(parser, "--workers", type=int, default=None,
-                help="threads for faiss (default: all cores)")
+                 help="threads for faiss (default: all cores)")
     return parser.parse_args()
 
 
@@ -54,7 +56,7 @@ def main() -> None:
         raise cli.UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
     centroids_file = args.centroids_file or find_centroids(args.sorted_clusters_path)
     out = args.mean_centroid_distances_save_path
-    cli.check_output_file(out, "--mean_centroid_distances_save_path")
+    cli.check_output_file(out, "--mean_centroid_distances_save_path", args.overwrite)
     centroids = load_centroids(centroids_file, k, args.dim, "--centroids_file", empty)
     k = len(centroids)
     if args.num_NNs >= k:
@@ -62,10 +64,15 @@ def main() -> None:
 
     d_inter = du.mean_centroid_distances(centroids, args.num_NNs, workers)
 
-    cli.save_npy(out, d_inter)
+    save_scores(out, d_inter, "d_inter", args.sorted_clusters_path)
     print(f"d_inter of {k} centroids (dim {centroids.shape[1]}, {min(args.num_NNs, k - 1)} neighbours, "
           f"from {centroids_file}) -> {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command (dbp-... once installed): main, with user mistakes as one line."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

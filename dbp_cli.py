@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import multiprocessing.connection
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+__version__ = "0.3.0"
 USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
@@ -72,6 +75,7 @@ class _Parser(argparse.ArgumentParser):
 def make_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose description is the script's docstring and whose errors are one line."""
     parser = _Parser(description=doc, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (density-based-pruning) {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
     return parser
 
@@ -153,6 +157,24 @@ def _fail(message: str, status: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+class RunLog:
+    """The run's log as a file keeps it: what ran (the tool's version and command line), and every message
+    of the run with its time, warnings included."""
+
+    def __init__(self):
+        self.started, self.text = time.monotonic(), io.StringIO()
+        handler = logging.StreamHandler(self.text)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.info(f"density-based-pruning {__version__}: {shlex.join(sys.argv)}")
+        log.info(f"in {os.getcwd()}, Python {sys.version.split()[0]}, pid {os.getpid()}")
+
+    def finished(self) -> str:
+        """The log, ended with the time the run took."""
+        log.info(f"finished after {time.monotonic() - self.started:.1f} s")
+        return self.text.getvalue()
 
 
 @contextlib.contextmanager
@@ -367,12 +389,15 @@ def save_npy(path: str, array: Any) -> None:
         raise
 
 
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+def check_output_file(path: str | None, flag: str, overwrite: bool) -> None:
+    """Refuse an output path that cannot be written, or would replace a file without --overwrite, before any
+    work is done."""
     if not path:
         raise UsageError(flag, "is required", "pass the .npy file to write")
     if os.path.isdir(path):
         raise UsageError(flag, f"{path} is a folder", "pass a file path such as out/dintra.npy")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(flag, f"{path} already exists", "pass --overwrite to replace it, or choose another path")
     check_creatable(os.path.dirname(os.path.abspath(path)), flag)
 
 

@@ -11,6 +11,7 @@ then only the rows and columns a step needs, so no cluster is ever held in memor
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import UsageError, atomic_open
+from dbp_cli import UsageError, atomic_open, load_json, save_json, save_npy
 
 # Where the columns DBP reads are, by the number of columns: SemDeDup's 4, NeMo Curator 0.4-0.7's 3.
 COLUMNS = {4: {"key": 0, "distance": 2, "cluster": 3}, 3: {"key": 0, "distance": 1, "cluster": 2}}
@@ -27,6 +28,7 @@ CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
 CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
 NAMES_SHOWN = 5  # cluster files named in an error about gaps
+SIDECAR_SUFFIX = ".dbp.json"  # beside d_intra / d_inter .npy files: what they hold
 
 # .npy header readers by format version; 3.0 is 2.0 with a UTF-8 header (for non-latin-1 field
 # names, which the plain string and number arrays read here never have).
@@ -332,9 +334,34 @@ def load_centroids(path: str, k: int | None, dim: int | None, flag: str,
     return c
 
 
-def load_cluster_scores(path: str, k: int, flag: str) -> np.ndarray:
-    """A d_intra or d_inter file: float (k,), NaN allowed (empty clusters), infinity not."""
+def save_scores(path: str, values: np.ndarray, holds: str, sorted_dir: str | None) -> None:
+    """A d_intra or d_inter array as a plain float32 .npy (what upstream code reads), and beside it a small
+    sidecar saying what it holds, so that prune can refuse the two swapped."""
+    save_npy(path, values)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    save_json(path + SIDECAR_SUFFIX, {"holds": holds, "clusters": len(values), "sha256": digest,
+                                      "sorted_clusters": sorted_dir and os.path.abspath(sorted_dir)})
+
+
+def scores_sidecar(path: str) -> dict | None:
+    """What a scores file's sidecar says it holds, if it has one and it describes this very file."""
+    sidecar = load_json(path + SIDECAR_SUFFIX)
+    if not isinstance(sidecar, dict):
+        return None
+    with open(path, "rb") as f:
+        return sidecar if hashlib.sha256(f.read()).hexdigest() == sidecar.get("sha256") else None
+
+
+def load_cluster_scores(path: str, k: int, flag: str, holds: str) -> np.ndarray:
+    """A d_intra or d_inter file: float (k,), NaN allowed (empty clusters), infinity not; refused if its
+    sidecar says it holds the other one."""
     shape, dtype, _, _ = read_npy_header(path)
+    said = (scores_sidecar(path) or {}).get("holds", holds)
+    if said != holds:
+        raise UsageError(flag, f"{path} holds {said}, not {holds}", "the two score files are swapped: pass the "
+                         "d_intra file to --avg_distance_to_cent_save_path and d_inter to "
+                         "--mean_centroid_distances_save_path")
     if dtype.kind != "f":
         raise UsageError(flag, f"{path} has dtype {dtype}; expected floats",
                          "pass the file written by the matching compute_*.py script")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pygtrie
 
-from dbp_cli import UsageError, log, parallel_map
+from dbp_cli import UsageError, __version__, log, parallel_map  # noqa: F401 (__version__: for users)
 from dbp_clusters import CHUNK_ROWS, ClusterFile, keys_as_utf8, names_cluster, parse_distances, read_npy_header
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
@@ -33,14 +33,15 @@ WHICH_TO_KEEP = ("hard", "easy", "random")
 TRIE_FILE = "kept_keys_trie.pkl"
 KEPT_KEYS_FILE = "kept_keys.npy"
 KEPT_PATHS_FILE = "kept_paths.txt"
+PRUNED_PATHS_FILE = "pruned_paths.txt"  # with --pruned-paths
 QUOTAS_FILE = "quotas.npy"
 STATS_FILE = "cluster_stats.csv"
 PLOT_FILE = "quotas.png"
 LOG_FILE = "logs.log"
 PARAMS_FILE = "params.json"
 DATACOMP_FILE = "datacomp_subset.npy"  # with --datacomp-subset
-OUTPUT_FILES = (KEPT_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, DATACOMP_FILE, QUOTAS_FILE, STATS_FILE, PLOT_FILE, LOG_FILE,
-                PARAMS_FILE)
+OUTPUT_FILES = (KEPT_PATHS_FILE, PRUNED_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, DATACOMP_FILE, QUOTAS_FILE, STATS_FILE,
+                PLOT_FILE, LOG_FILE, PARAMS_FILE)
 DATACOMP_UID = np.dtype("u8,u8")  # a DataComp uid, 32 hex digits, as its (high, low) 64-bit halves
 
 TRIE_SEPARATOR = "/"
@@ -242,13 +243,16 @@ class Selection:
     keys: np.ndarray  # their keys, sorted
     in_order: bool = True  # the distances read follow the file's sort order
     ids_match: bool = True  # the cluster-id column names this cluster
+    pruned: bytes = b""  # the other paths, as lines of pruned_paths.txt, when asked for
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, int, int]) -> Selection:
-    """The kept members of one cluster. Reads only the kept rows, and checks their distances."""
-    cluster, quota, which, seed, cluster_id = task
+def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool]) -> Selection:
+    """The kept members of one cluster (and, if asked, the pruned ones). Reads only the kept rows, and
+    checks their distances."""
+    cluster, quota, which, seed, cluster_id, with_pruned = task
+    pruned = as_lines(pruned_paths(cluster, quota, which, seed, cluster_id)) if with_pruned else b""
     if quota == 0:
-        return Selection(b"", np.zeros(0, "S1"))
+        return Selection(b"", np.zeros(0, "S1"), pruned=pruned)
     descending = which == "random" or cluster.is_descending()
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
     paths, dists, ids_match = [], [], True
@@ -267,12 +271,26 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int]) -> Selection:
             ids_match &= names_cluster(ids[picked], cluster_id)
     paths, steps = np.concatenate(paths), np.diff(np.concatenate(dists))
     in_order = which == "random" or bool((steps <= 0).all() if descending else (steps >= 0).all())
-    return Selection(as_lines(paths), np.sort(strip_extensions(paths)), in_order, ids_match)  # sorted here, in parallel
+    # Sorted here, in parallel.
+    return Selection(as_lines(paths), np.sort(strip_extensions(paths)), in_order, ids_match, pruned)
 
 
-def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int, pool: Any) -> Any:
+def pruned_paths(cluster: ClusterFile, quota: int, which: str, seed: int, cluster_id: int) -> np.ndarray:
+    """The paths of the rows a cluster does not keep, in file order (UTF-8 bytes)."""
+    if cluster.rows == 0:
+        return np.zeros(0, "S1")
+    kept = np.zeros(cluster.rows, bool)
+    if quota:
+        descending = which == "random" or cluster.is_descending()
+        kept[kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)] = True
+    return np.concatenate([keys_as_utf8(p, cluster.path, first)[~kept[first:first + len(p)]]
+                           for first, (p,) in cluster.chunks(("key",))])
+
+
+def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int, with_pruned: bool,
+                pool: Any) -> Any:
     """Per cluster, in order, its Selection."""
-    tasks = [(cluster, int(quota), which, seed, j) for j, (cluster, quota) in enumerate(zip(clusters, quotas))]
+    tasks = [(cluster, int(n), which, seed, j, with_pruned) for j, (cluster, n) in enumerate(zip(clusters, quotas))]
     return parallel_map(select_cluster, tasks, pool, "select")
 
 
@@ -557,30 +575,48 @@ def datacomp_subset(keys: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_report(stats_path: str, plot_path: str, table: dict[str, np.ndarray], probs: np.ndarray,
-                 quotas: np.ndarray, target: int, title: str) -> None:
+def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> str:
+    """The most and least pruned clusters, in words, for the log."""
+    full = np.flatnonzero(sizes > 0)
+    fraction = quotas[full] / sizes[full]
+    order = full[np.argsort(fraction, kind="stable")]
+
+    def describe(js: np.ndarray) -> str:
+        return ", ".join(f"cluster {j} keeps {quotas[j]} of {sizes[j]} ({quotas[j] / sizes[j]:.1%})" for j in js)
+    return f"most pruned: {describe(order[:count])}; least pruned: {describe(order[::-1][:count])}"
+
+
+def write_report(stats_path: str, plot_path: str, table: dict[str, np.ndarray], target: int, title: str) -> None:
     """cluster_stats.csv and quotas.png (they need only the quotas, so they can be written beside the selection)."""
     with open(stats_path, "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(table)
         rows.writerows(zip(*(column.tolist() for column in table.values())))  # floats as repr: exact
     with open(plot_path, "wb") as f:
-        plot_quotas(f, probs, quotas, target, title)
+        plot_quotas(f, table, target, title)
 
 
-def plot_quotas(f, probs: np.ndarray, quotas: np.ndarray, target: int, title: str) -> None:
-    """N_j and the softmax target P*N per cluster, clusters sorted by P."""
+def plot_quotas(f, table: dict[str, np.ndarray], target: int, title: str) -> None:
+    """Left: per cluster, sorted by P_j, the quota N_j against the softmax target P_j N and the cluster's size
+    n_j, the most it can keep (a cluster smaller than its target is kept whole). Right: the fraction each
+    cluster keeps against its complexity."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
 
+    probs, quotas, sizes = table["probability"], table["quota"], table["size"]
     order = np.argsort(probs, kind="stable")
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
-    ax.scatter(np.arange(len(order)), quotas[order], s=6, label="quota $N_j$ (kept)")
-    ax.plot(np.arange(len(order)), probs[order] * target, color="tab:orange", label="softmax target $P_j N$")
-    ax.set_xlabel("clusters, sorted by $P_j$")
-    ax.set_ylabel("samples kept per cluster")
-    ax.set_title(title)
-    ax.legend()
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
+    x = np.arange(len(order))
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    left.fill_between(x, sizes[order], step="mid", color="0.85", label="cluster size $n_j$ (all it can keep)")
+    left.step(x, quotas[order], where="mid", color="tab:blue", lw=1.2, label="quota $N_j$ (kept)")
+    left.plot(x, probs[order] * target, color="tab:orange", lw=1.2, label="softmax target $P_j N$")
+    top = max(float(quotas.max(initial=0)), float((probs * target).max(initial=0)), 1.0)
+    left.set(xlim=(-0.5, len(x) - 0.5), ylim=(0, 1.15 * top), xlabel="clusters, sorted by $P_j$",
+             ylabel="samples per cluster", title=title)
+    left.legend(loc="upper left", fontsize=8)
+    full = sizes > 0
+    right.scatter(table["complexity"][full], table["kept_fraction"][full], s=10, alpha=0.6, color="tab:blue")
+    right.set(ylim=(0, 1.05), xlabel="complexity $C_j$ ($d_{intra} \\cdot d_{inter}$ for the paper's density)",
+              ylabel="kept fraction $N_j / n_j$", title="what each cluster keeps")
+    fig.tight_layout()
     fig.savefig(f, format="png")
-

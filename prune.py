@@ -17,8 +17,7 @@ kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, p
         --total-dataset-size 280000000 --prune-ratio 0.3 --save-dir RUN
 """
 
-import io
-import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,57 +26,64 @@ import dbp_cli as cli
 import dbp_utils as du
 from dbp_clusters import load_cluster_scores, scan_clusters
 
+PATH_FLAGS = ("sorted_clusters_path", "save_dir", "mean_centroid_distances_save_path", "avg_distance_to_cent_save_path")
+
 
 def parse_args():
     parser = cli.make_parser(__doc__)
     cli.add_flag(parser, "--num-centroids", "--num-clusters", type=int, default=None,
-                help="number of k-means clusters k (default: the number of cluster_<j>.npy files)")
+                 help="number of k-means clusters k (default: the number of cluster_<j>.npy files)")
     cli.add_flag(parser, "--mean_centroid_distances_save_path", default=None,
-                help="d_inter .npy from compute_centroid_distances.py (needed by the dinter densities)")
+                 help="d_inter .npy from compute_centroid_distances.py (needed by the dinter densities)")
     cli.add_flag(parser, "--avg_distance_to_cent_save_path", default=None,
-                help="d_intra .npy from compute_avg_dist_to_cluster_centroid.py (needed by the dintra densities)")
-    cli.add_flag(parser, "--sorted-clusters-path", default=None,
-                help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
+                 help="d_intra .npy from compute_avg_dist_to_cluster_centroid.py (needed by the dintra densities)")
+    cli.add_flag(parser, "--sorted-clusters-path", required=True,
+                 help="folder of SemDeDup's sorted cluster files cluster_<j>.npy")
     cli.add_flag(parser, "--total-dataset-size", type=int, default=None,
-                help="dataset size the kept fraction refers to (default: the number of rows in the "
-                     "cluster files; a different value is used but warned about)")
+                 help="dataset size the kept fraction refers to (default: the number of rows in the cluster "
+                      "files). Pass it only when the clusters cover part of the data set, e.g. 280000000 for "
+                      "LAION-DeDup-280M clustered from a sample; a different value is used but warned about")
     cli.add_flag(parser, "--prune-ratio", type=float, required=True,
-                help="required: the fraction of the dataset to KEEP, in (0, 1] (the upstream name): 0.3 keeps 30%%")
-    cli.add_flag(parser, "--save-dir", default=None,
-                help="required: folder for the outputs (created; refused if it holds a completed run)")
+                 help="the fraction of the dataset to KEEP, in (0, 1] (the upstream name): 0.3 keeps 30%%")
+    cli.add_flag(parser, "--save-dir", required=True,
+                 help="folder for the outputs (created; refused if it holds a completed run)")
     cli.add_flag(parser, "--temperature", type=float, default=0.5,
-                help="softmax temperature T > 0 (default: 0.5); lower favours complex clusters more")
+                 help="softmax temperature T > 0 (default: 0.5); lower favours complex clusters more")
     cli.add_flag(parser, "--cls-bal-ratio", type=float, default=0.5,
-                help="in [0, 1]: every cluster keeps at least int(N / k * ratio) samples (capped at "
-                     "its size - 1); 0 means at least 1 (default: 0.5)")
+                 help="in [0, 1]: every cluster keeps at least int(N / k * ratio) samples (capped at "
+                      "its size - 1); 0 means at least 1 (default: 0.5)")
     cli.add_flag(parser, "--which-to-keep", default="hard", choices=du.WHICH_TO_KEEP,
-                help="hard (default): the members farthest from the centroid; easy: the nearest; "
-                     "random: a seeded random sample")
+                 help="hard (default): the members farthest from the centroid; easy: the nearest; "
+                      "random: a seeded random sample")
     cli.add_flag(parser, "--density", default="dintra*dinter", choices=du.DENSITIES,
-                help="complexity fed to the softmax: dintra*dinter (default, the paper's; "
-                     "dinter*dintra is the same), dintra, dinter, uniform (equal quotas), "
-                     "clustersize (the same kept fraction everywhere, no softmax: SSP-Pruning)")
+                 help="complexity fed to the softmax: dintra*dinter (default, the paper's; "
+                      "dinter*dintra is the same), dintra, dinter, uniform (equal quotas), "
+                      "clustersize (the same kept fraction everywhere, no softmax: SSP-Pruning)")
     cli.add_flag(parser, "--seed", type=int, default=42, help="seed of --which-to-keep random (default: 42)")
     cli.add_flag(parser, "--no-trie", action="store_true",
-                help="skip kept_keys_trie.pkl; loaders use kept_keys.npy (far smaller at web scale)")
+                 help="skip kept_keys_trie.pkl; loaders use kept_keys.npy (far smaller at web scale)")
+    cli.add_flag(parser, "--pruned-paths", action="store_true",
+                 help="also write pruned_paths.txt: the paths not kept, one per line, cluster by cluster (reads "
+                      "every path, so it takes longer)")
     cli.add_flag(parser, "--datacomp-subset", action="store_true",
                  help="also write datacomp_subset.npy: the kept DataComp uids for resharder.py --subset_file")
     cli.add_flag(parser, "--overwrite", action="store_true",
-                help="replace the outputs of a completed run in --save-dir")
+                 help="replace the outputs of a completed run in --save-dir")
     cli.add_workers_flag(parser)
     return parser.parse_args()
 
 
 def check_args(args) -> None:
-    cli.check_range("--prune-ratio", args.prune_ratio, 0, 1, low_open=True)
+    cli.check_range("--prune-ratio", args.prune_ratio, 0, 1, low_open=True,
+                    fix="it is the fraction to keep: 0.3 keeps 30% of the samples")
     cli.check_range("--temperature", args.temperature, 0, float("inf"), low_open=True, high_open=True,
-                   fix="pass a temperature > 0 (default 0.5)")
+                    fix="pass a temperature > 0 (default 0.5)")
     cli.check_range("--cls-bal-ratio", args.cls_bal_ratio, 0, 1)
     if args.seed < 0:
         raise cli.UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 42)")
     if args.total_dataset_size is not None and args.total_dataset_size < 1:
         raise cli.UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
-                            "omit it to use the number of rows in the cluster files")
+                              "omit it to use the number of rows in the cluster files")
 
 
 def load_scores(args, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +96,8 @@ def load_scores(args, k: int) -> tuple[np.ndarray, np.ndarray]:
     for flag, path, needed in files:
         if needed and not path:
             raise cli.UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
-        scores.append(load_cluster_scores(path, k, flag) if path else np.full(k, np.nan))
+        holds = "d_intra" if flag == "--avg_distance_to_cent_save_path" else "d_inter"
+        scores.append(load_cluster_scores(path, k, flag, holds) if path else np.full(k, np.nan))
     return scores[0], scores[1]
 
 
@@ -98,10 +105,7 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     workers = cli.num_workers(args.workers)
-    log_text = io.StringIO()
-    log_handler = logging.StreamHandler(log_text)
-    log_handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    cli.log.addHandler(log_handler)
+    run_log = cli.RunLog()
 
     # 1. Inputs, checked before anything is written (the distances of the rows read are checked as
     #    they are read; a failure there still leaves the save dir as it was).
@@ -127,13 +131,14 @@ def main() -> None:
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out, cli.worker_pool(workers) as pool, ThreadPoolExecutor(1) as beside:
         # The stats and the plot need only the quotas: drawn while the workers select.
-        report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, probs,
-                               plan.quotas, target, title)
+        report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, target, title)
         collected, unsorted, misnamed = du.KeptKeyCollector(int(plan.quotas.sum())), [], []
-        with open(out.path(du.KEPT_PATHS_FILE), "wb") as f:
-            selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, pool)
+        pruned_file = out.path(du.PRUNED_PATHS_FILE) if args.pruned_paths else os.devnull
+        with open(out.path(du.KEPT_PATHS_FILE), "wb") as f, open(pruned_file, "wb") as pruned:
+            selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths, pool)
             for cluster, kept in zip(clusters, selections, strict=True):  # strict: to the end, bar included
                 f.write(kept.lines)
+                pruned.write(kept.pruned)
                 collected.add(kept.keys)
                 if not kept.in_order:
                     unsorted.append(cluster.path)
@@ -152,7 +157,7 @@ def main() -> None:
         # Warned only now: a bad input found on the way must end in its error line alone.
         if total != total_rows:
             cli.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
-                            "files; the kept target uses the given size")
+                             "files; the kept target uses the given size")
         if target == 0:
             cli.log.warning(f"--prune-ratio {args.prune_ratio:g} of {total} samples keeps none (N = 0)")
         if unsorted:
@@ -163,19 +168,26 @@ def main() -> None:
                             f"own, e.g. {misnamed[0]}; check that the files were not renamed or mixed up")
         if len(kept_keys) < kept:
             cli.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path: the same path "
-                            "in two clusters, or the same name with another extension; the key sets hold each once")
-        cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys")
+                             "in two clusters, or the same name with another extension; the key sets hold each once")
+        cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys; {du.pruning_extremes(sizes, plan.quotas)}")
         with open(out.path(du.LOG_FILE), "w") as f:
-            f.write(log_text.getvalue())
+            f.write(run_log.finished())
         run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
         params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
-        params.update(num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
+        for name in PATH_FLAGS:  # absolute: the run can be moved or shared
+            params[name] = params[name] and os.path.abspath(params[name])
+        params.update(num_centroids=k, num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
                       min_per_cluster=plan.min_per_cluster, water_level=plan.nu, kept_samples=kept,
-                      kept_keys=len(kept_keys))
+                      kept_keys=len(kept_keys), version=cli.__version__)
         cli.save_json(out.path(du.PARAMS_FILE), params)
     print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "
           f"({args.which_to_keep}, {args.density}) -> {args.save_dir}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command (dbp-... once installed): main, with user mistakes as one line."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

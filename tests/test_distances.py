@@ -83,7 +83,8 @@ def test_dinter_finds_centroids_in_sorted_folder_or_its_parent(desc_str, tmp_pat
     for where in (sorted_copy.parent, sorted_copy):
         np.save(where / "kmeans_centroids.npy", desc_str["centroids"])
         out = tmp_path / "dinter.npy"
-        r = run_script(DINTER_SCRIPT, "--sorted-clusters-path", sorted_copy, "--mean-centroid-distances-save-path", out)
+        r = run_script(DINTER_SCRIPT, "--sorted-clusters-path", sorted_copy, "--mean-centroid-distances-save-path", out,
+                       "--overwrite")
         assert r.returncode == 0, r.stderr
         np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
         os.remove(where / "kmeans_centroids.npy")

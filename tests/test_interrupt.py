@@ -46,9 +46,12 @@ def reference(big, tmp_path_factory):
 
 def comparable(save_dir):
     """The outputs in sight, as what must match between runs: params.json without the save dir it
-    records. A killed run may also leave its hidden staging folder and lock file."""
+    records, the log without its times. A killed run may also leave its staging folder and lock file."""
     assert set(os.listdir(save_dir)) <= set(OUTPUTS) | {".dbp_staging", ".dbp_lock"}
     found = {name: (save_dir / name).read_bytes() for name in os.listdir(save_dir) if not name.startswith(".")}
+    if "logs.log" in found:
+        found["logs.log"] = [line.split(" ", 2)[2] for line in found["logs.log"].decode().splitlines()
+                             if " INFO k=" in line or "WARNING" in line]
     if "params.json" in found:
         params = json.loads(found["params.json"])
         params.pop("save_dir")
@@ -228,3 +231,15 @@ def test_dintra_on_a_full_disk_leaves_no_folders_behind(big, tmp_path):
     assert returncode == 1
     assert_one_line(err, f"error: {out}: File too large")
     assert os.listdir(tmp_path) == []
+
+
+def test_progress_bar_and_summary_keep_their_own_lines_in_one_log(big, tmp_path):
+    """stdout and stderr to one file (2>&1, as on SLURM): the bar's line ends before the summary."""
+    cmd = [sys.executable, os.path.join(ROOT, PRUNE_SCRIPT), *map(str, big["args"]), "--save-dir",
+           str(tmp_path / "run"), "--workers", "1", "--which-to-keep", "random", "--pruned-paths"]  # long enough
+    with open(tmp_path / "job.log", "w") as log:
+        assert subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+    lines = (tmp_path / "job.log").read_text().split("\n")
+    assert any(line.startswith("\rselect:") or line.startswith("select:") for line in lines), "no bar was drawn"
+    assert [line for line in lines if "kept " in line] == [line for line in lines if line.startswith("kept ")]
+    assert sum(line.startswith("kept ") for line in lines) == 1
