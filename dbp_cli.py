@@ -413,20 +413,12 @@ def check_creatable(folder: str, flag: str) -> None:
 
 
 class FolderLock:
-    """`with FolderLock(folder, flag):` one run at a time in an output folder.
-
-    A POSIX record lock on FOLDER/.dbp_lock: the kernel drops it when the process ends, however it
-    ends, and forked workers never inherit it. The file names the holder for a refused run.
-    """
+    """One run at a time in an output folder: a POSIX record lock on FOLDER/.dbp_lock. The kernel drops it
+    when the process ends, however it ends, and forked workers never inherit it. The file names the
+    holder for a refused run."""
 
     def __init__(self, folder: str, flag: str):
         self.path, self.flag, self.fd = os.path.join(folder, LOCK_FILE), flag, -1
-
-    def __enter__(self) -> FolderLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
     def acquire(self) -> FolderLock:
         """Take the lock, or raise a UsageError naming the run that holds it."""
@@ -451,6 +443,7 @@ class FolderLock:
             os.close(fd)
         self.fd = fd
         started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)  # a killed holder's line may still be there
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}".encode())
         return self
 
@@ -522,11 +515,13 @@ class SaveDir:
             self._roll_back()
 
     def _roll_back(self) -> None:
-        """Undo this run, still holding the lock so that no other run starts in what is removed."""
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.folders.remove_created()
-        self.lock.release()
-        self.folders.restore_times()  # last: removing the lock file touched them
+        """Undo this run, still holding the lock so that no other run starts in what is removed (and with
+        a second Ctrl-C held back until it is done)."""
+        with _signals_held():
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.folders.remove_created()
+            self.lock.release()
+            self.folders.restore_times()  # last: removing the lock file touched them
 
     def _publish(self) -> None:
         written = set(os.listdir(self.staging))
