@@ -86,19 +86,19 @@ def check_args(args) -> None:
                               "omit it to use the number of rows in the cluster files")
 
 
-def load_scores(args, k: int) -> tuple[np.ndarray, np.ndarray]:
+def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
     """d_intra and d_inter as the density needs them (NaN where it does not)."""
     needs_intra = "dintra" in args.density
     needs_inter = "dinter" in args.density
     files = (("--avg_distance_to_cent_save_path", args.avg_distance_to_cent_save_path, needs_intra),
              ("--mean_centroid_distances_save_path", args.mean_centroid_distances_save_path, needs_inter))
-    scores = []
+    loaded = []
     for flag, path, needed in files:
         if needed and not path:
             raise cli.UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
         holds = "d_intra" if flag == "--avg_distance_to_cent_save_path" else "d_inter"
-        scores.append(load_cluster_scores(path, k, flag, holds) if path else np.full(k, np.nan))
-    return scores[0], scores[1]
+        loaded.append(load_cluster_scores(path, k, flag, holds) if path else np.full(k, np.nan))
+    return loaded[0], loaded[1]
 
 
 def main() -> None:
@@ -112,21 +112,21 @@ def main() -> None:
     clusters = scan_clusters(args.sorted_clusters_path, args.num_centroids, "--sorted-clusters-path", "--num-centroids")
     k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
     save_dir = cli.SaveDir(args.save_dir, args.overwrite, du.OUTPUT_FILES, du.PARAMS_FILE, "--save-dir")
-    d_intra, d_inter = load_scores(args, k)
+    d_intra, d_inter = load_dintra_dinter(args, k)
     total_rows = int(sizes.sum())
     total = args.total_dataset_size or total_rows
     target = int(args.prune_ratio * total)
 
     # 2. Complexity -> probabilities -> quotas.
-    scores = du.complexity(args.density, d_intra, d_inter, sizes)
-    probs = du.cluster_probabilities(args.density, scores, args.temperature)
+    complexity = du.complexity(args.density, d_intra, d_inter, sizes)
+    probs = du.cluster_probabilities(args.density, complexity, args.temperature)
     plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
     cli.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
                  f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
 
     # 3. Select and write, into a staging folder published at the end (params.json last).
     stats = {"cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
-             "complexity": scores, "probability": probs, "target": probs * target, "quota": plan.quotas,
+             "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out, cli.worker_pool(workers) as pool, ThreadPoolExecutor(1) as beside:
@@ -157,18 +157,18 @@ def main() -> None:
         # Warned only now: a bad input found on the way must end in its error line alone.
         if total != total_rows:
             cli.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
-                             "files; the kept target uses the given size")
+                            "files; the kept target uses the given size")
         if target == 0:
             cli.log.warning(f"--prune-ratio {args.prune_ratio:g} of {total} samples keeps none (N = 0)")
         if unsorted:
             cli.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
                             f"--which-to-keep {args.which_to_keep} kept a prefix or suffix of each as if they were")
         if misnamed:
-            cli.log.warning(f"{len(misnamed)} cluster file(s) hold rows whose cluster id (column 3) is not their "
+            cli.log.warning(f"{len(misnamed)} cluster file(s) hold rows whose cluster id column is not their "
                             f"own, e.g. {misnamed[0]}; check that the files were not renamed or mixed up")
         if len(kept_keys) < kept:
             cli.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path: the same path "
-                             "in two clusters, or the same name with another extension; the key sets hold each once")
+                            "in two clusters, or the same name with another extension; the key sets hold each once")
         cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys; {du.pruning_extremes(sizes, plan.quotas)}")
         with open(out.path(du.LOG_FILE), "w") as f:
             f.write(run_log.finished())
