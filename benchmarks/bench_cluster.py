@@ -15,7 +15,6 @@ Generates float16 embeddings (unit vectors around concepts, as image embeddings 
 """
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_pipeline import measure, warm_cache  # noqa: E402
+from bench_pipeline import mark_generated, measure, needs_generating, warm_cache  # noqa: E402
 
 CONCEPTS = 2000
 GENERATE_ROWS = 1 << 20
@@ -81,12 +80,9 @@ print(time.perf_counter() - start)
 
 def generate(folder: str, rows: int, dim: int, seed: int) -> None:
     """float16 embeddings around CONCEPTS directions (of varied spread) and LAION-style keys, written in chunks."""
-    manifest = os.path.join(folder, "manifest.json")
     spec = {"rows": rows, "dim": dim, "seed": seed}
-    if os.path.exists(manifest) and json.load(open(manifest)) == spec:
+    if not needs_generating(folder, spec):
         return
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((CONCEPTS, dim))
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
@@ -102,7 +98,7 @@ def generate(folder: str, rows: int, dim: int, seed: int) -> None:
     print(file=sys.stderr)
     x.flush()
     del x
-    json.dump(spec, open(manifest, "w"))
+    mark_generated(folder, spec)
 
 
 def main() -> None:

@@ -74,13 +74,25 @@ print(json.dumps({"load_s": loaded, "lookups_per_s": len(probes) / (time.perf_co
 """
 
 
+def needs_generating(folder: str, spec: dict) -> bool:
+    """Whether folder lacks data generated to `spec` (then it is emptied for it); mark_generated marks it."""
+    manifest = os.path.join(folder, "manifest.json")
+    if os.path.exists(manifest) and json.load(open(manifest)) == spec:
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    return True
+
+
+def mark_generated(folder: str, spec: dict) -> None:
+    json.dump(spec, open(os.path.join(folder, "manifest.json"), "w"))
+
+
 def generate(folder: str, rows: int, k: int, seed: int) -> None:
     """Cluster files as SemDeDup writes them (descending), with LAION-like spread in cluster sizes."""
-    manifest = os.path.join(folder, "manifest.json")
     spec = {"rows": rows, "clusters": k, "seed": seed}
-    if os.path.exists(manifest) and json.load(open(manifest)) == spec:
+    if not needs_generating(folder, spec):
         return
-    shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(os.path.join(folder, SORTED_DIR))
     rng = np.random.default_rng(seed)
     sizes = rng.multinomial(rows, rng.dirichlet(np.full(k, 4.0)))
@@ -96,7 +108,7 @@ def generate(folder: str, rows: int, k: int, seed: int) -> None:
         print(f"\rgenerating: {j + 1}/{k} clusters", end="", file=sys.stderr)
     print(file=sys.stderr)
     np.save(os.path.join(folder, CENTROIDS_FILE), rng.standard_normal((k, EMBED_DIM)).astype(np.float32))
-    json.dump(spec, open(manifest, "w"))
+    mark_generated(folder, spec)
 
 
 def warm_cache(folder: str) -> None:
