@@ -124,7 +124,7 @@ class Embeddings:
         """(first row of the whole, its rows checked and L2-normalised), a chunk at a time."""
         for part, start in zip(self.parts, self.starts()):
             for first, x in part.chunks():
-                yield int(start) + first, checked_unit(x, part, np.arange(first, first + len(x)))
+                yield int(start) + first, checked_unit(x, part.path, np.arange(first, first + len(x)))
 
     def unit_rows_at(self, rows: np.ndarray) -> np.ndarray:
         """The rows at sorted indices of the whole, checked and L2-normalised."""
@@ -134,7 +134,7 @@ class Embeddings:
         for part, start, a, b in zip(self.parts, starts, bounds[:-1], bounds[1:]):
             if a < b:
                 local = rows[a:b] - start
-                pieces.append(checked_unit(part.take(local), part, local))
+                pieces.append(checked_unit(part.take(local), part.path, local))
         return np.concatenate(pieces)
 
     def files(self) -> list[str]:
@@ -382,20 +382,20 @@ def _mapped_keys(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def checked_unit(x: np.ndarray, part: Part, rows: np.ndarray) -> np.ndarray:
+def checked_unit(x: np.ndarray, path: str, rows: np.ndarray) -> np.ndarray:
     """float32 rows (a copy of ours) L2-normalised in place, refusing non-finite and all-zero rows (named by
-    their row in `part`)."""
+    their row in the file at `path`)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if np.isfinite(norms).all() and norms.all():  # the usual case: every row finite and non-zero
         x /= norms
         return x
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
-        raise UsageError(part.path, f"row {rows[bad[0]]}: embedding is not finite (NaN or infinity)",
+        raise UsageError(path, f"row {rows[bad[0]]}: embedding is not finite (NaN or infinity)",
                          "recompute or drop that row")
     zero = np.flatnonzero(~x.any(axis=1))
     if len(zero):
-        raise UsageError(part.path, f"row {rows[zero[0]]}: embedding is all zeros",
+        raise UsageError(path, f"row {rows[zero[0]]}: embedding is all zeros",
                          "a zero embedding has no direction; drop that row")
     return unit_rows(x.astype(np.float64)).astype(np.float32)  # norms past float32's range: scaled first
 
@@ -538,11 +538,11 @@ def convert_nemo_cluster(task: tuple) -> np.ndarray | None:
         ids = table.column(id_column)
         if ids.null_count:
             raise UsageError(file, f"an {id_column!r} is missing (null)", "every row needs an id")
-        keys.append(keys_as_utf8(np.array([str(v) for v in ids.to_pylist()], dtype=str), file))
+        keys.append(keys_as_utf8(np.array(ids.to_pylist(), dtype=str), file))  # int ids too, as text
         distances.append(_finite(table.column(NEMO_DISTANCE).to_numpy().astype(np.float32), file))
         if mean_wanted:
             x = _embedding_matrix(table.column(embedding_column), file)
-            unit = checked_unit(x, Part(file, len(x), x.shape[1], x.dtype, file), np.arange(len(x)))
+            unit = checked_unit(x, file, np.arange(len(x)))
             total = unit.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
     width = max([1] + [k.dtype.itemsize for k in keys])
     keys = np.concatenate([k.astype(f"S{width}") for k in keys]) if keys else np.zeros(0, "S1")

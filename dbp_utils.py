@@ -250,11 +250,11 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool]) -> Select
     """The kept members of one cluster (and, if asked, the pruned ones). Reads only the kept rows, and
     checks their distances."""
     cluster, quota, which, seed, cluster_id, with_pruned = task
-    pruned = as_lines(pruned_paths(cluster, quota, which, seed, cluster_id)) if with_pruned else b""
+    descending = which == "random" or quota == 0 or cluster.is_descending()  # no rows read for nothing kept
+    keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
+    pruned = as_lines(pruned_paths(cluster, keep)) if with_pruned else b""
     if quota == 0:
         return Selection(b"", np.zeros(0, "S1"), pruned=pruned)
-    descending = which == "random" or cluster.is_descending()
-    keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
     paths, dists, ids_match = [], [], True
     columns = ("key", "distance", "cluster")
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
@@ -275,14 +275,12 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool]) -> Select
     return Selection(as_lines(paths), np.sort(strip_extensions(paths)), in_order, ids_match, pruned)
 
 
-def pruned_paths(cluster: ClusterFile, quota: int, which: str, seed: int, cluster_id: int) -> np.ndarray:
-    """The paths of the rows a cluster does not keep, in file order (UTF-8 bytes)."""
+def pruned_paths(cluster: ClusterFile, keep: slice | np.ndarray) -> np.ndarray:
+    """The paths of the rows a cluster does not keep (`keep`, from kept_rows), in file order (UTF-8 bytes)."""
     if cluster.rows == 0:
         return np.zeros(0, "S1")
     kept = np.zeros(cluster.rows, bool)
-    if quota:
-        descending = which == "random" or cluster.is_descending()
-        kept[kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)] = True
+    kept[keep] = True
     return np.concatenate([keys_as_utf8(p, cluster.path, first)[~kept[first:first + len(p)]]
                            for first, (p,) in cluster.chunks(("key",))])
 
