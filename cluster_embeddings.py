@@ -120,30 +120,36 @@ def main() -> None:
     save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resumable=True)
     run = fingerprint(args, embeddings, sample)
 
-    with save as out:
+    with save as out, cli.TaskPool(workers) as pool:
         work = out.staging
         if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
             shutil.rmtree(work)
             os.mkdir(work)
             cli.save_json(out.path(MANIFEST), run)
+            resumed = ""
+        else:
+            resumed = f" (resumed a stopped run; done before: {what_was_done(out.staging, k)})"
+            cli.log.info(f"resuming a stopped run; done before: {what_was_done(out.staging, k)}")
         # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.
         if not os.path.exists(out.path(de.KEYS_FILE)):
             repeats = de.gather_keys(embeddings, work)
             if repeats:
                 cli.log.warning(f"{repeats} keys repeat an earlier key; they are kept (as SemDeDup does), but "
                                 "the DBP key sets will hold each once")
+        cli.stage("keys gathered")
         if not os.path.exists(out.path(de.CENTROIDS_FILE)):
             centroids, objective = de.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
                                                    workers)
             cli.save_json(out.path(OBJECTIVE), objective)
             cli.save_npy(out.path(de.CENTROIDS_FILE), centroids)
-        if not os.path.exists(out.path(de.DISTANCES)):
-            labels, distances = de.assign(embeddings, np.load(out.path(de.CENTROIDS_FILE)), args.spherical, workers)
-            cli.save_npy(out.path(de.LABELS), labels)
+        cli.stage("k-means trained")
+        if not os.path.exists(out.path(de.LABELS)):
+            labels, distances = de.assign(embeddings, out.path(de.CENTROIDS_FILE), args.spherical, work, pool)
             cli.save_npy(out.path(de.DISTANCES), distances)
-        labels, distances = np.load(out.path(de.LABELS)), np.load(out.path(de.DISTANCES))
-        with cli.worker_pool(workers) as pool:
-            de.write_clusters(out.path(de.SORTED_DIR), work, labels, distances, k, not args.ascending, pool)
+            cli.save_npy(out.path(de.LABELS), labels)
+            shutil.rmtree(out.path(de.ASSIGN_DIR))
+        labels = np.load(out.path(de.LABELS))
+        de.write_clusters(out.path(de.SORTED_DIR), work, labels, k, not args.ascending, pool)
         sizes = np.bincount(labels, minlength=k)
         cli.save_json(out.path(PARAMS_FILE), {
             "embeddings": os.path.abspath(args.embeddings), "keys": args.keys and os.path.abspath(args.keys),
@@ -151,7 +157,18 @@ def main() -> None:
             "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": int((sizes == 0).sum()),
             "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
     print(f"clustered {n} rows (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
-          f"{sizes.min()} to {sizes.max()} rows ({int((sizes == 0).sum())} empty) -> {args.save_folder}")
+          f"{sizes.min()} to {sizes.max()} rows ({int((sizes == 0).sum())} empty){resumed} -> {args.save_folder}")
+
+
+def what_was_done(work: str, k: int) -> str:
+    """The steps a stopped run had finished, in words."""
+    done = [what for what, name in (("the keys", de.KEYS_FILE), ("k-means", de.CENTROIDS_FILE),
+                                    ("the assignment", de.LABELS)) if os.path.exists(os.path.join(work, name))]
+    sorted_dir = os.path.join(work, de.SORTED_DIR)
+    written = sum(name.endswith(".npy") for name in os.listdir(sorted_dir)) if os.path.isdir(sorted_dir) else 0
+    if written:
+        done.append(f"{written} of {k} cluster files")
+    return ", ".join(done) or "nothing but the start"
 
 
 def convert_nemo_curator(args, workers: int) -> None:
@@ -170,11 +187,11 @@ def convert_nemo_curator(args, workers: int) -> None:
     k = len(clusters)
     centroids = load_centroids(centroids_file, k, None, "--centroids_file") if centroids_file else None
     save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
-    with save as out, cli.worker_pool(workers) as pool:
+    with save as out, cli.TaskPool(workers) as pool:
         os.mkdir(out.path(de.SORTED_DIR))
         tasks = ((cluster, out.path(os.path.join(de.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
                   args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
-        means = list(cli.parallel_map(de.convert_nemo_cluster, tasks, pool, "convert", total=k))
+        means = list(pool.run(de.convert_nemo_cluster, tasks, "convert", total=k))
         if centroids is None:  # an empty cluster has no members to average: its row is NaN (d_inter: NaN too)
             dim = next(len(m) for m in means if m is not None) if any(m is not None for m in means) else 1
             centroids = np.stack([np.full(dim, np.nan) if m is None else m for m in means])

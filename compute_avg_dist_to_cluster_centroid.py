@@ -38,8 +38,8 @@ def main() -> None:
     out = args.avg_distance_to_cent_save_path
     cli.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
 
-    with cli.worker_pool(workers) as pool:
-        results = list(cli.parallel_map(du.cluster_mean_distance, clusters, pool, "d_intra"))
+    with cli.TaskPool(workers) as pool:
+        results = list(pool.run(du.cluster_mean_distance, clusters, "d_intra"))
     d_intra = np.array([mean for mean, _ in results], dtype=np.float32)
     unsorted = [c.path for c, (_, is_sorted) in zip(clusters, results) if not is_sorted]
     if unsorted:

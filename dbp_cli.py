@@ -1,14 +1,15 @@
 """Command-line and process plumbing shared by the DBP scripts.
 
 What no script should have to think about: flags under both spellings, user mistakes as one line
-and exit status 2, Ctrl-C and SIGTERM, a pool of worker processes that notices a dead worker,
-progress bars, and outputs that appear whole or not at all (atomic files, and output folders
-used by one run at a time, published only when the run is complete).
+and exit status 2, Ctrl-C and SIGTERM acted on at safe points, tasks run in worker processes that
+notice a dead worker, progress bars, and outputs that appear whole or not at all (atomic files, and
+output folders used by one run at a time, published only when the run is complete).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import fcntl
@@ -16,17 +17,22 @@ import io
 import json
 import logging
 import multiprocessing
-import multiprocessing.connection
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
-import pickle
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from tqdm import tqdm
@@ -36,6 +42,8 @@ USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
 TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
+STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
+PAUSE_VARIABLE = "DBP_PAUSE_AT"  # a stage name: the run stops itself there (fault-injection tests)
 PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
 LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
@@ -117,18 +125,26 @@ def num_workers(requested: int | None) -> int:
 # Running a script: one line per failure, and the exit status says which kind
 # ---------------------------------------------------------------------------------------------
 
+_signals: list[int] = []  # Ctrl-C and SIGTERM received: recorded by the handler, acted on at a safe point
+
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main: every failure becomes one line on stderr, never a traceback (but with --debug)."""
+    """Run a script's main: every failure becomes one line on stderr, never a traceback (but with --debug).
+
+    Ctrl-C and SIGTERM are only recorded when they arrive; the run acts on them at its next safe point
+    (a progress step, a finished task, a stage). An exception raised by the handler itself could land
+    inside any library's critical section (logging's lock, a fork) and hang the process there."""
     debug = "--debug" in sys.argv[1:]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     handler.setLevel(logging.WARNING)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _record_signal)
     try:
         main()
+        check_stop()  # a signal that came after the last safe point: the outputs are whole, but say so
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C): {STOPPED}", SIGNAL_EXIT + signal.SIGINT)
     except Terminated:
@@ -138,9 +154,12 @@ def run_main(main: Callable[[], None]) -> None:
             raise
         if isinstance(e, UsageError):
             _fail(str(e), USAGE_EXIT)
+        elif _signals:  # workers ended by the same signal (a SIGTERM to the whole job), seen first
+            _fail(f"{'interrupted (Ctrl-C)' if _signals[0] == signal.SIGINT else 'terminated (SIGTERM)'}: {STOPPED}",
+                  SIGNAL_EXIT + _signals[0])
         elif isinstance(e, WorkerDied):
-            _fail("a worker process died, killed from outside (by the out-of-memory killer?); nothing unfinished "
-                  "was published (rerun the command, with fewer --workers if memory is short)", 1)
+            _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
+                  "short)", 1)
         elif isinstance(e, OSError):
             _fail(f"{e.filename or 'system'}: {e.strerror or e} (check the path, its permissions and free disk "
                   "space)", 1)
@@ -148,13 +167,26 @@ def run_main(main: Callable[[], None]) -> None:
             _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one rollback, however many SIGTERMs follow
-    raise Terminated
+def _record_signal(signum: int, frame: Any) -> None:
+    _signals.append(signum)
+
+
+def check_stop() -> None:
+    """A safe point: raise KeyboardInterrupt or Terminated if Ctrl-C or SIGTERM has arrived."""
+    if _signals:
+        raise KeyboardInterrupt if _signals[0] == signal.SIGINT else Terminated
+
+
+def stage(name: str) -> None:
+    """The run reaches a named stage: a safe point, a line in the log, and (for fault-injection tests,
+    with DBP_PAUSE_AT=<name>) the process stops itself with SIGSTOP until it is sent SIGCONT."""
+    log.info(f"stage: {name}")
+    if os.environ.get(PAUSE_VARIABLE) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    check_stop()
 
 
 def _fail(message: str, status: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
 
@@ -177,11 +209,21 @@ class RunLog:
         return self.text.getvalue()
 
 
+class _Bar(tqdm):
+    """A tqdm bar whose every step is a safe point."""
+
+    def update(self, n: float | None = 1) -> bool | None:
+        check_stop()
+        return super().update(n)
+
+
 @contextlib.contextmanager
 def progress(total: int, desc: str, unit: str = "cluster") -> Iterator[tqdm]:
-    """A tqdm bar on stderr, drawn once the work has taken PROGRESS_DELAY seconds. If the work fails, the
-    bar is wiped on a terminal and ends its line in a log file: the error line after it stands alone."""
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, delay=PROGRESS_DELAY)
+    """A tqdm bar on stderr, drawn once the work has taken PROGRESS_DELAY seconds (or TQDM_DELAY, tqdm's own
+    variable, when set). If the work fails, the bar is wiped on a terminal and ends its line in a log file:
+    the error line after it stands alone."""
+    delay = {} if "TQDM_DELAY" in os.environ else {"delay": PROGRESS_DELAY}
+    bar = _Bar(total=total, desc=desc, unit=unit, file=sys.stderr, **delay)
     try:
         yield bar
     except BaseException:
@@ -192,131 +234,137 @@ def progress(total: int, desc: str, unit: str = "cluster") -> Iterator[tqdm]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker processes
+# Tasks: units of work that read their inputs from files, write their outputs into the run's
+# staging folder and return small metadata, run in worker processes (or in this one)
 # ---------------------------------------------------------------------------------------------
 
 
 class WorkerDied(Exception):
     """A worker process ended without being asked to: killed from outside, typically by the OOM killer."""
 
+    def __init__(self, what: str = "a worker process died, killed from outside (by the out-of-memory killer?)"):
+        super().__init__(what)
 
-class WorkerPool:
-    """Forked worker processes (they share this process's pages), each with a pipe of its own.
 
-    Why not multiprocessing.Pool or ProcessPoolExecutor: their workers all answer over one shared
-    pipe, so a worker killed while it sends a result leaves half a message there and the pool waits
-    for the rest forever (ProcessPoolExecutor hung so in 1 of 2 tries here). With a pipe per worker a
-    dead worker is an end of file on its own pipe, noticed at once. Workers ignore Ctrl-C and SIGTERM
-    (this process decides, and stops them) and exit when this process dies (their pipe ends).
-    """
+class TaskPool:
+    """`pool.run(func, tasks, desc)`: func(task) for every task, results in task order, with a progress bar.
+
+    With more than one worker the tasks run in a concurrent.futures.ProcessPoolExecutor whose processes
+    come from a fork server: a fresh process started once, so no worker inherits this process's threads
+    or locks (faiss's OpenMP pool, torch's, logging's). The fork server is started with Ctrl-C ignored,
+    which every worker inherits from birth: a terminal's Ctrl-C reaches the whole process group, and this
+    process decides and stops them. (SIGTERM still ends a worker: the executor stops workers with it.)
+    Results are small (tasks write their outputs to files), so a worker killed mid-task breaks the pool at
+    once instead of leaving half a message in a pipe; that ends the run with one line."""
 
     def __init__(self, workers: int):
-        ctx = multiprocessing.get_context("fork")
-        self.conns: list[Any] = []
-        self.procs: list[Any] = []
-        for _ in range(workers):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(theirs, [*self.conns, ours]), daemon=True)
-            proc.start()
-            theirs.close()
-            self.conns.append(ours)
-            self.procs.append(proc)
+        self.workers, self.executor, self.runs = workers, None, []
 
-    def map(self, func: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
-        """func(task) for every task, in task order; a task's exception is raised here. Tasks are drawn
-        from the iterable only as workers take them, so a lazy one never sits in memory whole."""
-        todo = enumerate(tasks)
-        idle, busy, done = list(self.conns), {}, {}
-        sentinels = {proc.sentinel for proc in self.procs}
-        wanted = 0
-        while True:
-            # Keep every worker busy, but never run far ahead of the results handed out.
-            while idle and len(busy) + len(done) < TASKS_AHEAD * len(self.conns) and (job := next(todo, None)):
-                conn = idle.pop()
-                try:
-                    conn.send((func, job[1]))
-                except OSError:  # its worker is gone
-                    raise WorkerDied from None
-                busy[conn] = job[0]
-            if wanted in done:
-                yield done.pop(wanted)
-                wanted += 1
-                continue
-            if not busy:
-                return
-            for ready in multiprocessing.connection.wait([*busy, *sentinels]):
-                if ready in sentinels:
-                    raise WorkerDied
-                try:
-                    ok, value = ready.recv()
-                except (EOFError, OSError):
-                    raise WorkerDied from None
-                if not ok:
-                    raise value
-                done[busy.pop(ready)] = value
-                idle.append(ready)
-
-    def __enter__(self) -> WorkerPool:
+    def __enter__(self) -> TaskPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for conn, proc in zip(self.conns, self.procs):
-            if exc_type is None:
-                with contextlib.suppress(OSError):
-                    conn.send(None)  # done: the worker returns
+        for run in self.runs:  # a run left mid-way (its consumer failed): its bar ends now, before any error line
+            run.close()
+        if self.executor is None:
+            return
+        if exc_type is not None:  # stop at once, mid-task: the run is over
+            for process in list(self.executor._processes.values()):  # (Python 3.14 has kill_workers())
+                process.kill()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str = "cluster",
+            total: int | None = None) -> Iterator[Any]:
+        """func over tasks, in task order; a task's exception is raised here. Tasks are drawn from the iterable
+        only as they are handed out, so a lazy one never sits in memory whole."""
+        run = self._run(func, tasks, desc, unit, len(tasks) if total is None else total)
+        self.runs.append(run)
+        return run
+
+    def _run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str,
+             total: int) -> Iterator[Any]:
+        with progress(total, desc, unit) as bar:
+            if self.workers <= 1 or total <= 1:
+                stage(f"{desc} started")  # (stages are named for fault-injection tests)
+                results = map(func, tasks)
             else:
-                proc.kill()  # stop at once, mid-task
-        for conn, proc in zip(self.conns, self.procs):
-            proc.join()
-            conn.close()
+                results = self._map(func, tasks, desc)
+            for done, result in enumerate(results):
+                if done == 0:
+                    stage(f"{desc} under way")
+                bar.update()  # a safe point, also between tasks run in this process
+                yield result
+
+    def _map(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str) -> Iterator[Any]:
+        if self.executor is None:
+            self.executor = _start_executor(self.workers)
+        todo, pending, started = iter(tasks), collections.deque(), False
+        while True:
+            # Keep every worker busy, but never run far ahead of the results handed out.
+            while len(pending) < TASKS_AHEAD * self.workers and (task := next(todo, _END)) is not _END:
+                try:
+                    pending.append(self.executor.submit(func, task))
+                except BrokenProcessPool:
+                    raise WorkerDied from None
+            if not started:
+                stage(f"{desc} started")  # the workers are running
+                started = True
+            if not pending:
+                return
+            done, _ = wait(pending, timeout=STOP_POLL, return_when=FIRST_COMPLETED)
+            check_stop()
+            for future in done:  # a failed task stops the run at once, not when its turn comes
+                _result(future)
+            while pending and pending[0].done():
+                yield _result(pending.popleft())
 
 
-def _serve(conn: Any, inherited: list[Any]) -> None:
-    """A worker: run (func, task) jobs from `conn` and answer (ok, result or exception) until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for other in inherited:  # the pool's ends of the pipes: only the pool's death may close them
-        other.close()
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:  # the pool's process is gone
-            return
-        if job is None:
-            return
-        func, task = job
-        try:
-            reply = (True, func(task))
-        except Exception as e:
-            reply = (False, e)
-        try:
-            conn.send(reply)
-        except (pickle.PicklingError, TypeError, AttributeError):  # an exception that cannot travel
-            conn.send((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
-        except OSError:
-            return
+def _result(future: Any) -> Any:
+    """A finished task's result; its exception raised (a broken pool as WorkerDied)."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise WorkerDied from None
 
 
-@contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
-    """A WorkerPool, or None for one worker: then the work runs in this process."""
-    if workers <= 1:
-        yield None
-        return
-    with WorkerPool(workers) as pool:
-        yield pool
+_END = object()
 
 
-def parallel_map(func: Callable[[Any], Any], tasks: Iterable[Any], pool: WorkerPool | None, desc: str,
-                 total: int | None = None) -> Iterator[Any]:
-    """func over tasks, results in task order, spread over the pool, with a progress bar (`total`: for a
-    lazy iterable of tasks)."""
-    total = len(tasks) if total is None else total
-    with progress(total, desc) as bar:
-        results = map(func, tasks) if pool is None or total <= 1 else pool.map(func, tasks)
-        for result in results:
-            bar.update()
-            yield result
+def _start_executor(workers: int) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["numpy"])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
+    warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, "ignore:resource_tracker:UserWarning"]))
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on
+    finally:
+        if warnings is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
+
+
+def _worker_started(run: int) -> None:
+    """In each worker: end the moment the run's process ends, however it ends (SIGKILL included), so that
+    no worker outlives a killed run. (Its parent is the fork server, which itself lives as long as any
+    worker holds its pipe, so the parent's death is no signal: the run's is.)"""
+    try:
+        ended = os.pidfd_open(run)  # readable once the process has ended
+    except ProcessLookupError:  # already gone
+        os._exit(1)
+    threading.Thread(target=_exit_when_readable, args=(ended,), daemon=True).start()
+
+
+def _exit_when_readable(fd: int) -> None:
+    select.select([fd], [], [])
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +513,9 @@ class SaveDir:
                  resumable: bool = False):
         if not path:
             raise UsageError(flag, "is required", "pass the folder for the outputs")
+        if os.path.islink(path) and not os.path.exists(path):
+            raise UsageError(flag, f"{path} is a symbolic link to {os.readlink(path)}, which does not exist",
+                             "create the folder it points to, or choose another folder")
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(flag, f"{path} is a file", "pass a folder")
         check_creatable(os.path.abspath(path), flag)
@@ -502,9 +553,8 @@ class SaveDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            with _signals_held():  # an interrupted publish would leave two runs' files side by side
-                self._publish()
+        if exc_type is None and not _signals:
+            self._publish()
             self.lock.release()
             return
         if isinstance(exc, OSError):
@@ -513,38 +563,26 @@ class SaveDir:
             self.lock.release()  # the staging folder stays, for a rerun to go on from
         else:
             self._roll_back()
+        check_stop()  # a signal that came after the last safe point: not published either
 
     def _roll_back(self) -> None:
-        """Undo this run, still holding the lock so that no other run starts in what is removed (and with
-        a second Ctrl-C held back until it is done)."""
-        with _signals_held():
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.folders.remove_created()
-            self.lock.release()
-            self.folders.restore_times()  # last: removing the lock file touched them
+        """Undo this run, still holding the lock so that no other run starts in what is removed."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.folders.remove_created()
+        self.lock.release()
+        self.folders.restore_times()  # last: removing the lock file touched them
 
     def _publish(self) -> None:
+        """Move the outputs into place: first every earlier output aside (whatever its kind: a file where a
+        folder goes is no obstacle), the marker first, so the folder is marked incomplete from here on;
+        then the new outputs, the marker last."""
         written = set(os.listdir(self.staging))
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.dir, self.marker))  # incomplete from here until the end
+        aside = tempfile.mkdtemp(prefix=".replaced", dir=self.staging)
+        for name in sorted(self.outputs, key=lambda name: name != self.marker):
+            if os.path.lexists(target := os.path.join(self.dir, name)):
+                os.replace(target, os.path.join(aside, name))  # goes with the staging folder
         for name in self.outputs:
-            target = os.path.join(self.dir, name)
-            if os.path.isdir(target) and not os.path.islink(target):  # a folder is replaced whole, not merged
-                os.replace(target, self.path(f".replaced {name}"))  # and goes with the staging folder
             if name in written and name != self.marker:
-                os.replace(self.path(name), target)
-            elif name not in written and os.path.lexists(target):  # an earlier run's output this one does not make
-                os.remove(target)
+                os.replace(self.path(name), os.path.join(self.dir, name))
         os.replace(self.path(self.marker), os.path.join(self.dir, self.marker))
         shutil.rmtree(self.staging)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done (they are delivered right after it)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import PARTIAL_SUFFIX, UsageError, parallel_map, progress
+from dbp_cli import PARTIAL_SUFFIX, TaskPool, UsageError, atomic_open, progress, save_npy
 from dbp_clusters import NPY_HEADER_READERS, cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
-from dbp_utils import unit_rows
+from dbp_utils import exact_faiss, unit_rows
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
 TEXT_BLOCK_BYTES = 1 << 20  # of a keys .txt, read at a time
@@ -43,6 +43,9 @@ CENTROIDS_FILE = "kmeans_centroids.npy"
 # Work files, kept in the save folder's staging area until the run is published.
 KEYS_FILE = "keys.npy"  # every key, in row order, fixed width
 LABELS, DISTANCES = "labels.npy", "distances.npy"  # per row: its cluster, its distance to the centroid
+ORDER = "order.npy"  # the rows sorted by cluster (stably: in row order within each)
+ASSIGN_DIR = "assign"  # each range's labels and distances, until all are assigned
+ASSIGN_ROWS = 1 << 18  # rows assigned by one task
 HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
 
 
@@ -64,18 +67,20 @@ class Part:
     npz_key: str | None = None  # for .npz embeddings
     offset: int = 0  # where the rows start in a .npy
 
-    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 rows) for all rows, CHUNK_ROWS at a time, read (not mapped) so memory stays flat."""
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) for rows [start, stop), CHUNK_ROWS at a time, read (not mapped) so that
+        memory stays flat."""
+        stop = self.rows if stop is None else stop
         if self.npz_key:
             whole = self._npz_array()
-            for start in range(0, self.rows, CHUNK_ROWS):
-                yield start, whole[start:start + CHUNK_ROWS].astype(np.float32)
+            for first in range(start, stop, CHUNK_ROWS):
+                yield first, whole[first:min(first + CHUNK_ROWS, stop)].astype(np.float32)
             return
         with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            for start in range(0, self.rows, CHUNK_ROWS):
-                count = min(CHUNK_ROWS, self.rows - start)
-                yield start, np.fromfile(f, self.dtype, count * self.dim).reshape(count, self.dim).astype(np.float32)
+            f.seek(self.offset + start * self.dim * self.dtype.itemsize)
+            for first in range(start, stop, CHUNK_ROWS):
+                count = min(CHUNK_ROWS, stop - first)
+                yield first, np.fromfile(f, self.dtype, count * self.dim).reshape(count, self.dim).astype(np.float32)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The float32 rows at the given sorted indices, through short-lived mappings of a window at a time."""
@@ -119,12 +124,6 @@ class Embeddings:
 
     def starts(self) -> np.ndarray:
         return np.cumsum([0] + [p.rows for p in self.parts])
-
-    def unit_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row of the whole, its rows checked and L2-normalised), a chunk at a time."""
-        for part, start in zip(self.parts, self.starts()):
-            for first, x in part.chunks():
-                yield int(start) + first, checked_unit(x, part.path, np.arange(first, first + len(x)))
 
     def unit_rows_at(self, rows: np.ndarray) -> np.ndarray:
         """The rows at sorted indices of the whole, checked and L2-normalised."""
@@ -365,14 +364,9 @@ def _hash(keys: np.ndarray) -> np.ndarray:
     return h
 
 
-def read_cluster_keys(folder: str, rows: np.ndarray) -> np.ndarray:
-    """The keys of the given rows, from keys.npy."""
-    return _mapped_keys(os.path.join(folder, KEYS_FILE))[rows]
-
-
-@functools.lru_cache(maxsize=1)
-def _mapped_keys(path: str) -> np.ndarray:
-    """keys.npy mapped once per process: a cluster's keys are spread over the whole file, and mapping it
+@functools.lru_cache(maxsize=4)
+def _mapped(path: str) -> np.ndarray:
+    """A work file mapped once per process: a cluster's rows are spread over the whole file, and mapping it
     afresh for each cluster would fault most of its pages in again every time."""
     return np.load(path, mmap_mode="r")
 
@@ -403,11 +397,9 @@ def checked_unit(x: np.ndarray, path: str, rows: np.ndarray) -> np.ndarray:
 def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_size: int, spherical: bool,
                  threads: int) -> tuple[np.ndarray, float]:
     """faiss.Kmeans on a seeded uniform sample of the rows: (centroids float32 (k, dim), final objective)."""
-    import faiss
-
     rows = np.sort(np.random.default_rng(seed).choice(embeddings.rows, size=sample_size, replace=False))
     x = embeddings.unit_rows_at(rows)
-    faiss.omp_set_num_threads(threads)
+    faiss = exact_faiss(threads)
     # Every sampled row is used (faiss would subsample past 256 per centroid), and faiss's warning about
     # few points per centroid, printed straight to stderr, is left to our own checks.
     kmeans = faiss.Kmeans(embeddings.dim, k, niter=niter, seed=seed, spherical=spherical, verbose=False,
@@ -416,28 +408,45 @@ def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_s
     return kmeans.centroids, float(kmeans.obj[-1])
 
 
-def assign(embeddings: Embeddings, centroids: np.ndarray, spherical: bool,
-           threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's nearest centroid and its cosine distance to it, in one streamed pass: (labels, distances)."""
-    import faiss
+ASSIGNED = np.dtype([("label", "<i4"), ("distance", "<f4")])  # a row's nearest centroid and its distance to it
 
-    faiss.omp_set_num_threads(threads)
-    index = faiss.IndexFlatIP(embeddings.dim) if spherical else faiss.IndexFlatL2(embeddings.dim)
+
+def assign(embeddings: Embeddings, centroids_file: str, spherical: bool, work: str,
+           pool: TaskPool) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's nearest centroid and its cosine distance to it: (labels, distances). One task per range of
+    ASSIGN_ROWS rows of a part writes ASSIGN_DIR/<part>_<first row>.npy; a rerun does only the missing ones."""
+    folder = os.path.join(work, ASSIGN_DIR)
+    os.makedirs(folder, exist_ok=True)
+    ranges = [(i, first, min(first + ASSIGN_ROWS, part.rows)) for i, part in enumerate(embeddings.parts)
+              for first in range(0, part.rows, ASSIGN_ROWS)]
+    files = [os.path.join(folder, f"{i}_{first}.npy") for i, first, _ in ranges]
+    tasks = [(embeddings.parts[i], first, stop, centroids_file, spherical, path)
+             for (i, first, stop), path in zip(ranges, files) if not os.path.exists(path)]
+    for _ in pool.run(assign_rows, tasks, "assign", unit="range"):
+        pass
+    assigned = np.concatenate([np.load(path) for path in files])
+    return assigned["label"], assigned["distance"]
+
+
+def assign_rows(task: tuple[Part, int, int, str, bool, str]) -> None:
+    """One range of a part's rows: each row's nearest centroid (faiss, by inner product for spherical
+    k-means, else by L2) and 1 - its cosine to that centroid, computed in float64 per row so that it is the
+    same on any machine and for any thread count; written to `path`."""
+    part, first, stop, centroids_file, spherical, path = task
+    centroids = np.load(centroids_file)
+    faiss = exact_faiss(1)  # the tasks are the parallelism
+    index = faiss.IndexFlatIP(part.dim) if spherical else faiss.IndexFlatL2(part.dim)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    directions = unit_rows(centroids.astype(np.float64)).astype(np.float32)  # for the cosine of plain k-means
-    labels = np.empty(embeddings.rows, np.int32)
-    distances = np.empty(embeddings.rows, np.float32)
-    with progress(embeddings.rows, "assign", "row") as bar:
-        for first, x in embeddings.unit_chunks():
-            scores, nearest = index.search(x, 1)
-            rows = slice(first, first + len(x))
-            labels[rows] = nearest[:, 0]
-            if spherical:  # unit rows and unit centroids: the inner product is the cosine
-                distances[rows] = 1 - scores[:, 0]
-            else:
-                distances[rows] = 1 - np.einsum("ij,ij->i", x, directions[nearest[:, 0]])
-            bar.update(len(x))
-    return labels, distances
+    directions = unit_rows(centroids.astype(np.float64))
+    out = np.empty(stop - first, ASSIGNED)
+    for start, x in part.chunks(first, stop):
+        x = checked_unit(x, part.path, np.arange(start, start + len(x)))
+        _, nearest = index.search(x, 1)
+        rows = slice(start - first, start - first + len(x))
+        out["label"][rows] = nearest[:, 0]
+        out["distance"][rows] = 1 - np.einsum("ij,ij->i", x.astype(np.float64), directions[nearest[:, 0]])
+    with atomic_open(path) as f:
+        np.save(f, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,25 +454,29 @@ def assign(embeddings: Embeddings, centroids: np.ndarray, spherical: bool,
 # ---------------------------------------------------------------------------------------------
 
 
-def write_clusters(folder: str, work: str, labels: np.ndarray, distances: np.ndarray, k: int, descending: bool,
-                   pool) -> None:
-    """SORTED/cluster_{j}.npy for every cluster not written yet (a rerun finishes a killed run)."""
+def write_clusters(folder: str, work: str, labels: np.ndarray, k: int, descending: bool, pool: TaskPool) -> None:
+    """SORTED/cluster_{j}.npy for every cluster not written yet (a rerun finishes a killed run). Each task
+    reads its cluster's rows from the work files: the rows in cluster order, their distances and keys."""
     os.makedirs(folder, exist_ok=True)
-    order = np.argsort(labels, kind="stable")  # each cluster's rows, in row order
-    bounds = np.searchsorted(labels, np.arange(k + 1), sorter=order)
+    order = os.path.join(work, ORDER)
+    if not os.path.exists(order):
+        save_npy(order, np.argsort(labels, kind="stable"))  # each cluster's rows, in row order
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
     todo = [j for j in range(k) if not os.path.exists(os.path.join(folder, f"cluster_{j}.npy"))]
-    tasks = ((os.path.join(folder, f"cluster_{j}.npy"), work, j, order[bounds[j]:bounds[j + 1]],
-              distances[order[bounds[j]:bounds[j + 1]]], descending) for j in todo)
-    for _ in parallel_map(write_cluster, tasks, pool, "write", total=len(todo)):
+    tasks = ((os.path.join(folder, f"cluster_{j}.npy"), work, j, int(bounds[j]), int(bounds[j + 1]), descending)
+             for j in todo)
+    for _ in pool.run(write_cluster, tasks, "write", total=len(todo)):
         pass
-    _mapped_keys.cache_clear()  # unmapped, when this process wrote them
+    _mapped.cache_clear()  # unmapped, when this process wrote them
 
 
-def write_cluster(task: tuple) -> None:
-    path, work, j, rows, distances, descending = task
-    keys = read_cluster_keys(work, rows)
+def write_cluster(task: tuple[str, str, int, int, int, bool]) -> None:
+    """One cluster's file, from the rows [start, stop) of the work files' cluster order."""
+    path, work, j, start, stop, descending = task
+    rows = np.array(_mapped(os.path.join(work, ORDER))[start:stop])
+    distances = _mapped(os.path.join(work, DISTANCES))[rows]
+    keys = _mapped(os.path.join(work, KEYS_FILE))[rows]
     save_cluster_file(path, cluster_table(keys, rows, distances, j, descending))
-
 
 
 # ---------------------------------------------------------------------------------------------

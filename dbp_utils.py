@@ -17,17 +17,20 @@ import csv
 import os
 import pickle
 import posixpath
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pygtrie
 
-from dbp_cli import UsageError, __version__, log, parallel_map  # noqa: F401 (__version__: for users)
+from dbp_cli import TaskPool, UsageError, __version__, log  # noqa: F401 (__version__: for users)
 from dbp_clusters import CHUNK_ROWS, ClusterFile, keys_as_utf8, names_cluster, parse_distances, read_npy_header
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
 WHICH_TO_KEEP = ("hard", "easy", "random")
+FAISS_NO_BLAS = 1 << 30  # query batches at least this large go to BLAS: never
 
 # prune.py's outputs; params.json is written last and marks a run as complete.
 TRIE_FILE = "kept_keys_trie.pkl"
@@ -92,13 +95,11 @@ def mean_centroid_distances(centroids: np.ndarray, num_nns: int, threads: int) -
         d_inter = np.full(len(centroids), np.nan, dtype=np.float32)
         d_inter[defined] = mean_centroid_distances(centroids[defined], num_nns, threads)
         return d_inter
-    import faiss
-
     k, dim = centroids.shape
     nns = min(num_nns, k - 1)
     if nns == 0:
         return np.full(k, np.nan, dtype=np.float32)
-    faiss.omp_set_num_threads(threads)
+    faiss = exact_faiss(threads)
     unit = np.ascontiguousarray(unit_rows(centroids), dtype=np.float32)  # inner product = cosine
     index = faiss.IndexFlatIP(dim)
     index.add(unit)
@@ -110,6 +111,18 @@ def mean_centroid_distances(centroids: np.ndarray, num_nns: int, threads: int) -
     keep[np.arange(k), drop] = False
     others = sims[keep].reshape(k, nns).astype(np.float64)
     return (1.0 - others).mean(axis=1).astype(np.float32)
+
+
+def exact_faiss(threads: int) -> Any:
+    """faiss, on `threads` threads, computing every inner product and distance the same way for any number of
+    them: past a batch of 20 queries faiss hands them to BLAS, whose sums split differently by thread count
+    (the last digits of a distance, and so near ties, would depend on --workers); its own SIMD loop per
+    query does not, and is as fast at the dimensions of image embeddings (measured: 0.9x-1.3x BLAS's time)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    faiss.cvar.distance_compute_blas_threshold = FAISS_NO_BLAS
+    return faiss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,25 +250,28 @@ def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cl
 
 @dataclass(frozen=True)
 class Selection:
-    """One cluster's kept members, and what was noticed reading them."""
+    """What one cluster's selection task noticed; what it kept is in its part files (part_file)."""
 
-    lines: bytes  # the kept paths as lines of kept_paths.txt
-    keys: np.ndarray  # their keys, sorted
+    kept: int
     in_order: bool = True  # the distances read follow the file's sort order
     ids_match: bool = True  # the cluster-id column names this cluster
-    pruned: bytes = b""  # the other paths, as lines of pruned_paths.txt, when asked for
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool]) -> Selection:
-    """The kept members of one cluster (and, if asked, the pruned ones). Reads only the kept rows, and
-    checks their distances."""
-    cluster, quota, which, seed, cluster_id, with_pruned = task
+def part_file(parts: str, kind: str, cluster_id: int) -> str:
+    """Where a selection task leaves one cluster's `kept` paths, `pruned` paths (lines) or sorted `keys` (.npy)."""
+    return os.path.join(parts, f"{kind}_{cluster_id}.{'npy' if kind == 'keys' else 'txt'}")
+
+
+def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool, str]) -> Selection:
+    """Select the kept members of one cluster and write them (and, if asked, the pruned ones) to its part
+    files in `parts`. Reads only the kept rows, and checks their distances."""
+    cluster, quota, which, seed, cluster_id, with_pruned, parts = task
     descending = which == "random" or quota == 0 or cluster.is_descending()  # no rows read for nothing kept
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
-    pruned = as_lines(pruned_paths(cluster, keep)) if with_pruned else b""
-    if quota == 0:
-        return Selection(b"", np.zeros(0, "S1"), pruned=pruned)
-    paths, dists, ids_match = [], [], True
+    if with_pruned:
+        with open(part_file(parts, "pruned", cluster_id), "wb") as f:
+            f.write(as_lines(pruned_paths(cluster, keep)))
+    paths, dists, ids_match = [np.zeros(0, "S1")], [np.zeros(0)], True
     columns = ("key", "distance", "cluster")
     if isinstance(keep, slice):  # hard/easy: read only the kept prefix or suffix
         for first, (p, d, ids) in cluster.chunks(columns, keep.start, keep.stop):
@@ -271,8 +287,10 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool]) -> Select
             ids_match &= names_cluster(ids[picked], cluster_id)
     paths, steps = np.concatenate(paths), np.diff(np.concatenate(dists))
     in_order = which == "random" or bool((steps <= 0).all() if descending else (steps >= 0).all())
-    # Sorted here, in parallel.
-    return Selection(as_lines(paths), np.sort(strip_extensions(paths)), in_order, ids_match, pruned)
+    with open(part_file(parts, "kept", cluster_id), "wb") as f:
+        f.write(as_lines(paths))
+    np.save(part_file(parts, "keys", cluster_id), np.sort(strip_extensions(paths)))  # sorted here, in parallel
+    return Selection(len(paths), in_order, ids_match)
 
 
 def pruned_paths(cluster: ClusterFile, keep: slice | np.ndarray) -> np.ndarray:
@@ -286,10 +304,24 @@ def pruned_paths(cluster: ClusterFile, keep: slice | np.ndarray) -> np.ndarray:
 
 
 def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, seed: int, with_pruned: bool,
-                pool: Any) -> Any:
-    """Per cluster, in order, its Selection."""
-    tasks = [(cluster, int(n), which, seed, j, with_pruned) for j, (cluster, n) in enumerate(zip(clusters, quotas))]
-    return parallel_map(select_cluster, tasks, pool, "select")
+                parts: str, pool: TaskPool) -> Iterator[Selection]:
+    """Per cluster, in order, its Selection; its part files are in `parts` when it comes."""
+    tasks = [(cluster, int(n), which, seed, j, with_pruned, parts)
+             for j, (cluster, n) in enumerate(zip(clusters, quotas))]
+    return pool.run(select_cluster, tasks, "select")
+
+
+def take_part(parts: str, kind: str, cluster_id: int, out: Any = None) -> np.ndarray | None:
+    """A cluster's part file, removed once read: the keys array, or (lines) appended to the open file `out`."""
+    path = part_file(parts, kind, cluster_id)
+    if kind == "keys":
+        keys = np.load(path)
+    else:
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, out)
+        keys = None
+    os.remove(path)
+    return keys
 
 
 class KeptKeyCollector:

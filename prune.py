@@ -26,6 +26,7 @@ import dbp_cli as cli
 import dbp_utils as du
 from dbp_clusters import load_cluster_scores, scan_clusters
 
+PARTS_DIR = ".parts"  # in the staging folder: each cluster's selection, until it is gathered
 PATH_FLAGS = ("sorted_clusters_path", "save_dir", "mean_centroid_distances_save_path", "avg_distance_to_cent_save_path")
 
 
@@ -129,26 +130,32 @@ def main() -> None:
              "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    with save_dir as out, cli.worker_pool(workers) as pool, ThreadPoolExecutor(1) as beside:
+    with save_dir as out, ThreadPoolExecutor(1) as beside, cli.TaskPool(workers) as pool:
         # The stats and the plot need only the quotas: drawn while the workers select.
         report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, target, title)
         collected, unsorted, misnamed = du.KeptKeyCollector(int(plan.quotas.sum())), [], []
+        parts = out.path(PARTS_DIR)
+        os.mkdir(parts)
         pruned_file = out.path(du.PRUNED_PATHS_FILE) if args.pruned_paths else os.devnull
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f, open(pruned_file, "wb") as pruned:
-            selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths, pool)
-            for cluster, kept in zip(clusters, selections, strict=True):  # strict: to the end, bar included
-                f.write(kept.lines)
-                pruned.write(kept.pruned)
-                collected.add(kept.keys)
+            selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
+                                        parts, pool)
+            for j, (cluster, kept) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
+                du.take_part(parts, "kept", j, f)
+                if args.pruned_paths:
+                    du.take_part(parts, "pruned", j, pruned)
+                collected.add(du.take_part(parts, "keys", j))
                 if not kept.in_order:
                     unsorted.append(cluster.path)
                 if not kept.ids_match:
                     misnamed.append(cluster.path)
+        os.rmdir(parts)
         kept_keys = collected.sorted_unique()
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if args.datacomp_subset:
             np.save(out.path(du.DATACOMP_FILE), du.datacomp_subset(kept_keys))
         if not args.no_trie:
+            cli.stage("writing the trie")
             with open(out.path(du.TRIE_FILE), "wb") as f:
                 du.write_trie(f, kept_keys)
         np.save(out.path(du.QUOTAS_FILE), plan.quotas)

@@ -53,10 +53,10 @@ import sys, time, numpy as np
 sys.path.insert(0, sys.argv[1])
 import dbp_cli as cli, dbp_embeddings as de
 work, out, k, workers = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-labels, distances = np.load(f"{work}/labels.npy"), np.load(f"{work}/distances.npy")
+labels = np.load(f"{work}/labels.npy")
 start = time.perf_counter()
-with cli.worker_pool(workers) as pool:
-    de.write_clusters(out, work, labels, distances, k, True, pool)
+with cli.TaskPool(workers) as pool:
+    de.write_clusters(out, work, labels, k, True, pool)
 print(time.perf_counter() - start)
 """
 SEMDEDUP = """

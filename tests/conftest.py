@@ -1,5 +1,6 @@
-"""Shared fixtures: SemDeDup-style data sets from real faiss k-means, and a script runner."""
+"""Shared fixtures: SemDeDup-style data sets from real faiss k-means, a script runner, faults at named stages."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -81,3 +82,69 @@ def brute_dinter(centroids: np.ndarray, l: int) -> np.ndarray:
         others = np.sort(np.delete(sims[j], j))[::-1][: min(l, k - 1)]
         out[j] = np.mean(1 - others)
     return out
+
+
+# Faults at named stages: a run started with DBP_PAUSE_AT=<stage> stops itself (SIGSTOP) when it reaches the
+# stage; the test waits for that event, delivers its fault, and lets the run go on (SIGCONT). No timing.
+DEADLINE = 60  # seconds a run may take to reach its stage or end after a fault: only ever hit when it hangs
+
+
+def start_script(script: str, *args, pause: str | None = None, env: dict | None = None, **popen) -> subprocess.Popen:
+    """A script in a session of its own (a signal can go to its whole process group), pausing at `pause`."""
+    environ = {**os.environ, **(env or {})}
+    if pause:
+        environ["DBP_PAUSE_AT"] = pause
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(cmd, env=environ, start_new_session=True, **popen)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, T for stopped, Z...), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def wait_until(condition, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Poll for an event; fail if `proc` ends first or DEADLINE passes (a hang)."""
+    import time
+
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended ({proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"nothing happened for {DEADLINE} s while waiting for {what}: a hang")
+        time.sleep(0.005)
+
+
+def wait_paused(proc: subprocess.Popen, stage: str) -> None:
+    wait_until(lambda: process_state(proc.pid) == "T", proc, f"the stage {stage!r}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (the fork server and the workers it forked)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in os.listdir(f"/proc/{parent}/task") if os.path.exists(f"/proc/{parent}/task") else []:
+            with contextlib.suppress(FileNotFoundError):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of a run: forked by its fork server, so grandchildren of the run."""
+    children = set(descendants(pid))
+    direct = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                direct |= {int(c) for c in f.read().split()}
+    return sorted(children - direct)

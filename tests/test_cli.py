@@ -1,4 +1,4 @@
-"""The plumbing: the worker pool keeps order and passes errors on, and a failed bar ends its line."""
+"""The plumbing: tasks keep their order and pass errors on, and a failed bar ends its line."""
 
 import multiprocessing
 import os
@@ -15,16 +15,16 @@ def square_or_fail(x):
 
 
 def test_pool_results_come_in_order_from_several_workers():
-    with cli.worker_pool(3) as pool:
-        results = list(cli.parallel_map(square_or_fail, list(range(12)), pool, "squares"))
+    with cli.TaskPool(3) as pool:
+        results = list(pool.run(square_or_fail, list(range(12)), "squares"))
     assert [r for r, _ in results] == [x * x for x in range(12)]
     assert os.getpid() not in {pid for _, pid in results}
 
 
 def test_a_workers_error_reaches_the_caller_and_stops_the_pool():
     with pytest.raises(cli.UsageError, match="item 13: is unlucky"):
-        with cli.worker_pool(2) as pool:
-            list(cli.parallel_map(square_or_fail, list(range(40)), pool, "squares"))
+        with cli.TaskPool(2) as pool:
+            list(pool.run(square_or_fail, list(range(40)), "squares"))
     assert multiprocessing.active_children() == []  # stopped and reaped, not left to finish
 
 
@@ -32,6 +32,6 @@ def test_a_failed_bar_ends_its_line_in_a_log_file(monkeypatch, capsys):
     """stderr to a file: what is printed after a failure (the error line) starts on a line of its own."""
     monkeypatch.setattr(cli, "PROGRESS_DELAY", 0)
     with pytest.raises(cli.UsageError):
-        list(cli.parallel_map(square_or_fail, list(range(20)), None, "squares"))
+        list(cli.TaskPool(1).run(square_or_fail, list(range(20)), "squares"))
     err = capsys.readouterr().err
     assert "squares:" in err and err.endswith("\n")
