@@ -40,7 +40,7 @@ import numpy as np
 
 import dbp_cli as cli
 import dbp_embeddings as de
-from dbp_clusters import load_centroids, read_npy_header
+from dbp_clusters import load_centroids
 
 PARAMS_FILE = "clustering.json"
 OUTPUTS = (de.CENTROIDS_FILE, de.SORTED_DIR, PARAMS_FILE)
@@ -92,8 +92,9 @@ def check_args(args, rows: int) -> int:
         raise cli.UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows", "pass a smaller k")
     if args.niter < 1:
         raise cli.UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
-    if args.seed < 0:
-        raise cli.UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 1234)")
+    if not 0 <= args.seed <= de.MAX_SEED:
+        raise cli.UsageError("--seed", f"{args.seed} is outside [0, {de.MAX_SEED}] (faiss's seed is a C int)",
+                             "pass a smaller seed (default 1234)")
     sample = min(rows, de.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
     if not k <= sample <= rows:
         raise cli.UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows",
@@ -179,13 +180,13 @@ def convert_nemo_curator(args, workers: int) -> None:
     results = args.from_nemo_curator
     beside = [os.path.join(f, de.CENTROIDS_FILE) for f in (results, os.path.dirname(os.path.abspath(results)))]
     centroids_file = args.centroids_file or next((p for p in beside if os.path.isfile(p)), None)
-    k = args.num_clusters
-    if centroids_file and k is None:  # the saved centroids know k, even when the last clusters are empty
-        k = read_npy_header(centroids_file)[0][0]
-    clusters = de.find_nemo_clusters(results, k, args.id_column, args.embedding_column,
+    k, k_source, centroids = args.num_clusters, f"--num_clusters is {args.num_clusters}", None
+    if centroids_file:  # the saved centroids know k, even when the last clusters are empty
+        centroids = load_centroids(centroids_file, k, None, "--centroids_file")
+        k, k_source = len(centroids), f"{centroids_file} holds {len(centroids)} centroids"
+    clusters = de.find_nemo_clusters(results, k, k_source, args.id_column, args.embedding_column,
                                      need_embeddings=centroids_file is None)
     k = len(clusters)
-    centroids = load_centroids(centroids_file, k, None, "--centroids_file") if centroids_file else None
     save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
     with save as out, cli.TaskPool(workers) as pool:
         os.mkdir(out.path(de.SORTED_DIR))
@@ -193,8 +194,11 @@ def convert_nemo_curator(args, workers: int) -> None:
                   args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
         means = list(pool.run(de.convert_nemo_cluster, tasks, "convert", total=k))
         if centroids is None:  # an empty cluster has no members to average: its row is NaN (d_inter: NaN too)
-            dim = next(len(m) for m in means if m is not None) if any(m is not None for m in means) else 1
-            centroids = np.stack([np.full(dim, np.nan) if m is None else m for m in means])
+            dims = sorted({len(m) for m in means if m is not None}) or [1]
+            if len(dims) > 1:
+                raise cli.UsageError("--from-nemo-curator", f"{results} holds embeddings of dimensions {dims} in "
+                                     "different clusters", "convert the results of one k-means run")
+            centroids = np.stack([np.full(dims[0], np.nan) if m is None else m for m in means])
             source = "the normalised mean of each cluster's normalised embeddings (no kmeans_centroids.npy found)"
         else:
             source = os.path.abspath(centroids_file)

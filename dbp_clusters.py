@@ -216,10 +216,18 @@ def _ascii_bytes(text: np.ndarray) -> np.ndarray:
 
 
 def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
-    """Keys (str or bytes) as UTF-8 bytes, refusing a str key that cannot be encoded and a key holding a
-    line break (kept_paths.txt has one key per line)."""
+    """Keys (str or bytes) as UTF-8 bytes, refusing a key that is not valid UTF-8 (bytes) or Unicode (str), and
+    a key holding a line break (kept_paths.txt has one key per line) or a NUL (the fixed-width arrays that
+    hold keys end a key at its first NUL)."""
     if keys.dtype.kind == "S":
         utf8 = np.ascontiguousarray(keys)
+        chars = byte_matrix(utf8)
+        for row in np.flatnonzero((chars >= 128).any(axis=1)):  # only keys that are not ASCII need decoding
+            try:
+                utf8[row].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(path, f"row {first_row + row}: key {utf8[row].item()!r} is not UTF-8 ({e.reason})",
+                                 "write the keys as UTF-8") from None
     else:
         try:
             utf8 = _ascii_bytes(keys)  # the usual case, and far faster than encoding
@@ -231,12 +239,32 @@ def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
                 raise UsageError(path, f"row {first_row + row}: key {keys[row].item()!r} is not valid Unicode (a lone "
                                  "surrogate, as from a file name that is not UTF-8)",
                                  "write the keys as UTF-8 text or bytes") from None
-    broken = np.flatnonzero(np.strings.find(utf8, b"\n") >= 0)
+        chars = byte_matrix(utf8)
+    broken = np.flatnonzero((chars == ord("\n")).any(axis=1))
     if len(broken):
-        text = utf8[broken[0]].item().decode("utf-8", "replace")
+        text = utf8[broken[0]].decode("utf-8", "replace")
         raise UsageError(path, f"row {first_row + broken[0]}: key {text!r} holds a line break",
                          "keys are one per line in kept_paths.txt; rename the sample")
+    nul = np.flatnonzero(_inner_nul(chars))
+    if len(nul):
+        text = chars[nul[0]].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+        raise UsageError(path, f"row {first_row + nul[0]}: key {text!r} holds a NUL character",
+                         "keys are text without NULs; rename the sample")
     return utf8
+
+
+def byte_matrix(strings: np.ndarray) -> np.ndarray:
+    """A fixed-width bytes array as an (n, width) uint8 matrix, zero-padded on the right."""
+    return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)
+
+
+def _inner_nul(chars: np.ndarray) -> np.ndarray:
+    """Per row of a zero-padded byte matrix: whether a NUL comes before its last non-NUL byte."""
+    if chars.shape[1] == 0:
+        return np.zeros(len(chars), bool)
+    nonzero = chars != 0
+    last = chars.shape[1] - 1 - np.argmax(nonzero[:, ::-1], axis=1)
+    return (~nonzero & (np.arange(chars.shape[1]) < last[:, None])).any(axis=1)
 
 
 def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:

@@ -32,11 +32,13 @@ from dbp_utils import exact_faiss, unit_rows
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
 TEXT_BLOCK_BYTES = 1 << 20  # of a keys .txt, read at a time
+UTF8_BOM = b"\xef\xbb\xbf"  # what some editors put at the start of a UTF-8 text file
 WINDOW_BYTES = 64 << 20  # a sample's rows are read through mappings of at most this much of a file
+MAX_SEED = 2**31 - 1  # faiss takes its seed as a C int
 POINTS_PER_CENTROID = 256  # faiss's own cap on training points per centroid: the default sample size
 CLIP_EMBEDDINGS = re.compile(r"(?:img|text)_emb_(\d+)\.npy")
 CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
-NEMO_PARTITION = re.compile(r"centroid=(\d+)")  # NeMo Curator 1.x: kmeans_results/centroid=<j>/*.parquet
+NEMO_PARTITIONS = ("centroid", "nearest_cent")  # kmeans_results/<name>=<j>/*.parquet: NeMo Curator 1.x, Dask-era
 NEMO_DISTANCE = "cosine_dist_to_cent"
 SORTED_DIR = "sorted_clusters"
 CENTROIDS_FILE = "kmeans_centroids.npy"
@@ -154,7 +156,7 @@ def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, n
         parts = [npy_part(embeddings, keys, key_column)]
     else:
         names = sorted(os.listdir(embeddings))
-        clip = {int(m[1]): name for name in names if (m := CLIP_EMBEDDINGS.fullmatch(name))}
+        clip = numbered_parts(embeddings, names, CLIP_EMBEDDINGS)
         shards = [name for name in names if name.endswith(".npz")]
         if clip and not shards:
             parts = clip_retrieval_parts(embeddings, clip, keys, key_column or "image_path")
@@ -186,7 +188,7 @@ def clip_retrieval_parts(folder: str, parts: dict[int, str], keys: str | None, k
     metadata = keys or os.path.join(os.path.dirname(os.path.abspath(folder)), "metadata")
     if not os.path.isdir(metadata):
         raise UsageError("--keys", f"{metadata} is not a folder", "pass clip-retrieval's metadata folder")
-    tables = {int(m[1]): name for name in os.listdir(metadata) if (m := CLIP_METADATA.fullmatch(name))}
+    tables = numbered_parts(metadata, sorted(os.listdir(metadata)), CLIP_METADATA)
     unpaired = sorted(set(parts) ^ set(tables))
     if unpaired:
         n = unpaired[0]
@@ -195,6 +197,18 @@ def clip_retrieval_parts(folder: str, parts: dict[int, str], keys: str | None, k
                          "pass the metadata folder written with these embeddings")
     return [npy_part(os.path.join(folder, parts[n]), os.path.join(metadata, tables[n]), key_column)
             for n in sorted(parts)]
+
+
+def numbered_parts(folder: str, names: list[str], pattern: re.Pattern) -> dict[int, str]:
+    """{n: name} of the files named by `pattern` with their part number n; two names for one number (`_0`
+    and `_00`) are refused: pairing either one would give the other's rows the wrong keys."""
+    parts: dict[int, str] = {}
+    for name in names:
+        if m := pattern.fullmatch(name):
+            if (other := parts.setdefault(int(m[1]), name)) != name:
+                raise UsageError(folder, f"holds {other} and {name}, both part {int(m[1])}",
+                                 "keep one of them: part numbers must be unique")
+    return parts
 
 
 def datacomp_part(path: str, npz_key: str, key_column: str) -> Part:
@@ -231,6 +245,9 @@ def _check_embedding_header(path: str, shape: tuple, dtype: np.dtype, fortran: b
 
 def _check_keys_file(keys: str, rows: int, embeddings: str, key_column: str | None) -> None:
     """What can be checked from a keys file's header: that it exists, its kind, and (but for .txt) its length."""
+    if os.path.isdir(keys):
+        raise UsageError("--keys", f"{keys} is a folder", "pass a keys file (.txt, .npy or .parquet); a folder of "
+                         "metadata_<n>.parquet goes with a clip-retrieval img_emb folder")
     if not os.path.isfile(keys):
         raise UsageError("--keys", f"{keys} does not exist", "pass the keys of the embeddings' rows")
     if keys.endswith(".npy"):
@@ -251,16 +268,46 @@ def _check_keys_file(keys: str, rows: int, embeddings: str, key_column: str | No
 
 
 def _parquet_file(path: str, column: str | None):
+    """A parquet file whose `column` holds keys: text, bytes or integers."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's errors share no base class worth naming
         raise UsageError(path, f"is not a readable parquet file ({e})", "point at the metadata parquet") from None
-    if column not in table.schema_arrow.names:
-        raise UsageError(path, f"has no column {column!r} (it has {', '.join(table.schema_arrow.names)})",
+    schema = table.schema_arrow
+    if column is None:
+        raise UsageError("--key-column", f"is required with parquet keys ({path} has {', '.join(schema.names)})",
+                         "pass the column that holds the keys")
+    if column not in schema.names:
+        raise UsageError(path, f"has no column {column!r} (it has {', '.join(schema.names)})",
+                         "pass --key-column with the column that holds the keys")
+    kind = schema.field(column).type
+    if not any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                       pa.types.is_large_binary, pa.types.is_integer)):
+        raise UsageError(path, f"column {column!r} has type {kind}; keys are text (or integer ids)",
                          "pass --key-column with the column that holds the keys")
     return table
+
+
+def arrow_keys(values, path: str, first_row: int = 0) -> np.ndarray:
+    """A pyarrow array of keys (text, UTF-8 bytes or integer ids) as checked UTF-8 bytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if values.null_count:
+        row = first_row + values.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise UsageError(path, f"row {row}: key is missing (null)", "every row needs a key")
+    if pa.types.is_integer(values.type):
+        values = pc.cast(values, pa.string())  # ids as their decimal text
+    raw = values.cast(pa.large_binary())
+    keys = np.array(raw.to_pylist(), dtype=bytes) if len(raw) else np.zeros(0, "S1")
+    short = np.flatnonzero(np.strings.str_len(keys) != pc.binary_length(raw).to_numpy())  # NULs at the end are lost
+    if len(short):
+        raise UsageError(path, f"row {first_row + short[0]}: key {raw[short[0]].as_py()!r} ends in a NUL character",
+                         "keys are text without NULs; rename the sample")
+    return keys_as_utf8(keys, path, first_row)
 
 
 def read_keys(path: str, column: str | None) -> Iterator[np.ndarray]:
@@ -275,44 +322,41 @@ def read_keys(path: str, column: str | None) -> Iterator[np.ndarray]:
     elif path.endswith(".parquet"):
         start = 0
         for batch in _parquet_file(path, column).iter_batches(batch_size=CHUNK_ROWS, columns=[column]):
-            values = batch.column(0)
-            if values.null_count:
-                row = start + values.is_null().to_numpy(zero_copy_only=False).argmax()
-                raise UsageError(path, f"row {row}: key {column!r} is missing (null)", "every row needs a key")
-            yield keys_as_utf8(np.array(values.to_pylist(), dtype=str), path, start)
-            start += len(values)
+            yield arrow_keys(batch.column(0), path, start)
+            start += batch.num_rows
     else:
         yield from _text_lines(path)
 
 
 def _text_lines(path: str) -> Iterator[np.ndarray]:
-    """The lines of a text file (without \\n or \\r\\n) as bytes arrays, a block of the file at a time."""
-    rest = b""
+    """The lines of a text file (without \\n or \\r\\n, nor a UTF-8 byte order mark at its start) as checked
+    UTF-8 bytes arrays, a block of the file at a time."""
+    rest, row = b"", 0
     with open(path, "rb") as f:
         while block := f.read(TEXT_BLOCK_BYTES):
-            data = rest + block
+            data = (rest + block).removeprefix(UTF8_BOM) if row == 0 and not rest else rest + block
             cut = data.rfind(b"\n") + 1
             rest = data[cut:]
             if cut:
-                yield _split_lines(np.frombuffer(data, np.uint8, cut), path)
+                lines = _split_lines(np.frombuffer(data, np.uint8, cut), path, row)
+                row += len(lines)
+                yield lines
     if rest:
-        yield _split_lines(np.frombuffer(rest + b"\n", np.uint8), path)
+        yield _split_lines(np.frombuffer(rest + b"\n", np.uint8), path, row)
 
 
-def _split_lines(data: np.ndarray, path: str) -> np.ndarray:
-    """Newline-terminated lines as a fixed-width bytes array, without a Python loop over them."""
-    if (data >= 128).any():  # not ASCII: the block as a whole is UTF-8 if and only if every line is
-        try:
-            data.tobytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(path, f"holds a key that is not UTF-8 ({e})", "write the keys as UTF-8") from None
+def _split_lines(data: np.ndarray, path: str, first_row: int) -> np.ndarray:
+    """Newline-terminated lines as a checked fixed-width bytes array, without a Python loop over them."""
+    if (nul := np.flatnonzero(data == 0)).size:  # the fixed-width array would lose a NUL at a line's end
+        row = first_row + int((data[:nul[0]] == ord("\n")).sum())
+        raise UsageError(path, f"line {row + 1}: key holds a NUL character", "keys are text without NULs")
     ends = np.flatnonzero(data == ord("\n"))
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts - (data[np.maximum(ends - 1, 0)] == ord("\r")) * (ends > starts)
     width = max(1, int(lengths.max()))
     at = starts[:, None] + np.arange(width)
     chars = np.where(np.arange(width) < lengths[:, None], data[np.minimum(at, len(data) - 1)], 0).astype(np.uint8)
-    return np.ascontiguousarray(chars).view(f"S{width}").ravel()
+    return keys_as_utf8(np.ascontiguousarray(chars).view(f"S{width}").ravel(), path, first_row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +423,8 @@ def _mapped(path: str) -> np.ndarray:
 def checked_unit(x: np.ndarray, path: str, rows: np.ndarray) -> np.ndarray:
     """float32 rows (a copy of ours) L2-normalised in place, refusing non-finite and all-zero rows (named by
     their row in the file at `path`)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # a norm past float32's range is handled below
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
     if np.isfinite(norms).all() and norms.all():  # the usual case: every row finite and non-zero
         x /= norms
         return x
@@ -494,46 +539,98 @@ class NemoCluster:
     first_row: int  # its rows are numbered from here in column 1 (NeMo's output has no embedding index)
 
 
-def find_nemo_clusters(results: str, k: int | None, id_column: str, embedding_column: str,
+def find_nemo_clusters(results: str, k: int | None, k_source: str, id_column: str, embedding_column: str,
                        need_embeddings: bool) -> list[NemoCluster]:
-    """The clusters of a Hive-partitioned `kmeans_results/centroid=<j>/*.parquet` folder, checked from the
-    parquet footers; a missing or row-less folder is an empty cluster."""
-    import pyarrow.parquet as pq
+    """The clusters of a Hive-partitioned `kmeans_results/centroid=<j>/*.parquet` folder (`nearest_cent=<j>`
+    in the Dask-era NeMo Curator), found by pyarrow.dataset and checked from the parquet footers; a missing
+    or row-less partition is an empty cluster. `k_source` says where a given k comes from, for errors."""
+    import pyarrow.dataset as ds
 
     if not os.path.isdir(results):
         what = "is a file, not a folder" if os.path.exists(results) else "does not exist"
         raise UsageError("--from-nemo-curator", f"{results} {what}",
                          "point it at NeMo Curator's kmeans_results folder")
-    folders = {int(m[1]): name for name in os.listdir(results) if (m := NEMO_PARTITION.fullmatch(name))}
-    if not folders:
-        raise UsageError("--from-nemo-curator", f"{results} holds no centroid=<j> folders",
+    try:
+        fragments = list(ds.dataset(results, format="parquet", partitioning="hive").get_fragments())
+    except Exception as e:  # pyarrow's errors share no base class worth naming
+        raise UsageError("--from-nemo-curator", f"{results} cannot be read as parquet partitions ({e})",
+                         "point it at NeMo Curator's kmeans_results folder") from None
+    files: dict[int, list[str]] = {}
+    folder_of: dict[int, str] = {}
+    for fragment in fragments:
+        folder = os.path.dirname(fragment.path)
+        keys = ds.get_partition_keys(fragment.partition_expression)
+        field = next((f for f in NEMO_PARTITIONS if f in keys), None)
+        if field is None or len(keys) != 1:
+            raise UsageError(fragment.path, "is not in a centroid=<j> folder",
+                             "point --from-nemo-curator at NeMo Curator's kmeans_results folder")
+        j = keys[field]  # an int, or text when another folder's name is not one
+        if isinstance(j, str) and j.isascii() and j.isdecimal():
+            j = int(j)
+        if not isinstance(j, int) or j < 0:
+            raise UsageError(folder, f"names cluster {j!r}, which is not a number 0, 1, 2, ...",
+                             "remove the folder, or point at NeMo Curator's own output")
+        if folder_of.setdefault(j, folder) != folder:
+            raise UsageError(folder, f"and {folder_of[j]} both name cluster {j}",
+                             "keep one of them (NeMo Curator writes one folder per cluster)")
+        files.setdefault(j, []).append(fragment.path)
+    if not files:
+        raise UsageError("--from-nemo-curator", f"{results} holds no centroid=<j> folders of parquet files",
                          "point it at NeMo Curator's kmeans_results folder")
-    k = max(folders) + 1 if k is None else k
-    if max(folders) >= k:
-        raise UsageError("--num_clusters", f"is {k} but {results} holds centroid={max(folders)}",
-                         "omit --num_clusters, or pass the k of the k-means run")
+    if k is not None and max(files) >= k:
+        raise UsageError(folder_of[max(files)], f"names cluster {max(files)}, but {k_source}",
+                         "point at the results and centroids of one k-means run")
+    counts = {j: [_nemo_file_rows(path, id_column, embedding_column if need_embeddings else None)
+                  for path in sorted(paths)] for j, paths in files.items()}
+    rows = sum(sum(c) for c in counts.values())
+    k = max(files) + 1 if k is None else k
+    if k > rows:
+        raise UsageError(folder_of[max(files)], f"makes k = {k} clusters of only {rows} rows",
+                         "k-means has at most one cluster per row: remove the stray folder, or pass --num_clusters")
     clusters, first = [], 0
     for j in range(k):
-        folder = os.path.join(results, folders[j]) if j in folders else None
-        files = tuple(sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))) \
-            if folder else ()
-        rows = 0
-        for path in files:
-            try:
-                schema, count = pq.read_schema(path), pq.read_metadata(path).num_rows
-            except Exception as e:  # pyarrow's errors share no base class worth naming
-                raise UsageError(path, f"is not a readable parquet file ({e})",
-                                 "rerun NeMo Curator's k-means") from None
-            wanted = [id_column, NEMO_DISTANCE] + ([embedding_column] if need_embeddings else [])
-            missing = [c for c in wanted if c not in schema.names]
-            if missing:
-                flag = {id_column: "--id-column", embedding_column: "--embedding-column"}.get(missing[0])
-                fix = f"pass {flag} with the right name" if flag else "point at NeMo Curator's k-means output"
-                raise UsageError(path, f"has no column {missing[0]!r} (it has {', '.join(schema.names)})", fix)
-            rows += count
-        clusters.append(NemoCluster(j, files, rows, first))
-        first += rows
+        paths = tuple(sorted(files.get(j, ())))
+        clusters.append(NemoCluster(j, paths, sum(counts.get(j, ())), first))
+        first += clusters[-1].rows
     return clusters
+
+
+def _nemo_file_rows(path: str, id_column: str, embedding_column: str | None) -> int:
+    """The rows of one of NeMo Curator's parquet files, after checking its columns' names and types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema, count = pq.read_schema(path), pq.read_metadata(path).num_rows
+    except Exception as e:  # pyarrow's errors share no base class worth naming
+        raise UsageError(path, f"is not a readable parquet file ({e})", "rerun NeMo Curator's k-means") from None
+    for column, flag, fits, what in (
+            (id_column, "--id-column", _is_key_type, "text or integer ids"),
+            (NEMO_DISTANCE, None, pa.types.is_floating, "floating-point distances"),
+            (embedding_column, "--embedding-column", _is_vector_type, "lists of floats")):
+        if column is None:
+            continue
+        if column not in schema.names:
+            fix = f"pass {flag} with the right name" if flag else "point at NeMo Curator's k-means output"
+            raise UsageError(path, f"has no column {column!r} (it has {', '.join(schema.names)})", fix)
+        if count and not fits(schema.field(column).type):  # (an empty file's columns may have no type)
+            raise UsageError(path, f"column {column!r} has type {schema.field(column).type}, not {what}",
+                             f"pass {flag} with the right column" if flag else "point at NeMo Curator's output")
+    return count
+
+
+def _is_key_type(kind) -> bool:
+    import pyarrow as pa
+
+    return any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                       pa.types.is_large_binary, pa.types.is_integer))
+
+
+def _is_vector_type(kind) -> bool:
+    import pyarrow as pa
+
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    return is_list and (pa.types.is_floating(kind.value_type) or kind.value_type == pa.uint16())
 
 
 def convert_nemo_cluster(task: tuple) -> np.ndarray | None:
@@ -542,19 +639,20 @@ def convert_nemo_cluster(task: tuple) -> np.ndarray | None:
     cluster, path, id_column, embedding_column, descending, mean_wanted = task
     import pyarrow.parquet as pq
 
-    keys, distances, total = [], [], None
+    keys, distances, total, dim = [], [], None, None
     for file in cluster.files:
         columns = [id_column, NEMO_DISTANCE] + ([embedding_column] if mean_wanted else [])
         table = pq.read_table(file, columns=columns)
         if table.num_rows == 0:  # an empty file's columns may not even have their types
             continue
-        ids = table.column(id_column)
-        if ids.null_count:
-            raise UsageError(file, f"an {id_column!r} is missing (null)", "every row needs an id")
-        keys.append(keys_as_utf8(np.array(ids.to_pylist(), dtype=str), file))  # int ids too, as text
+        keys.append(arrow_keys(table.column(id_column).combine_chunks(), file))  # integer ids too, as text
         distances.append(_finite(table.column(NEMO_DISTANCE).to_numpy().astype(np.float32), file))
         if mean_wanted:
             x = _embedding_matrix(table.column(embedding_column), file)
+            if dim is not None and x.shape[1] != dim:
+                raise UsageError(file, f"holds embeddings of dimension {x.shape[1]}, {cluster.files[0]} of {dim}",
+                                 "every embedding must have the same dimension")
+            dim = x.shape[1]
             unit = checked_unit(x, file, np.arange(len(x)))
             total = unit.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
     width = max([1] + [k.dtype.itemsize for k in keys])

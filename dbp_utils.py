@@ -26,7 +26,15 @@ import numpy as np
 import pygtrie
 
 from dbp_cli import TaskPool, UsageError, __version__, log  # noqa: F401 (__version__: for users)
-from dbp_clusters import CHUNK_ROWS, ClusterFile, keys_as_utf8, names_cluster, parse_distances, read_npy_header
+from dbp_clusters import (
+    CHUNK_ROWS,
+    ClusterFile,
+    byte_matrix,
+    keys_as_utf8,
+    names_cluster,
+    parse_distances,
+    read_npy_header,
+)
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
 WHICH_TO_KEEP = ("hard", "easy", "random")
@@ -350,14 +358,9 @@ class KeptKeyCollector:
 # ---------------------------------------------------------------------------------------------
 
 
-def _byte_matrix(strings: np.ndarray) -> np.ndarray:
-    """A fixed-width bytes array as an (n, width) uint8 matrix, zero-padded on the right."""
-    return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)
-
-
 def as_lines(paths: np.ndarray) -> bytes:
     """Fixed-width bytes as newline-terminated lines, without the padding."""
-    chars = _byte_matrix(paths)
+    chars = byte_matrix(paths)
     lines = np.concatenate([chars, np.full((len(paths), 1), ord("\n"), np.uint8)], axis=1)
     return lines[lines != 0].tobytes()
 
@@ -370,7 +373,7 @@ def strip_extensions(keys: np.ndarray) -> np.ndarray:
     n, width = len(keys), keys.dtype.itemsize
     if n == 0:
         return keys.copy()
-    chars = _byte_matrix(keys)
+    chars = byte_matrix(keys)
     last_slash = _last_index(chars == ord("/"))
     last_dot = _last_index(chars == ord("."))
     cut = np.where(last_dot > last_slash, last_dot, width)
@@ -403,10 +406,10 @@ def trie_order(keys: np.ndarray) -> np.ndarray:
     # key hold 0x01 itself, compare split keys). Sorted keys are nearly always in component order
     # already (shard names of equal width): check that a block at a time, without a copy.
     def mapped(block: np.ndarray) -> np.ndarray:
-        chars = _byte_matrix(block)
+        chars = byte_matrix(block)
         return np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
 
-    if any((_byte_matrix(keys[i:i + TRIE_CHUNK_KEYS]) == 1).any() for i in range(0, len(keys), TRIE_CHUNK_KEYS)):
+    if any((byte_matrix(keys[i:i + TRIE_CHUNK_KEYS]) == 1).any() for i in range(0, len(keys), TRIE_CHUNK_KEYS)):
         return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
     previous = np.zeros(0, keys.dtype)
     for start in range(0, len(keys), TRIE_CHUNK_KEYS):
@@ -587,7 +590,7 @@ def webdataset_filter(trie_or_path: Any, with_shard: bool = True) -> WebdatasetF
 def datacomp_subset(keys: np.ndarray) -> np.ndarray:
     """Kept keys that are DataComp uids (32 hex digits) as DataComp's resharder takes them (`--subset_file`):
     (high, low) 64-bit halves, dtype u8,u8, sorted, each once."""
-    chars = _byte_matrix(keys)
+    chars = byte_matrix(keys)
     digits = HEX_DIGITS[chars]
     bad = np.flatnonzero(((chars != 0).sum(axis=1) != 32) | (digits[:, :32] > 15).any(axis=1)) if len(keys) else []
     if len(bad):

@@ -63,8 +63,8 @@ def snapshot(root):
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             path = os.path.join(folder, name)
-            st = os.stat(path)
-            state[path] = (st.st_mtime_ns, None if name in dirs else open(path, "rb").read())
+            st = os.lstat(path)
+            state[path] = (st.st_mtime_ns, None if name in dirs or os.path.islink(path) else open(path, "rb").read())
     return state
 
 
@@ -177,6 +177,13 @@ CASES = [
      "row 0: key 'a/\\udcff.jpg' is not valid Unicode"),
     ("key-newline", (PRUNE_SCRIPT,), save_cluster([("a/1\n2.jpg", 0, 0.5, 1)] + ROWS[1:]), {},
      "row 0: key 'a/1\\n2.jpg' holds a line break"),
+    ("key-nul", (PRUNE_SCRIPT,), save_cluster([("ab\0cd.jpg", 0, 0.5, 1)] + ROWS[1:]), {},
+     "row 0: key 'ab\\x00cd.jpg' holds a NUL character"),
+    ("key-bytes-not-utf8", (PRUNE_SCRIPT,), save_cluster(np.array([(b"a/\xff\xfe.jpg", b"0", b"0.5", b"1")] +
+                                                               [tuple(str(v).encode() for v in r) for r in ROWS[1:]])),
+     {}, "row 0: key b'a/\\xff\\xfe.jpg' is not UTF-8"),
+    ("save-dir-dangling-link", (PRUNE_SCRIPT,), lambda r: os.symlink(r / "gone", r / "link"),
+     {"--save-dir": lambda r: r / "link"}, "is a symbolic link to"),
     ("centroids-none", (DINTER_SCRIPT,), lambda r: np.save(r / "save/kmeans_centroids.npy", np.zeros((0, DIM))),
      {"FOLDER": None, "KFLAG": None, "--centroids_file": lambda r: r / "save/kmeans_centroids.npy"}, "no centroids"),
     ("complexity-overflow", (PRUNE_SCRIPT,), lambda r: [np.save(r / f"scores/{name}.npy", np.full(K, 1e200))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,6 +239,22 @@ def test_completed_folder_is_refused_and_duplicates_are_warned_about(tmp_path):
     assert len(os.listdir(tmp_path / "save" / "sorted_clusters")) == K + 1
 
 
+def test_overwrite_replaces_an_output_of_another_kind(tmp_path):
+    """A file where the sorted_clusters folder goes (or a folder where a file goes) is no obstacle to --overwrite,
+    and nothing is published until all of it can be."""
+    flags, keys = layout(tmp_path, "npy+txt", embeddings(600))
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "sorted_clusters").write_text("not a folder")
+    (save / "kmeans_centroids.npy").mkdir()
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 4, "--save_folder", save)
+    assert r.returncode == 2 and "already holds" in r.stderr
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 4, "--save_folder", save, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(save)) == ["clustering.json", "kmeans_centroids.npy", "sorted_clusters"]
+    assert np.load(save / "kmeans_centroids.npy").shape == (4, DIM) and len(os.listdir(save / "sorted_clusters")) == 4
+
+
 def bad(kind, change):
     """A layout, then a change that makes it wrong."""
     def go(root):
@@ -281,6 +298,35 @@ BAD = [  # (id, setup, extra flags, what the one line says)
     ("keys-with-datacomp", bad("datacomp", lambda r, f: None), ["--keys", "x.txt"], "--keys: is not used"),
     ("npz-key", bad("datacomp", lambda r, f: None), ["--npz-key", "b16_img"], "holds no array 'b16_img'"),
     ("no-k", bad("npy+txt", lambda r, f: None), ["--num_clusters", None], "--num_clusters: is required"),
+    ("ambiguous-parts", bad("clip-retrieval", lambda r, f: shutil.copy(r / "img_emb" / "img_emb_3.npy",
+                                                                        r / "img_emb" / "img_emb_03.npy")), [],
+     "holds img_emb_03.npy and img_emb_3.npy, both part 3"),
+    ("ambiguous-metadata", bad("clip-retrieval", lambda r, f: shutil.copy(r / "metadata" / "metadata_3.parquet",
+                                                                           r / "metadata" / "metadata_003.parquet")),
+     [], "holds metadata_003.parquet and metadata_3.parquet, both part 3"),
+    ("seed-too-large", bad("npy+txt", lambda r, f: None), ["--seed", 2147483648], "is outside [0, 2147483647]"),
+    ("txt-key-nul", bad("npy+txt", lambda r, f: (r / "keys.txt").write_bytes(b"a\n" * 10 + b"ab\0c\n" +
+                                                                           b"b\n" * 289)), [],
+     "line 11: key holds a NUL character"),
+    ("txt-key-ends-in-nul", bad("npy+txt", lambda r, f: (r / "keys.txt").write_bytes(b"ab\0\n" * 300)), [],
+     "line 1: key holds a NUL character"),
+    ("npy-key-nul", bad("npy+npy", lambda r, f: np.save(r / "keys.npy", np.array(["ok"] * 5 + ["ab\0cd"] * 295))),
+     [], "row 5: key 'ab\\x00cd' holds a NUL character"),
+    ("npy-bytes-not-utf8", bad("npy+npy", lambda r, f: np.save(r / "keys.npy", np.array([b"ok"] * 7 + [b"a\xffb"] +
+                                                                                         [b"ok"] * 292))), [],
+     "row 7: key b'a\\xffb' is not UTF-8"),
+    ("parquet-list-keys", bad("npy+parquet", lambda r, f: write_parquet(r / "keys.parquet",
+                                                                         sample=[["a", "b"]] * 300)), [],
+     "column 'sample' has type list<"),
+    ("parquet-binary-not-utf8", bad("npy+parquet", lambda r, f: write_parquet(r / "keys.parquet",
+                                                                               sample=[b"\xff"] * 300)), [],
+     "row 0: key b'\\xff' is not UTF-8"),
+    ("parquet-binary-ends-in-nul", bad("npy+parquet", lambda r, f: write_parquet(r / "keys.parquet",
+                                                                                  sample=[b"a\0"] * 300)), [],
+     "row 0: key b'a\\x00' ends in a NUL character"),
+    ("parquet-no-key-column", bad("npy+parquet", lambda r, f: None), ["--key-column", None],
+     "--key-column: is required with parquet keys"),
+    ("keys-folder", bad("npy+txt", lambda r, f: (r / "keysdir").mkdir()), ["--keys", "keysdir"], "keysdir is a folder"),
 ]
 
 
@@ -293,12 +339,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, setup, extra, expect
             at = args.index(flag)
             del args[at:at + 2]
         if value is not None:
-            args += [flag, value]
+            args += [flag, tmp_path / value if flag == "--keys" else value]
     r = run_script(CLUSTER_SCRIPT, *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
     assert not (tmp_path / "save").exists()
+
+
+def test_keys_lose_a_byte_order_mark_and_huge_rows_warn_nothing(tmp_path):
+    """A keys .txt saved by an editor with a UTF-8 BOM: the first key is the key, not BOM + key; rows near
+    float32's largest value are normalised without numpy's overflow warnings."""
+    x = embeddings(300)
+    x[5] *= 1e37
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    (tmp_path / "keys.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "keys.txt").read_bytes())
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 4, "--save_folder", tmp_path / "save")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    first = [row for j in range(4) for row in np.load(tmp_path / "save" / "sorted_clusters" / f"cluster_{j}.npy")
+             if row[1] == "0"]
+    assert first[0][0] == keys[0]
 
 
 @pytest.mark.parametrize("stage", ["k-means trained", "assign started", "write started"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -110,17 +111,65 @@ def test_nemo_curator_results_become_semdedups_layout(tmp_path, ids_kind, float1
     assert len((tmp_path / "run" / "kept_paths.txt").read_text().split()) == N // 2
 
 
-def test_nemo_curator_bad_input(tmp_path):
+def write_table(path, **columns):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pd.DataFrame(columns).to_parquet(path)
+
+
+def rewrite(folder, **columns):
+    """Replace the one parquet file of a centroid=<j> folder by one with the given columns."""
+    for old in folder.glob("*.parquet"):
+        old.unlink()
+    write_table(folder / "task_0.parquet", **columns)
+
+
+NEMO_BAD = [  # (id, change to a valid result folder, extra flags, what the one line says)
+    ("missing-id-column", lambda r: None, ["--id-column", "image_id"], "has no column 'image_id'"),
+    ("k-below-folders", lambda r: None, ["--num_clusters", 4], "names cluster 7, but --num_clusters is 4"),
+    ("nowhere", lambda r: None, ["--from-nemo-curator", "nowhere"], "does not exist"),
+    ("same-cluster-twice", lambda r: shutil.copytree(r / "centroid=2", r / "centroid=02"), [], "both name cluster 2"),
+    ("text-partition", lambda r: os.rename(r / "centroid=4", r / "centroid=x"), [], "'x', which is not a number"),
+    ("float-partition", lambda r: os.rename(r / "centroid=4", r / "centroid=1.0"), [], "which is not a number"),
+    ("huge-partition", lambda r: os.rename(r / "centroid=4", r / "centroid=100000000000000000000"), [],
+     "makes k = 100000000000000000001 clusters of only"),
+    ("beyond-rows", lambda r: os.rename(r / "centroid=4", r / "centroid=99999"), [], "makes k = 100000 clusters"),
+    ("text-distances", lambda r: rewrite(r / "centroid=4", id=["a", "b"], embeddings=[[1.0, 0.0], [0.0, 1.0]],
+                                          cosine_dist_to_cent=["0.1", "0.2"]), [], "not floating-point distances"),
+    ("list-ids", lambda r: rewrite(r / "centroid=4", id=[["a"], ["b"]], embeddings=[[1.0, 0.0], [0.0, 1.0]],
+                                    cosine_dist_to_cent=[0.1, 0.2]), [], "not text or integer ids"),
+    ("binary-ids-not-utf8", lambda r: rewrite(r / "centroid=4", id=[b"\xff\xfe", b"ok"], cosine_dist_to_cent=[0.1, 0.2],
+                                               embeddings=[[1.0] * DIM, [2.0] * DIM]), [], "is not UTF-8"),
+    ("other-dimension", lambda r: rewrite(r / "centroid=4", id=["a", "b"], embeddings=[[1.0, 0.0], [0.0, 1.0]],
+                                           cosine_dist_to_cent=[0.1, 0.2]), [], f"dimensions [2, {DIM}]"),
+    ("zero-d-centroids", lambda r: np.save(r.parent / "kmeans_centroids.npy", np.float32(1)), [],
+     "has shape (); centroids are a 2-D"),
+    ("centroid-count", lambda r: np.save(r.parent / "kmeans_centroids.npy", np.ones((5, DIM), np.float32)), [],
+     "names cluster 7, but"),
+]
+
+
+@pytest.mark.parametrize("change,extra,expect", [pytest.param(c, e, x, id=i) for i, c, e, x in NEMO_BAD])
+def test_nemo_curator_bad_input_is_one_line_and_writes_nothing(tmp_path, change, extra, expect):
     results, _ = nemo_results(tmp_path, "str", False, False)
-    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", tmp_path / "save",
-                   "--id-column", "image_id")
-    assert r.returncode == 2 and "has no column 'image_id'" in r.stderr and "--id-column" in r.stderr
-    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", tmp_path / "save",
-                   "--num_clusters", 4)
-    assert r.returncode == 2 and "--num_clusters: is 4 but" in r.stderr
-    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", tmp_path / "nowhere", "--save_folder", tmp_path / "save")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    change(results)
+    args = ["--from-nemo-curator", results, "--save_folder", tmp_path / "save"]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        args += [flag, tmp_path / value if flag == "--from-nemo-curator" else value]
+    r = run_script(CLUSTER_SCRIPT, *args)
+    *bars, line = r.stderr.strip().splitlines()  # what only the data shows may come after the bars of the work
+    assert r.returncode == 2 and line.startswith("error: ") and expect in line, r.stderr
+    assert all(bar.startswith("convert:") for bar in bars), r.stderr
     assert not (tmp_path / "save").exists()
+
+
+def test_dask_era_nearest_cent_folders_are_read(tmp_path):
+    results, truth = nemo_results(tmp_path, "int", False, True)
+    for folder in results.iterdir():
+        os.rename(folder, results / folder.name.replace("centroid=", "nearest_cent="))
+    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", tmp_path / "save")
+    assert r.returncode == 0, r.stderr
+    sizes = [len(np.load(tmp_path / "save" / "sorted_clusters" / f"cluster_{j}.npy")) for j in range(K)]
+    assert sizes == np.bincount(truth["labels"], minlength=K).tolist()
 
 
 def datacomp_lookup(subset, uid):
