@@ -59,6 +59,13 @@ TRIE_SEPARATOR = "/"
 TRIE_VALUE = 1
 PICKLE_PROTOCOL = 4
 TRIE_CHUNK_KEYS = 1 << 14  # keys turned into trie commands at a time
+# What unpickling a pygtrie trie calls, and all load_trie allows: the trie classes and the node (any pygtrie
+# version the package allows), the list our writer streams, and protocols 0-1's way of making an object
+# (which name the modules as Python 2 did).
+TRIE_GLOBALS = {("pygtrie", "StringTrie"), ("pygtrie", "CharTrie"), ("pygtrie", "Trie"), ("pygtrie", "_Node"),
+                *((b, name) for b in ("builtins", "__builtin__") for name in ("list", "object")),
+                ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")}
+SCAN_KEYS = 1 << 18  # kept keys looked at a block at a time for their form
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
 HEX_DIGITS = np.full(256, 16, np.uint8)  # byte -> its value as a hex digit, 16 if it is none
 HEX_DIGITS[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
@@ -489,10 +496,27 @@ def _trie_commands(keys: np.ndarray) -> Any:
         yield from commands
 
 
+class _TrieUnpickler(pickle.Unpickler):
+    """Unpickles a pygtrie trie and nothing else: a pickle names the callables it calls, and a kept-key file is
+    a file people share, so any name a trie never needs is refused before anything is called (pickle's own
+    documented way of restricting what a file may load)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in TRIE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which a pygtrie trie never needs")
+
+
 def load_trie(path: str) -> pygtrie.StringTrie:
-    """The kept-key trie written by prune.py (a pickle: load only files you made)."""
-    with open(path, "rb") as f:
-        trie = pickle.load(f)
+    """The kept-key trie written by prune.py (or by pickling any pygtrie.StringTrie). A file that is not one
+    is refused without running anything it holds."""
+    try:
+        with open(path, "rb") as f:
+            trie = _TrieUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            RecursionError) as e:
+        raise UsageError(path, f"is not a kept-key trie ({e})", f"pass the {TRIE_FILE} written by prune.py, or share "
+                         f"{KEPT_KEYS_FILE}, which is read without pickle") from None
     if not isinstance(trie, pygtrie.StringTrie):
         raise UsageError(path, f"holds a {type(trie).__name__}, not a pygtrie.StringTrie",
                          f"pass the {TRIE_FILE} written by prune.py")
@@ -564,27 +588,72 @@ def shard_stem(url: str) -> str | None:
     return None
 
 
-class WebdatasetFilter:
-    """`sample -> bool` for `webdataset.WebDataset(urls).select(...)`; picklable for loader workers."""
+def key_forms(keys: Any) -> tuple[bool, bool]:
+    """(whether some kept key holds a '/', whether every one does), for a trie or a KeptKeys."""
+    if isinstance(keys, KeptKeys):
+        some, every = False, len(keys) > 0
+        for start in range(0, len(keys), SCAN_KEYS):
+            slashed = (byte_matrix(np.asarray(keys.keys[start:start + SCAN_KEYS])) == ord("/")).any(axis=1)
+            some, every = some or bool(slashed.any()), every and bool(slashed.all())
+            if some and not every:
+                break
+        return some, every
 
-    def __init__(self, keys: Any, with_shard: bool):
-        self.keys, self.with_shard = keys, with_shard
+    def node(path_conv: Any, path: tuple, children: Iterator, *value: Any) -> Any:
+        if len(path) == 1:  # a first component: (it has a value: a key without '/', it has children: keys with one)
+            return bool(value), next(children, None) is not None
+        if len(path) == 0:
+            tops = list(children)
+            return any(nested for _, nested in tops), bool(tops) and not any(flat for flat, _ in tops)
+        return True  # a node below the first component: never looked into
+
+    return keys.traverse(node)
+
+
+class WebdatasetFilter:
+    """`sample -> bool` for `webdataset.WebDataset(urls).select(...)`; picklable for loader workers.
+
+    The key of a sample is `<shard stem>/<__key__>` (with_shard True) or `__key__` alone (False). By default
+    (None) it follows the kept keys' form: `__key__` when no kept key holds a '/' (clip-retrieval's
+    image_path, LAION's key), else `__key__` when it holds a '/' itself and `<shard stem>/<__key__>` when it
+    does not. A form that can never match a kept key is an error, not an empty data set."""
+
+    def __init__(self, keys: Any, with_shard: bool | None, source: str):
+        self.keys, self.with_shard, self.source = keys, with_shard, source
+        self.some_nested, self.all_nested = key_forms(keys)
+        if with_shard and not self.some_nested and len(self.keys):
+            raise ValueError(f"with_shard=True makes keys <shard>/<__key__>, but no kept key in {source} holds a "
+                             "'/': they are bare keys (leave with_shard out, or pass with_shard=False)")
 
     def __call__(self, sample: dict) -> bool:
         key = sample["__key__"]
-        if self.with_shard:
+        if self.with_shard or (self.with_shard is None and self.some_nested and "/" not in key):
             stem = shard_stem(sample["__url__"])
             if stem is None:  # better an error now than an empty data set later
                 raise ValueError(f"no shard name in __url__ {sample['__url__']!r}: it names no .tar, .tgz or "
                                  ".tar.gz file, so the key <shard>/<__key__> cannot be made (pass with_shard=False "
                                  "if the member names hold whole keys)")
             key = f"{stem}/{key}"
+        elif self.all_nested and "/" not in key:
+            raise ValueError(f"the sample key {key!r} has no '/', but every kept key in {self.source} has one "
+                             "(<shard>/<key>): it could never match (leave with_shard out, or pass with_shard=True)")
         return key in self.keys
 
+    def __reduce__(self) -> tuple:  # the forms travel with it: a loader worker need not scan the keys again
+        return _rebuilt_filter, (self.keys, self.with_shard, self.source, self.some_nested, self.all_nested)
 
-def webdataset_filter(trie_or_path: Any, with_shard: bool = True) -> WebdatasetFilter:
-    """Keep the samples whose key was kept: `<shard stem>/<__key__>`, or `__key__` alone."""
-    return WebdatasetFilter(_key_set(trie_or_path), with_shard)
+
+def _rebuilt_filter(keys: Any, with_shard: bool | None, source: str, some: bool, every: bool) -> WebdatasetFilter:
+    made = WebdatasetFilter.__new__(WebdatasetFilter)
+    made.keys, made.with_shard, made.source, made.some_nested, made.all_nested = keys, with_shard, source, some, every
+    return made
+
+
+def webdataset_filter(trie_or_path: Any, with_shard: bool | None = None) -> WebdatasetFilter:
+    """Keep the samples whose key was kept: `<shard stem>/<__key__>`, `__key__` alone, or (by default) whichever
+    of the two the kept keys' form calls for."""
+    source = trie_or_path if isinstance(trie_or_path, (str, os.PathLike)) else type(trie_or_path).__name__
+    return WebdatasetFilter(_key_set(trie_or_path), with_shard, os.fspath(source) if source else "the keys")
 
 
 def datacomp_subset(keys: np.ndarray) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 import io
 import os
+import pickle
 import tarfile
 
 import numpy as np
+import pygtrie
 import pytest
 import webdataset as wds
 
@@ -23,18 +25,19 @@ def write_shard(path, members):
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def make_shards(folder, with_shard=True):
+def make_shards(folder, with_shard=True, flat=False):
     """Shards 00000.tar .. and a random 40% of their keys written as a trie and as kept_keys.npy."""
     rng = np.random.default_rng(1)
     all_keys, urls = [], []
     for shard in range(SHARDS):
         stem = f"{shard:05d}"
         names = [f"{shard * 100 + i:09d}" for i in range(PER_SHARD)]
-        # Style 1: `<shard stem>/<__key__>`; style 2: the tar member names carry the shard folder.
-        members = names if with_shard else [f"{stem}/{n}" for n in names]
+        # Style 1: `<shard stem>/<__key__>`; style 2: the tar member names carry the shard folder; flat: the
+        # keys are the member names alone (clip-retrieval's image_path, LAION's key).
+        members = names if with_shard or flat else [f"{stem}/{n}" for n in names]
         urls.append(str(folder / f"{stem}.tar"))
         write_shard(urls[-1], members)
-        all_keys += [f"{stem}/{n}" for n in names]
+        all_keys += names if flat else [f"{stem}/{n}" for n in names]
     kept = sorted(k for k in all_keys if rng.random() < 0.4)
     kept_bytes = np.array([k.encode() for k in kept])
     with open(folder / "trie.pkl", "wb") as f:
@@ -57,6 +60,61 @@ def test_webdataset_filter_keeps_exactly_the_kept(tmp_path, source, with_shard):
     dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(keys, with_shard=with_shard))
     seen = [sample_key(s) if with_shard else s["__key__"] for s in dataset]
     assert seen == kept
+
+
+@pytest.mark.parametrize("source", ["trie.pkl", "kept.npy"])
+@pytest.mark.parametrize("style", ["shard/key", "members with folders", "flat"])
+def test_the_default_filter_follows_the_kept_keys_form(tmp_path, source, style):
+    """The README's one-liner, webdataset_filter(path), on every key form: exactly the kept samples pass."""
+    urls, kept = make_shards(tmp_path, with_shard=style == "shard/key", flat=style == "flat")
+    dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(tmp_path / source))
+    seen = [s["__key__"] if style != "shard/key" else sample_key(s) for s in dataset]
+    assert seen == kept and len(kept) > 0
+
+
+@pytest.mark.parametrize("source", ["trie.pkl", "kept.npy"])
+def test_a_filter_that_could_never_match_is_an_error_not_an_empty_data_set(tmp_path, source):
+    (tmp_path / "flat").mkdir()
+    make_shards(tmp_path / "flat", flat=True)
+    with pytest.raises(ValueError, match="no kept key in .* holds a '/'"):
+        du.webdataset_filter(tmp_path / "flat" / source, with_shard=True)
+    urls, _ = make_shards(tmp_path)  # nested keys, members named by the bare key
+    dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(tmp_path / source,
+                                                                                    with_shard=False))
+    with pytest.raises(ValueError, match="has no '/', but every kept key in .* has one"):
+        next(iter(dataset))
+
+
+class RunsCode:
+    """What a crafted kept_keys_trie.pkl could hold: unpickling it would run a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_trie_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "kept_keys_trie.pkl"
+    evil.write_bytes(pickle.dumps({"trie": RunsCode(marker)}))
+    with pytest.raises(du.UsageError, match="asks to load posix.system, which a pygtrie trie never needs"):
+        du.load_trie(str(evil))
+    with pytest.raises(du.UsageError, match="is not a kept-key trie"):
+        du.webdataset_filter(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_trie_pickled_by_pygtrie_itself_loads(tmp_path, protocol):
+    trie = pygtrie.StringTrie(separator="/")
+    for key in ("00000/000000001", "00000/000000002", "00001/x", "flat"):
+        trie[key] = 1
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps(trie, protocol))
+    assert du.load_trie(str(tmp_path / "t.pkl")) == trie
 
 
 @pytest.mark.parametrize("keys", ["trie.pkl", "kept.npy"])
