@@ -1,9 +1,12 @@
 """Key rules, the trie writer, kept_keys.npy and the webdataset filter."""
 
 import io
+import os
 import pickle
 import posixpath
 import random
+import tempfile
+from unittest import mock
 
 import numpy as np
 import pygtrie
@@ -32,6 +35,52 @@ def written_trie(keys):
     f = io.BytesIO()
     du.write_trie(f, unique)
     return pickle.loads(f.getvalue())
+
+
+# Keys as users have them: ASCII, the Latin-1 range right above it (U+0080..U+00FF, where a fast path's
+# boundary would show), other scripts and astral characters; no surrogates, line breaks or NULs (refused).
+KEY_CHARS = st.one_of(st.characters(min_codepoint=1, max_codepoint=0x7F),
+                      st.characters(min_codepoint=0x80, max_codepoint=0xFF),
+                      st.characters(codec="utf-8", min_codepoint=0x100)).filter(lambda c: c not in "\r\n")
+keys_text = st.lists(st.text(KEY_CHARS, min_size=1, max_size=10), max_size=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(keys_text)
+def test_every_key_is_its_utf8_encoding_and_back(values):
+    """The fast paths (ASCII widened or narrowed by numpy views) agree with str.encode / bytes.decode."""
+    from dbp_clusters import as_text
+
+    as_str = np.array(values, dtype=str) if values else np.zeros(0, "U1")
+    utf8 = keys_as_utf8(as_str, "keys")
+    assert utf8.tolist() == [v.encode("utf-8") for v in values]
+    assert keys_as_utf8(utf8, "keys").tolist() == utf8.tolist()  # bytes in: checked, unchanged
+    assert as_text(utf8).tolist() == values
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys_text, st.sampled_from([b"\n", b"\r\n"]), st.booleans(), st.booleans())
+def test_text_keys_are_the_files_lines(values, newline, final, bom):
+    """A keys .txt, read a few bytes at a time (lines cross blocks), gives its lines as UTF-8 bytes, whatever the
+    line ending, with or without a last newline or a byte order mark."""
+    import dbp_embeddings as de
+
+    data = (de.UTF8_BOM if bom else b"") + newline.join(v.encode() for v in values) + (newline if final else b"")
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(de, "TEXT_BLOCK_BYTES", 7):
+        path = os.path.join(folder, "keys.txt")
+        with open(path, "wb") as f:
+            f.write(data)
+        lines = [key for block in de._text_lines(path) for key in block.tolist()]
+    assert lines == ([v.encode() for v in values] if values else [b""] if final else [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), max_size=20), st.booleans())
+def test_distances_parse_as_python_floats(values, as_bytes):
+    from dbp_clusters import parse_distances
+
+    text = np.array([repr(v) for v in values], dtype="S" if as_bytes else "U") if values else np.zeros(0, "U1")
+    assert parse_distances(text, "cluster_0.npy").tolist() == [float(repr(v)) for v in values]
 
 
 @settings(max_examples=500, deadline=None)
