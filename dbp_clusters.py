@@ -12,7 +12,6 @@ then only the rows and columns a step needs, so no cluster is ever held in memor
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -30,12 +29,6 @@ CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster neve
 NAMES_SHOWN = 5  # cluster files named in an error about gaps
 SIDECAR_SUFFIX = ".dbp.json"  # beside d_intra / d_inter .npy files: what they hold
 
-# .npy header readers by format version; 3.0 is 2.0 with a UTF-8 header (for non-latin-1 field
-# names, which the plain string and number arrays read here never have).
-NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
-                      (3, 0): np.lib.format.read_array_header_2_0}
-
-
 @dataclass(frozen=True)
 class ClusterFile:
     """One sorted cluster file, known from its .npy header alone."""
@@ -49,25 +42,21 @@ class ClusterFile:
 
     def columns(self, names: tuple[str, ...], start: int, stop: int) -> list[np.ndarray]:
         """The named columns ("key", "distance", "cluster") of rows [start, stop), copied out of a mapping of
-        just those rows: the kernel hands over page-cache pages without a copy, and unmapping keeps
-        resident memory flat."""
+        just those rows: the kernel hands over page-cache pages without a copy, and unmapping them again keeps
+        resident memory flat (a mapping of the whole file kept open would count every page read)."""
         cols = [COLUMNS[self.width][name] for name in names]
         if stop <= start:
             return [np.zeros(0, self.dtype) for _ in cols]
         if self.fortran:  # column-major: each column is contiguous
             data = np.memmap(self.path, self.dtype, "r", self.offset, (self.rows, self.width), "F")
             return [np.array(data[start:stop, c]) for c in cols]
-        row_bytes = self.width * self.dtype.itemsize
-        first = self.offset + start * row_bytes
-        base = first - first % mmap.ALLOCATIONGRANULARITY
         try:
-            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), first - base + (stop - start) * row_bytes,
-                                                       access=mmap.ACCESS_READ, offset=base) as m:
-                rows = np.frombuffer(m, self.dtype, (stop - start) * self.width, first - base).reshape(-1, self.width)
-                values = [rows[:, c].copy() for c in cols]
-                del rows  # release the mapping's buffer before it closes
+            rows = np.memmap(self.path, self.dtype, "r", self.offset + start * self.width * self.dtype.itemsize,
+                             (stop - start, self.width))
         except (OSError, ValueError) as e:
             raise UsageError(self.path, f"cannot be read ({e})", "the file changed or is damaged; rewrite it") from None
+        values = [rows[:, c].copy() for c in cols]
+        del rows  # unmapped now: a cluster read a chunk at a time never stays resident in this process
         return values
 
     def chunks(self, names: tuple[str, ...], start: int = 0, stop: int | None = None) -> Iterator[tuple[int, list]]:
@@ -92,29 +81,26 @@ class ClusterFile:
 
 
 def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation."""
+    """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation: what
+    np.load(mmap_mode="r") finds out from the header (the mapping itself is dropped unread)."""
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = NPY_HEADER_READERS.get(version)
-            if read is None:
-                raise ValueError(f"unsupported .npy version {version}")
-            shape, fortran, dtype = read(f)
-            offset = f.tell()
-    except (ValueError, EOFError, SyntaxError) as e:
-        raise UsageError(path, f"is not a readable .npy file ({e})", "point at files written by np.save") from None
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except IsADirectoryError:
         raise UsageError(path, "is a folder, not a .npy file", "point at a .npy file") from None
+    except ValueError as e:
+        what = ("holds Python objects (a pickled .npy), which is never loaded" if "Python objects" in str(e) else
+                "is not a .npy file" if "pickled" in str(e) else
+                "is truncated: shorter than its header says" if "greater than file size" in str(e) else
+                f"is not a readable .npy file ({e})")
+        raise UsageError(path, what, "point at files written by np.save of a plain numeric or string array") from None
     except OSError as e:
-        raise UsageError(path, f"cannot be read: {e.strerror}", "check that it exists and its permissions") from None
-    if dtype.hasobject:
-        raise UsageError(path, "holds Python objects (a pickled .npy), which is never loaded",
-                         "re-save it as a plain numeric or string array")
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if os.path.getsize(path) < expected:
-        raise UsageError(path, f"is truncated: {os.path.getsize(path)} bytes, the header promises {expected}",
-                         "rewrite the file")
-    return tuple(shape), dtype, fortran, offset
+        raise UsageError(path, f"cannot be read: {e.strerror or e}",
+                         "check that it exists and its permissions") from None
+    if not isinstance(array, np.memmap):  # a .npz under a .npy name
+        raise UsageError(path, "is not a .npy file (it is a zip of arrays, an .npz)",
+                         "point at files written by np.save")
+    fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+    return array.shape, array.dtype, fortran, array.offset
 
 
 def read_cluster_header(path: str) -> ClusterFile:

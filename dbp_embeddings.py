@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbp_cli import PARTIAL_SUFFIX, TaskPool, UsageError, atomic_open, progress, save_npy
-from dbp_clusters import NPY_HEADER_READERS, cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
+from dbp_clusters import cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
 from dbp_utils import exact_faiss, unit_rows
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
@@ -216,8 +216,9 @@ def datacomp_part(path: str, npz_key: str, key_column: str) -> Part:
     keys = path[: -len(".npz")] + ".parquet"
     try:
         with zipfile.ZipFile(path) as z, z.open(f"{npz_key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = NPY_HEADER_READERS[version](f)
+            version = np.lib.format.read_magic(f)  # 1.0, or 2.0 and 3.0 (2.0 with a UTF-8 header)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
     except KeyError:
         raise UsageError(path, f"holds no array {npz_key!r}",
                          "pass --npz-key with the embedding array's name") from None

@@ -67,9 +67,7 @@ TRIE_GLOBALS = {("pygtrie", "StringTrie"), ("pygtrie", "CharTrie"), ("pygtrie", 
                 ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")}
 SCAN_KEYS = 1 << 18  # kept keys looked at a block at a time for their form
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
-HEX_DIGITS = np.full(256, 16, np.uint8)  # byte -> its value as a hex digit, 16 if it is none
-HEX_DIGITS[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
-HEX_DIGITS[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+HEX_DIGITS = b"0123456789abcdef"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,11 +431,15 @@ def write_trie(f, keys: np.ndarray) -> None:
     pygtrie pickles a trie's root node as a flat list of walk commands (its `_Node.__getstate__`):
     `n, step_1 .. step_n, value` walks n steps down and sets a value, `-n` walks n steps up. Keys in
     component order give that list in one pass, so the list is streamed to the pickler from the keys
-    instead of building the trie: the pickler writes what pickling the built trie would write.
+    instead of building the trie. Unpickled, it is the trie built key by key (the same mapping, nodes and
+    behaviour); the bytes differ from pickling a built trie, which memoises and batches differently. No
+    object is pickled twice, so the pickler keeps no memo (fast mode): its memo would hold every string.
     """
     state = pygtrie.StringTrie(separator=TRIE_SEPARATOR).__getstate__()
     state["_root"] = _StreamedNode(trie_order(keys))
-    pickle.dump(_Pickled(pygtrie.StringTrie, state), f, protocol=PICKLE_PROTOCOL)
+    pickler = pickle.Pickler(f, protocol=PICKLE_PROTOCOL)
+    pickler.fast = True
+    pickler.dump(_Pickled(pygtrie.StringTrie, state))
 
 
 class _Pickled:
@@ -659,17 +661,24 @@ def webdataset_filter(trie_or_path: Any, with_shard: bool | None = None) -> Webd
 def datacomp_subset(keys: np.ndarray) -> np.ndarray:
     """Kept keys that are DataComp uids (32 hex digits) as DataComp's resharder takes them (`--subset_file`):
     (high, low) 64-bit halves, dtype u8,u8, sorted, each once."""
-    chars = byte_matrix(keys)
-    digits = HEX_DIGITS[chars]
-    bad = np.flatnonzero(((chars != 0).sum(axis=1) != 32) | (digits[:, :32] > 15).any(axis=1)) if len(keys) else []
-    if len(bad):
-        raise UsageError("--datacomp-subset", f"the kept key {keys[bad[0]].decode('utf-8', 'replace')!r} is not a "
-                         "DataComp uid (32 hex digits)", "use it on DataComp data, whose keys are the uids")
-    shifts = np.arange(60, -4, -4, dtype=np.uint64)  # the 16 hex digits of a half, most significant first
-    subset = np.empty(len(keys), DATACOMP_UID)
-    subset["f0"] = (digits[:, :16].astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)  # no carries: an OR
-    subset["f1"] = (digits[:, 16:32].astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)
-    return np.unique(subset)
+    try:  # every key 32 hex digits: then the concatenated text is 16 bytes a key, big-endian halves
+        raw = bytes.fromhex(keys.tobytes().decode("ascii")) if keys.dtype.itemsize == 32 else b"?"
+        if len(raw) != 16 * len(keys):  # (fromhex skips spaces: fewer bytes)
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        bad = next(key for key in keys.tolist() if len(key) != 32 or not all(c in HEX_DIGITS for c in key.lower()))
+        raise UsageError("--datacomp-subset", f"the kept key {bad.decode('utf-8', 'replace')!r} is not a DataComp "
+                         "uid (32 hex digits)", "use it on DataComp data, whose keys are the uids") from None
+    high, low = np.frombuffer(raw, ">u8").reshape(len(keys), 2).T
+    rising = (high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] > low[:-1]))
+    if not rising.all():  # sorted keys are sorted uids, but for upper-case digits (and a uid twice in two cases)
+        order = np.lexsort((low, high))
+        high, low = high[order], low[order]
+        first = np.concatenate([[True], (high[1:] != high[:-1]) | (low[1:] != low[:-1])])
+        high, low = high[first], low[first]
+    subset = np.empty(len(high), DATACOMP_UID)
+    subset["f0"], subset["f1"] = high, low
+    return subset
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ CASES = [
     ("k-smaller-than-disk", ALL, None, {"KFLAG": 3}, "unexpected cluster_3.npy"),
     ("k-zero", ALL, None, {"KFLAG": 0}, "less than 1"),
     ("k-not-int", ALL, None, {"KFLAG": "four"}, "invalid int value"),
-    ("not-npy", ALL, write_bytes(b"path,index,distance\n"), {}, "not a readable .npy"),
+    ("not-npy", ALL, write_bytes(b"path,index,distance\n"), {}, "is not a .npy file"),
     ("truncated", ALL, truncate(), {}, "truncated"),
     ("pickle-npy", ALL, lambda r: np.save(r / "save/sorted/cluster_1.npy", np.array([{"a": 1}]), allow_pickle=True),
      {}, "Python objects"),

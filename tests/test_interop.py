@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import CLUSTER_SCRIPT, DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, make_toy_clusters, run_script
 
+import dbp_utils as du
 from dbp_clusters import cluster_table
 
 N, DIM, K = 1200, 12, 8
@@ -203,3 +204,14 @@ def test_datacomp_subset_is_what_the_resharder_reads(tmp_path):
                    "--save-dir", tmp_path / "bad", "--datacomp-subset")
     assert r.returncode == 2 and "is not a DataComp uid (32 hex digits)" in r.stderr
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_datacomp_uids_of_any_case_are_their_numbers():
+    """The fast path reads sorted lower-case uids as they are; other cases are sorted and counted once."""
+    uids = sorted(f"{(i * 0x9E3779B97F4A7C15) % (1 << 128):032x}" for i in range(500))
+    mixed = np.array(sorted([u.encode() for u in uids] + [uids[7].upper().encode(), uids[3][:20].encode()
+                                                               + uids[3][20:].upper().encode()]))
+    expected = sorted({divmod(int(u, 16), 2**64) for u in uids})
+    for keys in (np.array([u.encode() for u in uids]), mixed):
+        subset = du.datacomp_subset(keys)
+        assert subset.dtype == np.dtype("u8,u8") and subset.tolist() == expected
