@@ -30,6 +30,8 @@ else the normalised mean of each cluster's normalised embeddings (--embedding-co
     python cluster_embeddings.py --embeddings laion/img_emb --num_clusters 500 --save_folder SAVE
     python cluster_embeddings.py --embeddings datacomp/shards --num_clusters 100 --save_folder SAVE
     python cluster_embeddings.py --from-nemo-curator cache/kmeans_results --save_folder SAVE
+
+(Installed with pip, `dbp-cluster` is the same command as `python cluster_embeddings.py`.)
 """
 
 import argparse
@@ -47,8 +49,15 @@ OUTPUTS = (de.CENTROIDS_FILE, de.SORTED_DIR, PARAMS_FILE)
 MANIFEST, OBJECTIVE = "manifest.json", "objective.json"  # in the staging folder: what the work is for; k-means' own
 
 
+USAGE = """%(prog)s --embeddings EMB [--keys KEYS] --num_clusters K --save_folder SAVE [--niter N] [--seed S]
+           [--sample-size N] [--spherical | --no-spherical] [--ascending] [--npz-key KEY] [--key-column COLUMN]
+           [--workers WORKERS] [--overwrite] [--debug]
+       %(prog)s --from-nemo-curator KMEANS_RESULTS --save_folder SAVE [--num_clusters K] [--id-column COLUMN]
+           [--embedding-column COLUMN] [--centroids_file C.npy] [--ascending] [--workers WORKERS] [--overwrite]"""
+
+
 def parse_args():
-    parser = cli.make_parser(__doc__)
+    parser = cli.make_parser(__doc__, USAGE)
     source = parser.add_mutually_exclusive_group(required=True)
     cli.add_flag(source, "--embeddings", default=None,
                  help="a .npy of embeddings (n, dim), a clip-retrieval img_emb folder, or a folder of DataComp shards")
@@ -152,13 +161,18 @@ def main() -> None:
         labels = np.load(out.path(de.LABELS))
         de.write_clusters(out.path(de.SORTED_DIR), work, labels, k, not args.ascending, pool)
         sizes = np.bincount(labels, minlength=k)
+        empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
+        if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
+            cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
+                            f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
         cli.save_json(out.path(PARAMS_FILE), {
             "embeddings": os.path.abspath(args.embeddings), "keys": args.keys and os.path.abspath(args.keys),
-            **run["flags"], "sample_size": sample, "rows": n, "dim": embeddings.dim, "parts": len(embeddings.parts),
-            "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": int((sizes == 0).sum()),
-            "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
+            **run["flags"], "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
+            "dim": embeddings.dim, "parts": len(embeddings.parts),
+            "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
+            "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
     print(f"clustered {n} rows (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
-          f"{sizes.min()} to {sizes.max()} rows ({int((sizes == 0).sum())} empty){resumed} -> {args.save_folder}")
+          f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed} -> {args.save_folder}")
 
 
 def what_was_done(work: str, k: int) -> str:

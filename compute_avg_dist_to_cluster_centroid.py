@@ -7,6 +7,8 @@ column is parsed, a chunk at a time, so memory stays flat however large the clus
 
     python compute_avg_dist_to_cluster_centroid.py --num_clusters 500 \\
         --sorted_clusters_path SORTED --avg_distance_to_cent_save_path OUT/dintra.npy
+
+(Installed with pip, `dbp-dintra` is the same command as `python compute_avg_dist_to_cluster_centroid.py`.)
 """
 
 import numpy as np

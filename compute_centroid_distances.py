@@ -11,6 +11,8 @@ NaN (no member defines it, as when converted from NeMo Curator without saved cen
         --mean_centroid_distances_save_path OUT/dinter.npy
     python compute_centroid_distances.py --centroids_file kmeans_centroids.npy \\
         --mean_centroid_distances_save_path OUT/dinter.npy --num_NNs 20
+
+(Installed with pip, `dbp-dinter` is the same command as `python compute_centroid_distances.py`.)
 """
 import numpy as np
 

@@ -80,9 +80,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message, "see --help")
 
 
-def make_parser(doc: str) -> argparse.ArgumentParser:
+def make_parser(doc: str, usage: str | None = None) -> argparse.ArgumentParser:
     """A parser whose description is the script's docstring and whose errors are one line."""
-    parser = _Parser(description=doc, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=doc, usage=usage, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s (density-based-pruning) {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
     return parser

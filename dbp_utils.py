@@ -697,37 +697,52 @@ def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> s
     return f"most pruned: {describe(order[:count])}; least pruned: {describe(order[::-1][:count])}"
 
 
-def write_report(stats_path: str, plot_path: str, table: dict[str, np.ndarray], target: int, title: str) -> None:
+def write_report(stats_path: str, plot_path: str, table: dict[str, np.ndarray], plan: Quotas, target: int,
+                 title: str) -> None:
     """cluster_stats.csv and quotas.png (they need only the quotas, so they can be written beside the selection)."""
     with open(stats_path, "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(table)
         rows.writerows(zip(*(column.tolist() for column in table.values())))  # floats as repr: exact
     with open(plot_path, "wb") as f:
-        plot_quotas(f, table, target, title)
+        plot_quotas(f, table, plan, target, title)
 
 
-def plot_quotas(f, table: dict[str, np.ndarray], target: int, title: str) -> None:
-    """Left: per cluster, sorted by P_j, the quota N_j against the softmax target P_j N and the cluster's size
-    n_j, the most it can keep (a cluster smaller than its target is kept whole). Right: the fraction each
-    cluster keeps against its complexity."""
+def plot_quotas(f, table: dict[str, np.ndarray], plan: Quotas, target: int, title: str) -> None:
+    """What DBP did. Left: each cluster's quota N_j against its complexity C_j, beside the softmax target
+    P_j N it follows (shifted by the water level nu where some clusters are capped) and the equal share N / k
+    it departs from; marked, the clusters kept whole (smaller than their target) and those held at the
+    per-cluster minimum. Right: per cluster, by complexity, its size and what it keeps, on a log scale (so
+    that large clusters do not hide small quotas)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
 
-    probs, quotas, sizes = table["probability"], table["quota"], table["size"]
-    order = np.argsort(probs, kind="stable")
-    x = np.arange(len(order))
+    complexity, probs, quotas, sizes = table["complexity"], table["probability"], table["quota"], table["size"]
+    share = probs * target
+    order = np.argsort(complexity, kind="stable")
+    whole = (sizes > 0) & (plan.x == plan.upper) & (share - plan.nu > plan.upper)  # all it has, less than its share
+    raised = (plan.x == plan.lower) & (share - plan.nu < plan.lower) & ~whole  # held at the minimum, above it
+    plain = ~whole & ~raised
     fig = Figure(figsize=(11, 4.2), dpi=100)
-    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    left.fill_between(x, sizes[order], step="mid", color="0.85", label="cluster size $n_j$ (all it can keep)")
-    left.step(x, quotas[order], where="mid", color="tab:blue", lw=1.2, label="quota $N_j$ (kept)")
-    left.plot(x, probs[order] * target, color="tab:orange", lw=1.2, label="softmax target $P_j N$")
-    top = max(float(quotas.max(initial=0)), float((probs * target).max(initial=0)), 1.0)
-    left.set(xlim=(-0.5, len(x) - 0.5), ylim=(0, 1.15 * top), xlabel="clusters, sorted by $P_j$",
-             ylabel="samples per cluster", title=title)
+    left, right = fig.subplots(1, 2)
+    left.plot(complexity[order], share[order], color="tab:orange", lw=1.2, label="softmax target $P_j N$")
+    left.axhline(target / len(sizes), color="0.5", ls="--", lw=1, label="equal share $N / k$")
+    left.scatter(complexity[plain], quotas[plain], s=9, color="tab:blue", zorder=3,
+                 label=f"quota $N_j \\approx P_j N - \\nu$ ($\\nu$ = {plan.nu:.3g})")
+    if whole.any():
+        left.scatter(complexity[whole], quotas[whole], s=16, marker="v", color="tab:red", zorder=3,
+                     label="kept whole (smaller than its target)")
+    if raised.any():
+        left.scatter(complexity[raised], quotas[raised], s=16, marker="^", color="tab:green", zorder=3,
+                     label=f"held at the minimum m = {plan.min_per_cluster}")
+    left.set(ylim=(0, 1.15 * max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0)),
+             xlabel="complexity $C_j$", ylabel="samples kept", title=title)
     left.legend(loc="upper left", fontsize=8)
-    full = sizes > 0
-    right.scatter(table["complexity"][full], table["kept_fraction"][full], s=10, alpha=0.6, color="tab:blue")
-    right.set(ylim=(0, 1.05), xlabel="complexity $C_j$ ($d_{intra} \\cdot d_{inter}$ for the paper's density)",
-              ylabel="kept fraction $N_j / n_j$", title="what each cluster keeps")
+    x = np.arange(len(order))
+    right.bar(x, sizes[order], width=1.0, color="0.8", label="cluster size $n_j$")
+    right.bar(x, quotas[order], width=1.0, color="tab:blue", label="kept $N_j$")
+    right.set_yscale("log")
+    right.set(xlim=(-0.5, len(x) - 0.5), xlabel="clusters, by complexity (lowest left)",
+              ylabel="samples (log scale)", title="what each cluster keeps of what it has")
+    right.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(f, format="png")

@@ -15,6 +15,8 @@ kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, p
     python prune.py --num-centroids 500 --mean_centroid_distances_save_path OUT/dinter.npy \\
         --avg_distance_to_cent_save_path OUT/dintra.npy --sorted-clusters-path SORTED \\
         --total-dataset-size 280000000 --prune-ratio 0.3 --save-dir RUN
+
+(Installed with pip, `dbp-prune` is the same command as `python prune.py`.)
 """
 
 import os
@@ -132,7 +134,8 @@ def main() -> None:
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out, ThreadPoolExecutor(1) as beside, cli.TaskPool(workers) as pool:
         # The stats and the plot need only the quotas: drawn while the workers select.
-        report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, target, title)
+        report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan, target,
+                               title)
         collected, unsorted, misnamed = du.KeptKeyCollector(int(plan.quotas.sum())), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
@@ -183,8 +186,8 @@ def main() -> None:
         params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
         for name in PATH_FLAGS:  # absolute: the run can be moved or shared
             params[name] = params[name] and os.path.abspath(params[name])
-        params.update(num_centroids=k, num_clusters=k, total_rows=total_rows, total_used=total, target_size=target,
-                      min_per_cluster=plan.min_per_cluster, water_level=plan.nu, kept_samples=kept,
+        params.update(num_centroids=k, num_clusters=k, total_rows=total_rows, dataset_size=total, target_size=target,
+                      min_per_cluster=plan.min_per_cluster, nu=plan.nu, kept_samples=kept,
                       kept_keys=len(kept_keys), version=cli.__version__)
         cli.save_json(out.path(du.PARAMS_FILE), params)
     print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "

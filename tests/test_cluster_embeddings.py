@@ -122,6 +122,8 @@ def test_every_layout_gives_semdedups_sorted_clusters(tmp_path, kind, dtype):
     assert f"clustered {N} rows (dim {DIM}" in r.stdout
     params = json.loads((tmp_path / "save" / "clustering.json").read_text())
     assert params["rows"] == N and params["num_clusters"] == K and params["sample_size"] == N
+    columns = {"npy+parquet": "sample", "clip-retrieval": "image_path", "datacomp": "uid"}
+    assert params["key_column"] == columns.get(kind)
 
 
 def test_kmeans_is_as_good_as_faiss_run_directly(tmp_path):
@@ -221,6 +223,19 @@ def test_killed_run_is_finished_by_a_rerun_without_redoing_clusters(tmp_path):
     assert sorted(os.listdir(save)) == sorted(os.listdir(tmp_path / "reference"))
     for path in (tmp_path / "reference").rglob("*.npy"):
         assert (save / path.relative_to(tmp_path / "reference")).read_bytes() == path.read_bytes(), path
+
+
+def test_tiny_clusters_are_warned_about(tmp_path):
+    flags, _ = layout(tmp_path, "npy+txt", embeddings(300))
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 100, "--save_folder", tmp_path / "save")
+    assert r.returncode == 0, r.stderr
+    sizes = [len(np.load(tmp_path / "save" / "sorted_clusters" / f"cluster_{j}.npy")) for j in range(100)]
+    single, empty = sizes.count(1), sizes.count(0)
+    assert single + empty > 0  # 3 rows a cluster: some are bound to be tiny
+    assert f"warning: {single} of 100 clusters hold a single row and {empty} none" in r.stderr
+    params = json.loads((tmp_path / "save" / "clustering.json").read_text())
+    assert params["single_row_clusters"] == single and params["empty_clusters"] == empty
+    assert params["key_column"] is None  # a .txt of keys has no column
 
 
 def test_completed_folder_is_refused_and_duplicates_are_warned_about(tmp_path):
