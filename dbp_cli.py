@@ -9,7 +9,6 @@ output folders used by one run at a time, published only when the run is complet
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import errno
 import fcntl
@@ -31,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -282,6 +281,21 @@ class TaskPool:
         self.runs.append(run)
         return run
 
+    def submit(self, func: Callable[[Any], Any], task: Any) -> Callable[[], Any]:
+        """Start func(task) in a worker, beside the runs; what it returns gives its result when called. (With one
+        worker, func runs when its result is asked for.)"""
+        if self.workers <= 1:
+            return lambda: func(task)
+        if self.executor is None:
+            self.executor = _start_executor(self.workers)
+        future = self.executor.submit(func, task)
+
+        def result() -> Any:
+            while not wait([future], timeout=STOP_POLL).done:
+                check_stop()
+            return _result(future)
+        return result
+
     def _run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str,
              total: int) -> Iterator[Any]:
         with progress(total, desc, unit) as bar:
@@ -299,7 +313,7 @@ class TaskPool:
     def _map(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str) -> Iterator[Any]:
         if self.executor is None:
             self.executor = _start_executor(self.workers)
-        todo, pending, started = iter(tasks), collections.deque(), False
+        todo, pending, started = iter(tasks), [], False
         while True:
             # Keep every worker busy, but never run far ahead of the results handed out.
             while len(pending) < TASKS_AHEAD * self.workers and (task := next(todo, _END)) is not _END:
@@ -312,12 +326,13 @@ class TaskPool:
                 started = True
             if not pending:
                 return
-            done, _ = wait(pending, timeout=STOP_POLL, return_when=FIRST_COMPLETED)
+            wait(pending[:1], timeout=STOP_POLL)  # the next result in order (or a safe point to stop at)
             check_stop()
-            for future in done:  # a failed task stops the run at once, not when its turn comes
-                _result(future)
+            for future in pending:  # a failed task stops the run at once, not when its turn comes
+                if future.done():
+                    _result(future)
             while pending and pending[0].done():
-                yield _result(pending.popleft())
+                yield _result(pending.pop(0))
 
 
 def _result(future: Any) -> Any:

@@ -231,7 +231,7 @@ def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
         text = utf8[broken[0]].decode("utf-8", "replace")
         raise UsageError(path, f"row {first_row + broken[0]}: key {text!r} holds a line break",
                          "keys are one per line in kept_paths.txt; rename the sample")
-    nul = np.flatnonzero(_inner_nul(chars))
+    nul = np.flatnonzero(_inner_nul(utf8, chars))
     if len(nul):
         text = chars[nul[0]].tobytes().rstrip(b"\0").decode("utf-8", "replace")
         raise UsageError(path, f"row {first_row + nul[0]}: key {text!r} holds a NUL character",
@@ -244,13 +244,10 @@ def byte_matrix(strings: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)
 
 
-def _inner_nul(chars: np.ndarray) -> np.ndarray:
-    """Per row of a zero-padded byte matrix: whether a NUL comes before its last non-NUL byte."""
-    if chars.shape[1] == 0:
-        return np.zeros(len(chars), bool)
-    nonzero = chars != 0
-    last = chars.shape[1] - 1 - np.argmax(nonzero[:, ::-1], axis=1)
-    return (~nonzero & (np.arange(chars.shape[1]) < last[:, None])).any(axis=1)
+def _inner_nul(utf8: np.ndarray, chars: np.ndarray) -> np.ndarray:
+    """Per key of a fixed-width bytes array: whether a NUL comes before its last other byte (numpy's length of
+    a key stops only at its trailing NULs)."""
+    return (chars != 0).sum(axis=1) != np.strings.str_len(utf8)
 
 
 def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:

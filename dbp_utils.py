@@ -14,10 +14,10 @@ start fast in shell pipelines and a data loader importing this module stays ligh
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import pickle
 import posixpath
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -263,16 +263,16 @@ def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cl
 
 @dataclass(frozen=True)
 class Selection:
-    """What one cluster's selection task noticed; what it kept is in its part files (part_file)."""
+    """What one cluster's selection task noticed; what it kept is in its part file (take_part reads it)."""
 
     kept: int
     in_order: bool = True  # the distances read follow the file's sort order
     ids_match: bool = True  # the cluster-id column names this cluster
 
 
-def part_file(parts: str, kind: str, cluster_id: int) -> str:
-    """Where a selection task leaves one cluster's `kept` paths, `pruned` paths (lines) or sorted `keys` (.npy)."""
-    return os.path.join(parts, f"{kind}_{cluster_id}.{'npy' if kind == 'keys' else 'txt'}")
+def part_file(parts: str, cluster_id: int, pruned: bool = False) -> str:
+    """Where a selection task leaves one cluster's kept keys and paths (or, `pruned`, its pruned paths)."""
+    return os.path.join(parts, f"{'pruned' if pruned else 'kept'}_{cluster_id}")
 
 
 def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool, str]) -> Selection:
@@ -282,7 +282,7 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool, str]) -> S
     descending = which == "random" or quota == 0 or cluster.is_descending()  # no rows read for nothing kept
     keep = kept_rows(cluster.rows, quota, which, descending, seed, cluster_id)
     if with_pruned:
-        with open(part_file(parts, "pruned", cluster_id), "wb") as f:
+        with open(part_file(parts, cluster_id, pruned=True), "wb") as f:
             f.write(as_lines(pruned_paths(cluster, keep)))
     paths, dists, ids_match = [np.zeros(0, "S1")], [np.zeros(0)], True
     columns = ("key", "distance", "cluster")
@@ -300,9 +300,9 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool, str]) -> S
             ids_match &= names_cluster(ids[picked], cluster_id)
     paths, steps = np.concatenate(paths), np.diff(np.concatenate(dists))
     in_order = which == "random" or bool((steps <= 0).all() if descending else (steps >= 0).all())
-    with open(part_file(parts, "kept", cluster_id), "wb") as f:
-        f.write(as_lines(paths))
-    np.save(part_file(parts, "keys", cluster_id), np.sort(strip_extensions(paths)))  # sorted here, in parallel
+    with open(part_file(parts, cluster_id), "wb") as f:  # one file: fewer to open and remove at web scale
+        np.save(f, np.sort(strip_extensions(paths)))  # the keys, sorted here, in parallel
+        f.write(as_lines(paths))  # then the lines of kept_paths.txt
     return Selection(len(paths), in_order, ids_match)
 
 
@@ -324,17 +324,27 @@ def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, see
     return pool.run(select_cluster, tasks, "select")
 
 
-def take_part(parts: str, kind: str, cluster_id: int, out: Any = None) -> np.ndarray | None:
-    """A cluster's part file, removed once read: the keys array, or (lines) appended to the open file `out`."""
-    path = part_file(parts, kind, cluster_id)
-    if kind == "keys":
-        keys = np.load(path)
-    else:
-        with open(path, "rb") as f:
-            shutil.copyfileobj(f, out)
-        keys = None
+def take_part(parts: str, cluster_id: int, kept_paths: Any, pruned_paths: Any = None) -> np.ndarray:
+    """A cluster's part files, removed once read: its lines appended to the open kept_paths (and pruned_paths,
+    when it was asked for); its sorted keys returned."""
+    path = part_file(parts, cluster_id)
+    with open(path, "rb") as f:
+        keys = np.load(f)
+        _append(f, kept_paths)
     os.remove(path)
+    if pruned_paths is not None:
+        with open(path := part_file(parts, cluster_id, pruned=True), "rb") as f:
+            _append(f, pruned_paths)
+        os.remove(path)
     return keys
+
+
+def _append(source: Any, out: Any) -> None:
+    """The rest of the open file `source` appended to the open file `out`, copied by the kernel."""
+    out.flush()
+    start, size = source.tell(), os.fstat(source.fileno()).st_size
+    while start < size:
+        start += os.copy_file_range(source.fileno(), out.fileno(), size - start, start)
 
 
 class KeptKeyCollector:
@@ -375,27 +385,17 @@ def strip_extensions(keys: np.ndarray) -> np.ndarray:
 
     `00012/000120034.jpg` -> `00012/000120034`; `a.b/c` and `.hidden` stay as they are.
     """
-    n, width = len(keys), keys.dtype.itemsize
-    if n == 0:
+    if len(keys) == 0:
         return keys.copy()
-    chars = byte_matrix(keys)
-    last_slash = _last_index(chars == ord("/"))
-    last_dot = _last_index(chars == ord("."))
-    cut = np.where(last_dot > last_slash, last_dot, width)
+    last_slash, last_dot = np.strings.rfind(keys, b"/"), np.strings.rfind(keys, b".")
+    lengths = np.strings.str_len(keys)
+    cut = np.where(last_dot > last_slash, last_dot, lengths)
     # splitext skips the leading dots of the last component (`.hidden`, `..x.y`): decide those rare
     # names one by one; for the rest, a dot after the last slash starts the extension.
-    odd = np.flatnonzero((cut < width) & (chars[np.arange(n), np.minimum(last_slash + 1, width - 1)] == ord(".")))
-    for i in odd:
-        cut[i] = len(posixpath.splitext(chars[i].tobytes().rstrip(b"\0"))[0])
-    cut = np.minimum(cut, (chars != 0).sum(axis=1))  # the key's length
+    for i in np.flatnonzero((cut < lengths) & np.strings.startswith(keys, b".", last_slash + 1)):
+        cut[i] = len(posixpath.splitext(keys[i])[0])
     narrow = max(1, int(cut.max()))  # no wider than the longest key: less to sort, store and send
-    return np.ascontiguousarray((chars * (np.arange(width) < cut[:, None]))[:, :narrow]).view(f"S{narrow}").ravel()
-
-
-def _last_index(hits: np.ndarray) -> np.ndarray:
-    """Per row, the column of the last True, or -1."""
-    last = hits.shape[1] - 1 - hits[:, ::-1].argmax(axis=1)
-    return np.where(hits.any(axis=1), last, -1)
+    return np.strings.slice(keys, 0, cut).astype(f"S{narrow}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +458,8 @@ class _StreamedNode:
     def __init__(self, keys: np.ndarray):
         self.keys = keys
 
-    def __reduce__(self) -> tuple:
-        return pygtrie._Node, (), _StreamedList(_trie_commands(self.keys))
+    def __reduce__(self) -> tuple:  # (chained: the pickler takes the commands a block at a time, in C)
+        return pygtrie._Node, (), _StreamedList(itertools.chain.from_iterable(_trie_commands(self.keys)))
 
 
 class _StreamedList:
@@ -472,30 +472,49 @@ class _StreamedList:
         return list, (), None, self.items
 
 
-def _trie_commands(keys: np.ndarray) -> Any:
-    """pygtrie's node commands for keys in component order: per key [-up,] down, its new steps, value."""
-    previous, folder = None, None  # the previous key, and its components but the last
+def _trie_commands(keys: np.ndarray) -> Iterator[list]:
+    """pygtrie's node commands for keys in component order, a list per block of keys: per key [-up,] down, its
+    new steps, value. Nearly
+    every key is the previous key's sibling (one step up, one down, its last component); their commands are
+    laid out a run of siblings at a time, and only the first key of a folder is worked out step by step."""
+    previous, previous_folder = None, None  # the previous key (text) and its folder (bytes, up to its last '/')
+    separator = TRIE_SEPARATOR.encode()
     for start in range(0, len(keys), TRIE_CHUNK_KEYS):
+        block = keys[start:start + TRIE_CHUNK_KEYS]
+        cut = np.strings.rfind(block, separator) + 1
+        folders = np.strings.slice(block, 0, cut)
         try:
-            texts = [key.decode("utf-8") for key in keys[start:start + TRIE_CHUNK_KEYS].tolist()]
+            leaves = [leaf.decode("utf-8") for leaf in np.strings.slice(block, cut, np.strings.str_len(block)).tolist()]
+            heads = np.flatnonzero(np.concatenate([[folders[0] != previous_folder], folders[1:] != folders[:-1]]))
+            folder_texts = {h: folders[h].decode("utf-8") for h in heads.tolist()}
         except UnicodeDecodeError as e:
             raise UsageError(TRIE_FILE, f"a kept key is not UTF-8 ({e})", "fix the paths") from None
         commands: list[Any] = []
-        for text in texts:
-            cut = text.rfind(TRIE_SEPARATOR) + 1
-            if text[:cut] == folder:  # the usual case, the previous key's sibling: one step up, one down
-                commands += (-1, 1, text[cut:], TRIE_VALUE)
-            else:
-                steps, old = text.split(TRIE_SEPARATOR), [] if previous is None else previous.split(TRIE_SEPARATOR)
-                shared = 0
-                while shared < min(len(old), len(steps)) and old[shared] == steps[shared]:
-                    shared += 1
-                if shared < len(old):
-                    commands.append(shared - len(old))
-                commands += (len(steps) - shared, *steps[shared:], TRIE_VALUE)
-                folder = text[:cut]
-            previous = text
-        yield from commands
+        ends = [*heads.tolist(), len(block)]
+        _siblings(commands, leaves[:ends[0]])  # the previous block's last folder, continued
+        if ends[0] > 0:
+            previous = previous.rsplit(TRIE_SEPARATOR, 1)[0] + TRIE_SEPARATOR + leaves[ends[0] - 1] \
+                if TRIE_SEPARATOR in previous else leaves[ends[0] - 1]
+        for head, end in zip(ends[:-1], ends[1:]):
+            text = folder_texts[head] + leaves[head]
+            steps, old = text.split(TRIE_SEPARATOR), [] if previous is None else previous.split(TRIE_SEPARATOR)
+            shared = 0
+            while shared < min(len(old), len(steps)) and old[shared] == steps[shared]:
+                shared += 1
+            if shared < len(old):
+                commands.append(shared - len(old))
+            commands += (len(steps) - shared, *steps[shared:], TRIE_VALUE)
+            _siblings(commands, leaves[head + 1:end])
+            previous = folder_texts[head] + leaves[end - 1]
+        previous_folder = folders[-1]
+        yield commands
+
+
+def _siblings(commands: list, leaves: list[str]) -> None:
+    """Append the commands of a run of siblings of the key before them: per leaf, -1, 1, leaf, value."""
+    run = [1] * (4 * len(leaves))
+    run[0::4], run[2::4], run[3::4] = [-1] * len(leaves), leaves, [TRIE_VALUE] * len(leaves)
+    commands += run
 
 
 class _TrieUnpickler(pickle.Unpickler):
@@ -697,9 +716,9 @@ def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> s
     return f"most pruned: {describe(order[:count])}; least pruned: {describe(order[::-1][:count])}"
 
 
-def write_report(stats_path: str, plot_path: str, table: dict[str, np.ndarray], plan: Quotas, target: int,
-                 title: str) -> None:
-    """cluster_stats.csv and quotas.png (they need only the quotas, so they can be written beside the selection)."""
+def write_report(task: tuple[str, str, dict[str, np.ndarray], Quotas, int, str]) -> None:
+    """cluster_stats.csv and quotas.png (they need only the quotas, so they are written beside the selection)."""
+    stats_path, plot_path, table, plan, target, title = task
     with open(stats_path, "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(table)

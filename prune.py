@@ -20,7 +20,6 @@ kept_paths.txt, quotas.npy, cluster_stats.csv, quotas.png, logs.log and, last, p
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -132,10 +131,10 @@ def main() -> None:
              "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    with save_dir as out, ThreadPoolExecutor(1) as beside, cli.TaskPool(workers) as pool:
-        # The stats and the plot need only the quotas: drawn while the workers select.
-        report = beside.submit(du.write_report, out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan, target,
-                               title)
+    with save_dir as out, cli.TaskPool(workers) as pool:
+        # The stats and the plot need only the quotas: drawn by a worker while the others select.
+        report = pool.submit(du.write_report, (out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan, target,
+                                               title))
         collected, unsorted, misnamed = du.KeptKeyCollector(int(plan.quotas.sum())), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
@@ -144,10 +143,7 @@ def main() -> None:
             selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
                                         parts, pool)
             for j, (cluster, kept) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
-                du.take_part(parts, "kept", j, f)
-                if args.pruned_paths:
-                    du.take_part(parts, "pruned", j, pruned)
-                collected.add(du.take_part(parts, "keys", j))
+                collected.add(du.take_part(parts, j, f, pruned if args.pruned_paths else None))
                 if not kept.in_order:
                     unsorted.append(cluster.path)
                 if not kept.ids_match:
@@ -162,7 +158,7 @@ def main() -> None:
             with open(out.path(du.TRIE_FILE), "wb") as f:
                 du.write_trie(f, kept_keys)
         np.save(out.path(du.QUOTAS_FILE), plan.quotas)
-        report.result()
+        report()
         kept = int(plan.quotas.sum())
         # Warned only now: a bad input found on the way must end in its error line alone.
         if total != total_rows:

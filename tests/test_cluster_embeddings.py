@@ -370,7 +370,7 @@ def test_keys_lose_a_byte_order_mark_and_huge_rows_warn_nothing(tmp_path):
     flags, keys = layout(tmp_path, "npy+txt", x)
     (tmp_path / "keys.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "keys.txt").read_bytes())
     r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 4, "--save_folder", tmp_path / "save")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.returncode == 0 and "arning" not in r.stderr, r.stderr  # (a progress bar may be drawn)
     first = [row for j in range(4) for row in np.load(tmp_path / "save" / "sorted_clusters" / f"cluster_{j}.npy")
              if row[1] == "0"]
     assert first[0][0] == keys[0]
