@@ -8,7 +8,9 @@ Reads the embeddings as researchers hold them (the layout is read off the files)
     folder beside img_emb; key column image_path);
   - DataComp's shards: --embeddings a folder of <shard>.npz (array --npz-key, default l14_img) beside
     <shard>.parquet (keys: the uid column); no --keys.
-Rows are L2-normalised as they are read. k-means is faiss's, as SemDeDup runs it (spherical, 100
+With --subset FILE (a kept_keys.npy of deduplicate.py or prune.py, or a text file of paths) only the
+rows whose key is in FILE are clustered; column 1 still indexes --embeddings. Rows are L2-normalised as
+they are read. k-means is faiss's, as SemDeDup runs it (spherical, 100
 iterations, seed 1234), trained on a seeded sample of --sample-size rows (default: up to 256 per
 centroid); every row then goes to its nearest centroid in one streamed pass.
 
@@ -51,7 +53,7 @@ MANIFEST, OBJECTIVE = "manifest.json", "objective.json"  # in the staging folder
 
 USAGE = """%(prog)s --embeddings EMB [--keys KEYS] --num_clusters K --save_folder SAVE [--niter N] [--seed S]
            [--sample-size N] [--spherical | --no-spherical] [--ascending] [--npz-key KEY] [--key-column COLUMN]
-           [--workers WORKERS] [--overwrite] [--debug]
+           [--subset FILE] [--workers WORKERS] [--overwrite] [--debug]
        %(prog)s --from-nemo-curator KMEANS_RESULTS --save_folder SAVE [--num_clusters K] [--id-column COLUMN]
            [--embedding-column COLUMN] [--centroids_file C.npy] [--ascending] [--workers WORKERS] [--overwrite]"""
 
@@ -87,36 +89,50 @@ def parse_args():
                  help="NeMo Curator's embedding column, for centroids when none were saved (default: embeddings)")
     cli.add_flag(parser, "--centroids_file", default=None,
                  help="NeMo Curator's kmeans_centroids.npy (default: looked up beside KMEANS_RESULTS)")
+    cli.add_flag(parser, "--subset", default=None, metavar="FILE",
+                 help="cluster only the rows whose key (extension stripped) is in FILE: a kept_keys.npy from "
+                      "deduplicate.py or prune.py, or a text file of paths; column 1 stays the row in --embeddings")
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
     cli.add_workers_flag(parser)
     return parser.parse_args()
 
 
-def check_args(args, rows: int) -> int:
-    """The flags against the data; returns the sample size."""
-    k = args.num_clusters
-    if k is None:
+def check_args(args, rows: int) -> None:
+    """The flags against the data (k and the sample against the rows clustered are checked once those are
+    known: a --subset is known only from the keys)."""
+    if args.num_clusters is None:
         raise cli.UsageError("--num_clusters", "is required", "pass k, e.g. 500 for LAION, 100 for DataComp")
-    if k < 1 or k > rows:
-        raise cli.UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows", "pass a smaller k")
+    check_k_and_sample(args, rows)
     if args.niter < 1:
         raise cli.UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
     if not 0 <= args.seed <= de.MAX_SEED:
         raise cli.UsageError("--seed", f"{args.seed} is outside [0, {de.MAX_SEED}] (faiss's seed is a C int)",
                              "pass a smaller seed (default 1234)")
+    if args.subset and not os.path.isfile(args.subset):
+        what = "is a folder" if os.path.isdir(args.subset) else "does not exist"
+        raise cli.UsageError("--subset", f"{args.subset} {what}",
+                             "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
+
+
+def check_k_and_sample(args, rows: int, of: str = "") -> int:
+    """k and the sample size against the rows clustered; returns the sample size."""
+    k = args.num_clusters
+    if k < 1 or k > rows:
+        raise cli.UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows{of}", "pass a smaller k")
     sample = min(rows, de.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
     if not k <= sample <= rows:
-        raise cli.UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows",
+        raise cli.UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows{of}",
                              "omit it for up to 256 rows per centroid")
     return sample
 
 
-def fingerprint(args, embeddings: de.Embeddings, sample: int) -> dict:
+def fingerprint(args, embeddings: de.Embeddings) -> dict:
     """What a rerun must match to go on from a stopped run's work: the flags and the input files."""
-    files = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in embeddings.files()]
+    inputs = embeddings.files() + ([args.subset] if args.subset else [])
+    files = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in inputs]
     flags = {name: getattr(args, name) for name in ("num_clusters", "niter", "seed", "spherical", "ascending",
-                                                     "npz_key", "key_column")}
-    return {"files": files, "flags": flags, "sample_size": sample}
+                                                     "npz_key", "key_column", "sample_size", "subset")}
+    return {"files": files, "flags": flags}
 
 
 def main() -> None:
@@ -126,9 +142,9 @@ def main() -> None:
         return convert_nemo_curator(args, workers)
     embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
     n, k = embeddings.rows, args.num_clusters
-    sample = check_args(args, n)
+    check_args(args, n)
     save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resumable=True)
-    run = fingerprint(args, embeddings, sample)
+    run = fingerprint(args, embeddings)
 
     with save as out, cli.TaskPool(workers) as pool:
         work = out.staging
@@ -147,14 +163,24 @@ def main() -> None:
                 cli.log.warning(f"{repeats} keys repeat an earlier key; they are kept (as SemDeDup does), but "
                                 "the DBP key sets will hold each once")
         cli.stage("keys gathered")
+        subset, of = None, ""
+        if args.subset:
+            if not os.path.exists(out.path(de.SUBSET_ROWS)):
+                _, missing = de.subset_rows(work, args.subset)
+                if missing:
+                    cli.log.warning(f"{missing} keys of --subset {args.subset} are not among the embeddings' keys")
+            subset = np.load(out.path(de.SUBSET_ROWS))
+            n, of = len(subset), f" of --subset {args.subset}"
+        sample = check_k_and_sample(args, n, of)
         if not os.path.exists(out.path(de.CENTROIDS_FILE)):
             centroids, objective = de.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
-                                                   workers)
+                                                   workers, subset)
             cli.save_json(out.path(OBJECTIVE), objective)
             cli.save_npy(out.path(de.CENTROIDS_FILE), centroids)
         cli.stage("k-means trained")
         if not os.path.exists(out.path(de.LABELS)):
-            labels, distances = de.assign(embeddings, out.path(de.CENTROIDS_FILE), args.spherical, work, pool)
+            labels, distances = de.assign(embeddings, out.path(de.CENTROIDS_FILE), args.spherical, work, pool,
+                                          out.path(de.SUBSET_ROWS) if args.subset else None)
             cli.save_npy(out.path(de.DISTANCES), distances)
             cli.save_npy(out.path(de.LABELS), labels)
             shutil.rmtree(out.path(de.ASSIGN_DIR))
@@ -167,11 +193,12 @@ def main() -> None:
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
         cli.save_json(out.path(PARAMS_FILE), {
             "embeddings": os.path.abspath(args.embeddings), "keys": args.keys and os.path.abspath(args.keys),
-            **run["flags"], "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
-            "dim": embeddings.dim, "parts": len(embeddings.parts),
+            **run["flags"], "subset": args.subset and os.path.abspath(args.subset),
+            "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
+            "embedding_rows": embeddings.rows, "dim": embeddings.dim, "parts": len(embeddings.parts),
             "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
             "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
-    print(f"clustered {n} rows (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
+    print(f"clustered {n} rows{of} (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
           f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed} -> {args.save_folder}")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone

@@ -22,7 +22,7 @@ import numpy as np
 from dbp_cli import UsageError, atomic_open, load_json, save_json, save_npy
 
 # Where the columns DBP reads are, by the number of columns: SemDeDup's 4, NeMo Curator 0.4-0.7's 3.
-COLUMNS = {4: {"key": 0, "distance": 2, "cluster": 3}, 3: {"key": 0, "distance": 1, "cluster": 2}}
+COLUMNS = {4: {"key": 0, "index": 1, "distance": 2, "cluster": 3}, 3: {"key": 0, "distance": 1, "cluster": 2}}
 CLUSTER_FILE = re.compile(r"cluster_(0|[1-9][0-9]*)\.npy")
 CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole

@@ -18,15 +18,17 @@ once into a text file (one per line) so that a cluster's keys can be read withou
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import PARTIAL_SUFFIX, TaskPool, UsageError, atomic_open, progress, save_npy
+from dbp_cli import PARTIAL_SUFFIX, TaskPool, UsageError, atomic_open, progress, save_json, save_npy
 from dbp_clusters import cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
 from dbp_utils import exact_faiss, unit_rows
 
@@ -46,6 +48,7 @@ CENTROIDS_FILE = "kmeans_centroids.npy"
 KEYS_FILE = "keys.npy"  # every key, in row order, fixed width
 LABELS, DISTANCES = "labels.npy", "distances.npy"  # per row: its cluster, its distance to the centroid
 ORDER = "order.npy"  # the rows sorted by cluster (stably: in row order within each)
+SUBSET_ROWS = "subset_rows.npy"  # with --subset: the rows clustered, sorted; the work files are about them
 ASSIGN_DIR = "assign"  # each range's labels and distances, until all are assigned
 ASSIGN_ROWS = 1 << 18  # rows assigned by one task
 HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
@@ -64,16 +67,16 @@ class Part:
     rows: int
     dim: int
     dtype: np.dtype
-    keys: str  # .txt, .npy or .parquet
+    keys: str | None  # .txt, .npy or .parquet (None where only the embeddings are read)
     key_column: str | None = None  # for .parquet keys
     npz_key: str | None = None  # for .npz embeddings
-    offset: int = 0  # where the rows start in a .npy
+    offset: int | None = 0  # where the rows start in the file; None: compressed in a .npz, read whole
 
     def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 rows) for rows [start, stop), CHUNK_ROWS at a time, read (not mapped) so that
         memory stays flat."""
         stop = self.rows if stop is None else stop
-        if self.npz_key:
+        if self.offset is None:
             whole = self._npz_array()
             for first in range(start, stop, CHUNK_ROWS):
                 yield first, whole[first:min(first + CHUNK_ROWS, stop)].astype(np.float32)
@@ -86,7 +89,7 @@ class Part:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The float32 rows at the given sorted indices, through short-lived mappings of a window at a time."""
-        if self.npz_key:
+        if self.offset is None:
             return self._npz_array()[rows].astype(np.float32)
         out = np.empty((len(rows), self.dim), np.float32)
         row_bytes = self.dim * self.dtype.itemsize
@@ -108,6 +111,9 @@ class Part:
     def key_chunks(self) -> Iterator[np.ndarray]:
         """The keys of this part's rows as UTF-8 bytes, in chunks."""
         yield from read_keys(self.keys, self.key_column)
+
+    def as_json(self) -> dict:
+        return {**self.__dict__, "dtype": self.dtype.str}
 
 
 @dataclass(frozen=True)
@@ -139,32 +145,46 @@ class Embeddings:
         return np.concatenate(pieces)
 
     def files(self) -> list[str]:
-        return sorted({p.path for p in self.parts} | {p.keys for p in self.parts})
+        return sorted({p.path for p in self.parts} | {p.keys for p in self.parts if p.keys})
+
+    def save(self, path: str) -> None:
+        """The layout found, as JSON: tasks read it from the run's folder instead of carrying it (a folder of
+        clip-retrieval or DataComp parts can hold tens of thousands of them)."""
+        save_json(path, [part.as_json() for part in self.parts])
 
 
-def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, npz_key: str) -> Embeddings:
-    """Detect the layout of --embeddings (and --keys) and check every part's header."""
+@functools.lru_cache(maxsize=1)
+def load_embeddings(path: str) -> Embeddings:
+    """Embeddings.save's layout, read once per process."""
+    with open(path) as f:
+        return Embeddings([Part(**{**part, "dtype": np.dtype(part["dtype"])}) for part in json.load(f)])
+
+
+def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, npz_key: str,
+                    with_keys: bool = True) -> Embeddings:
+    """Detect the layout of --embeddings (and, `with_keys`, of --keys) and check every part's header."""
     if not os.path.exists(embeddings):
         raise UsageError("--embeddings", f"{embeddings} does not exist", "point it at a .npy file or a folder of parts")
     if os.path.isfile(embeddings):
         if not embeddings.endswith(".npy"):
             raise UsageError("--embeddings", f"{embeddings} is not a .npy file",
                              "pass a .npy of shape (n, dim), or a folder of clip-retrieval or DataComp parts")
-        if not keys:
+        if with_keys and not keys:
             raise UsageError("--keys", "is required with a single .npy of embeddings",
                              "pass the keys as a .txt (one per line), a 1-D string .npy or a .parquet")
-        parts = [npy_part(embeddings, keys, key_column)]
+        parts = [npy_part(embeddings, keys if with_keys else None, key_column)]
     else:
         names = sorted(os.listdir(embeddings))
         clip = numbered_parts(embeddings, names, CLIP_EMBEDDINGS)
         shards = [name for name in names if name.endswith(".npz")]
         if clip and not shards:
-            parts = clip_retrieval_parts(embeddings, clip, keys, key_column or "image_path")
+            parts = clip_retrieval_parts(embeddings, clip, keys, key_column or "image_path", with_keys)
         elif shards and not clip:
             if keys:
                 raise UsageError("--keys", "is not used with DataComp shards: their keys (uid) are in each "
                                  "<shard>.parquet", "drop --keys")
-            parts = [datacomp_part(os.path.join(embeddings, name), npz_key, key_column or "uid") for name in shards]
+            parts = [datacomp_part(os.path.join(embeddings, name), npz_key, key_column or "uid", with_keys)
+                     for name in shards]
         else:
             what = "both clip-retrieval parts and .npz shards" if clip else "no img_emb_<n>.npy and no .npz files"
             raise UsageError("--embeddings", f"{embeddings} holds {what}",
@@ -176,15 +196,20 @@ def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, n
     return Embeddings(parts)
 
 
-def npy_part(path: str, keys: str, key_column: str | None) -> Part:
+def npy_part(path: str, keys: str | None, key_column: str | None) -> Part:
+    """A .npy of embeddings, and the file of its keys (None: not needed)."""
     shape, dtype, fortran, offset = read_npy_header(path)
     _check_embedding_header(path, shape, dtype, fortran)
-    _check_keys_file(keys, shape[0], path, key_column)
-    return Part(path, shape[0], shape[1], dtype, keys, key_column, offset=offset)
+    if keys is not None:
+        _check_keys_file(keys, shape[0], path, key_column)
+    return Part(path, shape[0], shape[1], dtype, keys, key_column if keys else None, offset=offset)
 
 
-def clip_retrieval_parts(folder: str, parts: dict[int, str], keys: str | None, key_column: str) -> list[Part]:
+def clip_retrieval_parts(folder: str, parts: dict[int, str], keys: str | None, key_column: str,
+                         with_keys: bool = True) -> list[Part]:
     """img_emb_<n>.npy + metadata_<n>.parquet, paired by <n> and ordered by it (0, 1, .., 10: not by name)."""
+    if not with_keys:
+        return [npy_part(os.path.join(folder, parts[n]), None, None) for n in sorted(parts)]
     metadata = keys or os.path.join(os.path.dirname(os.path.abspath(folder)), "metadata")
     if not os.path.isdir(metadata):
         raise UsageError("--keys", f"{metadata} is not a folder", "pass clip-retrieval's metadata folder")
@@ -211,14 +236,15 @@ def numbered_parts(folder: str, names: list[str], pattern: re.Pattern) -> dict[i
     return parts
 
 
-def datacomp_part(path: str, npz_key: str, key_column: str) -> Part:
+def datacomp_part(path: str, npz_key: str, key_column: str, with_keys: bool = True) -> Part:
     """<shard>.npz with the embeddings under npz_key, beside <shard>.parquet with the uids."""
     keys = path[: -len(".npz")] + ".parquet"
     try:
-        with zipfile.ZipFile(path) as z, z.open(f"{npz_key}.npy") as f:
+        with zipfile.ZipFile(path) as z, z.open(info := z.getinfo(f"{npz_key}.npy")) as f:
             version = np.lib.format.read_magic(f)  # 1.0, or 2.0 and 3.0 (2.0 with a UTF-8 header)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
+            offset = _stored_offset(path, info) + f.tell() if info.compress_type == zipfile.ZIP_STORED else None
     except KeyError:
         raise UsageError(path, f"holds no array {npz_key!r}",
                          "pass --npz-key with the embedding array's name") from None
@@ -226,10 +252,21 @@ def datacomp_part(path: str, npz_key: str, key_column: str) -> Part:
         raise UsageError(path, f"is not a readable .npz file ({e})",
                          "point at DataComp's embedding shards") from None
     _check_embedding_header(path, shape, dtype, fortran)
+    if not with_keys:
+        return Part(path, shape[0], shape[1], dtype, None, npz_key=npz_key, offset=offset)
     if not os.path.isfile(keys):
         raise UsageError(path, f"has no {os.path.basename(keys)} beside it", "DataComp shards come as .npz + .parquet")
     _check_keys_file(keys, shape[0], path, key_column)
-    return Part(path, shape[0], shape[1], dtype, keys, key_column, npz_key=npz_key)
+    return Part(path, shape[0], shape[1], dtype, keys, key_column, npz_key=npz_key, offset=offset)
+
+
+def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
+    """Where an uncompressed member's bytes start in its zip file (np.savez stores them as they are, so that
+    they can be mapped like a .npy's): after its local header, 30 bytes, its name and its extra field."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name, extra = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name + extra
 
 
 def _check_embedding_header(path: str, shape: tuple, dtype: np.dtype, fortran: bool) -> None:
@@ -416,6 +453,32 @@ def _mapped(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def subset_rows(work: str, subset: str) -> tuple[int, int]:
+    """Write work/SUBSET_ROWS: the rows whose key (extension stripped) is in the `subset` file (a kept_keys.npy,
+    or a text file of paths or keys). Returns (rows selected, subset keys not among the rows' keys)."""
+    from dbp_utils import strip_extensions
+
+    if subset.endswith(".npy"):
+        shape, dtype, _, _ = read_npy_header(subset)
+        if len(shape) != 1 or dtype.kind not in "US":
+            raise UsageError("--subset", f"{subset} has shape {shape} and dtype {dtype}; expected 1-D keys",
+                             "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
+        wanted = keys_as_utf8(np.load(subset), subset)
+    else:
+        wanted = np.concatenate([np.zeros(0, "S1"), *_text_lines(subset)])
+    wanted = np.unique(strip_extensions(wanted)) if len(wanted) else wanted
+    keys = _mapped(os.path.join(work, KEYS_FILE))
+    found, selected = np.zeros(len(wanted), bool), []
+    for first in range(0, len(keys), CHUNK_ROWS):
+        stripped = strip_extensions(np.asarray(keys[first:first + CHUNK_ROWS]))
+        at = np.minimum(np.searchsorted(wanted, stripped), max(len(wanted) - 1, 0))
+        hit = (wanted[at] == stripped) if len(wanted) else np.zeros(len(stripped), bool)
+        found[at[hit]] = True
+        selected.append(first + np.flatnonzero(hit))
+    save_npy(os.path.join(work, SUBSET_ROWS), np.concatenate(selected).astype(np.int64))
+    return sum(len(s) for s in selected), int((~found).sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # k-means and the assignment
 # ---------------------------------------------------------------------------------------------
@@ -441,10 +504,12 @@ def checked_unit(x: np.ndarray, path: str, rows: np.ndarray) -> np.ndarray:
 
 
 def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_size: int, spherical: bool,
-                 threads: int) -> tuple[np.ndarray, float]:
-    """faiss.Kmeans on a seeded uniform sample of the rows: (centroids float32 (k, dim), final objective)."""
-    rows = np.sort(np.random.default_rng(seed).choice(embeddings.rows, size=sample_size, replace=False))
-    x = embeddings.unit_rows_at(rows)
+                 threads: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """faiss.Kmeans on a seeded uniform sample of the rows (of the `subset` rows, when given): (centroids float32
+    (k, dim), final objective)."""
+    count = embeddings.rows if subset is None else len(subset)
+    rows = np.sort(np.random.default_rng(seed).choice(count, size=sample_size, replace=False))
+    x = embeddings.unit_rows_at(rows if subset is None else subset[rows])
     faiss = exact_faiss(threads)
     # Every sampled row is used (faiss would subsample past 256 per centroid), and faiss's warning about
     # few points per centroid, printed straight to stderr, is left to our own checks.
@@ -457,16 +522,18 @@ def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_s
 ASSIGNED = np.dtype([("label", "<i4"), ("distance", "<f4")])  # a row's nearest centroid and its distance to it
 
 
-def assign(embeddings: Embeddings, centroids_file: str, spherical: bool, work: str,
-           pool: TaskPool) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's nearest centroid and its cosine distance to it: (labels, distances). One task per range of
-    ASSIGN_ROWS rows of a part writes ASSIGN_DIR/<part>_<first row>.npy; a rerun does only the missing ones."""
+def assign(embeddings: Embeddings, centroids_file: str, spherical: bool, work: str, pool: TaskPool,
+           subset: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's (or every `subset` row's) nearest centroid and its cosine distance to it: (labels, distances).
+    One task per range of ASSIGN_ROWS rows of a part writes ASSIGN_DIR/<part>_<first row>.npy; a rerun does
+    only the missing ones."""
     folder = os.path.join(work, ASSIGN_DIR)
     os.makedirs(folder, exist_ok=True)
+    starts = embeddings.starts()
     ranges = [(i, first, min(first + ASSIGN_ROWS, part.rows)) for i, part in enumerate(embeddings.parts)
               for first in range(0, part.rows, ASSIGN_ROWS)]
     files = [os.path.join(folder, f"{i}_{first}.npy") for i, first, _ in ranges]
-    tasks = [(embeddings.parts[i], first, stop, centroids_file, spherical, path)
+    tasks = [(embeddings.parts[i], first, stop, centroids_file, spherical, path, subset, int(starts[i]))
              for (i, first, stop), path in zip(ranges, files) if not os.path.exists(path)]
     for _ in pool.run(assign_rows, tasks, "assign", unit="range"):
         pass
@@ -474,25 +541,33 @@ def assign(embeddings: Embeddings, centroids_file: str, spherical: bool, work: s
     return assigned["label"], assigned["distance"]
 
 
-def assign_rows(task: tuple[Part, int, int, str, bool, str]) -> None:
-    """One range of a part's rows: each row's nearest centroid (faiss, by inner product for spherical
-    k-means, else by L2) and 1 - its cosine to that centroid, computed in float64 per row so that it is the
-    same on any machine and for any thread count; written to `path`."""
-    part, first, stop, centroids_file, spherical, path = task
+def assign_rows(task: tuple[Part, int, int, str, bool, str, str | None, int]) -> None:
+    """One range of a part's rows (those in the `subset` file only, when given; `start` is the part's first row
+    in the whole): each row's nearest centroid (faiss, by inner product for spherical k-means, else by L2)
+    and 1 - its cosine to that centroid, computed in float64 per row so that it is the same on any machine
+    and for any thread count; written to `path`."""
+    part, first, stop, centroids_file, spherical, path, subset, start = task
     centroids = np.load(centroids_file)
     faiss = exact_faiss(1)  # the tasks are the parallelism
     index = faiss.IndexFlatIP(part.dim) if spherical else faiss.IndexFlatL2(part.dim)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     directions = unit_rows(centroids.astype(np.float64))
-    out = np.empty(stop - first, ASSIGNED)
-    for start, x in part.chunks(first, stop):
-        x = checked_unit(x, part.path, np.arange(start, start + len(x)))
+    if subset is None:
+        chunks = part.chunks(first, stop)
+    else:
+        selected = _mapped(subset)
+        local = selected[np.searchsorted(selected, start + first):np.searchsorted(selected, start + stop)] - start
+        chunks = ((local[a], part.take(local[a:a + CHUNK_ROWS])) for a in range(0, len(local), CHUNK_ROWS))
+    pieces = []
+    for row, x in chunks:
+        x = checked_unit(x, part.path, np.arange(row, row + len(x)))
         _, nearest = index.search(x, 1)
-        rows = slice(start - first, start - first + len(x))
-        out["label"][rows] = nearest[:, 0]
-        out["distance"][rows] = 1 - np.einsum("ij,ij->i", x.astype(np.float64), directions[nearest[:, 0]])
+        piece = np.empty(len(x), ASSIGNED)
+        piece["label"] = nearest[:, 0]
+        piece["distance"] = 1 - np.einsum("ij,ij->i", x.astype(np.float64), directions[nearest[:, 0]])
+        pieces.append(piece)
     with atomic_open(path) as f:
-        np.save(f, out)
+        np.save(f, np.concatenate(pieces) if pieces else np.empty(0, ASSIGNED))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,10 +592,13 @@ def write_clusters(folder: str, work: str, labels: np.ndarray, k: int, descendin
 
 
 def write_cluster(task: tuple[str, str, int, int, int, bool]) -> None:
-    """One cluster's file, from the rows [start, stop) of the work files' cluster order."""
+    """One cluster's file, from the rows [start, stop) of the work files' cluster order (positions among the
+    subset's rows, when the work folder holds a subset)."""
     path, work, j, start, stop, descending = task
-    rows = np.array(_mapped(os.path.join(work, ORDER))[start:stop])
-    distances = _mapped(os.path.join(work, DISTANCES))[rows]
+    positions = np.array(_mapped(os.path.join(work, ORDER))[start:stop])
+    distances = _mapped(os.path.join(work, DISTANCES))[positions]
+    subset = os.path.join(work, SUBSET_ROWS)
+    rows = np.array(_mapped(subset)[positions]) if os.path.exists(subset) else positions
     keys = _mapped(os.path.join(work, KEYS_FILE))[rows]
     save_cluster_file(path, cluster_table(keys, rows, distances, j, descending))
 

@@ -324,18 +324,13 @@ def select_kept(clusters: list[ClusterFile], quotas: np.ndarray, which: str, see
     return pool.run(select_cluster, tasks, "select")
 
 
-def take_part(parts: str, cluster_id: int, kept_paths: Any, pruned_paths: Any = None) -> np.ndarray:
-    """A cluster's part files, removed once read: its lines appended to the open kept_paths (and pruned_paths,
-    when it was asked for); its sorted keys returned."""
-    path = part_file(parts, cluster_id)
+def take_part(path: str, lines_to: Any, with_keys: bool = True) -> np.ndarray | None:
+    """A part file a task left, removed once read: its keys (a .npy at its start) returned, the lines after them
+    appended to the open file `lines_to`."""
     with open(path, "rb") as f:
-        keys = np.load(f)
-        _append(f, kept_paths)
+        keys = np.load(f) if with_keys else None
+        _append(f, lines_to)
     os.remove(path)
-    if pruned_paths is not None:
-        with open(path := part_file(parts, cluster_id, pruned=True), "rb") as f:
-            _append(f, pruned_paths)
-        os.remove(path)
     return keys
 
 

@@ -143,7 +143,9 @@ def main() -> None:
             selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
                                         parts, pool)
             for j, (cluster, kept) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
-                collected.add(du.take_part(parts, j, f, pruned if args.pruned_paths else None))
+                collected.add(du.take_part(du.part_file(parts, j), f))
+                if args.pruned_paths:
+                    du.take_part(du.part_file(parts, j, pruned=True), pruned, with_keys=False)
                 if not kept.in_order:
                     unsorted.append(cluster.path)
                 if not kept.ids_match:

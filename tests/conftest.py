@@ -148,3 +148,14 @@ def workers_of(pid: int) -> list[int]:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 direct |= {int(c) for c in f.read().split()}
     return sorted(children - direct)
+
+
+def error_line(stderr: str) -> str:
+    """The one error line a failed run ends with. Before it may stand only the progress bars of the work done
+    up to the failure (drawn once the work has taken half a second: on a busy machine, even a quick error's)."""
+    import re
+
+    *bars, line = stderr.strip().splitlines() or [""]
+    assert all(re.match(r"\r?[\w ]+: +\d+%\|", bar) for bar in bars), stderr
+    assert line.startswith("error: ") and "Traceback" not in stderr, stderr
+    return line

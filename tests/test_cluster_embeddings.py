@@ -18,6 +18,7 @@ from conftest import (
     PRUNE_SCRIPT,
     ROOT,
     brute_dinter,
+    error_line,
     make_toy_clusters,
     run_script,
     start_script,
@@ -357,8 +358,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, setup, extra, expect
             args += [flag, tmp_path / value if flag == "--keys" else value]
     r = run_script(CLUSTER_SCRIPT, *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+    assert expect in error_line(r.stderr), r.stderr
     assert not (tmp_path / "save").exists()
 
 

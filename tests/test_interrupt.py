@@ -6,7 +6,6 @@ test delivers the fault and lets it go on. Nothing depends on how fast the machi
 
 import json
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from conftest import (
     PRUNE_SCRIPT,
     ROOT,
     descendants,
+    error_line,
     make,
     process_state,
     run_script,
@@ -100,9 +100,8 @@ def wait_ended(proc):
 
 def assert_one_line(err, *expected):
     """One error line, on a line of its own; before it at most the progress bars the run had drawn."""
-    *bars, line = err.strip().splitlines()
-    assert all(re.match(r"\r?[\w ]+: +\d+%\|", bar) for bar in bars), err
-    assert line.startswith("error: ") and all(text in line for text in expected), err
+    line = error_line(err)
+    assert all(text in line for text in expected), err
 
 
 def test_same_inputs_give_identical_outputs_for_any_workers(big, reference, tmp_path):

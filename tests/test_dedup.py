@@ -1,0 +1,309 @@
+"""deduplicate.py: SemDeDup's scores and kept sets against a float64 reference from the definition."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLUSTER_SCRIPT, ROOT, error_line, run_script, start_script, wait_paused
+
+import dbp_dedup as dd
+
+DEDUP_SCRIPT = "deduplicate.py"
+DIM = 8
+SIZES = [0, 1, 5, 40, 2100, 60, 3]  # empty, a singleton, small, one larger than two blocks (1024 rows)
+ASCENDING, UNSORTED = 5, 6  # cluster 5's file is sorted nearest first; cluster 6's not at all
+EPS = [0.01, 0.05, 0.2]
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def write_cluster(path, rows):
+    """As SemDeDup's sort_clusters.py saves a cluster: np.save of a list of (path, index, distance, id) tuples."""
+    np.save(path, rows if rows else [])
+
+
+def make_data(root):
+    """Embeddings with near-duplicate groups inside clusters, SemDeDup's cluster files, centroids beside them."""
+    rng = np.random.default_rng(0)
+    x, start = [], 0
+    os.makedirs(root / "save" / "sorted_clusters")
+    centroids = unit(rng.standard_normal((len(SIZES), DIM))).astype(np.float32)
+    for j, size in enumerate(SIZES):
+        members = unit(centroids[j] + 0.6 * rng.standard_normal((size, DIM)))
+        for i in range(1, size):  # a third of the members nearly repeat an earlier one
+            if rng.random() < 0.33:
+                noise = rng.choice([0.02, 0.1, 0.25]) * rng.standard_normal(DIM)
+                members[i] = unit(members[rng.integers(0, i)] + noise)
+        members *= rng.uniform(0.5, 2, (size, 1))  # not unit length on disk: normalised as read
+        distance = 1 - unit(members) @ centroids[j].astype(np.float64)
+        order = np.argsort(-distance, kind="stable")
+        if j == ASCENDING:
+            order = order[::-1]
+        elif j == UNSORTED:
+            order = order[[1, 0, 2]]  # the second farthest, the farthest, the nearest
+        rows = [(f"{j:05d}/{start + i:09d}.jpg", start + i, repr(float(np.float32(distance[i]))), j) for i in order]
+        write_cluster(root / "save" / "sorted_clusters" / f"cluster_{j}.npy", rows)
+        x.append(members)
+        start += size
+    x = np.concatenate(x).astype(np.float32)
+    perm = rng.permutation(len(x))  # rows of the embeddings in another order than the clusters'
+    inverse = np.argsort(perm)
+    for j in range(len(SIZES)):
+        path = root / "save" / "sorted_clusters" / f"cluster_{j}.npy"
+        rows = np.load(path)
+        if rows.size:
+            rows[:, 1] = inverse[rows[:, 1].astype(int)].astype(str)
+            np.save(path, rows)
+    np.save(root / "emb.npy", x[perm])
+    np.save(root / "save" / "kmeans_centroids.npy", centroids)
+    return {"x": x[perm].astype(np.float64), "sorted": root / "save" / "sorted_clusters", "emb": root / "emb.npy"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("dedup_data"))
+
+
+def reference(data, j, which, seed=1234):
+    """SemDeDup's definition, in float64 on the full matrix: (scores, matches) in the file's row order."""
+    rows = np.load(data["sorted"] / f"cluster_{j}.npy")
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0), np.zeros(0, int)
+    distance, steps = rows[:, 2].astype(np.float64), np.diff(rows[:, 2].astype(np.float64))
+    if which == "random":
+        order = np.random.default_rng([seed, j]).permutation(n)
+    elif (steps <= 0).all() or (steps >= 0).all():  # sorted: ascending only if it rises somewhere
+        descending = (steps <= 0).all()
+        order = np.arange(n) if (which == "hard") == descending else np.arange(n)[::-1]
+    else:  # an unsorted file is sorted first
+        order = np.argsort(-distance if which == "hard" else distance, kind="stable")
+    emb = unit(data["x"][rows[:, 1].astype(int)])[order]
+    sims = emb @ emb.T
+    scores, matches = np.zeros(n), np.full(n, -1)
+    for i in range(1, n):
+        best = int(np.argmax(sims[i, :i]))
+        if sims[i, best] > 0:
+            scores[i], matches[i] = sims[i, best], order[best]
+    out_scores, out_matches = np.zeros(n), np.full(n, -1)
+    out_scores[order], out_matches[order] = scores, matches
+    return out_scores, out_matches
+
+
+def dedup(data, out, *extra, script=DEDUP_SCRIPT):
+    r = run_script(script, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", *EPS, "--save_folder", out, *extra)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("which", ["hard", "easy", "random"])
+def test_scores_and_kept_sets_are_semdedups(data, tmp_path, which):
+    r = dedup(data, tmp_path / "d", "--which-to-keep", which)
+    assert ("warning: 1 cluster file(s) are not sorted" in r.stderr) == (which != "random")  # cluster 6
+    kept_ref = {eps: set() for eps in EPS}
+    borderline = {eps: set() for eps in EPS}  # within float32's reach of the threshold: either side is right
+    for j in range(len(SIZES)):
+        scores = np.load(tmp_path / "d" / "scores" / f"cluster_{j}.npy")
+        matches = np.load(tmp_path / "d" / "matches" / f"cluster_{j}.npy")
+        ref_scores, ref_matches = reference(data, j, which)
+        assert scores.dtype == np.float32 and len(scores) == SIZES[j]
+        np.testing.assert_allclose(scores, ref_scores, atol=2e-6)
+        assert (matches == ref_matches).all()
+        keys = [k.rsplit(".", 1)[0].encode() for k in np.load(data["sorted"] / f"cluster_{j}.npy")[:, 0]] \
+            if SIZES[j] else []
+        for eps in EPS:
+            kept_ref[eps] |= {k for k, s in zip(keys, ref_scores) if s <= 1 - eps}
+            borderline[eps] |= {k for k, s in zip(keys, ref_scores) if abs(s - (1 - eps)) < 1e-5}
+    for eps in EPS:
+        kept = np.load(tmp_path / "d" / f"eps_{eps:g}" / "kept_keys.npy").tolist()
+        assert kept == sorted(set(kept))  # prune.py's format: sorted, unique
+        assert set(kept) - borderline[eps] == kept_ref[eps] - borderline[eps]
+        assert len(borderline[eps]) < 3
+    assert 0 < len(kept_ref[0.2]) < len(kept_ref[0.05]) <= len(kept_ref[0.01]) < sum(SIZES)
+
+
+def test_removed_paths_name_the_member_they_duplicate(data, tmp_path):
+    dedup(data, tmp_path / "d")
+    lines = (tmp_path / "d" / "eps_0.2" / "removed_paths.txt").read_text().splitlines()
+    stats = list(csv_rows(tmp_path / "d" / "dedup_stats.csv"))
+    assert len(lines) == int(stats[2]["removed"]) > 0
+    x = unit(data["x"])
+    index = {}
+    for j in range(len(SIZES)):
+        rows = np.load(data["sorted"] / f"cluster_{j}.npy")
+        index.update({k: int(i) for k, i in zip(rows[:, 0].tolist(), rows[:, 1].tolist())} if rows.size else {})
+    for line in lines:
+        path, duplicated, similarity = line.split("\t")
+        assert float(similarity) > 0.8
+        assert abs(x[index[path]] @ x[index[duplicated]] - float(similarity)) < 2e-6
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+def test_semdedups_quirks(tmp_path):
+    """The first member scores 0; a negative similarity counts as 0; a removed member still removes later ones;
+    easy is the reversed file; a similarity exactly at 1 - eps is kept (SemDeDup's strict >)."""
+    root = tmp_path
+    angle = np.arccos(0.99)
+    chain = [[np.cos(t), np.sin(t)] + [0] * (DIM - 2) for t in (0, angle, 2 * angle)]  # a~b, b~c, a!~c
+    tie = [[1, 0, 0, 0, 0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5, 0, 0, 0, 0]]  # exactly 0.5
+    opposite = [[0, 0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, -1, 0]]
+    x = np.array(chain + tie + opposite, np.float32)
+    np.save(root / "emb.npy", x)
+    (root / "sorted").mkdir()
+    for j, members in enumerate([[0, 1, 2], [3, 4], [5, 6]]):
+        write_cluster(root / "sorted" / f"cluster_{j}.npy", [(f"s/{i}.jpg", i, 0.9 - 0.1 * r, j)
+                                                              for r, i in enumerate(members)])
+    for which, expected in (("hard", [0, 0.99, 0.99]), ("easy", [0.99, 0.99, 0])):
+        r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", root / "sorted", "--embeddings", root / "emb.npy",
+                       "--eps", 0.02, 0.5, 0.50001, "--which-to-keep", which, "--save_folder", root / which)
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(np.load(root / which / "scores" / "cluster_0.npy"), expected, atol=1e-6)
+        assert np.load(root / which / "scores" / "cluster_1.npy").tolist() == ([0, 0.5] if which == "hard" else
+                                                                               [0.5, 0])
+        assert np.load(root / which / "scores" / "cluster_2.npy").tolist() == [0, 0]
+        assert np.load(root / which / "matches" / "cluster_2.npy").tolist() == [-1, -1]
+        kept = {eps: set(np.load(root / which / f"eps_{eps}" / "kept_keys.npy").tolist())
+                for eps in ("0.02", "0.5", "0.50001")}
+        assert kept["0.02"] & {b"s/0", b"s/1", b"s/2"} == ({b"s/0"} if which == "hard" else {b"s/2"})
+        assert {b"s/3", b"s/4"} <= kept["0.5"]  # 0.5 is not > 1 - 0.5: a tie is kept
+        assert len({b"s/3", b"s/4"} & kept["0.50001"]) == 1
+
+
+def test_blocks_of_any_size_give_the_full_matrix_answer():
+    rng = np.random.default_rng(3)
+    x = unit(rng.standard_normal((53, 5)))
+    x[17] = x[4]  # an exact repeat: its earliest copy is the match
+    x[30] = x[4]
+    sims = x @ x.T
+    expected = np.array([max(0, sims[i, :i].max()) if i else 0 for i in range(53)])
+    for block in (1, 7, 17, 53, 64):
+        scores, matches = dd.max_earlier_similarity(torch.from_numpy(x.astype(np.float32)), block)
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
+        assert matches[17] == 4 and matches[30] == 4 and matches[0] == -1
+
+
+def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, tmp_path):
+    outputs = []
+    for workers in ("1", "2"):
+        dedup(data, tmp_path / workers, "--which-to-keep", "random", "--workers", workers)
+        outputs.append({p.relative_to(tmp_path / workers): p.read_bytes() for p in (tmp_path / workers).rglob("*")
+                        if p.is_file() and p.name != "logs.log" and p.name != "params.json"})
+    assert outputs[0] == outputs[1]
+    scores = tmp_path / "1" / "scores" / "cluster_4.npy"
+    before = os.stat(scores)
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
+                   "--which-to-keep", "random", "--save_folder", tmp_path / "1")
+    assert r.returncode == 0, r.stderr
+    assert f"scores reused for {len(SIZES)} clusters" in r.stdout
+    after = os.stat(scores)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not recomputed
+    assert sorted(p.name for p in (tmp_path / "1").glob("eps_*")) == ["eps_0.01", "eps_0.05", "eps_0.2", "eps_0.3"]
+    params = json.loads((tmp_path / "1" / "params.json").read_text())
+    assert params["eps"] == [0.01, 0.05, 0.2, 0.3]
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
+                   "--which-to-keep", "easy", "--save_folder", tmp_path / "1")
+    assert r.returncode == 2 and "already holds the outputs of a completed run" in r.stderr
+
+
+def test_a_killed_run_is_finished_by_a_rerun(data, tmp_path):
+    dedup(data, tmp_path / "reference")
+    proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                        "--eps", *EPS, "--save_folder", tmp_path / "d", "--workers", 2, pause="score under way")
+    wait_paused(proc, "score under way")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "d" / "params.json").exists()
+    staged = set(os.listdir(tmp_path / "d" / ".dbp_staging" / "matches"))
+    assert staged  # the largest cluster, scored first
+    r = dedup(data, tmp_path / "d")
+    assert f"scores reused for {len(staged)} clusters" in r.stdout
+    for path in (tmp_path / "reference").rglob("*.npy"):
+        assert (tmp_path / "d" / path.relative_to(tmp_path / "reference")).read_bytes() == path.read_bytes()
+
+
+def test_the_paper_pipeline_dedup_then_cluster_the_kept_rows(tmp_path):
+    """cluster (large k) -> deduplicate (embeddings from clustering.json) -> cluster the kept rows (--subset)."""
+    rng = np.random.default_rng(5)
+    x = unit(rng.standard_normal((1500, DIM)))
+    x[750:] = unit(x[:750] + 0.01 * rng.standard_normal((750, DIM)))  # every row twice, nearly
+    np.save(tmp_path / "emb.npy", x.astype(np.float32))
+    keys = [f"{i // 100:05d}/{i:09d}.jpg" for i in range(1500)]
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    r = run_script(CLUSTER_SCRIPT, "--embeddings", tmp_path / "emb.npy", "--keys", tmp_path / "keys.txt",
+                   "--num_clusters", 30, "--save_folder", tmp_path / "c1")
+    assert r.returncode == 0, r.stderr
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", tmp_path / "c1" / "sorted_clusters", "--eps", 0.01,
+                   "--save_folder", tmp_path / "dedup")
+    assert r.returncode == 0, r.stderr
+    kept = np.load(tmp_path / "dedup" / "eps_0.01" / "kept_keys.npy")
+    assert 750 <= len(kept) < 800  # one of each pair, but for the pairs k-means split
+    r = run_script(CLUSTER_SCRIPT, "--embeddings", tmp_path / "emb.npy", "--keys", tmp_path / "keys.txt",
+                   "--subset", tmp_path / "dedup" / "eps_0.01" / "kept_keys.npy", "--num_clusters", 5,
+                   "--save_folder", tmp_path / "c2")
+    assert r.returncode == 0, r.stderr
+    rows = np.concatenate([np.load(tmp_path / "c2" / "sorted_clusters" / f"cluster_{j}.npy") for j in range(5)])
+    assert sorted(k.rsplit(".", 1)[0].encode() for k in rows[:, 0]) == kept.tolist()
+    assert all(keys[int(i)] == k for k, i in zip(rows[:, 0], rows[:, 1]))  # column 1: rows of emb.npy
+    params = json.loads((tmp_path / "c2" / "clustering.json").read_text())
+    assert params["rows"] == len(kept) and params["embedding_rows"] == 1500
+
+
+def bad_file(j, rows):
+    return lambda data, root: write_cluster(root / "sorted" / f"cluster_{j}.npy", rows)
+
+
+BAD = [  # (id, change to a copy of the data, extra flags, what the one line says)
+    ("eps-same-folder", None, ["--eps", ["0.5", "0.5000001"]], "would both be written to eps_0.5"),
+    ("eps-zero", None, ["--eps", 0], "--eps: 0.0 is outside (0, 1)"),
+    ("eps-one", None, ["--eps", 1], "--eps: 1.0 is outside (0, 1)"),
+    ("eps-nan", None, ["--eps", "nan"], "--eps: nan is outside (0, 1)"),
+    ("index-past-rows", bad_file(2, [("a/1.jpg", 0, 0.5, 2), ("a/2.jpg", 99999, 0.4, 2)]), [],
+     "row 1: index 99999 is past the 2209 rows of the embeddings"),
+    ("index-not-a-number", bad_file(2, [("a/1.jpg", "x", 0.5, 2)]), [], "row 0: index 'x' is not a row number"),
+    ("duplicate-paths", bad_file(2, [("a/1.jpg", 0, 0.5, 2), ("a/1.jpg", 1, 0.4, 2)]), [],
+     "key 'a/1.jpg' appears twice (rows 0 and 1)"),
+    ("three-columns", bad_file(2, [("a/1.jpg", 0.5, 2)]), [], "has 3 columns (NeMo Curator 0.x)"),
+    ("other-dimension", lambda data, root: np.save(root / "kmeans_centroids.npy", np.ones((7, 3), np.float32)), [],
+     "have dimension 8 but the centroids"),
+    ("no-embeddings", None, ["--embeddings", None], "--embeddings: is required: there is no clustering.json"),
+    ("seed-negative", None, ["--seed", -1], "--seed: -1 is negative"),
+]
+
+
+@pytest.mark.parametrize("change,extra,expect", [pytest.param(c, e, x, id=i) for i, c, e, x in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, change, extra, expect):
+    import shutil
+
+    shutil.copytree(data["sorted"], tmp_path / "sorted")
+    shutil.copy(data["sorted"].parent / "kmeans_centroids.npy", tmp_path / "kmeans_centroids.npy")
+    if change:
+        change(data, tmp_path)
+    args = {"--sorted_clusters_path": tmp_path / "sorted", "--embeddings": data["emb"], "--eps": 0.1,
+            "--save_folder": tmp_path / "out"}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        args[flag] = value
+    r = run_script(DEDUP_SCRIPT, *[a for flag, value in args.items() if value is not None
+                                   for a in (flag, *(value if isinstance(value, list) else [value]))])
+    assert r.returncode == 2 and expect in error_line(r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_names_every_flag_in_both_spellings(tmp_path):
+    r = run_script(DEDUP_SCRIPT, "--help")
+    assert r.returncode == 0
+    for flag in ("--sorted_clusters_path", "--sorted-clusters-path", "--eps", "--which-to-keep", "--which_to_keep",
+                 "--embeddings", "--npz-key", "--device", "--save_folder", "--save-folder", "--workers"):
+        assert flag in r.stdout, flag
+    assert os.path.exists(os.path.join(ROOT, DEDUP_SCRIPT))
