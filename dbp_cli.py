@@ -257,8 +257,8 @@ class TaskPool:
     Results are small (tasks write their outputs to files), so a worker killed mid-task breaks the pool at
     once instead of leaving half a message in a pipe; that ends the run with one line."""
 
-    def __init__(self, workers: int):
-        self.workers, self.executor, self.runs = workers, None, []
+    def __init__(self, workers: int, preload: tuple[str, ...] = ()):
+        self.workers, self.preload, self.executor, self.runs = workers, preload, None, []
 
     def __enter__(self) -> TaskPool:
         return self
@@ -287,7 +287,7 @@ class TaskPool:
         if self.workers <= 1:
             return lambda: func(task)
         if self.executor is None:
-            self.executor = _start_executor(self.workers)
+            self.executor = _start_executor(self.workers, self.preload)
         future = self.executor.submit(func, task)
 
         def result() -> Any:
@@ -312,7 +312,7 @@ class TaskPool:
 
     def _map(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str) -> Iterator[Any]:
         if self.executor is None:
-            self.executor = _start_executor(self.workers)
+            self.executor = _start_executor(self.workers, self.preload)
         todo, pending, started = iter(tasks), [], False
         while True:
             # Keep every worker busy, but never run far ahead of the results handed out.
@@ -346,25 +346,44 @@ def _result(future: Any) -> Any:
 _END = object()
 
 
-def _start_executor(workers: int) -> ProcessPoolExecutor:
+def _start_executor(workers: int, preload: tuple[str, ...] = ()) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["numpy"])
+    # The fork server imports numpy, this project's modules the run has imported and `preload`, so that
+    # each worker starts with them (it is given this folder on its path for that, which Python 3.11's fork
+    # server does not pass on by itself).
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = [name for name, module in list(sys.modules.items())
+            if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) == here]
+    context.set_forkserver_preload(["numpy", *ours, *preload])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
-    warnings = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, "ignore:resource_tracker:UserWarning"]))
-    try:
-        multiprocessing.resource_tracker.ensure_running()
-        multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on
-    finally:
-        if warnings is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = warnings
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    with _environment(PYTHONWARNINGS="ignore:resource_tracker:UserWarning", PYTHONPATH=here):
+        try:
+            multiprocessing.resource_tracker.ensure_running()
+            multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
+
+
+@contextlib.contextmanager
+def _environment(**added: str) -> Iterator[None]:
+    """Environment variables with `added` joined to their values (comma- or colon-separated), for the
+    processes started in the block."""
+    saved = {name: os.environ.get(name) for name in added}
+    for name, value in added.items():
+        separator = "," if name == "PYTHONWARNINGS" else os.pathsep
+        os.environ[name] = separator.join(filter(None, [saved[name], value]))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def _worker_started(run: int) -> None:

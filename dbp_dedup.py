@@ -252,5 +252,5 @@ def plot_similarity(path: str, eps_list: list[float], removed: np.ndarray, histo
     right.set(xlabel="eps (a member goes when its similarity > 1 - eps)", ylabel="fraction removed",
               ylim=(0, 1.02), title="what each eps removes")
     right.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
     fig.savefig(path, format="png")

@@ -758,5 +758,5 @@ def plot_quotas(f, table: dict[str, np.ndarray], plan: Quotas, target: int, titl
     right.set(xlim=(-0.5, len(x) - 0.5), xlabel="clusters, by complexity (lowest left)",
               ylabel="samples (log scale)", title="what each cluster keeps of what it has")
     right.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
     fig.savefig(f, format="png")

@@ -112,10 +112,12 @@ def generate(folder: str, rows: int, k: int, seed: int) -> None:
 
 
 def warm_cache(folder: str) -> None:
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            while f.read(1 << 24):
-                pass
+    """Read every file under folder once, so that the runs measured find it in the page cache."""
+    for where, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(where, name), "rb") as f:
+                while f.read(1 << 24):
+                    pass
 
 
 def process_tree(pid: int) -> list[int]:

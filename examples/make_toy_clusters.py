@@ -10,7 +10,8 @@ k-means and writes what SemDeDup's clustering and sort_clusters.py write:
     OUT/embeddings.npy, OUT/paths.txt      the embeddings and the sample keys, in dataset order
 
 Keys look like LAION's webdataset keys: `00012/000120034.jpg` is sample 120034 in shard 00012.
-With --embeddings-only it writes just embeddings.npy and paths.txt, for cluster_embeddings.py.
+With --embeddings-only it writes just embeddings.npy and paths.txt, for cluster_embeddings.py (with
+--duplicates, some of them nearly repeating others: something for deduplicate.py to find).
 
     python examples/make_toy_clusters.py --out toy --n 20000 --k 50 --dim 64 --seed 0
     python examples/make_toy_clusters.py --out toy --n 20000 --dim 64 --embeddings-only
@@ -41,6 +42,17 @@ def make_embeddings(n: int, dim: int, concepts: int, seed: int) -> np.ndarray:
     concept = rng.choice(concepts, size=n, p=weights)
     noise = rng.standard_normal((n, dim)) / np.sqrt(dim)
     return _unit(centers[concept] + noise * spread[concept, None])
+
+
+def add_near_duplicates(x: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """x with a `fraction` of its rows replaced by near-copies of other rows (cosine similarity about 0.999),
+    as web data holds re-uploads, crops and re-encodings of the same image."""
+    rng = np.random.default_rng(seed)
+    copies = np.flatnonzero(rng.random(len(x)) < fraction)
+    sources = rng.integers(0, len(x), len(copies))
+    x = x.copy()
+    x[copies] = _unit(x[sources] + rng.standard_normal((len(copies), x.shape[1])) * 0.04 / np.sqrt(x.shape[1]))
+    return x
 
 
 def sample_paths(ids, shard_size: int) -> list[str]:
@@ -139,9 +151,12 @@ def main() -> None:
     parser.add_argument("--bytes-paths", action="store_true", help="store paths as bytes, as from an S24 memmap")
     parser.add_argument("--embeddings-only", action="store_true",
                         help="write only embeddings.npy and paths.txt (no k-means, no sorted clusters)")
+    parser.add_argument("--duplicates", type=float, default=0.0,
+                        help="with --embeddings-only: the fraction of samples that nearly repeat another (default: 0)")
     args = parser.parse_args()
     if args.embeddings_only:
         x = make_embeddings(args.n, args.dim, concepts=max(2, args.k // 2), seed=args.seed)
+        x = add_near_duplicates(x, args.duplicates, args.seed) if args.duplicates else x
         write_embeddings(args.out, x, sample_paths(range(args.n), args.shard_size))
         print(f"{args.n} embeddings of dim {args.dim} -> {args.out}/embeddings.npy, keys -> {args.out}/paths.txt")
         return

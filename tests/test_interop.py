@@ -59,9 +59,8 @@ def nemo_results(root, ids_kind, float16, with_centroids):
                                if (results / f"centroid={j}").exists()}}
 
 
-@pytest.mark.parametrize("ids_kind", ["int", "str"])
-@pytest.mark.parametrize("float16", [False, True])
-@pytest.mark.parametrize("with_centroids", [True, False])
+@pytest.mark.parametrize("ids_kind,float16,with_centroids", [  # each value of each, each pair of two of them
+    ("int", True, True), ("str", False, True), ("int", False, False), ("str", True, False)])
 def test_nemo_curator_results_become_semdedups_layout(tmp_path, ids_kind, float16, with_centroids):
     results, truth = nemo_results(tmp_path, ids_kind, float16, with_centroids)
     save = tmp_path / "save"

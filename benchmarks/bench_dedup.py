@@ -1,0 +1,137 @@
+"""Benchmark deduplicate.py against SemDeDup's own scoring and against a bare matmul.
+
+Generates SemDeDup-style sorted clusters and the embeddings they index (reused when already there), warms
+the page cache, then measures in one run:
+  - deduplicate.py as a whole process (Python, imports and all): wall time, peak RSS of the largest process
+    and of the process tree;
+  - SemDeDup's semdedup() loop over the same clusters, re-typed from its semdedup.py (the full similarity
+    matrix, its diagonal zeroed, its upper triangle copied, the column maxima), imports excluded;
+  - torch's full-square X @ X.T of each cluster, in the same process: the GEMM floor of SemDeDup's way;
+  - the scores: deduplicate.py's against SemDeDup's M, the largest difference;
+  - one large cluster alone (memory: never an n x n matrix).
+
+    python benchmarks/bench_dedup.py                               # 60 clusters x 5,000 rows, dim 256
+    python benchmarks/bench_dedup.py --large 75000 --large-dim 32   # and one 75k-row cluster
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+from bench_pipeline import mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+
+SEMDEDUP = """
+import glob, json, sys, time, numpy as np, torch
+folder, k = sys.argv[1], int(sys.argv[2])
+embs = np.load(folder + "/emb.npy", mmap_mode="r")
+loop = square = 0.0
+scores = {}
+for j in range(k):
+    cluster = np.load(f"{folder}/sorted_clusters/cluster_{j}.npy")
+    start = time.perf_counter()
+    # SemDeDup's semdedup.py, per cluster: its representations, the full matrix, the upper triangle, the maxima.
+    reps = torch.tensor(embs[cluster[:, 1].astype("int32")])
+    sims = reps @ reps.T
+    sims.fill_diagonal_(0.0)
+    upper = torch.triu(sims, diagonal=1)
+    m = torch.max(upper, dim=0)[0]
+    loop += time.perf_counter() - start
+    scores[j] = m.numpy()
+    start = time.perf_counter()
+    reps @ reps.T
+    square += time.perf_counter() - start
+np.savez(folder + "/semdedup_scores.npz", **{str(j): s for j, s in scores.items()})
+print(json.dumps({"loop_s": loop, "square_s": square, "threads": torch.get_num_threads()}))
+"""
+
+
+def generate(folder: str, clusters: int, rows: int, dim: int, seed: int) -> None:
+    """Embeddings in `clusters` groups (a quarter of each group near-repeats an earlier member), already unit
+    length as SemDeDup expects them, and the groups' sorted cluster files, farthest first."""
+    spec = {"clusters": clusters, "rows": rows, "dim": dim, "seed": seed}
+    if not needs_generating(folder, spec):
+        return
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "sorted_clusters"))
+    x = np.lib.format.open_memmap(os.path.join(folder, "emb.npy"), "w+", np.float32, (clusters * rows, dim))
+    for j in range(clusters):
+        center = rng.standard_normal(dim)
+        members = center / np.linalg.norm(center) + rng.standard_normal((rows, dim)) * 0.8 / np.sqrt(dim)
+        repeat = rng.random(rows) < 0.25
+        members[repeat] = members[rng.integers(0, rows, repeat.sum())] + rng.standard_normal((repeat.sum(), dim)) * \
+            0.05 / np.sqrt(dim)
+        members /= np.linalg.norm(members, axis=1, keepdims=True)
+        distance = 1 - members @ (center / np.linalg.norm(center))
+        order = np.argsort(-distance)
+        first = j * rows
+        x[first:first + rows] = members
+        np.save(os.path.join(folder, "sorted_clusters", f"cluster_{j}.npy"),
+                [(f"{(first + i) // 10000:05d}/{first + i:09d}.jpg", first + i, float(distance[i]), j) for i in order])
+        print(f"\rgenerating: cluster {j + 1}/{clusters}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    x.flush()
+    del x
+    mark_generated(folder, spec)
+
+
+def ours(folder: str, out: str, workers: int) -> dict:
+    return measure([sys.executable, os.path.join(ROOT, "deduplicate.py"), "--sorted_clusters_path",
+                    os.path.join(folder, "sorted_clusters"), "--embeddings", os.path.join(folder, "emb.npy"),
+                    "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clusters", type=int, default=60)
+    parser.add_argument("--rows", type=int, default=5000, help="rows per cluster (default: 5000)")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--large", type=int, default=0, help="also one cluster of this many rows (e.g. 75000)")
+    parser.add_argument("--large-dim", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--workers (default: all cores)")
+    parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"),
+                        help="folder for the generated data (reused when it matches)")
+    args = parser.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+          f"Python {platform.python_version()}")
+    data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}")
+    generate(data, args.clusters, args.rows, args.dim, 0)
+    warm_cache(data)
+    work = tempfile.mkdtemp(prefix="dbp_bench_dedup_")
+    print(f"data: {args.clusters} clusters x {args.rows:,} rows, dim {args.dim}; --workers {args.workers}\n")
+    script = ours(data, os.path.join(work, "dedup"), args.workers)
+    theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
+    times = __import__("json").loads(theirs["stdout"])
+    print(f"{'step':52s} {'s':>8s} {'peak RSS MB':>12s} {'tree RSS MB':>12s}")
+    print(f"{'deduplicate.py, whole process (imports included)':52s} {script['wall_s']:8.2f} "
+          f"{script['peak_rss_mb']:12.0f} {script['tree_rss_mb']:12.0f}")
+    print(f"{'SemDeDup semdedup() loop (imports excluded)':52s} {times['loop_s']:8.2f} {theirs['peak_rss_mb']:12.0f}")
+    print(f"{'torch X @ X.T per cluster (the same process)':52s} {times['square_s']:8.2f}")
+    print(f"\ndeduplicate.py / SemDeDup's loop: {script['wall_s'] / times['loop_s']:.2f}x;"
+          f" / the full-square matmuls: {script['wall_s'] / times['square_s']:.2f}x"
+          f" (torch on {times['threads']} threads there)")
+    semdedup = np.load(os.path.join(data, "semdedup_scores.npz"))
+    worst = max(float(np.abs(np.load(os.path.join(work, "dedup", "scores", f"cluster_{j}.npy")) -
+                             semdedup[str(j)]).max()) for j in range(args.clusters))
+    print(f"largest difference between the two scores (float32, summed in another order): {worst:.2e}")
+
+    if args.large:
+        large = os.path.join(args.data, f"dedup_1x{args.large}_{args.large_dim}")
+        generate(large, 1, args.large, args.large_dim, 1)
+        warm_cache(large)
+        one = ours(large, os.path.join(work, "large"), args.workers)
+        print(f"\none cluster of {args.large:,} rows, dim {args.large_dim}: {one['wall_s']:.2f} s, peak RSS "
+              f"{one['peak_rss_mb']:.0f} MB (largest process), {one['tree_rss_mb']:.0f} MB (tree); its full matrix "
+              f"alone would be {args.large ** 2 * 4 / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
