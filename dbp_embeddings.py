@@ -189,6 +189,9 @@ def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, n
             what = "both clip-retrieval parts and .npz shards" if clip else "no img_emb_<n>.npy and no .npz files"
             raise UsageError("--embeddings", f"{embeddings} holds {what}",
                              "point it at one .npy, a clip-retrieval img_emb folder or a folder of DataComp shards")
+    if sum(part.rows for part in parts) == 0:  # (one part of many may be empty: a shard of failed images)
+        raise UsageError(parts[0].path if len(parts) == 1 else embeddings, "holds no rows",
+                         "point at the embeddings of your data set")
     for part in parts[1:]:
         if part.dim != parts[0].dim:
             raise UsageError(part.path, f"has dimension {part.dim} but {parts[0].path} has {parts[0].dim}",
@@ -272,8 +275,6 @@ def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
 def _check_embedding_header(path: str, shape: tuple, dtype: np.dtype, fortran: bool) -> None:
     if len(shape) != 2 or shape[1] == 0:
         raise UsageError(path, f"has shape {shape}; embeddings are (rows, dim)", "save them as a 2-D array")
-    if shape[0] == 0:
-        raise UsageError(path, "holds no rows", "point at the embeddings of your data set")
     if dtype.kind != "f":
         raise UsageError(path, f"has dtype {dtype}; embeddings are float16 or float32", "save them as floats")
     if fortran:

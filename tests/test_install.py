@@ -9,7 +9,7 @@ from conftest import ROOT
 
 import dbp_cli
 
-COMMANDS = ("dbp-cluster", "dbp-dintra", "dbp-dinter", "dbp-prune", "dbp-dedup")
+COMMANDS = ("dbp-cluster", "dbp-dintra", "dbp-dinter", "dbp-prune", "dbp-dedup", "dbp-embed")
 
 
 def test_pip_install_gives_the_module_and_the_commands(tmp_path, desc_str):

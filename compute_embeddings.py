@@ -1,0 +1,140 @@
+"""Embed the images of webdataset shards with a vision model, into clip-retrieval's layout (step 2).
+
+The paper's best encoder was the distilled DINOv2-L/14 (facebook/dinov2-large, the default); any Hugging
+Face transformers vision model works, by id or local folder, with its own image processor. The
+embedding is DINOv2's pooler_output (the layer-normed CLS token) or, for CLIP checkpoints, image_embeds
+(so that LAION's and DataComp's CLIP L/14 can be recomputed too); L2-normalised, stored float16.
+
+Reads --shards as webdataset spells them (brace patterns, local paths, URLs, pipe: commands); a
+sample's image is its jpg, jpeg, png or webp, its caption its txt, its url in its json (img2dataset's
+layout). Images are decoded in --workers DataLoader processes; the model runs in this process on
+--device, on batches of consecutive samples of one shard (the same bytes for any --workers).
+
+Writes into --output_folder, one part per shard, numbered in shard order (what cluster_embeddings.py reads):
+  img_emb/img_emb_<n>.npy           float16 (rows, dim), rows in the shard's order
+  metadata/metadata_<n>.parquet     image_path (the sample's __key__), caption and url when present
+  failed.txt                        shard, key, reason: the samples without a decodable image (never fatal)
+  params.json (the model, its revision, the processor's settings), logs.log
+A stopped run is finished by rerunning it: the shards already embedded are not redone.
+
+    python compute_embeddings.py --shards "DATA/{00000..01023}.tar" --output_folder EMB
+    python compute_embeddings.py --shards "pipe:aws s3 cp s3://bucket/{00000..00099}.tar -" \\
+        --output_folder EMB --model openai/clip-vit-large-patch14 --device cuda --fp16
+
+(Installed with pip, `dbp-embed` is the same command as `python compute_embeddings.py`.)
+"""
+
+import os
+import shutil
+
+import numpy as np
+
+import dbp_cli as cli
+
+PARAMS_FILE, LOG_FILE, FAILED_FILE = "params.json", "logs.log", "failed.txt"
+MANIFEST = "manifest.json"  # in the staging folder: what the parts there were made from
+
+
+def parse_args():
+    parser = cli.make_parser(__doc__)
+    cli.add_flag(parser, "--shards", required=True,
+                 help="webdataset shards: a brace pattern, path, URL or pipe: command (DATA/{00000..00099}.tar)")
+    cli.add_flag(parser, "--output_folder", required=True,
+                 help="folder for img_emb/, metadata/, failed.txt, params.json (created)")
+    cli.add_flag(parser, "--model", default="facebook/dinov2-large",
+                 help="a Hugging Face vision model id or local folder (default: facebook/dinov2-large, the "
+                      "paper's distilled DINOv2-L/14)")
+    cli.add_flag(parser, "--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    cli.add_flag(parser, "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default: cpu)")
+    cli.add_flag(parser, "--fp16", action="store_true", help="with --device cuda: run the model in float16 (autocast)")
+    cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
+    cli.add_flag(parser, "--workers", type=int, default=None,
+                 help="processes decoding images (default: all cores); results are identical for any value")
+    return parser.parse_args()
+
+
+def find_shards(pattern: str) -> list[str]:
+    """The shards of a webdataset pattern; local ones must exist (a URL or pipe: command is tried when read)."""
+    from webdataset.shardlists import expand_urls
+
+    shards = expand_urls(pattern)
+    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+    missing = [s for s in local if not os.path.isfile(s)]
+    if local and len(missing) == len(shards):
+        raise cli.UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
+                             "check the path and the brace pattern, e.g. DATA/{00000..00099}.tar")
+    if missing:
+        raise cli.UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(shards)} shards "
+                             "are missing)", "check the pattern's range")
+    return shards
+
+
+def check_args(args) -> None:
+    if args.batch_size < 1:
+        raise cli.UsageError("--batch-size", f"{args.batch_size} is less than 1", "pass 1 or more (default 256)")
+    if args.fp16 and args.device != "cuda":
+        raise cli.UsageError("--fp16", "is for --device cuda", "drop --fp16 on the CPU (float32 there)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise cli.UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
+                                 "pass --device cpu, or run where a GPU is")
+
+
+def main() -> None:
+    args = parse_args()
+    check_args(args)
+    workers = cli.num_workers(args.workers)
+    run_log = cli.RunLog()
+    shards = find_shards(args.shards)
+    import dbp_encoder as enc  # (torch and transformers: imported once the flags are known to be right)
+
+    encoder = enc.load_encoder(args.model, args.device)
+    described = encoder.describe()
+    run = {"shards": shards, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
+    save = cli.SaveDir(args.output_folder, args.overwrite, (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, FAILED_FILE,
+                                                             LOG_FILE, PARAMS_FILE), PARAMS_FILE, "--output_folder",
+                       resumable=True)
+    with save as out:
+        if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
+            shutil.rmtree(out.staging)
+            os.mkdir(out.staging)
+            cli.save_json(out.path(MANIFEST), run)
+        for folder in (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, enc.FAILED_DIR):
+            os.makedirs(out.path(folder), exist_ok=True)
+        todo = [n for n in range(len(shards)) if not os.path.exists(enc.part_files(out.staging, n)[0])]
+        with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
+            cli.stage("embed started")
+            for n in todo:
+                enc.embed_shard(encoder, shards[n], n, out.staging, args.batch_size, workers, args.fp16, bar.update)
+                cli.stage(f"shard {n} embedded")
+        rows, failed = 0, 0
+        with open(out.path(FAILED_FILE), "w") as f:
+            for n in range(len(shards)):
+                emb, _, failures = enc.part_files(out.staging, n)
+                rows += len(np.load(emb, mmap_mode="r"))
+                with open(failures) as part:
+                    lines = part.readlines()
+                f.writelines(lines)
+                failed += len(lines)
+        shutil.rmtree(out.path(enc.FAILED_DIR))
+        cli.log.info(f"{len(shards)} shards ({len(shards) - len(todo)} embedded before), {rows} rows, {failed} failed")
+        with open(out.path(LOG_FILE), "w") as f:
+            f.write(run_log.finished())
+        cli.save_json(out.path(PARAMS_FILE), {**described, "shards": args.shards, "shard_count": len(shards),
+                                              "batch_size": args.batch_size, "device": args.device,
+                                              "fp16": args.fp16, "dim": enc.embedding_dim(encoder), "rows": rows,
+                                              "failed": failed, "version": cli.__version__})
+    resumed = f"; {len(shards) - len(todo)} embedded before" if len(todo) < len(shards) else ""
+    print(f"embedded {rows} images of {len(shards)} shards with {args.model} ({failed} without a decodable image"
+          f"{resumed}) -> {args.output_folder}")
+
+
+def run() -> None:
+    """The command (dbp-... once installed): main, with user mistakes as one line."""
+    cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,152 @@
+"""compute_embeddings.py: webdataset shards in, clip-retrieval's layout out, checked against transformers itself."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLUSTER_SCRIPT, ROOT, error_line, run_script, start_script, wait_paused
+
+EMBED_SCRIPT = "compute_embeddings.py"
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import make_toy_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Three shards of 40 images (sizes 48..160 px, jpg/png/webp, non-ASCII captions); shard 1 also holds a
+    corrupt jpg and a sample without an image. And a tiny random DINOv2 in a folder."""
+    root = tmp_path_factory.mktemp("toy_images")
+    paths = make_toy_images.make_shards(str(root / "shards"), 120, 40, seed=1)
+    with tarfile.open(paths[1], "a") as tar:
+        for name, payload in (("broken.jpg", b"\xff\xd8 not really a jpeg"), ("broken.txt", b"a"),
+                              ("textonly.txt", b"no picture here")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    model = make_toy_images.save_tiny_dinov2(str(root / "model"))
+    return {"root": root, "shards": paths, "pattern": str(root / "shards" / "{00000..00002}.tar"), "model": model}
+
+
+def embed(toy, out, *extra):
+    r = run_script(EMBED_SCRIPT, "--shards", toy["pattern"], "--output_folder", out, "--model", toy["model"],
+                   "--batch-size", 16, *extra)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def parts(out):
+    """{file: bytes} of the outputs that must not depend on how the run went."""
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()
+            and p.name not in ("logs.log", "params.json")}
+
+
+def test_embeddings_are_what_transformers_gives_image_by_image(toy, tmp_path):
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    r = embed(toy, tmp_path / "emb")
+    assert "embedded 120 images of 3 shards" in r.stdout and "2 without a decodable image" in r.stdout
+    processor = AutoImageProcessor.from_pretrained(toy["model"], backend="pil")
+    model = AutoModel.from_pretrained(toy["model"]).eval()
+    for n, shard in enumerate(toy["shards"]):
+        emb = np.load(tmp_path / "emb" / "img_emb" / f"img_emb_{n}.npy")
+        meta = pd.read_parquet(tmp_path / "emb" / "metadata" / f"metadata_{n}.parquet")
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = list(dict.fromkeys(name.split(".")[0] for name in members))  # in the tar's order
+        images = [(k, next(members[f"{k}.{e}"] for e in ("jpg", "png", "webp") if f"{k}.{e}" in members))
+                  for k in keys if k not in ("broken", "textonly")]
+        assert emb.dtype == np.float16 and emb.shape == (len(images), 32)
+        assert meta["image_path"].tolist() == [k for k, _ in images]  # rows in the shard's order
+        assert meta["caption"].tolist() == [members[f"{k}.txt"].decode() for k, _ in images]
+        assert meta["url"].tolist() == [json.loads(members[f"{k}.json"])["url"] for k, _ in images]
+        with torch.inference_mode():
+            for row, (_, data) in zip(emb, images):
+                pixels = processor(images=Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="pt")
+                expected = model(**pixels).pooler_output[0].numpy()
+                cosine = row.astype(np.float64) @ expected / np.linalg.norm(expected)
+                assert cosine > 0.999 and abs(np.linalg.norm(row.astype(np.float64)) - 1) < 1e-3
+    failed = (tmp_path / "emb" / "failed.txt").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in failed] == [[toy["shards"][1], "broken"], [toy["shards"][1], "textonly"]]
+    assert "jpg cannot be decoded" in failed[0] and "no image (txt)" in failed[1]
+    params = json.loads((tmp_path / "emb" / "params.json").read_text())
+    assert params["model_type"] == "dinov2" and params["output"] == "pooler_output" and params["dim"] == 32
+    assert params["revision"].startswith("sha256:") and params["processor"]["crop_size"] == {"height": 56, "width": 56}
+    r = run_script(CLUSTER_SCRIPT, "--embeddings", tmp_path / "emb" / "img_emb", "--num_clusters", 4,
+                   "--save_folder", tmp_path / "clusters")  # clip-retrieval's layout, read as it is
+    assert r.returncode == 0 and "clustered 120 rows (dim 32, 3 part(s))" in r.stdout, r.stderr
+
+
+def test_same_bytes_for_any_workers_and_pipe_shards(toy, tmp_path):
+    embed(toy, tmp_path / "one", "--workers", 1)
+    embed(toy, tmp_path / "two", "--workers", 2)
+    assert parts(tmp_path / "one") == parts(tmp_path / "two")
+    r = run_script(EMBED_SCRIPT, "--shards", f"pipe:cat {toy['pattern']}", "--output_folder", tmp_path / "pipe",
+                   "--model", toy["model"], "--batch-size", 16)
+    assert r.returncode == 0, r.stderr
+    piped = parts(tmp_path / "pipe")
+    assert {name: data for name, data in piped.items() if name.parts[0] != "failed.txt"} == \
+        {name: data for name, data in parts(tmp_path / "one").items() if name.parts[0] != "failed.txt"}
+    assert "pipe:cat " in piped[type(next(iter(piped)))("failed.txt")].decode()  # failures name the shard as given
+
+
+def test_a_killed_run_redoes_only_the_missing_parts(toy, tmp_path):
+    embed(toy, tmp_path / "reference")
+    proc = start_script(EMBED_SCRIPT, "--shards", toy["pattern"], "--output_folder", tmp_path / "emb", "--model",
+                        toy["model"], "--batch-size", 16, pause="shard 1 embedded")
+    wait_paused(proc, "shard 1 embedded")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "emb" / "params.json").exists()
+    r = embed(toy, tmp_path / "emb")
+    assert "2 embedded before" in r.stdout
+    assert parts(tmp_path / "emb") == parts(tmp_path / "reference")
+
+
+BAD = [  # (id, flags replaced, what the one line says)
+    ("model-missing", {"--model": "no/such-model"}, "--model: no/such-model cannot be loaded"),
+    ("model-empty-folder", {"--model": "EMPTY"}, "cannot be loaded"),
+    ("no-shard", {"--shards": "NOWHERE/{00000..00003}.tar"}, "matches no shard"),
+    ("some-shards-missing", {"--shards": "SHARDS/{00000..00005}.tar"}, "00003.tar does not exist (3 of the 6"),
+    ("batch-zero", {"--batch-size": 0}, "--batch-size: 0 is less than 1"),
+    ("fp16-on-cpu", {"--fp16": ""}, "--fp16: is for --device cuda"),
+    ("broken-shard", {"--shards": "BROKEN"}, "cannot be read as a webdataset shard"),
+]
+
+
+@pytest.mark.parametrize("flags,expect", [pytest.param(f, x, id=i) for i, f, x in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(toy, tmp_path, flags, expect):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.tar").write_bytes(b"not a tar file at all" * 100)
+    args = {"--shards": toy["pattern"], "--output_folder": tmp_path / "out", "--model": toy["model"], **flags}
+    where = {"EMPTY": tmp_path / "empty", "BROKEN": tmp_path / "broken.tar"}
+    argv = []
+    for flag, value in args.items():
+        value = where.get(value, value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            value = value.replace("NOWHERE", str(tmp_path / "nowhere")).replace("SHARDS", str(toy["root"] / "shards"))
+        argv += [flag] + ([value] if value != "" else [])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, EMBED_SCRIPT), *map(str, argv)], capture_output=True,
+                       text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and expect in error_line(r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_five_steps_from_images(tmp_path):
+    """examples/images_demo.sh: images -> embeddings -> deduplicate -> cluster the kept rows -> DBP -> a loader."""
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "images_demo.sh"), str(tmp_path / "demo")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable, "IMAGES": "300"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    kept = np.load(tmp_path / "demo" / "run" / "kept_keys.npy")
+    deduplicated = np.load(tmp_path / "demo" / "dedup" / "eps_0.001" / "kept_keys.npy")
+    assert 0 < len(kept) == len(deduplicated) // 2 and set(kept.tolist()) <= set(deduplicated.tolist())
+    assert len(deduplicated) < 300  # the near-repeats of make_toy_images, found
+    assert f"the filter let through {len(kept)} samples" in r.stdout
