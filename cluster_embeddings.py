@@ -44,6 +44,7 @@ import numpy as np
 
 import dbp_cli as cli
 import dbp_embeddings as de
+import dbp_tasks
 from dbp_clusters import load_centroids
 
 PARAMS_FILE = "clustering.json"
@@ -53,9 +54,10 @@ MANIFEST, OBJECTIVE = "manifest.json", "objective.json"  # in the staging folder
 
 USAGE = """%(prog)s --embeddings EMB [--keys KEYS] --num_clusters K --save_folder SAVE [--niter N] [--seed S]
            [--sample-size N] [--spherical | --no-spherical] [--ascending] [--npz-key KEY] [--key-column COLUMN]
-           [--subset FILE] [--workers WORKERS] [--overwrite] [--debug]
+           [--subset FILE] [--workers WORKERS] [--distributor local|ray] [--overwrite] [--debug]
        %(prog)s --from-nemo-curator KMEANS_RESULTS --save_folder SAVE [--num_clusters K] [--id-column COLUMN]
-           [--embedding-column COLUMN] [--centroids_file C.npy] [--ascending] [--workers WORKERS] [--overwrite]"""
+           [--embedding-column COLUMN] [--centroids_file C.npy] [--ascending] [--workers WORKERS]
+           [--distributor local|ray] [--overwrite]"""
 
 
 def parse_args():
@@ -94,6 +96,7 @@ def parse_args():
                       "deduplicate.py or prune.py, or a text file of paths; column 1 stays the row in --embeddings")
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
     cli.add_workers_flag(parser)
+    dbp_tasks.add_distributor_flag(parser)
     return parser.parse_args()
 
 
@@ -138,6 +141,7 @@ def fingerprint(args, embeddings: de.Embeddings) -> dict:
 def main() -> None:
     args = parse_args()
     workers = cli.num_workers(args.workers)
+    dbp_tasks.check_distributor(args.distributor)
     if args.from_nemo_curator:
         return convert_nemo_curator(args, workers)
     embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
@@ -146,7 +150,7 @@ def main() -> None:
     save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resumable=True)
     run = fingerprint(args, embeddings)
 
-    with save as out, cli.TaskPool(workers) as pool:
+    with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
         work = out.staging
         if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
             shutil.rmtree(work)
@@ -229,7 +233,7 @@ def convert_nemo_curator(args, workers: int) -> None:
                                      need_embeddings=centroids_file is None)
     k = len(clusters)
     save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
-    with save as out, cli.TaskPool(workers) as pool:
+    with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
         os.mkdir(out.path(de.SORTED_DIR))
         tasks = ((cluster, out.path(os.path.join(de.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
                   args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)

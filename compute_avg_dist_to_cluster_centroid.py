@@ -14,6 +14,7 @@ column is parsed, a chunk at a time, so memory stays flat however large the clus
 import numpy as np
 
 import dbp_cli as cli
+import dbp_tasks
 import dbp_utils as du
 from dbp_clusters import save_scores, scan_clusters
 
@@ -40,7 +41,7 @@ def main() -> None:
     out = args.avg_distance_to_cent_save_path
     cli.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
 
-    with cli.TaskPool(workers) as pool:
+    with dbp_tasks.TaskPool(workers) as pool:
         results = list(pool.run(du.cluster_mean_distance, clusters, "d_intra"))
     d_intra = np.array([mean for mean, _ in results], dtype=np.float32)
     unsorted = [c.path for c, (_, is_sorted) in zip(clusters, results) if not is_sorted]

@@ -30,6 +30,7 @@ import shutil
 import numpy as np
 
 import dbp_cli as cli
+import dbp_tasks
 
 PARAMS_FILE, LOG_FILE, FAILED_FILE = "params.json", "logs.log", "failed.txt"
 MANIFEST = "manifest.json"  # in the staging folder: what the parts there were made from
@@ -50,6 +51,7 @@ def parse_args():
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
     cli.add_flag(parser, "--workers", type=int, default=None,
                  help="processes decoding images (default: all cores); results are identical for any value")
+    dbp_tasks.add_distributor_flag(parser)
     return parser.parse_args()
 
 
@@ -74,7 +76,7 @@ def check_args(args) -> None:
         raise cli.UsageError("--batch-size", f"{args.batch_size} is less than 1", "pass 1 or more (default 256)")
     if args.fp16 and args.device != "cuda":
         raise cli.UsageError("--fp16", "is for --device cuda", "drop --fp16 on the CPU (float32 there)")
-    if args.device == "cuda":
+    if args.device == "cuda" and args.distributor == "local":  # (Ray's GPUs are on its nodes, not necessarily here)
         import torch
 
         if not torch.cuda.is_available():
@@ -86,11 +88,12 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     workers = cli.num_workers(args.workers)
+    dbp_tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     shards = find_shards(args.shards)
     import dbp_encoder as enc  # (torch and transformers: imported once the flags are known to be right)
 
-    encoder = enc.load_encoder(args.model, args.device)
+    encoder = enc.load_encoder(args.model, args.device if args.distributor == "local" else "cpu")
     described = encoder.describe()
     run = {"shards": shards, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
     save = cli.SaveDir(args.output_folder, args.overwrite, (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, FAILED_FILE,
@@ -104,11 +107,19 @@ def main() -> None:
         for folder in (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, enc.FAILED_DIR):
             os.makedirs(out.path(folder), exist_ok=True)
         todo = [n for n in range(len(shards)) if not os.path.exists(enc.part_files(out.staging, n)[0])]
-        with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
-            cli.stage("embed started")
-            for n in todo:
-                enc.embed_shard(encoder, shards[n], n, out.staging, args.batch_size, workers, args.fp16, bar.update)
-                cli.stage(f"shard {n} embedded")
+        if args.distributor == "ray":  # a shard a task, each on a GPU of its own where there are GPUs
+            tasks = [(shards[n], n, out.staging, args.model, args.device, args.batch_size, args.fp16) for n in todo]
+            with dbp_tasks.TaskPool(workers, "ray") as pool:
+                for _ in pool.run(enc.embed_shard_task, tasks, "embed", unit="shard",
+                                  resources={"num_gpus": 1} if args.device == "cuda" else None):
+                    pass
+        else:  # the model here, the images decoded by --workers processes
+            with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
+                cli.stage("embed started")
+                for n in todo:
+                    enc.embed_shard(encoder, shards[n], n, out.staging, args.batch_size, workers, args.fp16,
+                                    bar.update)
+                    cli.stage(f"shard {n} embedded")
         rows, failed = 0, 0
         with open(out.path(FAILED_FILE), "w") as f:
             for n in range(len(shards)):

@@ -1,9 +1,9 @@
 """Command-line and process plumbing shared by the DBP scripts.
 
 What no script should have to think about: flags under both spellings, user mistakes as one line
-and exit status 2, Ctrl-C and SIGTERM acted on at safe points, tasks run in worker processes that
-notice a dead worker, progress bars, and outputs that appear whole or not at all (atomic files, and
-output folders used by one run at a time, published only when the run is complete).
+and exit status 2, Ctrl-C and SIGTERM acted on at safe points, progress bars, and outputs that appear
+whole or not at all (atomic files, and output folders used by one run at a time, published only when
+the run is complete). The worker processes that run tasks are dbp_tasks.py's.
 """
 
 from __future__ import annotations
@@ -15,23 +15,16 @@ import fcntl
 import io
 import json
 import logging
-import multiprocessing
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -40,8 +33,6 @@ __version__ = "0.4.0"
 USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
-TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
-STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
 PAUSE_VARIABLE = "DBP_PAUSE_AT"  # a stage name: the run stops itself there (fault-injection tests)
 PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
@@ -141,7 +132,7 @@ def run_main(main: Callable[[], None]) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _record_signal)
+        signal.signal(signum, record_signal)
     try:
         main()
         check_stop()  # a signal that came after the last safe point: the outputs are whole, but say so
@@ -167,7 +158,8 @@ def run_main(main: Callable[[], None]) -> None:
             _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
 
 
-def _record_signal(signum: int, frame: Any) -> None:
+def record_signal(signum: int, frame: Any) -> None:
+    """The handler of Ctrl-C and SIGTERM: it only records them (acted on at the next safe point)."""
     _signals.append(signum)
 
 
@@ -233,173 +225,11 @@ def progress(total: int, desc: str, unit: str = "cluster") -> Iterator[tqdm]:
         bar.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Tasks: units of work that read their inputs from files, write their outputs into the run's
-# staging folder and return small metadata, run in worker processes (or in this one)
-# ---------------------------------------------------------------------------------------------
-
-
 class WorkerDied(Exception):
     """A worker process ended without being asked to: killed from outside, typically by the OOM killer."""
 
     def __init__(self, what: str = "a worker process died, killed from outside (by the out-of-memory killer?)"):
         super().__init__(what)
-
-
-class TaskPool:
-    """`pool.run(func, tasks, desc)`: func(task) for every task, results in task order, with a progress bar.
-
-    With more than one worker the tasks run in a concurrent.futures.ProcessPoolExecutor whose processes
-    come from a fork server: a fresh process started once, so no worker inherits this process's threads
-    or locks (faiss's OpenMP pool, torch's, logging's). The fork server is started with Ctrl-C ignored,
-    which every worker inherits from birth: a terminal's Ctrl-C reaches the whole process group, and this
-    process decides and stops them. (SIGTERM still ends a worker: the executor stops workers with it.)
-    Results are small (tasks write their outputs to files), so a worker killed mid-task breaks the pool at
-    once instead of leaving half a message in a pipe; that ends the run with one line."""
-
-    def __init__(self, workers: int, preload: tuple[str, ...] = ()):
-        self.workers, self.preload, self.executor, self.runs = workers, preload, None, []
-
-    def __enter__(self) -> TaskPool:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for run in self.runs:  # a run left mid-way (its consumer failed): its bar ends now, before any error line
-            run.close()
-        if self.executor is None:
-            return
-        if exc_type is not None:  # stop at once, mid-task: the run is over
-            for process in list(self.executor._processes.values()):  # (Python 3.14 has kill_workers())
-                process.kill()
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
-    def run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str = "cluster",
-            total: int | None = None) -> Iterator[Any]:
-        """func over tasks, in task order; a task's exception is raised here. Tasks are drawn from the iterable
-        only as they are handed out, so a lazy one never sits in memory whole."""
-        run = self._run(func, tasks, desc, unit, len(tasks) if total is None else total)
-        self.runs.append(run)
-        return run
-
-    def submit(self, func: Callable[[Any], Any], task: Any) -> Callable[[], Any]:
-        """Start func(task) in a worker, beside the runs; what it returns gives its result when called. (With one
-        worker, func runs when its result is asked for.)"""
-        if self.workers <= 1:
-            return lambda: func(task)
-        if self.executor is None:
-            self.executor = _start_executor(self.workers, self.preload)
-        future = self.executor.submit(func, task)
-
-        def result() -> Any:
-            while not wait([future], timeout=STOP_POLL).done:
-                check_stop()
-            return _result(future)
-        return result
-
-    def _run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str,
-             total: int) -> Iterator[Any]:
-        with progress(total, desc, unit) as bar:
-            if self.workers <= 1 or total <= 1:
-                stage(f"{desc} started")  # (stages are named for fault-injection tests)
-                results = map(func, tasks)
-            else:
-                results = self._map(func, tasks, desc)
-            for done, result in enumerate(results):
-                if done == 0:
-                    stage(f"{desc} under way")
-                bar.update()  # a safe point, also between tasks run in this process
-                yield result
-
-    def _map(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str) -> Iterator[Any]:
-        if self.executor is None:
-            self.executor = _start_executor(self.workers, self.preload)
-        todo, pending, started = iter(tasks), [], False
-        while True:
-            # Keep every worker busy, but never run far ahead of the results handed out.
-            while len(pending) < TASKS_AHEAD * self.workers and (task := next(todo, _END)) is not _END:
-                try:
-                    pending.append(self.executor.submit(func, task))
-                except BrokenProcessPool:
-                    raise WorkerDied from None
-            if not started:
-                stage(f"{desc} started")  # the workers are running
-                started = True
-            if not pending:
-                return
-            wait(pending[:1], timeout=STOP_POLL)  # the next result in order (or a safe point to stop at)
-            check_stop()
-            for future in pending:  # a failed task stops the run at once, not when its turn comes
-                if future.done():
-                    _result(future)
-            while pending and pending[0].done():
-                yield _result(pending.pop(0))
-
-
-def _result(future: Any) -> Any:
-    """A finished task's result; its exception raised (a broken pool as WorkerDied)."""
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise WorkerDied from None
-
-
-_END = object()
-
-
-def _start_executor(workers: int, preload: tuple[str, ...] = ()) -> ProcessPoolExecutor:
-    context = multiprocessing.get_context("forkserver")
-    # The fork server imports numpy, this project's modules the run has imported and `preload`, so that
-    # each worker starts with them (it is given this folder on its path for that, which Python 3.11's fork
-    # server does not pass on by itself).
-    here = os.path.dirname(os.path.abspath(__file__))
-    ours = [name for name, module in list(sys.modules.items())
-            if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) == here]
-    context.set_forkserver_preload(["numpy", *ours, *preload])
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
-    with _environment(PYTHONWARNINGS="ignore:resource_tracker:UserWarning", PYTHONPATH=here):
-        try:
-            multiprocessing.resource_tracker.ensure_running()
-            multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on
-        finally:
-            signal.signal(signal.SIGINT, handler)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
-
-
-@contextlib.contextmanager
-def _environment(**added: str) -> Iterator[None]:
-    """Environment variables with `added` joined to their values (comma- or colon-separated), for the
-    processes started in the block."""
-    saved = {name: os.environ.get(name) for name in added}
-    for name, value in added.items():
-        separator = "," if name == "PYTHONWARNINGS" else os.pathsep
-        os.environ[name] = separator.join(filter(None, [saved[name], value]))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
-
-
-def _worker_started(run: int) -> None:
-    """In each worker: end the moment the run's process ends, however it ends (SIGKILL included), so that
-    no worker outlives a killed run. (Its parent is the fork server, which itself lives as long as any
-    worker holds its pipe, so the parent's death is no signal: the run's is.)"""
-    try:
-        ended = os.pidfd_open(run)  # readable once the process has ended
-    except ProcessLookupError:  # already gone
-        os._exit(1)
-    threading.Thread(target=_exit_when_readable, args=(ended,), daemon=True).start()
-
-
-def _exit_when_readable(fd: int) -> None:
-    select.select([fd], [], [])
-    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import PARTIAL_SUFFIX, TaskPool, UsageError, atomic_open, progress, save_json, save_npy
+from dbp_cli import PARTIAL_SUFFIX, UsageError, atomic_open, progress, save_json, save_npy
 from dbp_clusters import cluster_table, keys_as_utf8, read_npy_header, save_cluster_file
+from dbp_tasks import TaskPool
 from dbp_utils import exact_faiss, unit_rows
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time

@@ -225,6 +225,17 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
     return len(keys), len(failed)
 
 
+def embed_shard_task(task: tuple[str, int, str, str, str, int, bool]) -> tuple[int, int]:
+    """One shard as a task (on Ray): the images decoded in the task, the model loaded once per worker."""
+    url, n, out, model, device, batch_size, fp16 = task
+    return embed_shard(cached_encoder(model, device), url, n, out, batch_size, 0, fp16)
+
+
+@functools.lru_cache(maxsize=1)
+def cached_encoder(model: str, device: str) -> Encoder:
+    return load_encoder(model, device)
+
+
 def embedding_dim(encoder: Encoder) -> int:
     config = encoder.model.config
     return getattr(config, "projection_dim", None) if encoder.output == "image_embeds" else config.hidden_size

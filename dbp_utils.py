@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pygtrie
 
-from dbp_cli import TaskPool, UsageError, __version__, log  # noqa: F401 (__version__: for users)
+from dbp_cli import UsageError, __version__, log  # noqa: F401 (__version__: for users)
 from dbp_clusters import (
     CHUNK_ROWS,
     ClusterFile,
@@ -35,6 +35,7 @@ from dbp_clusters import (
     parse_distances,
     read_npy_header,
 )
+from dbp_tasks import TaskPool
 
 DENSITIES = ("dintra*dinter", "dinter*dintra", "dintra", "dinter", "uniform", "clustersize")
 WHICH_TO_KEEP = ("hard", "easy", "random")

@@ -33,6 +33,7 @@ import numpy as np
 import dbp_cli as cli
 import dbp_dedup as dd
 import dbp_embeddings as de
+import dbp_tasks
 import dbp_utils as du
 from dbp_clusters import CENTROIDS_FILE, scan_clusters
 
@@ -67,6 +68,7 @@ def parse_args():
                  help="replace a completed run that scored other inputs (the same inputs need no --overwrite: "
                       "their scores are reused)")
     cli.add_workers_flag(parser)
+    dbp_tasks.add_distributor_flag(parser)
     return parser.parse_args()
 
 
@@ -141,6 +143,7 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     workers = cli.num_workers(args.workers)
+    dbp_tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     if three := next((c for c in clusters if c.rows and c.width == 3), None):
@@ -155,7 +158,7 @@ def main() -> None:
     save = cli.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, PARAMS_FILE,
                        "--save_folder", resumable=True)
 
-    with save as out, cli.TaskPool(workers) as pool:
+    with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
         if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
             shutil.rmtree(out.staging)
             os.mkdir(out.staging)

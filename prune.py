@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 import dbp_cli as cli
+import dbp_tasks
 import dbp_utils as du
 from dbp_clusters import load_cluster_scores, scan_clusters
 
@@ -131,7 +132,7 @@ def main() -> None:
              "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    with save_dir as out, cli.TaskPool(workers) as pool:
+    with save_dir as out, dbp_tasks.TaskPool(workers) as pool:
         # The stats and the plot need only the quotas: drawn by a worker while the others select.
         report = pool.submit(du.write_report, (out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan, target,
                                                title))

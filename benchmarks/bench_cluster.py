@@ -51,11 +51,11 @@ for start in range(0, n, 1 << 16):
 OURS = """
 import sys, time, numpy as np
 sys.path.insert(0, sys.argv[1])
-import dbp_cli as cli, dbp_embeddings as de
+import dbp_tasks, dbp_embeddings as de
 work, out, k, workers = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 labels = np.load(f"{work}/labels.npy")
 start = time.perf_counter()
-with cli.TaskPool(workers) as pool:
+with dbp_tasks.TaskPool(workers) as pool:
     de.write_clusters(out, work, labels, k, True, pool)
 print(time.perf_counter() - start)
 """

@@ -21,11 +21,11 @@ import numpy as np
 SHAPES = ("rectangle", "ellipse", "triangle")
 
 
-def make_image(rng: np.random.Generator):
-    """A few coloured shapes on a coloured ground, 48 to 160 pixels a side."""
+def make_image(rng: np.random.Generator, sizes: tuple[int, int] = (48, 160)):
+    """A few coloured shapes on a coloured ground, of sizes[0] to sizes[1] pixels a side."""
     from PIL import Image, ImageDraw
 
-    width, height = (int(v) for v in rng.integers(48, 161, 2))
+    width, height = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
     image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(1, 4))):
@@ -48,7 +48,8 @@ def encoded(image, form: str, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
-def make_shards(folder: str, images: int, per_shard: int, seed: int = 0, duplicates: float = 0.2) -> list[str]:
+def make_shards(folder: str, images: int, per_shard: int, seed: int = 0, duplicates: float = 0.2,
+                sizes: tuple[int, int] = (48, 160)) -> list[str]:
     """Shards 00000.tar, ...; returns their paths. Samples are jpg, some png or webp; a fraction nearly repeat
     an earlier image; captions hold non-ASCII text."""
     rng = np.random.default_rng(seed)
@@ -63,7 +64,7 @@ def make_shards(folder: str, images: int, per_shard: int, seed: int = 0, duplica
                     source = made[int(rng.integers(0, len(made)))]
                     image = source.resize((max(8, source.width - 2), max(8, source.height - 1)))
                 else:
-                    image = make_image(rng)
+                    image = make_image(rng, sizes)
                 made.append(image)
                 form = ("jpg", "jpg", "png", "webp")[i % 4]
                 key = f"{shard:05d}{i:04d}"
@@ -77,16 +78,18 @@ def make_shards(folder: str, images: int, per_shard: int, seed: int = 0, duplica
     return paths
 
 
-def save_tiny_dinov2(folder: str, seed: int = 0, image_size: int = 56) -> str:
-    """DINOv2 at a toy size (hidden size 32, 2 layers), random weights, and its processor, saved to `folder`."""
+def save_tiny_dinov2(folder: str, seed: int = 0, image_size: int = 56, hidden: int = 32, layers: int = 2,
+                     heads: int = 2) -> str:
+    """DINOv2 at a toy size (by default hidden size 32, 2 layers), random weights, and its processor, saved to
+    `folder`."""
     import torch
     import transformers
     from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
     transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=image_size, patch_size=14)
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=4 * hidden if hidden > 32 else 64, image_size=image_size, patch_size=14)
     Dinov2Model(config).save_pretrained(folder)
     # DINOv2's own processor settings, at the toy size: resize the short side, centre crop, ImageNet's mean/std.
     BitImageProcessorPil(size={"shortest_edge": image_size + 8}, crop_size={"height": image_size, "width": image_size},

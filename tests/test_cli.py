@@ -6,6 +6,7 @@ import os
 import pytest
 
 import dbp_cli as cli
+import dbp_tasks
 
 
 def square_or_fail(x):
@@ -15,7 +16,7 @@ def square_or_fail(x):
 
 
 def test_pool_results_come_in_order_from_several_workers():
-    with cli.TaskPool(3) as pool:
+    with dbp_tasks.TaskPool(3) as pool:
         results = list(pool.run(square_or_fail, list(range(12)), "squares"))
     assert [r for r, _ in results] == [x * x for x in range(12)]
     assert os.getpid() not in {pid for _, pid in results}
@@ -23,7 +24,7 @@ def test_pool_results_come_in_order_from_several_workers():
 
 def test_a_workers_error_reaches_the_caller_and_stops_the_pool():
     with pytest.raises(cli.UsageError, match="item 13: is unlucky"):
-        with cli.TaskPool(2) as pool:
+        with dbp_tasks.TaskPool(2) as pool:
             list(pool.run(square_or_fail, list(range(40)), "squares"))
     assert multiprocessing.active_children() == []  # stopped and reaped, not left to finish
 
@@ -32,6 +33,6 @@ def test_a_failed_bar_ends_its_line_in_a_log_file(monkeypatch, capsys):
     """stderr to a file: what is printed after a failure (the error line) starts on a line of its own."""
     monkeypatch.setattr(cli, "PROGRESS_DELAY", 0)
     with pytest.raises(cli.UsageError):
-        list(cli.TaskPool(1).run(square_or_fail, list(range(20)), "squares"))
+        list(dbp_tasks.TaskPool(1).run(square_or_fail, list(range(20)), "squares"))
     err = capsys.readouterr().err
     assert "squares:" in err and err.endswith("\n")

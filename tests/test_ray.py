@@ -1,0 +1,135 @@
+"""--distributor ray, on a real local Ray: the same bytes as a local run, a killed task worker retried, no Ray
+process left behind by a run that started its own, and the line that says how to install Ray."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLUSTER_SCRIPT, ROOT, error_line, start_script, wait_paused, wait_until
+from test_dedup import DEDUP_SCRIPT, EPS, make_data
+from test_embed import EMBED_SCRIPT, make_toy_images
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def outputs(folder):
+    """{file: bytes} of a run's outputs, but for its log and params (the command line, the times)."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name not in ("logs.log", "params.json")}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray cluster on this machine, as `ray start --head` makes one (token authentication left on), joined
+    with RAY_ADDRESS=auto."""
+    r = subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
+                        "--include-dashboard=false"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield {**os.environ, "RAY_ADDRESS": "auto"}
+    subprocess.run([RAY, "stop", "--force"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Clusters to deduplicate, embeddings in clip-retrieval's layout (8 parts: 8 assignment tasks), shards."""
+    root = tmp_path_factory.mktemp("ray_data")
+    dedup = make_data(root / "dedup")
+    (root / "img_emb").mkdir()
+    (root / "metadata").mkdir()
+    x = np.random.default_rng(0).standard_normal((2400, 16)).astype(np.float32)
+    for n in range(8):
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", x[n * 300:(n + 1) * 300])
+        pd.DataFrame({"image_path": [f"{n:05d}/{i:09d}" for i in range(n * 300, (n + 1) * 300)]}).to_parquet(
+            root / "metadata" / f"metadata_{n}.parquet")
+    shards = make_toy_images.make_shards(str(root / "shards"), 60, 20, seed=2)
+    model = make_toy_images.save_tiny_dinov2(str(root / "model"))
+    return {"root": root, "dedup": dedup, "img_emb": root / "img_emb", "shards": shards, "model": model,
+            "pattern": str(root / "shards" / "{00000..00002}.tar")}
+
+
+def ray_processes():
+    """The Ray processes on this machine (its GCS, raylets and workers), by pid."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if any(name in command for name in (b"gcs_server", b"raylet", b"default_worker.py", b"ray::")):
+            found.add(int(pid))
+    return found
+
+
+def script(name, *args, env):
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+def both(script, args, out, env):
+    """The same command with --distributor local and ray; their outputs."""
+    for distributor in ("local", "ray"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args), "--save_folder" if script
+                            != EMBED_SCRIPT else "--output_folder", out / distributor, "--distributor", distributor],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+    return outputs(out / "local"), outputs(out / "ray")
+
+
+def test_the_same_bytes_as_a_local_run(cluster, data, tmp_path):
+    local, ray = both(CLUSTER_SCRIPT, ["--embeddings", data["img_emb"], "--num_clusters", 12, "--niter", 5],
+                      tmp_path / "cluster", cluster)
+    assert local == ray and len(local) == 14
+    local, ray = both(DEDUP_SCRIPT, ["--sorted_clusters_path", data["dedup"]["sorted"], "--embeddings",
+                                     data["dedup"]["emb"], "--eps", *EPS], tmp_path / "dedup", cluster)
+    assert local == ray
+    local, ray = both(EMBED_SCRIPT, ["--shards", data["pattern"], "--model", data["model"], "--batch-size", 8],
+                      tmp_path / "embed", cluster)
+    assert local == ray and sum(name.parts[0] == "img_emb" for name in local) == 3
+
+
+def test_a_killed_task_worker_is_run_again_to_the_same_output(cluster, data, tmp_path):
+    marker = tmp_path / "paused"
+    args = ["--sorted_clusters_path", data["dedup"]["sorted"], "--embeddings", data["dedup"]["emb"], "--eps", *EPS,
+            "--distributor", "ray"]
+    r = script(DEDUP_SCRIPT, *args, "--save_folder", tmp_path / "reference", env=cluster)
+    proc = start_script(DEDUP_SCRIPT, *args, "--save_folder", tmp_path / "run",
+                        env={**cluster, "DBP_PAUSE_AT": f"task score_cluster {marker}"})
+    wait_until(lambda: marker.exists() and marker.read_text(), proc, "a scoring task to stop itself")
+    os.kill(int(marker.read_text()), signal.SIGKILL)  # the task's worker, as the OOM killer would
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert r.returncode == 0, r.stderr
+    assert outputs(tmp_path / "run") == outputs(tmp_path / "reference")
+
+
+def test_a_ray_started_for_the_run_leaves_no_process_behind(data, tmp_path):
+    before = ray_processes()  # (the module's cluster, when it is up)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = start_script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--niter", 2,
+                        "--save_folder", tmp_path / "out", "--distributor", "ray", "--workers", 2, env=env,
+                        pause="assign started")
+    wait_paused(proc, "assign started")  # its Ray is up, its tasks running
+    started = ray_processes() - before
+    assert started
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "clustered 2400 rows" in out
+    wait_until(lambda: not (ray_processes() & started), what="the Ray the run started to stop, all of it")
+
+
+def test_without_ray_one_line_says_how_to_install_it(data, tmp_path):
+    shadow = tmp_path / "shadow" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")  # as if not installed
+    r = subprocess.run([sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), "--embeddings", data["img_emb"],
+                        "--num_clusters", 4, "--save_folder", tmp_path / "out", "--distributor", "ray"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")})
+    assert r.returncode == 2
+    assert "pip install 'density-based-pruning[ray]'" in error_line(r.stderr)
+    assert not (tmp_path / "out").exists()
