@@ -272,10 +272,11 @@ class RayEngine:
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
         try:
             if address:  # the cluster's workers find this project's code where it is on the shared storage
-                ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": HERE}}, **quiet)
+                passed = {name: os.environ[name] for name in (PAUSE_VARIABLE,) if name in os.environ}
+                ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": HERE, **passed}}, **quiet)
             else:  # a Ray of our own: its workers inherit this process's environment
-                with _environment(PYTHONPATH=HERE):
-                    ray.init(num_cpus=workers, include_dashboard=False, **quiet)
+                with _environment(PYTHONPATH=HERE):  # ("local": a new one, even beside a `ray start` cluster)
+                    ray.init(address="local", num_cpus=workers, include_dashboard=False, **quiet)
         except Exception as e:  # Ray's errors for an unreachable cluster vary by version
             raise UsageError("--distributor", f"ray cannot start or join a cluster ({type(e).__name__}: {e})",
                              "check RAY_ADDRESS (auto for a `ray start` on this machine), or unset it") from None

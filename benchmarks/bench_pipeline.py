@@ -171,11 +171,14 @@ def measure(cmd: list[str]) -> dict:
 
 
 def compare_outputs(a: str, b: str) -> bool:
-    """The same outputs, byte for byte; but for logs.log, which records the command line and the times."""
-    names = sorted(os.listdir(a))
-    return names == sorted(os.listdir(b)) and all(
-        open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names
-        if n != "logs.log")
+    """The same outputs, byte for byte, folders included; but for logs.log, which records the command line and
+    the times."""
+    def files(root: str) -> dict:
+        return {os.path.relpath(os.path.join(where, n), root): os.path.join(where, n)
+                for where, _, names in os.walk(root) for n in names if n != "logs.log"}
+    left, right = files(a), files(b)
+    return left.keys() == right.keys() and all(open(left[n], "rb").read() == open(right[n], "rb").read()
+                                               for n in left)
 
 
 def main() -> None:

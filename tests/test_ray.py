@@ -127,9 +127,8 @@ def test_without_ray_one_line_says_how_to_install_it(data, tmp_path):
     shadow = tmp_path / "shadow" / "ray"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")  # as if not installed
-    r = subprocess.run([sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), "--embeddings", data["img_emb"],
-                        "--num_clusters", 4, "--save_folder", tmp_path / "out", "--distributor", "ray"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")})
+    r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
+               "--distributor", "ray", env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")})
     assert r.returncode == 2
     assert "pip install 'density-based-pruning[ray]'" in error_line(r.stderr)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,81 @@
+"""Benchmark --distributor ray against local on one machine: the whole run, and the cost of a task.
+
+Measures in one run:
+  - cluster_embeddings.py on bench_cluster.py's embeddings (2M x 64 float16 by default), with
+    --distributor local and with --distributor ray on a Ray the run starts for itself (its start-up and
+    shut-down counted), and that both write the same bytes;
+  - the cost of one task: many empty tasks through dbp_tasks.TaskPool, local and on Ray (Ray's start-up
+    not counted there), per task.
+
+    python benchmarks/bench_distributed.py --rows 2000000 --dim 64 --clusters 500
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+from bench_cluster import generate  # noqa: E402
+from bench_pipeline import compare_outputs, measure, warm_cache  # noqa: E402
+
+EMPTY_TASKS = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import dbp_tasks
+count, distributor = int(sys.argv[2]), sys.argv[3]
+with dbp_tasks.TaskPool(2, distributor) as pool:
+    list(pool.run(abs, [1, 2], "warm up"))  # the workers (and Ray) started and ready
+    start = time.perf_counter()
+    list(pool.run(abs, list(range(count)), "empty tasks"))
+    print(json.dumps({"per_task_ms": (time.perf_counter() - start) / count * 1000}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--clusters", type=int, default=500)
+    parser.add_argument("--niter", type=int, default=20, help="k-means iterations (default: 20)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--tasks", type=int, default=500, help="empty tasks for the per-task cost (default: 500)")
+    parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"))
+    args = parser.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+          f"Python {platform.python_version()}")
+    data = os.path.join(args.data, f"emb_{args.rows}_{args.dim}")
+    generate(data, args.rows, args.dim, 0)
+    warm_cache(data)
+    work = tempfile.mkdtemp(prefix="dbp_bench_distributed_")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # ray: a Ray of the run's own
+    runs = {}
+    for distributor in ("local", "ray"):
+        cmd = [sys.executable, os.path.join(ROOT, "cluster_embeddings.py"), "--embeddings", f"{data}/emb.npy",
+               "--keys", f"{data}/keys.txt", "--num_clusters", str(args.clusters), "--niter", str(args.niter),
+               "--save_folder", f"{work}/{distributor}", "--workers", str(args.workers), "--distributor", distributor]
+        os.environ.pop("RAY_ADDRESS", None)  # (measure runs it in this environment)
+        runs[distributor] = measure(cmd)
+    same = compare_outputs(f"{work}/local", f"{work}/ray")
+    print(f"data: {args.rows:,} x {args.dim} float16, k = {args.clusters}, niter {args.niter}, "
+          f"--workers {args.workers}\n")
+    local, ray = runs["local"]["wall_s"], runs["ray"]["wall_s"]
+    print(f"cluster_embeddings.py --distributor local   {local:7.2f} s")
+    print(f"cluster_embeddings.py --distributor ray     {ray:7.2f} s   ({ray / local:.2f}x local, Ray's start-up "
+          f"and shut-down included); the same bytes: {same}")
+    for distributor in ("local", "ray"):
+        r = subprocess.run([sys.executable, "-c", EMPTY_TASKS, ROOT, str(args.tasks), distributor],
+                           capture_output=True, text=True, env=env)
+        cost = json.loads(r.stdout.strip().splitlines()[-1])["per_task_ms"] if r.returncode == 0 else float("nan")
+        print(f"one empty task, {distributor:5s}: {cost:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
