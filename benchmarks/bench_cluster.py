@@ -16,7 +16,6 @@ Generates float16 embeddings (unit vectors around concepts, as image embeddings 
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_pipeline import mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+from bench_pipeline import machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
 
 CONCEPTS = 2000
 GENERATE_ROWS = 1 << 20
@@ -120,9 +119,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="dbp_bench_cluster_")
     py = sys.executable
     emb, keys = os.path.join(data, "emb.npy"), os.path.join(data, "keys.txt")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-          f"Python {platform.python_version()}")
+    print(machine())
     print(f"data: {args.rows:,} x {args.dim} float16 ({os.path.getsize(emb) / 1e9:.2f} GB), k = {args.clusters}, "
           f"niter {args.niter}, sample {min(args.rows, 256 * args.clusters):,} rows, --workers {args.workers}\n")
 

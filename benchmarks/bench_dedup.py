@@ -16,7 +16,6 @@ the page cache, then measures in one run:
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 
@@ -25,7 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_pipeline import mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+from bench_pipeline import machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
 
 SEMDEDUP = """
 import glob, json, sys, time, numpy as np, torch
@@ -99,9 +98,7 @@ def main() -> None:
                         help="folder for the generated data (reused when it matches)")
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-          f"Python {platform.python_version()}")
+    print(machine())
     data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}")
     generate(data, args.clusters, args.rows, args.dim, 0)
     warm_cache(data)

@@ -13,7 +13,6 @@ Measures in one run:
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from bench_cluster import generate  # noqa: E402
-from bench_pipeline import compare_outputs, measure, warm_cache  # noqa: E402
+from bench_pipeline import compare_outputs, machine, measure, warm_cache  # noqa: E402
 
 EMPTY_TASKS = """
 import json, sys, time
@@ -48,9 +47,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"))
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-          f"Python {platform.python_version()}")
+    print(machine())
     data = os.path.join(args.data, f"emb_{args.rows}_{args.dim}")
     generate(data, args.rows, args.dim, 0)
     warm_cache(data)

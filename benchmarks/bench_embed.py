@@ -14,14 +14,13 @@ Generates webdataset shards of synthetic images and a small DINOv2 (ViT-S/14's s
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "examples")]
 
-from bench_pipeline import mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+from bench_pipeline import machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
 
 FLOOR = """
 import glob, io, json, sys, tarfile, time, torch
@@ -69,9 +68,7 @@ def main() -> None:
                         help="folder for the generated data (reused when it matches)")
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-          f"Python {platform.python_version()}")
+    print(machine())
     data = os.path.join(args.data, f"embed_{args.images}")
     generate(data, args.images, 0)
     warm_cache(data)

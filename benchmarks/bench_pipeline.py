@@ -111,6 +111,13 @@ def generate(folder: str, rows: int, k: int, seed: int) -> None:
     mark_generated(folder, spec)
 
 
+def machine() -> str:
+    """The machine the figures were measured on, in one line."""
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+            f"Python {platform.python_version()}")
+
+
 def warm_cache(folder: str) -> None:
     """Read every file under folder once, so that the runs measured find it in the page cache."""
     for where, _, names in os.walk(folder):
@@ -220,9 +227,7 @@ def main() -> None:
     prune += ["--no-trie"] if args.no_trie else []
     steps["prune.py"] = prune + ["--save-dir", f"{work}/run", *workers]
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-          f"Python {platform.python_version()}")
+    print(machine())
     print(f"data: {args.rows:,} rows in {args.clusters} clusters, {size_gb:.2f} GB of cluster files; "
           f"keep {args.keep} ({args.which_to_keep})\n")
     results = {name: measure(cmd) for name, cmd in steps.items()}
