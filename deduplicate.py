@@ -158,7 +158,8 @@ def main() -> None:
     save = cli.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, PARAMS_FILE,
                        "--save_folder", resumable=True)
 
-    with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
+    # torch imported once, in the fork server, rather than once per worker
+    with save as out, dbp_tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
         if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
             shutil.rmtree(out.staging)
             os.mkdir(out.staging)

@@ -13,11 +13,7 @@ import pytest
 from conftest import (
     CLUSTER_SCRIPT,
     DEADLINE,
-    DINTER_SCRIPT,
-    DINTRA_SCRIPT,
-    PRUNE_SCRIPT,
     ROOT,
-    brute_dinter,
     error_line,
     make_toy_clusters,
     run_script,
@@ -171,35 +167,6 @@ def test_workers_and_threads_do_not_change_a_byte(tmp_path):
         assert r.returncode == 0, r.stderr
         outputs.append({p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()})
     assert outputs[0] == outputs[1] == outputs[2]
-
-
-def test_the_whole_chain_in_one_bash_pipeline(tmp_path):
-    """As the README shows it: cluster -> d_intra -> d_inter -> prune, the scripts' outputs checked."""
-    x = embeddings()
-    flags, keys = layout(tmp_path, "npy+txt", x)
-    script = f"""set -euo pipefail
-    PY={sys.executable}; cd {ROOT}; OUT={tmp_path}; SORTED=$OUT/save/sorted_clusters
-    $PY {CLUSTER_SCRIPT} --embeddings $OUT/emb.npy --keys $OUT/keys.txt --num_clusters {K} --save_folder $OUT/save
-    $PY {DINTRA_SCRIPT} --sorted_clusters_path $SORTED --avg_distance_to_cent_save_path $OUT/dintra.npy
-    $PY {DINTER_SCRIPT} --sorted_clusters_path $SORTED --mean_centroid_distances_save_path $OUT/dinter.npy
-    $PY {PRUNE_SCRIPT} --mean_centroid_distances_save_path $OUT/dinter.npy \\
-        --avg_distance_to_cent_save_path $OUT/dintra.npy --sorted-clusters-path $SORTED \\
-        --prune-ratio 0.3 --save-dir $OUT/run
-    """
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    centroids, clusters = read_output(tmp_path / "save")
-    unit = x.astype(np.float32).astype(np.float64)
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    c = centroids.astype(np.float64) / np.linalg.norm(centroids, axis=1, keepdims=True)
-    labels = np.empty(N, int)
-    for j, rows in enumerate(clusters):
-        labels[rows[:, 1].astype(int)] = j
-    expected = [np.mean(1 - unit[labels == j] @ c[j]) for j in range(K)]
-    np.testing.assert_allclose(np.load(tmp_path / "dintra.npy"), expected, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "dinter.npy"), brute_dinter(centroids, 20), atol=1e-5)
-    kept = (tmp_path / "run" / "kept_paths.txt").read_text().split()
-    assert len(kept) == int(0.3 * N) and set(kept) <= set(keys)
 
 
 def test_killed_run_is_finished_by_a_rerun_without_redoing_clusters(tmp_path):

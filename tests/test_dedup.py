@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import CLUSTER_SCRIPT, ROOT, error_line, run_script, start_script, wait_paused
+from conftest import ROOT, error_line, outputs, run_script, start_script, wait_paused
 
 import dbp_dedup as dd
 
@@ -102,15 +102,28 @@ def dedup(data, out, *extra, script=DEDUP_SCRIPT):
     return r
 
 
+@pytest.fixture(scope="module")
+def deduplicated(data, tmp_path_factory):
+    """One run per --which-to-keep (two workers), shared by the tests that check or compare against it."""
+    runs = {}
+
+    def get(which):
+        if which not in runs:
+            out = tmp_path_factory.mktemp(f"dedup_{which}") / "d"
+            runs[which] = out, dedup(data, out, "--which-to-keep", which)
+        return runs[which]
+    return get
+
+
 @pytest.mark.parametrize("which", ["hard", "easy", "random"])
-def test_scores_and_kept_sets_are_semdedups(data, tmp_path, which):
-    r = dedup(data, tmp_path / "d", "--which-to-keep", which)
+def test_scores_and_kept_sets_are_semdedups(data, deduplicated, which):
+    out, r = deduplicated(which)
     assert ("warning: 1 cluster file(s) are not sorted" in r.stderr) == (which != "random")  # cluster 6
     kept_ref = {eps: set() for eps in EPS}
     borderline = {eps: set() for eps in EPS}  # within float32's reach of the threshold: either side is right
     for j in range(len(SIZES)):
-        scores = np.load(tmp_path / "d" / "scores" / f"cluster_{j}.npy")
-        matches = np.load(tmp_path / "d" / "matches" / f"cluster_{j}.npy")
+        scores = np.load(out / "scores" / f"cluster_{j}.npy")
+        matches = np.load(out / "matches" / f"cluster_{j}.npy")
         ref_scores, ref_matches = reference(data, j, which)
         assert scores.dtype == np.float32 and len(scores) == SIZES[j]
         np.testing.assert_allclose(scores, ref_scores, atol=2e-6)
@@ -121,17 +134,17 @@ def test_scores_and_kept_sets_are_semdedups(data, tmp_path, which):
             kept_ref[eps] |= {k for k, s in zip(keys, ref_scores) if s <= 1 - eps}
             borderline[eps] |= {k for k, s in zip(keys, ref_scores) if abs(s - (1 - eps)) < 1e-5}
     for eps in EPS:
-        kept = np.load(tmp_path / "d" / f"eps_{eps:g}" / "kept_keys.npy").tolist()
+        kept = np.load(out / f"eps_{eps:g}" / "kept_keys.npy").tolist()
         assert kept == sorted(set(kept))  # prune.py's format: sorted, unique
         assert set(kept) - borderline[eps] == kept_ref[eps] - borderline[eps]
         assert len(borderline[eps]) < 3
     assert 0 < len(kept_ref[0.2]) < len(kept_ref[0.05]) <= len(kept_ref[0.01]) < sum(SIZES)
 
 
-def test_removed_paths_name_the_member_they_duplicate(data, tmp_path):
-    dedup(data, tmp_path / "d")
-    lines = (tmp_path / "d" / "eps_0.2" / "removed_paths.txt").read_text().splitlines()
-    stats = list(csv_rows(tmp_path / "d" / "dedup_stats.csv"))
+def test_removed_paths_name_the_member_they_duplicate(data, deduplicated):
+    out = deduplicated("hard")[0]
+    lines = (out / "eps_0.2" / "removed_paths.txt").read_text().splitlines()
+    stats = list(csv_rows(out / "dedup_stats.csv"))
     assert len(lines) == int(stats[2]["removed"]) > 0
     x = unit(data["x"])
     index = {}
@@ -194,13 +207,9 @@ def test_blocks_of_any_size_give_the_full_matrix_answer():
         assert matches[17] == 4 and matches[30] == 4 and matches[0] == -1
 
 
-def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, tmp_path):
-    outputs = []
-    for workers in ("1", "2"):
-        dedup(data, tmp_path / workers, "--which-to-keep", "random", "--workers", workers)
-        outputs.append({p.relative_to(tmp_path / workers): p.read_bytes() for p in (tmp_path / workers).rglob("*")
-                        if p.is_file() and p.name != "logs.log" and p.name != "params.json"})
-    assert outputs[0] == outputs[1]
+def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, deduplicated, tmp_path):
+    dedup(data, tmp_path / "1", "--which-to-keep", "random", "--workers", 1)
+    assert outputs(tmp_path / "1") == outputs(deduplicated("random")[0])
     scores = tmp_path / "1" / "scores" / "cluster_4.npy"
     before = os.stat(scores)
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
@@ -217,8 +226,8 @@ def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, tmp_pa
     assert r.returncode == 2 and "already holds the outputs of a completed run" in r.stderr
 
 
-def test_a_killed_run_is_finished_by_a_rerun(data, tmp_path):
-    dedup(data, tmp_path / "reference")
+def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
+    expected = deduplicated("hard")[0]
     proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
                         "--eps", *EPS, "--save_folder", tmp_path / "d", "--workers", 2, pause="score under way")
     wait_paused(proc, "score under way")
@@ -229,35 +238,7 @@ def test_a_killed_run_is_finished_by_a_rerun(data, tmp_path):
     assert staged  # the largest cluster, scored first
     r = dedup(data, tmp_path / "d")
     assert f"scores reused for {len(staged)} clusters" in r.stdout
-    for path in (tmp_path / "reference").rglob("*.npy"):
-        assert (tmp_path / "d" / path.relative_to(tmp_path / "reference")).read_bytes() == path.read_bytes()
-
-
-def test_the_paper_pipeline_dedup_then_cluster_the_kept_rows(tmp_path):
-    """cluster (large k) -> deduplicate (embeddings from clustering.json) -> cluster the kept rows (--subset)."""
-    rng = np.random.default_rng(5)
-    x = unit(rng.standard_normal((1500, DIM)))
-    x[750:] = unit(x[:750] + 0.01 * rng.standard_normal((750, DIM)))  # every row twice, nearly
-    np.save(tmp_path / "emb.npy", x.astype(np.float32))
-    keys = [f"{i // 100:05d}/{i:09d}.jpg" for i in range(1500)]
-    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
-    r = run_script(CLUSTER_SCRIPT, "--embeddings", tmp_path / "emb.npy", "--keys", tmp_path / "keys.txt",
-                   "--num_clusters", 30, "--save_folder", tmp_path / "c1")
-    assert r.returncode == 0, r.stderr
-    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", tmp_path / "c1" / "sorted_clusters", "--eps", 0.01,
-                   "--save_folder", tmp_path / "dedup")
-    assert r.returncode == 0, r.stderr
-    kept = np.load(tmp_path / "dedup" / "eps_0.01" / "kept_keys.npy")
-    assert 750 <= len(kept) < 800  # one of each pair, but for the pairs k-means split
-    r = run_script(CLUSTER_SCRIPT, "--embeddings", tmp_path / "emb.npy", "--keys", tmp_path / "keys.txt",
-                   "--subset", tmp_path / "dedup" / "eps_0.01" / "kept_keys.npy", "--num_clusters", 5,
-                   "--save_folder", tmp_path / "c2")
-    assert r.returncode == 0, r.stderr
-    rows = np.concatenate([np.load(tmp_path / "c2" / "sorted_clusters" / f"cluster_{j}.npy") for j in range(5)])
-    assert sorted(k.rsplit(".", 1)[0].encode() for k in rows[:, 0]) == kept.tolist()
-    assert all(keys[int(i)] == k for k, i in zip(rows[:, 0], rows[:, 1]))  # column 1: rows of emb.npy
-    params = json.loads((tmp_path / "c2" / "clustering.json").read_text())
-    assert params["rows"] == len(kept) and params["embedding_rows"] == 1500
+    assert outputs(tmp_path / "d") == outputs(expected)
 
 
 def bad_file(j, rows):

@@ -9,17 +9,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLUSTER_SCRIPT, ROOT, error_line, start_script, wait_paused, wait_until
+from conftest import CLUSTER_SCRIPT, ROOT, error_line, outputs, start_script, wait_paused, wait_until
 from test_dedup import DEDUP_SCRIPT, EPS, make_data
 from test_embed import EMBED_SCRIPT, make_toy_images
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def outputs(folder):
-    """{file: bytes} of a run's outputs, but for its log and params (the command line, the times)."""
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file() and p.name not in ("logs.log", "params.json")}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +39,10 @@ def data(tmp_path_factory):
         np.save(root / "img_emb" / f"img_emb_{n}.npy", x[n * 300:(n + 1) * 300])
         pd.DataFrame({"image_path": [f"{n:05d}/{i:09d}" for i in range(n * 300, (n + 1) * 300)]}).to_parquet(
             root / "metadata" / f"metadata_{n}.parquet")
-    shards = make_toy_images.make_shards(str(root / "shards"), 60, 20, seed=2)
+    shards = make_toy_images.make_shards(str(root / "shards"), 40, 20, seed=2)
     model = make_toy_images.save_tiny_dinov2(str(root / "model"))
     return {"root": root, "dedup": dedup, "img_emb": root / "img_emb", "shards": shards, "model": model,
-            "pattern": str(root / "shards" / "{00000..00002}.tar")}
+            "pattern": str(root / "shards" / "{00000..00001}.tar")}
 
 
 def ray_processes():
@@ -70,41 +64,44 @@ def script(name, *args, env):
                           env=env)
 
 
-def both(script, args, out, env):
-    """The same command with --distributor local and ray; their outputs."""
-    for distributor in ("local", "ray"):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args), "--save_folder" if script
-                            != EMBED_SCRIPT else "--output_folder", out / distributor, "--distributor", distributor],
-                           capture_output=True, text=True, env=env)
-        assert r.returncode == 0, r.stderr
-    return outputs(out / "local"), outputs(out / "ray")
+def run(name, args, out, distributor, env):
+    """One command with --distributor local or ray; its outputs."""
+    r = script(name, *args, "--save_folder" if name != EMBED_SCRIPT else "--output_folder", out,
+               "--distributor", distributor, env=env)
+    assert r.returncode == 0, r.stderr
+    return outputs(out)
 
 
-def test_the_same_bytes_as_a_local_run(cluster, data, tmp_path):
-    local, ray = both(CLUSTER_SCRIPT, ["--embeddings", data["img_emb"], "--num_clusters", 12, "--niter", 5],
-                      tmp_path / "cluster", cluster)
-    assert local == ray and len(local) == 14
-    local, ray = both(DEDUP_SCRIPT, ["--sorted_clusters_path", data["dedup"]["sorted"], "--embeddings",
-                                     data["dedup"]["emb"], "--eps", *EPS], tmp_path / "dedup", cluster)
-    assert local == ray
-    local, ray = both(EMBED_SCRIPT, ["--shards", data["pattern"], "--model", data["model"], "--batch-size", 8],
-                      tmp_path / "embed", cluster)
-    assert local == ray and sum(name.parts[0] == "img_emb" for name in local) == 3
+def dedup_args(data):
+    return ["--sorted_clusters_path", data["dedup"]["sorted"], "--embeddings", data["dedup"]["emb"], "--eps", *EPS]
 
 
-def test_a_killed_task_worker_is_run_again_to_the_same_output(cluster, data, tmp_path):
+@pytest.fixture(scope="module")
+def dedup_local(data, tmp_path_factory):
+    """deduplicate.py's outputs from the local process pool: what every Ray run must reproduce."""
+    return run(DEDUP_SCRIPT, dedup_args(data), tmp_path_factory.mktemp("dedup") / "local", "local", os.environ)
+
+
+def test_the_same_bytes_as_a_local_run(cluster, data, dedup_local, tmp_path):
+    args = ["--embeddings", data["img_emb"], "--num_clusters", 12, "--niter", 5]
+    local = run(CLUSTER_SCRIPT, args, tmp_path / "cluster_local", "local", cluster)
+    assert run(CLUSTER_SCRIPT, args, tmp_path / "cluster_ray", "ray", cluster) == local and len(local) == 14
+    assert run(DEDUP_SCRIPT, dedup_args(data), tmp_path / "dedup", "ray", cluster) == dedup_local
+    args = ["--shards", data["pattern"], "--model", data["model"], "--batch-size", 8]
+    local = run(EMBED_SCRIPT, args, tmp_path / "embed_local", "local", cluster)
+    assert run(EMBED_SCRIPT, args, tmp_path / "embed_ray", "ray", cluster) == local
+    assert sum(name.parts[0] == "img_emb" for name in local) == 2
+
+
+def test_a_killed_task_worker_is_run_again_to_the_same_output(cluster, data, dedup_local, tmp_path):
     marker = tmp_path / "paused"
-    args = ["--sorted_clusters_path", data["dedup"]["sorted"], "--embeddings", data["dedup"]["emb"], "--eps", *EPS,
-            "--distributor", "ray"]
-    r = script(DEDUP_SCRIPT, *args, "--save_folder", tmp_path / "reference", env=cluster)
-    proc = start_script(DEDUP_SCRIPT, *args, "--save_folder", tmp_path / "run",
+    proc = start_script(DEDUP_SCRIPT, *dedup_args(data), "--distributor", "ray", "--save_folder", tmp_path / "run",
                         env={**cluster, "DBP_PAUSE_AT": f"task score_cluster {marker}"})
     wait_until(lambda: marker.exists() and marker.read_text(), proc, "a scoring task to stop itself")
     os.kill(int(marker.read_text()), signal.SIGKILL)  # the task's worker, as the OOM killer would
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert r.returncode == 0, r.stderr
-    assert outputs(tmp_path / "run") == outputs(tmp_path / "reference")
+    assert outputs(tmp_path / "run") == dedup_local
 
 
 def test_a_ray_started_for_the_run_leaves_no_process_behind(data, tmp_path):
