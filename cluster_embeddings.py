@@ -176,6 +176,8 @@ def main() -> None:
             subset = np.load(out.path(de.SUBSET_ROWS))
             n, of = len(subset), f" of --subset {args.subset}"
         sample = check_k_and_sample(args, n, of)
+        if not os.path.exists(out.path(de.LABELS)):
+            pool.start()  # the assignment's workers get ready while k-means trains here
         if not os.path.exists(out.path(de.CENTROIDS_FILE)):
             centroids, objective = de.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
                                                    workers, subset)

@@ -17,6 +17,7 @@ bar, and is a safe point (dbp_cli's) every STOP_POLL seconds while it waits.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -99,6 +100,14 @@ class TaskPool:
             return engine.result(handle)
         return result
 
+    def start(self) -> None:
+        """Start the workers now rather than at the first task: called before work this process does alone
+        (k-means training), so that Ray's start-up and the workers' imports overlap it."""
+        if not self._in_process(2):
+            engine = self._engine()
+            for _ in range(engine.slots):
+                engine.submit(_import_all, (*_our_modules(), *self.preload), {})
+
     def _in_process(self, total: int) -> bool:
         return self.distributor == "local" and (self.workers <= 1 or total <= 1)
 
@@ -142,6 +151,18 @@ class TaskPool:
 
 
 _END = object()
+
+
+def _our_modules() -> list[str]:
+    """numpy and this project's modules the run has imported: what every task's worker needs."""
+    return ["numpy", *(name for name, module in list(sys.modules.items())
+                       if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) == HERE)]
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    """A task that only imports: it starts a worker and leaves it ready for the tasks to come."""
+    for name in names:
+        importlib.import_module(name)
 
 
 def run_task(func: Callable[[Any], Any], task: Any) -> Any:
@@ -201,9 +222,7 @@ def _start_executor(workers: int, preload: tuple[str, ...] = ()) -> ProcessPoolE
     # The fork server imports numpy, this project's modules the run has imported and `preload`, so that
     # each worker starts with them (it is given this folder on its path for that, which Python 3.11's fork
     # server does not pass on by itself).
-    ours = [name for name, module in list(sys.modules.items())
-            if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) == HERE]
-    context.set_forkserver_preload(["numpy", *ours, *preload])
+    context.set_forkserver_preload([*_our_modules(), *preload])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
