@@ -49,7 +49,7 @@ from dbp_clusters import load_centroids
 
 PARAMS_FILE = "clustering.json"
 OUTPUTS = (de.CENTROIDS_FILE, de.SORTED_DIR, PARAMS_FILE)
-MANIFEST, OBJECTIVE = "manifest.json", "objective.json"  # in the staging folder: what the work is for; k-means' own
+OBJECTIVE = "objective.json"  # in the staging folder: k-means' objective
 
 
 USAGE = """%(prog)s --embeddings EMB [--keys KEYS] --num_clusters K --save_folder SAVE [--niter N] [--seed S]
@@ -147,17 +147,12 @@ def main() -> None:
     embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
     n, k = embeddings.rows, args.num_clusters
     check_args(args, n)
-    save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resumable=True)
     run = fingerprint(args, embeddings)
+    save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resume=run)
 
     with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
-        work = out.staging
-        if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
-            shutil.rmtree(work)
-            os.mkdir(work)
-            cli.save_json(out.path(MANIFEST), run)
-            resumed = ""
-        else:
+        work, resumed = out.staging, ""
+        if out.resumed:
             resumed = f" (resumed a stopped run; done before: {what_was_done(out.staging, k)})"
             cli.log.info(f"resuming a stopped run; done before: {what_was_done(out.staging, k)}")
         # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.

@@ -33,7 +33,6 @@ import dbp_cli as cli
 import dbp_tasks
 
 PARAMS_FILE, LOG_FILE, FAILED_FILE = "params.json", "logs.log", "failed.txt"
-MANIFEST = "manifest.json"  # in the staging folder: what the parts there were made from
 
 
 def parse_args():
@@ -98,12 +97,8 @@ def main() -> None:
     run = {"shards": shards, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
     save = cli.SaveDir(args.output_folder, args.overwrite, (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, FAILED_FILE,
                                                              LOG_FILE, PARAMS_FILE), PARAMS_FILE, "--output_folder",
-                       resumable=True)
+                       resume=run)
     with save as out:
-        if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
-            shutil.rmtree(out.staging)
-            os.mkdir(out.staging)
-            cli.save_json(out.path(MANIFEST), run)
         for folder in (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, enc.FAILED_DIR):
             os.makedirs(out.path(folder), exist_ok=True)
         todo = [n for n in range(len(shards)) if not os.path.exists(enc.part_files(out.staging, n)[0])]

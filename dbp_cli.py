@@ -36,6 +36,7 @@ PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error
 PAUSE_VARIABLE = "DBP_PAUSE_AT"  # a stage name: the run stops itself there (fault-injection tests)
 PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
+MANIFEST = "manifest.json"  # in the staging folder of a resumable run: what its work there is made from
 LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
 STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
 
@@ -371,11 +372,13 @@ class SaveDir:
     folder) into a hidden staging folder (`out.path(name)`) and, when the block succeeds, moves them into
     place with the marker file last, the sign of a completed run. A folder holding outputs is refused
     unless `overwrite` (those of a killed run are not: a rerun finishes it). A failed run leaves the folder
-    as it was (one it created goes again); a `resumable` run keeps its staging folder when it is stopped
-    (not when it fails on bad input), for a rerun to go on from. One run at a time (FolderLock)."""
+    as it was (one it created goes again). A run given `resume` (what its work is made from: inputs,
+    flags) keeps its staging folder when it is stopped (not when it fails on bad input), and a rerun with
+    the same `resume` goes on from it (`out.resumed`); with another, it starts afresh. One run at a time
+    (FolderLock)."""
 
     def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str,
-                 resumable: bool = False):
+                 resume: Any = None):
         if not path:
             raise UsageError(flag, "is required", "pass the folder for the outputs")
         if os.path.islink(path) and not os.path.exists(path):
@@ -386,7 +389,7 @@ class SaveDir:
         check_creatable(os.path.abspath(path), flag)
         self.dir, self.staging = path, os.path.join(path, STAGING_DIR)
         self.overwrite, self.outputs, self.marker, self.flag = overwrite, outputs, marker, flag
-        self.resumable = resumable
+        self.resume, self.resumed = resume, False
         self._refuse_existing()
 
     def _refuse_existing(self) -> None:
@@ -409,9 +412,12 @@ class SaveDir:
         self.lock = FolderLock(self.dir, self.flag).acquire()
         try:
             self._refuse_existing()  # again: another run may have completed it since we looked
-            if not self.resumable:
-                shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left
+            self.resumed = self.resume is not None and load_json(self.path(MANIFEST)) == self.resume
+            if not self.resumed:
+                shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left, or another run's work
             os.makedirs(self.staging, exist_ok=True)
+            if self.resume is not None:
+                save_json(self.path(MANIFEST), self.resume)
         except BaseException:
             self._roll_back()
             raise
@@ -424,7 +430,7 @@ class SaveDir:
             return
         if isinstance(exc, OSError):
             exc.filename = exc.filename or self.dir  # a failed write (a full disk) names no file of its own
-        if self.resumable and not isinstance(exc, UsageError):
+        if self.resume is not None and not isinstance(exc, UsageError):
             self.lock.release()  # the staging folder stays, for a rerun to go on from
         else:
             self._roll_back()

@@ -26,7 +26,6 @@ runs stay, their figures included); a stopped run is finished by rerunning it; o
 """
 
 import os
-import shutil
 
 import numpy as np
 
@@ -38,7 +37,7 @@ import dbp_utils as du
 from dbp_clusters import CENTROIDS_FILE, scan_clusters
 
 PARAMS_FILE = "params.json"
-MANIFEST, LAYOUT, PARTS = "manifest.json", "embeddings.json", ".parts"  # in the staging folder
+LAYOUT, PARTS = "embeddings.json", ".parts"  # in the staging folder
 CLUSTERING_FILE = "clustering.json"  # cluster_embeddings.py's record, beside sorted_clusters/
 FIXED_OUTPUTS = (dd.SCORES_DIR, dd.MATCHES_DIR, dd.STATS_FILE, dd.CLUSTER_STATS_FILE, dd.PLOT_FILE, du.LOG_FILE,
                  PARAMS_FILE)
@@ -156,14 +155,10 @@ def main() -> None:
     eps_list = sorted(set(args.eps) | set(earlier or []))
     outputs = (*FIXED_OUTPUTS[:-1], *(dd.eps_folder(eps) for eps in eps_list), PARAMS_FILE)
     save = cli.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, PARAMS_FILE,
-                       "--save_folder", resumable=True)
+                       "--save_folder", resume=run)
 
     # torch imported once, in the fork server, rather than once per worker
     with save as out, dbp_tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
-        if cli.load_json(out.path(MANIFEST)) != run:  # another run's work, or none: start afresh
-            shutil.rmtree(out.staging)
-            os.mkdir(out.staging)
-            cli.save_json(out.path(MANIFEST), run)
         if earlier is not None:
             reuse_scores(args.save_folder, out.staging)
         for folder in (dd.SCORES_DIR, dd.MATCHES_DIR):
