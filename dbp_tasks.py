@@ -54,11 +54,16 @@ def add_distributor_flag(parser: Any) -> None:
 def check_distributor(distributor: str) -> None:
     """Refuse --distributor ray at once, before any work, when Ray is not installed."""
     if distributor == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise UsageError("--distributor", "ray needs Ray, which is not installed",
-                             f"install it with {RAY_EXTRA}") from None
+        _import_ray()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--distributor", "ray needs Ray, which is not installed",
+                         f"install it with {RAY_EXTRA}") from None
+    return ray
 
 
 class TaskPool:
@@ -281,12 +286,8 @@ class RayEngine:
     (all its processes) at the end."""
 
     def __init__(self, workers: int, preload: tuple[str, ...]):
-        try:
-            import ray
-        except ImportError:
-            raise UsageError("--distributor", "ray needs Ray, which is not installed",
-                             f"install it with {RAY_EXTRA}") from None
-        self.ray, self.handles = ray, []
+        self.ray = ray = _import_ray()
+        self.handles = set()  # the tasks whose results are not taken yet: what a stopped run cancels
         address = os.environ.get("RAY_ADDRESS")
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
         try:
@@ -306,7 +307,7 @@ class RayEngine:
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
         handle = (self.remote.options(**resources) if resources else self.remote).remote(func, task)
-        self.handles.append(handle)
+        self.handles.add(handle)
         return handle
 
     def wait(self, handle: Any, timeout: float) -> bool:
@@ -321,11 +322,13 @@ class RayEngine:
         from ray.exceptions import RayError, RayTaskError
 
         try:
-            return self.ray.get(handle)
+            result = self.ray.get(handle)
         except RayTaskError as e:  # the task's own exception (a UsageError, say), without Ray's wrapping
             raise (e.cause if isinstance(e.cause, Exception) else RuntimeError(str(e))) from None
         except RayError as e:  # a worker or node lost past its retries
             raise WorkerDied(f"a Ray task's worker died ({type(e).__name__})") from None
+        self.handles.discard(handle)  # (holding every handle would keep every result in Ray's store)
+        return result
 
     def stop(self, killed: bool) -> None:
         if killed:
