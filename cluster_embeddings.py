@@ -132,7 +132,7 @@ def check_k_and_sample(args, rows: int, of: str = "") -> int:
 def fingerprint(args, embeddings: de.Embeddings) -> dict:
     """What a rerun must match to go on from a stopped run's work: the flags and the input files."""
     inputs = embeddings.files() + ([args.subset] if args.subset else [])
-    files = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in inputs]
+    files = cli.files_fingerprint(inputs)
     flags = {name: getattr(args, name) for name in ("num_clusters", "niter", "seed", "spherical", "ascending",
                                                      "npz_key", "key_column", "sample_size", "subset")}
     return {"files": files, "flags": flags}

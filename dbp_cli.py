@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
 MANIFEST = "manifest.json"  # in the staging folder of a resumable run: what its work there is made from
 LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12  # pages of a file hashed for its fingerprint
 STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
 
 log = logging.getLogger("dbp")
@@ -267,6 +269,40 @@ def load_json(path: str) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def file_fingerprint(path: str) -> str:
+    """What a rerun must find unchanged in an input to reuse work made from it: its path, inode and ctime (a
+    copy that keeps size and mtime, as `cp -p`, `rsync -a` or a restored backup make, has a new inode or
+    ctime; so has a file rewritten in place), its size, and a hash of FINGERPRINT_BLOCKS blocks spread over
+    its content and its tail (for file systems whose ctime cannot be trusted)."""
+    info = os.stat(path)
+    digest = hashlib.sha256(f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_ino}\0{info.st_ctime_ns}".encode())
+    with open(path, "rb") as f:
+        step = max(FINGERPRINT_BLOCK, info.st_size // FINGERPRINT_BLOCKS)
+        for offset in range(0, max(info.st_size, 1), step):
+            f.seek(offset)
+            digest.update(f.read(FINGERPRINT_BLOCK))
+        f.seek(max(info.st_size - FINGERPRINT_BLOCK, 0))
+        digest.update(f.read())  # the tail: an appended or truncated end
+    return digest.hexdigest()
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    """One digest of many input files' fingerprints (params.json holds this, not one entry per file)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(file_fingerprint(path).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def read_text(path: str) -> str:
+    """A text file's content, or "" if there is none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 class _NewFolders:

@@ -51,6 +51,11 @@ def add_distributor_flag(parser: Any) -> None:
                              "sees; the outputs are the same bytes either way")
 
 
+def on(distributor: str) -> str:
+    """Words for a run's summary line: where its tasks ran, when not on this machine."""
+    return " on Ray" if distributor == "ray" else ""
+
+
 def check_distributor(distributor: str) -> None:
     """Refuse --distributor ray at once, before any work, when Ray is not installed."""
     if distributor == "ray":

@@ -14,8 +14,10 @@ Writes into --save_folder:
   eps_<e>/removed_paths.txt   per eps: path, the path it duplicates, similarity (tab-separated)
   dedup_stats.csv, dedup_cluster_stats.csv, similarity.png (the scores, and what each eps removes),
   logs.log and, last, params.json.
-A rerun with other --eps on the same folder reuses the scores and takes seconds (eps folders of earlier
-runs stay, their figures included); a stopped run is finished by rerunning it; one run at a time.
+A rerun with other --eps on the same folder and inputs reuses the scores and takes seconds (eps folders of
+earlier runs stay, their figures included; a missing score file is computed again; --overwrite starts
+afresh, and publishing replaces every earlier output, eps folders included).
+A stopped run is finished by rerunning it; one run at a time.
 
     python deduplicate.py --sorted_clusters_path SAVE/sorted_clusters --num_clusters 50000 \\
         --embeddings laion/img_emb --eps 0.01 0.05 0.1 --save_folder DEDUP
@@ -115,9 +117,8 @@ def check_centroids(sorted_dir: str, dim: int) -> None:
 
 def fingerprint(args, clusters: list, embeddings: de.Embeddings) -> dict:
     """What the scores depend on: a rerun that matches reuses them (whatever its eps)."""
-    files = [c.path for c in clusters] + embeddings.files()
-    stat = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
-    return {"files": stat, "which_to_keep": args.which_to_keep, "seed": args.seed, "device": args.device}
+    files = cli.files_fingerprint([c.path for c in clusters] + embeddings.files())
+    return {"files": files, "which_to_keep": args.which_to_keep, "seed": args.seed, "device": args.device}
 
 
 def published(save_folder: str, run: dict) -> list[float] | None:
@@ -128,14 +129,34 @@ def published(save_folder: str, run: dict) -> list[float] | None:
     return None
 
 
-def reuse_scores(save_folder: str, staging: str) -> None:
+def reuse_scores(save_folder: str, staging: str) -> int:
     """Link a completed run's score files into the staging folder (linked, not moved: they stay in place until
-    the new run is published)."""
+    the new run is published); a cluster whose scores or matches are missing is scored again. Returns how many
+    clusters' scores were linked."""
+    folders = [os.path.join(save_folder, folder) for folder in (dd.SCORES_DIR, dd.MATCHES_DIR)]
+    found = [set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders]
+    both = found[0] & found[1]
     for folder in (dd.SCORES_DIR, dd.MATCHES_DIR):
         os.makedirs(os.path.join(staging, folder), exist_ok=True)
-        for name in os.listdir(os.path.join(save_folder, folder)):
+        for name in both:
             if not os.path.exists(target := os.path.join(staging, folder, name)):
                 os.link(os.path.join(save_folder, folder, name), target)
+    return len(both)
+
+
+def merged_eps(new: list[float], earlier: list[float]) -> list[float]:
+    """This run's eps and an earlier run's, sorted; an earlier eps written to the same eps_<e> folder as a new
+    one (they differ past the 6th digit) gives way to the new one."""
+    named = {dd.eps_folder(eps): eps for eps in earlier}
+    named.update({dd.eps_folder(eps): eps for eps in new})
+    return sorted(named.values())
+
+
+def earlier_outputs(save_folder: str) -> list[str]:
+    """The eps_<e> folders already in save_folder: outputs of an earlier run, replaced when this one publishes."""
+    if not os.path.isdir(save_folder):
+        return []
+    return sorted(name for name in os.listdir(save_folder) if name.startswith("eps_"))
 
 
 def main() -> None:
@@ -151,22 +172,26 @@ def main() -> None:
     embeddings, source = find_embeddings(args)
     check_centroids(args.sorted_clusters_path, embeddings.dim)
     run = fingerprint(args, clusters, embeddings)
-    earlier = published(args.save_folder, run) if os.path.isdir(args.save_folder) else None
-    eps_list = sorted(set(args.eps) | set(earlier or []))
-    outputs = (*FIXED_OUTPUTS[:-1], *(dd.eps_folder(eps) for eps in eps_list), PARAMS_FILE)
+    # --overwrite starts afresh; otherwise a completed run on the same inputs lends its scores and its eps.
+    earlier = None if args.overwrite or not os.path.isdir(args.save_folder) else published(args.save_folder, run)
+    eps_list = merged_eps(args.eps, earlier or [])
+    eps_folders = sorted({dd.eps_folder(eps) for eps in eps_list} | set(earlier_outputs(args.save_folder)))
+    outputs = (*FIXED_OUTPUTS[:-1], *eps_folders, PARAMS_FILE)
     save = cli.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, PARAMS_FILE,
                        "--save_folder", resume=run)
 
     # torch imported once, in the fork server, rather than once per worker
     with save as out, dbp_tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
+        history = ""
         if earlier is not None:
             reuse_scores(args.save_folder, out.staging)
+            history = cli.read_text(os.path.join(args.save_folder, du.LOG_FILE))  # the log goes on from it
         for folder in (dd.SCORES_DIR, dd.MATCHES_DIR):
             os.makedirs(out.path(folder), exist_ok=True)
         embeddings.save(out.path(LAYOUT))
 
         # 1. Scores, for the clusters not scored yet, the largest first (one huge cluster does not finish last).
-        done = set(os.listdir(out.path(dd.MATCHES_DIR)))  # written after its scores: the cluster is done
+        done = set(os.listdir(out.path(dd.MATCHES_DIR))) & set(os.listdir(out.path(dd.SCORES_DIR)))
         todo = sorted((j for j, c in enumerate(clusters) if f"cluster_{j}.npy" not in done),
                       key=lambda j: -clusters[j].rows)
         tasks = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device)
@@ -212,15 +237,17 @@ def main() -> None:
                             for eps, gone in zip(eps_list, removed.sum(axis=0).tolist()))
         cli.log.info(f"k={len(clusters)} rows={total} scored={len(todo)} reused={len(clusters) - len(todo)}: {summary}")
         with open(out.path(du.LOG_FILE), "w") as f:
-            f.write(run_log.finished())
+            f.write(history + run_log.finished())
         params = {name: value for name, value in sorted(vars(args).items()) if name not in ("workers", "debug")}
         params.update(sorted_clusters_path=os.path.abspath(args.sorted_clusters_path), embeddings=source,
+                      save_folder=os.path.abspath(args.save_folder),
                       eps=eps_list, num_clusters=len(clusters), rows=total, dim=embeddings.dim,
                       removed={f"{eps:g}": int(gone) for eps, gone in zip(eps_list, removed.sum(axis=0))},
                       fingerprint=run, version=cli.__version__)
         cli.save_json(out.path(PARAMS_FILE), params)
     reused = f"; scores reused for {len(clusters) - len(todo)} clusters" if len(todo) < len(clusters) else ""
-    print(f"deduplicated {total} rows in {len(clusters)} clusters ({args.which_to_keep}): {summary}{reused} "
+    where = dbp_tasks.on(args.distributor)
+    print(f"deduplicated {total} rows in {len(clusters)} clusters ({args.which_to_keep}{where}): {summary}{reused} "
           f"-> {args.save_folder}")
 
 

@@ -288,3 +288,82 @@ def test_help_names_every_flag_in_both_spellings(tmp_path):
                  "--embeddings", "--npz-key", "--device", "--save_folder", "--save-folder", "--workers"):
         assert flag in r.stdout, flag
     assert os.path.exists(os.path.join(ROOT, DEDUP_SCRIPT))
+
+
+def copy_data(data, root):
+    """A copy of the data set the tests may change: its cluster files, centroids and embeddings."""
+    import shutil
+
+    shutil.copytree(data["sorted"].parent, root / "save")
+    shutil.copy2(data["emb"], root / "emb.npy")
+    return {**data, "sorted": root / "save" / "sorted_clusters", "emb": root / "emb.npy"}
+
+
+def test_reuse_follows_the_content_not_size_and_mtime(data, deduplicated, tmp_path):
+    mine = copy_data(data, tmp_path)
+    dedup(mine, tmp_path / "d")
+    params = json.loads((tmp_path / "d" / "params.json").read_text())
+    assert params["fingerprint"]["files"].startswith("sha256:") and len(json.dumps(params["fingerprint"])) < 200
+    assert params["save_folder"] == str(tmp_path / "d") and params["distributor"] == "local"
+    # Other embeddings behind the same size and mtime, as `cp -p` of another file leaves them.
+    x = np.load(mine["emb"])
+    stat = os.stat(mine["emb"])
+    changed = x[::-1].copy()
+    np.save(tmp_path / "other.npy", changed)
+    os.replace(tmp_path / "other.npy", mine["emb"])
+    os.utime(mine["emb"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(mine["emb"]) == stat.st_size
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", mine["sorted"], "--embeddings", mine["emb"],
+                   "--eps", 0.3, "--save_folder", tmp_path / "d")
+    assert r.returncode == 2 and "already holds the outputs of a completed run" in error_line(r.stderr)
+    dedup(mine, tmp_path / "d", "--overwrite")  # scored afresh: the rows the clusters index now hold others
+    fresh = copy_data(data, tmp_path / "again")
+    np.save(fresh["emb"], changed)
+    dedup(fresh, tmp_path / "fresh")
+    assert outputs(tmp_path / "d") == outputs(tmp_path / "fresh") != outputs(deduplicated("hard")[0])
+
+
+def test_overwrite_starts_clean_and_replaces_every_earlier_eps(data, deduplicated, tmp_path):
+    out = tmp_path / "d"
+    dedup(data, out)
+    before = os.stat(out / "scores" / "cluster_4.npy").st_ino
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", 0.3, "--save_folder", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert "reused" not in r.stdout and os.stat(out / "scores" / "cluster_4.npy").st_ino != before
+    assert sorted(p.name for p in out.glob("eps_*")) == ["eps_0.3"]  # the earlier run's eps went with it
+    assert json.loads((out / "params.json").read_text())["eps"] == [0.3]
+
+
+def test_missing_scores_are_computed_again(data, deduplicated, tmp_path):
+    import shutil
+
+    expected = outputs(deduplicated("hard")[0])
+    out = tmp_path / "d"
+    shutil.copytree(deduplicated("hard")[0], out)
+    os.remove(out / "scores" / "cluster_4.npy")
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", EPS[0], "--save_folder", out)
+    assert r.returncode == 0, r.stderr
+    assert f"scores reused for {len(SIZES) - 1} clusters" in r.stdout
+    assert outputs(out) == expected
+    shutil.rmtree(out / "scores")
+    shutil.rmtree(out / "matches")
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", EPS[0], "--save_folder", out)
+    assert r.returncode == 0 and "reused" not in r.stdout, r.stderr
+    assert outputs(out) == expected
+    log = (out / "logs.log").read_text()
+    assert log.count("density-based-pruning") == 3  # the first run's log, and each rerun's after it
+
+
+def test_a_new_eps_past_the_6th_digit_replaces_the_earlier_one(data, deduplicated, tmp_path):
+    import shutil
+
+    out = tmp_path / "d"
+    shutil.copytree(deduplicated("hard")[0], out)
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", 0.05000001, "--save_folder", out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("eps_*")) == ["eps_0.01", "eps_0.05", "eps_0.2"]
+    assert json.loads((out / "params.json").read_text())["eps"] == [0.01, 0.05000001, 0.2]
