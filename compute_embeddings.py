@@ -26,6 +26,7 @@ A stopped run is finished by rerunning it: the shards already embedded are not r
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -33,6 +34,7 @@ import dbp_cli as cli
 import dbp_tasks
 
 PARAMS_FILE, LOG_FILE, FAILED_FILE = "params.json", "logs.log", "failed.txt"
+FAILED_SHARDS_FILE = "failed_shards.txt"  # shard<TAB>reason: the shards a stopped run could not read
 
 
 def parse_args():
@@ -48,6 +50,9 @@ def parse_args():
     cli.add_flag(parser, "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default: cpu)")
     cli.add_flag(parser, "--fp16", action="store_true", help="with --device cuda: run the model in float16 (autocast)")
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
+    cli.add_flag(parser, "--retries", type=int, default=2,
+                 help="times a shard that cannot be read is tried again before it is listed in failed_shards.txt "
+                      "and the run goes on with the others (default: 2)")
     cli.add_flag(parser, "--workers", type=int, default=None,
                  help="processes decoding images (default: all cores); results are identical for any value")
     dbp_tasks.add_distributor_flag(parser)
@@ -55,10 +60,11 @@ def parse_args():
 
 
 def find_shards(pattern: str) -> list[str]:
-    """The shards of a webdataset pattern; local ones must exist (a URL or pipe: command is tried when read)."""
+    """The shards of a webdataset pattern, local ones as absolute paths (a Ray worker starts in another folder);
+    they must exist (a URL or pipe: command is tried when read)."""
     from webdataset.shardlists import expand_urls
 
-    shards = expand_urls(pattern)
+    shards = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s) for s in expand_urls(pattern)]
     local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
     missing = [s for s in local if not os.path.isfile(s)]
     if local and len(missing) == len(shards):
@@ -71,6 +77,8 @@ def find_shards(pattern: str) -> list[str]:
 
 
 def check_args(args) -> None:
+    if args.retries < 0:
+        raise cli.UsageError("--retries", f"{args.retries} is negative", "pass 0 or more (default 2)")
     if args.batch_size < 1:
         raise cli.UsageError("--batch-size", f"{args.batch_size} is less than 1", "pass 1 or more (default 256)")
     if args.fp16 and args.device != "cuda":
@@ -90,51 +98,79 @@ def main() -> None:
     dbp_tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     shards = find_shards(args.shards)
+    output = os.path.abspath(args.output_folder)
     import dbp_encoder as enc  # (torch and transformers: imported once the flags are known to be right)
 
-    encoder = enc.load_encoder(args.model, args.device if args.distributor == "local" else "cpu")
+    model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model  # (as every node sees it)
+    encoder = enc.load_encoder(model, args.device if args.distributor == "local" else "cpu")
     described = encoder.describe()
     run = {"shards": shards, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
-    save = cli.SaveDir(args.output_folder, args.overwrite, (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, FAILED_FILE,
-                                                             LOG_FILE, PARAMS_FILE), PARAMS_FILE, "--output_folder",
-                       resume=run)
+    save = cli.SaveDir(output, args.overwrite, (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, FAILED_FILE, FAILED_SHARDS_FILE,
+                                                LOG_FILE, PARAMS_FILE), PARAMS_FILE, "--output_folder", resume=run)
     with save as out:
-        for folder in (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, enc.FAILED_DIR):
+        for folder in (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, enc.FAILED_DIR, enc.SOURCES_DIR):
             os.makedirs(out.path(folder), exist_ok=True)
-        todo = [n for n in range(len(shards)) if not os.path.exists(enc.part_files(out.staging, n)[0])]
-        if args.distributor == "ray":  # a shard a task, each on a GPU of its own where there are GPUs
-            tasks = [(shards[n], n, out.staging, args.model, args.device, args.batch_size, args.fp16) for n in todo]
-            with dbp_tasks.TaskPool(workers, "ray") as pool:
-                for _ in pool.run(enc.embed_shard_task, tasks, "embed", unit="shard",
-                                  resources={"num_gpus": 1} if args.device == "cuda" else None):
-                    pass
-        else:  # the model here, the images decoded by --workers processes
-            with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
-                cli.stage("embed started")
-                for n in todo:
-                    enc.embed_shard(encoder, shards[n], n, out.staging, args.batch_size, workers, args.fp16,
-                                    bar.update)
-                    cli.stage(f"shard {n} embedded")
+        todo = [n for n in range(len(shards)) if not enc.part_done(out.staging, n, shards[n])]
+        unread = embed_shards(args, encoder, shards, todo, out.staging, workers)
+        if unread:
+            listed = os.path.join(output, FAILED_SHARDS_FILE)  # beside the staged parts, for the user to read
+            with cli.atomic_open(listed, "w", encoding="utf-8") as f:
+                f.writelines(f"{enc.escape_field(shards[n])}\t{enc.escape_field(why)}\n" for n, why in unread)
+            raise cli.Incomplete(f"{len(unread)} of {len(shards)} shards could not be read (listed with the reason in "
+                                 f"{listed}); the other {len(shards) - len(unread)} are embedded and kept, nothing "
+                                 "is published as complete: rerun the same command to embed only the shards missing")
         rows, failed = 0, 0
-        with open(out.path(FAILED_FILE), "w") as f:
+        with open(out.path(FAILED_FILE), "w", encoding="utf-8") as f:
             for n in range(len(shards)):
-                emb, _, failures = enc.part_files(out.staging, n)
+                emb, _, failures, _ = enc.part_files(out.staging, n)
                 rows += len(np.load(emb, mmap_mode="r"))
-                with open(failures) as part:
+                with open(failures, encoding="utf-8") as part:
                     lines = part.readlines()
                 f.writelines(lines)
                 failed += len(lines)
         shutil.rmtree(out.path(enc.FAILED_DIR))
+        shutil.rmtree(out.path(enc.SOURCES_DIR))
         cli.log.info(f"{len(shards)} shards ({len(shards) - len(todo)} embedded before), {rows} rows, {failed} failed")
         with open(out.path(LOG_FILE), "w") as f:
             f.write(run_log.finished())
         cli.save_json(out.path(PARAMS_FILE), {**described, "shards": args.shards, "shard_count": len(shards),
-                                              "batch_size": args.batch_size, "device": args.device,
-                                              "fp16": args.fp16, "dim": enc.embedding_dim(encoder), "rows": rows,
-                                              "failed": failed, "version": cli.__version__})
+                                              "output_folder": output, "batch_size": args.batch_size,
+                                              "device": args.device, "fp16": args.fp16,
+                                              "distributor": args.distributor, "dim": enc.embedding_dim(encoder),
+                                              "rows": rows, "failed": failed, "version": cli.__version__})
     resumed = f"; {len(shards) - len(todo)} embedded before" if len(todo) < len(shards) else ""
-    print(f"embedded {rows} images of {len(shards)} shards with {args.model} ({failed} without a decodable image"
-          f"{resumed}) -> {args.output_folder}")
+    print(f"embedded {rows} images of {len(shards)} shards with {args.model}{dbp_tasks.on(args.distributor)} "
+          f"({failed} without a decodable image{resumed}) -> {args.output_folder}")
+
+
+def embed_shards(args, encoder, shards: list[str], todo: list[int], staging: str, workers: int) -> list[tuple]:
+    """Embed the shards `todo` into parts under `staging`; returns the shards that could not be read, with why.
+    Locally the model runs here and --workers processes decode the images; on Ray, a shard is a task (on a GPU
+    of its own with --device cuda)."""
+    import dbp_encoder as enc
+
+    if args.distributor == "ray":
+        tasks = [(shards[n], n, staging, encoder.name, args.device, args.batch_size, args.fp16, args.retries)
+                 for n in todo]
+        with dbp_tasks.TaskPool(workers, "ray") as pool:
+            return gathered(shards, todo, pool.run(enc.embed_shard_task, tasks, "embed", unit="shard",
+                                                   resources={"num_gpus": 1} if args.device == "cuda" else None))
+    with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
+        cli.stage("embed started")
+        return gathered(shards, todo, (enc.embed_shard_retrying(encoder, shards[n], n, staging, args.batch_size,
+                                                                workers, args.fp16, args.retries, bar.update)
+                                       for n in todo))
+
+
+def gathered(shards: list[str], todo: list[int], results: Iterator[str | None]) -> list[tuple[int, str]]:
+    """The shards' results as they come (each a safe point): those that could not be read, with why."""
+    unread = []
+    for n, why in zip(todo, results):
+        if why:
+            cli.log.info(f"shard {shards[n]} cannot be read: {why}")  # (all of them in failed_shards.txt)
+            unread.append((n, why))
+        cli.stage(f"shard {n} embedded")
+    return unread
 
 
 def run() -> None:

@@ -151,6 +151,8 @@ def run_main(main: Callable[[], None]) -> None:
         elif _signals:  # workers ended by the same signal (a SIGTERM to the whole job), seen first
             _fail(f"{'interrupted (Ctrl-C)' if _signals[0] == signal.SIGINT else 'terminated (SIGTERM)'}: {STOPPED}",
                   SIGNAL_EXIT + _signals[0])
+        elif isinstance(e, Incomplete):
+            _fail(str(e), 1)
         elif isinstance(e, WorkerDied):
             _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
                   "short)", 1)
@@ -228,6 +230,11 @@ def progress(total: int, desc: str, unit: str = "cluster") -> Iterator[tqdm]:
         bar.close()
 
 
+class Incomplete(Exception):
+    """A run that kept what it finished but could not do all of it (shards that cannot be read): its message
+    says what is missing and that a rerun does only that; exit status 1."""
+
+
 class WorkerDied(Exception):
     """A worker process ended without being asked to: killed from outside, typically by the OOM killer."""
 
@@ -241,12 +248,12 @@ class WorkerDied(Exception):
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
-    """Write to `.<name>.partial` beside `path`, renamed into place only once complete."""
+def atomic_open(path: str, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
+    """Write to `.<name>.partial` beside `path`, renamed into place only once complete (kwargs: open's)."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, **kwargs) as f:
             yield f
         os.replace(tmp, path)
     except OSError as e:

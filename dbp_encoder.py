@@ -21,6 +21,8 @@ import io
 import json
 import os
 import re
+import signal
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,18 +30,74 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from dbp_cli import UsageError, atomic_open
+from dbp_cli import UsageError, WorkerDied, atomic_open, file_fingerprint
+from dbp_tasks import exit_with
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-EMBEDDINGS_DIR, METADATA_DIR, FAILED_DIR = "img_emb", "metadata", "failed"
-CLIP_TYPES = ("clip", "clip_vision_model")  # model_type of CLIP checkpoints: their image_embeds are the embedding
+EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
+FAILED_DIR, SOURCES_DIR = "failed", "sources"  # per part while the run is staged: its failures, its shard's fingerprint
+BAD_KEY_CHARACTERS = {"\t": "a tab", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL"}
 PARQUET_ROWS = 1 << 16
 
 
-def part_files(out: str, n: int) -> tuple[str, str, str]:
-    """Part n's embeddings, metadata and failures, in clip-retrieval's layout."""
+def part_files(out: str, n: int) -> tuple[str, str, str, str]:
+    """Part n's embeddings, metadata (clip-retrieval's layout), failures and the fingerprint of its shard."""
     return (os.path.join(out, EMBEDDINGS_DIR, f"img_emb_{n}.npy"),
-            os.path.join(out, METADATA_DIR, f"metadata_{n}.parquet"), os.path.join(out, FAILED_DIR, f"{n}.txt"))
+            os.path.join(out, METADATA_DIR, f"metadata_{n}.parquet"), os.path.join(out, FAILED_DIR, f"{n}.txt"),
+            os.path.join(out, SOURCES_DIR, f"{n}.txt"))
+
+
+def shard_fingerprint(url: str) -> str:
+    """A local shard's content fingerprint; "" for a URL or pipe: command (what it streams cannot be known
+    without reading it)."""
+    return file_fingerprint(url) if os.path.isfile(url) else ""
+
+
+def part_done(out: str, n: int, url: str) -> bool:
+    """Part n is embedded, from the shard as it is now (a shard regenerated under the same name is not)."""
+    emb, _, _, source = part_files(out, n)
+    if not os.path.exists(emb):
+        return False
+    with open(source) as f:
+        return f.read() == shard_fingerprint(url)
+
+
+# failed.txt: one sample a line, `shard<TAB>key<TAB>reason`, each field escaped so that any key round-trips.
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"}
+_UNESCAPES = {value[1]: key for key, value in _ESCAPES.items()}
+
+
+def escape_field(text: str) -> str:
+    """Backslash escapes for a backslash, tab, newline, carriage return and NUL; a byte of a name that is not
+    UTF-8 (Python's surrogate escape) as \\xHH."""
+    return re.sub(r"[\\\t\n\r\0\udc80-\udcff]",
+                  lambda m: _ESCAPES.get(m[0]) or f"\\x{ord(m[0]) - 0xDC00:02x}", text)
+
+
+def unescape_field(text: str) -> str:
+    return re.sub(r"\\(x[0-9a-f]{2}|.)",
+                  lambda m: chr(0xDC00 + int(m[1][1:], 16)) if len(m[1]) == 3 else _UNESCAPES[m[1]], text)
+
+
+def failed_line(url: str, key: str, reason: str) -> str:
+    return "\t".join(escape_field(field) for field in (url, key, reason)) + "\n"
+
+
+def read_failed(path: str) -> list[tuple[str, str, str]]:
+    """failed.txt's samples: (shard, key, reason), as they were."""
+    with open(path, encoding="utf-8") as f:
+        return [tuple(unescape_field(field) for field in line.rstrip("\n").split("\t")) for line in f]
+
+
+def key_problem(key: str) -> str | None:
+    """Why a sample's key cannot be published (the key files of the next steps hold one key a line), or None."""
+    if bad := next((name for character, name in BAD_KEY_CHARACTERS.items() if character in key), None):
+        return f"its key holds {bad}, which no key file can hold"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its key is not valid UTF-8"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,12 +106,40 @@ def part_files(out: str, n: int) -> tuple[str, str, str]:
 
 
 @dataclass(frozen=True)
+class Family:
+    """A family of vision models researchers curate with, and the output that is its image embedding."""
+
+    name: str
+    model_types: tuple[str, ...]  # config.model_type of its checkpoints (full models and vision towers)
+    model_class: str  # the transformers class that loads its vision tower
+    output: str  # the model output that is the embedding ("cls": the final layer-normed CLS token)
+
+
+FAMILIES = (
+    Family("DINOv2", ("dinov2", "dinov2_with_registers"), "AutoModel", "pooler_output"),  # the layer-normed CLS
+    Family("CLIP", ("clip", "clip_vision_model"), "CLIPVisionModelWithProjection", "image_embeds"),
+    Family("SigLIP", ("siglip", "siglip_vision_model"), "SiglipVisionModel", "pooler_output"),  # its MAP head
+    Family("ViT", ("vit",), "ViTModel", "cls"),  # (ViT's pooler is a classifier's pre-logits layer: not used)
+)
+
+
+def family_of(model_type: str, name: str) -> Family:
+    """The family of a checkpoint's model_type, or a UsageError listing the families supported."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    listed = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise UsageError("--model", f"{name} is a {model_type!r} model, whose image embedding this tool does not know",
+                     f"pass a model of a supported family: {listed}")
+
+
+@dataclass(frozen=True)
 class Encoder:
     """A loaded vision model and its image processor."""
 
     model: Any
     processor: Any
-    output: str  # "pooler_output" (DINOv2 and most) or "image_embeds" (CLIP)
+    output: str  # the model output that is the embedding (Family.output)
     name: str
 
     def describe(self) -> dict:
@@ -74,28 +160,56 @@ def load_processor(name: str) -> Any:
     return AutoImageProcessor.from_pretrained(name, backend="pil")
 
 
+def looks_local(name: str) -> bool:
+    """A --model that can only be a folder (a Hub id is `name` or `org/name`): absolute, relative to . or ~, or
+    with more than one separator."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.path.isabs(name)
+
+
 def load_encoder(name: str, device: str) -> Encoder:
-    """A transformers vision model by id or local folder: CLIP's vision tower with its projection for CLIP
-    checkpoints, AutoModel otherwise. One clear error when it cannot be loaded."""
+    """A transformers vision model by id or local folder, as its family's vision tower; one clear error when it
+    cannot be loaded, is of no supported family, or lacks weights of a layer it uses (transformers would fill
+    them at random: embeddings that differ on every run)."""
     import transformers
 
+    if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError("--model", f"{name} is not a folder", "pass the folder save_pretrained wrote, or a Hub id")
     transformers.logging.set_verbosity_error()  # its warnings and bars are not ours to print
     transformers.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(name)
-        if config.model_type in CLIP_TYPES:
-            model, output = transformers.CLIPVisionModelWithProjection.from_pretrained(name), "image_embeds"
-        else:
-            model, output = transformers.AutoModel.from_pretrained(name), "pooler_output"
+        family = family_of(config.model_type, name)
+        tower = vision_config(config)
+        kwargs = {"add_pooling_layer": False} if family.name == "ViT" else {}
+        model, info = getattr(transformers, family.model_class).from_pretrained(
+            name, config=tower, output_loading_info=True, **kwargs)
         processor = load_processor(name)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # (RuntimeError: weights of other shapes)
         offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(e).lower() or "offline" in str(e).lower()
         why = "the Hugging Face Hub cannot be reached and the model is not in its cache" if offline and \
-            not os.path.isdir(name) else str(e).splitlines()[0]
+            not os.path.isdir(name) else str(e).strip().splitlines()[0]
         raise UsageError("--model", f"{name} cannot be loaded ({why})",
                          "pass a local folder with the model (save_pretrained), or a model id the Hub or its "
                          "cache holds") from None
-    return Encoder(model.eval().to(device), processor, output, name)
+    if missing := sorted(info.get("missing_keys") or []):
+        head = " (a CLIPVisionModel checkpoint has no projection: save the whole CLIPModel)" \
+            if family.name == "CLIP" and any("projection" in key for key in missing) else ""
+        raise UsageError("--model", f"{name} has no weights for {len(missing)} tensor(s) its {family.name} "
+                         f"embedding uses ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which "
+                         f"transformers would initialise at random{head}",
+                         "pass a complete checkpoint of the model (save_pretrained of the whole model)")
+    return Encoder(model.eval().to(device), processor, family.output, name)
+
+
+def vision_config(config: Any) -> Any:
+    """The vision tower's config of a checkpoint (the checkpoint's own config for a vision-only one). A CLIP
+    tower takes the projection's size from the full config: LAION's OpenCLIP exports give it only there."""
+    tower = getattr(config, "vision_config", None)
+    if tower is None:
+        return config
+    if getattr(config, "projection_dim", None) is not None:
+        tower.projection_dim = config.projection_dim
+    return tower
 
 
 def weights_hash(name: str) -> str | None:
@@ -113,7 +227,8 @@ def weights_hash(name: str) -> str | None:
 def embed(encoder: Encoder, pixels, fp16: bool) -> np.ndarray:
     """A batch of pixel values (torch, on the model's device) as L2-normalised float16 embeddings."""
     with torch.inference_mode(), torch.autocast(pixels.device.type, torch.float16, enabled=fp16):
-        out = getattr(encoder.model(pixel_values=pixels), encoder.output)
+        outputs = encoder.model(pixel_values=pixels)
+        out = outputs.last_hidden_state[:, 0] if encoder.output == "cls" else getattr(outputs, encoder.output)
     out = out.float()
     return (out / out.norm(dim=1, keepdim=True)).cpu().numpy().astype(np.float16)
 
@@ -138,8 +253,10 @@ def decoded(sample: dict, processor: Any) -> tuple[Any, str | None]:
     if found is None:
         return None, "no image (" + ", ".join(sorted(k for k in sample if not k.startswith("__"))) + ")"
     try:
-        with Image.open(io.BytesIO(sample[found])) as image:
-            rgb = image.convert("RGB")
+        with warnings.catch_warnings():  # a large image: PIL's own limit (twice this) refuses a real bomb
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(sample[found])) as image:
+                rgb = image.convert("RGB")
         return processor(images=rgb, return_tensors="pt")["pixel_values"][0], None
     except Exception as e:  # PIL's errors (and a processor's on an odd image) share no base class worth naming
         return None, f"{found} cannot be decoded ({type(e).__name__}: {first_line(e)})"
@@ -147,7 +264,7 @@ def decoded(sample: dict, processor: Any) -> tuple[Any, str | None]:
 
 def first_line(error: Exception) -> str:
     """An error's message, its first line, without the memory addresses some put in it (the same bytes every run)."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", (str(error).splitlines() or [""])[0])
+    return re.sub(r" at 0x[0-9a-fA-F]+| @ <[^>]*>", "", (str(error).splitlines() or [""])[0])
 
 
 def text_fields(sample: dict) -> tuple[str | None, str | None]:
@@ -177,10 +294,13 @@ class ShardSamples(torch.utils.data.IterableDataset):
         try:
             for i, sample in enumerate(shard_samples(self.url)):
                 if i % workers == worker:
-                    pixels, failure = decoded(sample, processor)
-                    yield ("sample", sample["__key__"], pixels, *text_fields(sample), failure)
+                    key = sample["__key__"]
+                    failure = key_problem(key)
+                    pixels, failure = (None, failure) if failure else decoded(sample, processor)
+                    yield ("sample", key, pixels, *text_fields(sample), failure)
         except Exception as e:  # a broken tar or a failed command: webdataset's errors vary
-            yield ("error", f"{type(e).__name__}: {first_line(e)}")
+            said = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # (not the tuples some pass)
+            yield ("error", f"{type(e).__name__}: {first_line(Exception(said))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,13 +308,19 @@ class ShardSamples(torch.utils.data.IterableDataset):
 # ---------------------------------------------------------------------------------------------
 
 
+class ShardUnreadable(Exception):
+    """A shard that cannot be read (a truncated tar, a failed pipe: command): retried, then listed as failed."""
+
+
 def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, workers: int, fp16: bool,
                 step: Any = None) -> tuple[int, int]:
     """Embed shard `url` into part n under `out` (written whole, the embeddings file last: it marks the part
     done). Returns (rows, failed samples). `step(count)` is called after each batch (a progress bar)."""
     device = next(encoder.model.parameters()).device
+    source = shard_fingerprint(url)  # (before reading: a shard changed meanwhile is not taken for this one)
+    started = functools.partial(_loader_worker_started, os.getpid()) if workers else None
     loader = torch.utils.data.DataLoader(ShardSamples(url, encoder.name), batch_size=None, num_workers=workers,
-                                         multiprocessing_context="fork" if workers else None)
+                                         multiprocessing_context="fork" if workers else None, worker_init_fn=started)
     keys, captions, urls, vectors, failed, batch = [], [], [], [], [], []
 
     def flush() -> None:
@@ -204,31 +330,73 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
                 step(len(batch))
             batch.clear()
 
-    for record in loader:
-        if record[0] == "error":
-            raise UsageError(url, f"cannot be read as a webdataset shard ({record[1]})",
-                             "check the shard, or the command of a pipe: URL")
-        _, key, pixels, caption, link, failure = record
-        if failure:
-            failed.append(f"{url}\t{key}\t{failure}\n")
-            continue
-        keys.append(key)
-        captions.append(caption)
-        urls.append(link)
-        batch.append(pixels)
-        if len(batch) == batch_size:
-            flush()
+    try:
+        for record in loader:
+            if record[0] == "error":
+                raise ShardUnreadable(record[1])
+            _, key, pixels, caption, link, failure = record
+            if failure:
+                failed.append(failed_line(url, key, failure))
+                continue
+            keys.append(key)
+            captions.append(caption)
+            urls.append(link)
+            batch.append(pixels)
+            if len(batch) == batch_size:
+                flush()
+    except RuntimeError as e:  # torch's words for a decoding worker killed from outside
+        if "DataLoader worker" in str(e):
+            raise WorkerDied(f"an image-decoding worker died, killed from outside ({first_line(e)})") from None
+        raise
     flush()
     dim = embedding_dim(encoder)
     emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
-    write_part(out, n, emb, keys, captions, urls, failed)
+    write_part(out, n, emb, keys, captions, urls, failed, source)
     return len(keys), len(failed)
 
 
-def embed_shard_task(task: tuple[str, int, str, str, str, int, bool]) -> tuple[int, int]:
+def _loader_worker_started(run: int, worker_id: int) -> None:
+    """In each image-decoding worker: Ctrl-C is the run's to act on; SIGTERM ends the worker quietly; and it ends
+    the moment the run's process ends, however it ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    exit_with(run)
+
+
+def embed_shard_retrying(encoder: Encoder, url: str, n: int, out: str, batch_size: int, workers: int, fp16: bool,
+                         retries: int, step: Any = None) -> str | None:
+    """embed_shard, tried again up to `retries` times while the shard cannot be read. Returns None once the
+    part is written, else why the shard could not be read."""
+    counted = [0]
+
+    def counting(count: int) -> None:
+        counted[0] += count
+        step(count)
+
+    for attempt in range(retries + 1):
+        counted[0] = 0
+        try:
+            embed_shard(encoder, url, n, out, batch_size, workers, fp16, counting if step else None)
+            return None
+        except ShardUnreadable as e:
+            if counted[0]:
+                step(-counted[0])  # the bar counts the images embedded, not the attempts
+            reason = f"{e} (tried {attempt + 1} time{'s' if attempt else ''})"
+    return reason
+
+
+def embed_shard_task(task: tuple[str, int, str, str, str, int, bool, int]) -> str | None:
     """One shard as a task (on Ray): the images decoded in the task, the model loaded once per worker."""
-    url, n, out, model, device, batch_size, fp16 = task
-    return embed_shard(cached_encoder(model, device), url, n, out, batch_size, 0, fp16)
+    url, n, out, model, device, batch_size, fp16, retries = task
+    if device == "cuda" and not torch.cuda.is_available():
+        import socket
+
+        import ray
+
+        raise UsageError(f"--device cuda: node {socket.gethostname()}",
+                         f"Ray gave this task GPU {ray.get_gpu_ids()}, but torch there sees no CUDA device",
+                         "install torch with CUDA on the GPU nodes, or pass --device cpu")
+    return embed_shard_retrying(cached_encoder(model, device), url, n, out, batch_size, 0, fp16, retries)
 
 
 @functools.lru_cache(maxsize=1)
@@ -238,17 +406,20 @@ def cached_encoder(model: str, device: str) -> Encoder:
 
 def embedding_dim(encoder: Encoder) -> int:
     config = encoder.model.config
-    return getattr(config, "projection_dim", None) if encoder.output == "image_embeds" else config.hidden_size
+    return config.projection_dim if encoder.output == "image_embeds" else config.hidden_size
 
 
-def write_part(out: str, n: int, emb: np.ndarray, keys: list, captions: list, urls: list, failed: list) -> None:
-    """Part n: its failures, its metadata (image_path, and caption and url where the shard had them), then its
-    embeddings (float16, one row per key), each written whole."""
+def write_part(out: str, n: int, emb: np.ndarray, keys: list, captions: list, urls: list, failed: list,
+               source: str) -> None:
+    """Part n: its shard's fingerprint, its failures, its metadata (image_path, and caption and url where the
+    shard had them), then its embeddings (float16, one row per key), each written whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    emb_path, meta_path, failed_path = part_files(out, n)
-    with atomic_open(failed_path, "w") as f:
+    emb_path, meta_path, failed_path, source_path = part_files(out, n)
+    with atomic_open(source_path, "w") as f:
+        f.write(source)
+    with atomic_open(failed_path, "w", encoding="utf-8") as f:
         f.writelines(failed)
     columns = {"image_path": pa.array(keys, pa.string())}
     for name, values in (("caption", captions), ("url", urls)):

@@ -17,6 +17,7 @@ bar, and is a safe point (dbp_cli's) every STOP_POLL seconds while it waits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import multiprocessing
@@ -27,18 +28,23 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from dbp_cli import PAUSE_VARIABLE, UsageError, WorkerDied, check_stop, progress, record_signal, stage
+from dbp_cli import PAUSE_VARIABLE, UsageError, WorkerDied, check_stop, progress, stage
 
 TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
 STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
 RAY_RETRIES = 3  # times Ray runs a task again whose worker died
 RAY_EXTRA = "pip install 'density-based-pruning[ray]'"
+RAY_CONNECT_TIMEOUT = 60.0  # seconds to join RAY_ADDRESS's cluster or start one (DBP_RAY_CONNECT_TIMEOUT)
+RAY_CONNECT_VARIABLE = "DBP_RAY_CONNECT_TIMEOUT"
+TOKEN_REFUSED = (b"Unauthenticated", b"InvalidAuthToken")  # in Ray's core's messages on a refused token
 HERE = os.path.dirname(os.path.abspath(__file__))  # this project's modules: the tasks' code
 DISTRIBUTORS = ("local", "ray")
 
@@ -268,15 +274,47 @@ def _worker_started(run: int) -> None:
     """In each worker: end the moment the run's process ends, however it ends (SIGKILL included), so that
     no worker outlives a killed run. (Its parent is the fork server, which itself lives as long as any
     worker holds its pipe, so the parent's death is no signal: the run's is.)"""
-    try:
-        ended = os.pidfd_open(run)  # readable once the process has ended
-    except ProcessLookupError:  # already gone
-        os._exit(1)
-    threading.Thread(target=_exit_when_readable, args=(ended,), daemon=True).start()
+    exit_with(run)
 
 
-def _exit_when_readable(fd: int) -> None:
-    select.select([fd], [], [])
+EXIT_POLL = 0.5  # seconds between looks at the run's process where the system cannot say when it ends
+
+
+def exit_with(run: int) -> None:
+    """End this process the moment process `run` ends: a thread waits on a pidfd (Linux) or a kqueue process
+    event (macOS, BSD), else looks every EXIT_POLL seconds whether it is still there."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            ended = os.pidfd_open(run)  # readable once the process has ended
+        except ProcessLookupError:  # already gone
+            os._exit(1)
+        wait = functools.partial(select.select, [ended], [], [])
+    elif hasattr(select, "kqueue"):
+        queue = select.kqueue()
+        watch = select.kevent(run, filter=select.KQ_FILTER_PROC, flags=select.KQ_EV_ADD, fflags=select.KQ_NOTE_EXIT)
+        try:
+            queue.control([watch], 0)
+        except ProcessLookupError:
+            os._exit(1)
+        wait = functools.partial(queue.control, None, 1)
+    else:
+        wait = functools.partial(_poll_until_gone, run)
+    threading.Thread(target=_exit_after, args=(wait,), daemon=True).start()
+
+
+def _poll_until_gone(run: int) -> None:
+    while True:
+        try:
+            os.kill(run, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # there, but another user's: a pid taken again after the run ended
+            return
+        time.sleep(EXIT_POLL)
+
+
+def _exit_after(wait: Callable[[], Any]) -> None:
+    wait()
     os._exit(1)
 
 
@@ -291,27 +329,20 @@ class RayEngine:
     (all its processes) at the end."""
 
     def __init__(self, workers: int, preload: tuple[str, ...]):
-        self.ray = ray = _import_ray()
+        self.ray = _import_ray()
         self.handles = set()  # the tasks whose results are not taken yet: what a stopped run cancels
-        address = os.environ.get("RAY_ADDRESS")
-        quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
-        try:
-            if address:  # the cluster's workers find this project's code where it is on the shared storage
-                passed = {name: os.environ[name] for name in (PAUSE_VARIABLE,) if name in os.environ}
-                ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": HERE, **passed}}, **quiet)
-            else:  # a Ray of our own: its workers inherit this process's environment
-                with _environment(PYTHONPATH=HERE):  # ("local": a new one, even beside a `ray start` cluster)
-                    ray.init(address="local", num_cpus=workers, include_dashboard=False, **quiet)
-        except Exception as e:  # Ray's errors for an unreachable cluster vary by version
-            raise UsageError("--distributor", f"ray cannot start or join a cluster ({type(e).__name__}: {e})",
-                             "check RAY_ADDRESS (auto for a `ray start` on this machine), or unset it") from None
-        for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init may set its own: ours only record the signal
-            signal.signal(signum, record_signal)
-        self.slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
-        self.remote = ray.remote(_ray_task).options(max_retries=RAY_RETRIES, retry_exceptions=False, num_cpus=1)
+        self.released = threading.Event()  # set once Ray is shut down: the thread that started it may end
+        _connect(self.ray, workers, self.released)
+        self.cluster = self.ray.cluster_resources()
+        self.slots = max(1, int(self.cluster.get("CPU", workers)))
+        self.remote = self.ray.remote(_ray_task)
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
-        handle = (self.remote.options(**resources) if resources else self.remote).remote(func, task)
+        if self.cluster.get("GPU", 0) < resources.get("num_gpus", 0):  # Ray would wait for one without end
+            raise UsageError("--device", f"cuda: the Ray cluster has no GPU ({_resources(self.cluster)})",
+                             "start its nodes with GPUs (ray start --num-gpus N), or pass --device cpu")
+        options = {"max_retries": RAY_RETRIES, "retry_exceptions": False, "num_cpus": 1, **resources}
+        handle = self.remote.options(**options).remote(func, task)
         self.handles.add(handle)
         return handle
 
@@ -341,6 +372,104 @@ class RayEngine:
                 with contextlib.suppress(Exception):
                     self.ray.cancel(handle, force=True)
         self.ray.shutdown()  # and a Ray started for the run stops all its processes
+        self.released.set()
+
+
+def _connect(ray: Any, workers: int, released: threading.Event) -> None:
+    """Join the cluster in RAY_ADDRESS, else start a Ray of `workers` CPUs for the run. ray.init waits without
+    end for a cluster that is not there (a wrong port, a dead head's address file), so it runs in a thread of
+    its own while this one stays a safe point (Ctrl-C and SIGTERM end the run at once) and gives up after
+    DBP_RAY_CONNECT_TIMEOUT seconds (default 60). The thread lives until `released`: the processes of a Ray it
+    starts are bound to it (they end when the thread that started them ends, as when the run's process ends)."""
+    address = os.environ.get("RAY_ADDRESS")
+    timeout = _connect_timeout()
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    outcome: list[BaseException | None] = []
+
+    def init() -> None:
+        try:
+            if address:  # the cluster's workers find this project's code where it is on the shared storage
+                passed = {name: os.environ[name] for name in (PAUSE_VARIABLE,) if name in os.environ}
+                ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": HERE, **passed}}, **quiet)
+            else:  # a Ray of our own: its workers inherit this process's environment ("local": a new one, even
+                # beside a `ray start` cluster)
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, **quiet)
+        except BaseException as e:  # noqa: B036 (handed to the main thread, which raises it or our line)
+            outcome.append(e)
+            return
+        outcome.append(None)
+        released.wait()
+
+    where = f"the cluster at RAY_ADDRESS={address}" if address else "a Ray for this run"
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)  # (abandoned if it never returns)
+    with _environment(PYTHONPATH=HERE) if not address else contextlib.nullcontext(), _stderr_aside() as said:
+        thread.start()
+        stage("ray connecting")
+        deadline = time.monotonic() + timeout
+        while not outcome:
+            thread.join(STOP_POLL)
+            check_stop()
+            if not outcome and _token_refused(said):
+                raise UsageError("--distributor", f"ray: {where} refused this run's authentication token",
+                                 _connect_fix(address, token=True))
+            if not outcome and time.monotonic() > deadline:
+                raise UsageError("--distributor", f"ray could not reach {where} within {timeout:g} s",
+                                 _connect_fix(address))
+    if (error := outcome[0]) is not None:
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            raise error
+        raise UsageError("--distributor", f"ray cannot reach {where} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})",
+                         _connect_fix(address, token=type(error).__name__ == "AuthenticationError")) from None
+
+
+@contextlib.contextmanager
+def _stderr_aside() -> Iterator[Any]:
+    """Ray's core prints its retries to the process's stderr (file descriptor 2) while it connects: they go to
+    a file (yielded, for what they say), so that a run that cannot connect ends in our one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _token_refused(sink: Any) -> bool:
+    """Whether Ray's core has said that the cluster refused this process's authentication token."""
+    sink.seek(0)
+    return any(word in sink.read() for word in TOKEN_REFUSED)
+
+
+def _connect_timeout() -> float:
+    value = os.environ.get(RAY_CONNECT_VARIABLE, "")
+    try:
+        timeout = float(value) if value else RAY_CONNECT_TIMEOUT
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise UsageError(RAY_CONNECT_VARIABLE, f"{value!r} is not a number of seconds above 0",
+                         f"set it to the seconds to wait for Ray (default {RAY_CONNECT_TIMEOUT:g}), or unset it")
+    return timeout
+
+
+def _connect_fix(address: str | None, token: bool = False) -> str:
+    """What to check when Ray cannot be reached: the token when the cluster refused it, else the address."""
+    if token:
+        return ("the cluster uses token authentication: pass its token as RAY_AUTH_TOKEN (or a file as "
+                "RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it)")
+    if address:
+        return (f"check that a Ray head runs at {address} (`ray status`; auto: the `ray start` on this machine, "
+                f"whose address file may outlive it), or unset RAY_ADDRESS to start a Ray for the run; "
+                f"{RAY_CONNECT_VARIABLE} sets the seconds to wait")
+    return f"check that Ray can start here (`ray start --head` says why not); {RAY_CONNECT_VARIABLE} sets the wait"
+
+
+def _resources(resources: dict) -> str:
+    return ", ".join(f"{name} {value:g}" for name, value in sorted(resources.items()) if name.isupper()) or "none"
 
 
 def _ray_task(func: Callable[[Any], Any], task: Any) -> Any:

@@ -170,6 +170,6 @@ def error_line(stderr: str) -> str:
     import re
 
     *bars, line = stderr.strip().splitlines() or [""]
-    assert all(re.match(r"\r?[\w ]+: +\d+%\|", bar) for bar in bars), stderr
+    assert all(re.match(r"\r?[\w ]+: +(\d+%\||\d+\w+ \[)", bar) for bar in bars), stderr  # (with a total or not)
     assert line.startswith("error: ") and "Traceback" not in stderr, stderr
     return line

@@ -118,16 +118,16 @@ BAD = [  # (id, flags replaced, what the one line says)
     ("some-shards-missing", {"--shards": "SHARDS/{00000..00005}.tar"}, "00003.tar does not exist (3 of the 6"),
     ("batch-zero", {"--batch-size": 0}, "--batch-size: 0 is less than 1"),
     ("fp16-on-cpu", {"--fp16": ""}, "--fp16: is for --device cuda"),
-    ("broken-shard", {"--shards": "BROKEN"}, "cannot be read as a webdataset shard"),
+    ("model-not-a-folder", {"--model": "./no/such/model"}, "--model: ./no/such/model is not a folder"),
+    ("retries-negative", {"--retries": -1}, "--retries: -1 is negative"),
 ]
 
 
 @pytest.mark.parametrize("flags,expect", [pytest.param(f, x, id=i) for i, f, x in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(toy, tmp_path, flags, expect):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "broken.tar").write_bytes(b"not a tar file at all" * 100)
     args = {"--shards": toy["pattern"], "--output_folder": tmp_path / "out", "--model": toy["model"], **flags}
-    where = {"EMPTY": tmp_path / "empty", "BROKEN": tmp_path / "broken.tar"}
+    where = {"EMPTY": tmp_path / "empty"}
     argv = []
     for flag, value in args.items():
         value = where.get(value, value) if isinstance(value, str) else value
@@ -150,3 +150,104 @@ def test_the_five_steps_from_images(tmp_path):
     assert 0 < len(kept) == len(deduplicated) // 2 and set(kept.tolist()) <= set(deduplicated.tolist())
     assert len(deduplicated) < 200  # the near-repeats of make_toy_images, found
     assert f"the filter let through {len(kept)} samples" in r.stdout
+
+
+def shard_copies(toy, folder, count=3):
+    """Copies of the toy shards (which the test may then change), and their brace pattern."""
+    import shutil
+
+    folder.mkdir()
+    for n in range(count):
+        shutil.copy(toy["shards"][n % len(toy["shards"])], folder / f"{n:05d}.tar")
+    return str(folder / f"{{00000..{count - 1:05d}}}.tar")
+
+
+def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, reference, tmp_path):
+    pattern = shard_copies(toy, tmp_path / "shards", 4)
+    data = (tmp_path / "shards" / "00003.tar").read_bytes()
+    (tmp_path / "shards" / "00003.tar").write_bytes(data[: len(data) // 2])  # truncated mid-file
+    out = tmp_path / "emb"
+    r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
+                   "--batch-size", 16)
+    assert r.returncode == 1, r.stderr
+    line = error_line(r.stderr)
+    assert "1 of 4 shards could not be read" in line and "rerun the same command" in line
+    listed = (out / "failed_shards.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(str(tmp_path / "shards" / "00003.tar") + "\t")
+    assert "unexpected end of data" in listed[0] and "tried 3 times" in listed[0] and "<_io" not in listed[0]
+    assert not (out / "params.json").exists() and not (out / "img_emb").exists()  # nothing published
+    staged = out / ".dbp_staging" / "img_emb"
+    assert sorted(p.name for p in staged.iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
+    (tmp_path / "shards" / "00003.tar").write_bytes(data)  # the download, done again
+    r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
+                   "--batch-size", 16)
+    assert r.returncode == 0 and "3 embedded before" in r.stdout, r.stderr
+    assert not (out / "failed_shards.txt").exists()
+    expected = outputs(reference[0])
+    got = outputs(out)
+    for n in range(3):
+        for name in (f"img_emb/img_emb_{n}.npy", f"metadata/metadata_{n}.parquet"):
+            assert got[Path(name)] == expected[Path(name)]
+    assert got[Path("img_emb/img_emb_3.npy")] == expected[Path("img_emb/img_emb_0.npy")]  # shard 0's copy
+
+
+def test_a_shard_regenerated_under_the_same_name_is_embedded_again(toy, reference, tmp_path):
+    pattern = shard_copies(toy, tmp_path / "shards")
+    proc = start_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", tmp_path / "emb", "--model",
+                        toy["model"], "--batch-size", 16, "--workers", 2, pause="shard 1 embedded")
+    wait_paused(proc, "shard 1 embedded")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    shard0 = tmp_path / "shards" / "00000.tar"
+    stat = os.stat(shard0)
+    other = (tmp_path / "shards" / "00002.tar").read_bytes()
+    assert len(other) == stat.st_size  # (the same size: only the content tells them apart)
+    shard0.write_bytes(other)  # regenerated: other images, the same name, size and mtime
+    os.utime(shard0, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    r = embed({**toy, "pattern": pattern}, tmp_path / "emb")
+    assert "1 embedded before" in r.stdout  # shard 1's part only
+    got, expected = outputs(tmp_path / "emb"), outputs(reference[0])
+    assert got[Path("img_emb/img_emb_0.npy")] == expected[Path("img_emb/img_emb_2.npy")]
+    assert got[Path("img_emb/img_emb_1.npy")] == expected[Path("img_emb/img_emb_1.npy")]
+
+
+def test_keys_no_key_file_can_hold_are_failed_samples_and_round_trip(toy, tmp_path):
+    import dbp_encoder as enc
+
+    image = make_toy_images.encoded(make_toy_images.make_image(np.random.default_rng(0)), "png")
+    keys = ["plain", "tab\there", "new\nline", "carriage\rreturn", "back\\slash", "ünïcode/ok"]
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for key in keys:
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(image)
+            tar.addfile(info, io.BytesIO(image))
+    out = tmp_path / "emb"
+    r = run_script(EMBED_SCRIPT, "--shards", tmp_path / "shards" / "00000.tar", "--output_folder", out, "--model",
+                   toy["model"])
+    assert r.returncode == 0 and "(3 without a decodable image)" in r.stdout, r.stderr
+    assert pd.read_parquet(out / "metadata" / "metadata_0.parquet")["image_path"].tolist() == \
+        ["plain", "back\\slash", "ünïcode/ok"]
+    assert len((out / "failed.txt").read_text().splitlines()) == 3  # one line each
+    failed = enc.read_failed(out / "failed.txt")
+    assert [key for _, key, _ in failed] == ["tab\there", "new\nline", "carriage\rreturn"]
+    assert [why for _, _, why in failed] == [f"its key holds {what}, which no key file can hold"
+                                             for what in ("a tab", "a newline", "a carriage return")]
+    r = run_script(CLUSTER_SCRIPT, "--embeddings", out / "img_emb", "--num_clusters", 1,
+                   "--save_folder", tmp_path / "clusters")  # the next step takes every key published
+    assert r.returncode == 0, r.stderr
+
+
+def test_failed_txt_fields_round_trip():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    import dbp_encoder as enc
+
+    @given(st.text(), st.text(alphabet=st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF) | st.characters()))
+    def check(a, b):
+        line = enc.failed_line(a, b, "why")
+        assert line.count("\n") == 1 and line.count("\t") == 2
+        fields = line.rstrip("\n").split("\t")
+        assert [enc.unescape_field(f) for f in fields] == [a, b, "why"]
+    check()
