@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from dbp_cli import UsageError, WorkerDied, atomic_open, file_fingerprint
+from dbp_cli import UsageError, WorkerDied, atomic_open, file_fingerprint, stage
 from dbp_tasks import exit_with
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -332,6 +332,8 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
 
     try:
         for record in loader:
+            if not (keys or failed) and workers:
+                stage("decoding")  # the decoding workers are running (named for fault-injection tests)
             if record[0] == "error":
                 raise ShardUnreadable(record[1])
             _, key, pixels, caption, link, failure = record
@@ -344,8 +346,12 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
             batch.append(pixels)
             if len(batch) == batch_size:
                 flush()
-    except RuntimeError as e:  # torch's words for a decoding worker killed from outside
-        if "DataLoader worker" in str(e):
+    except (RuntimeError, ConnectionError, EOFError) as e:  # a decoding worker killed from outside, as torch
+        # says it (or as the pipe a sample was coming through says it)
+        if workers and (not isinstance(e, RuntimeError) or "DataLoader worker" in str(e)):
+            # torch's SIGCHLD handler would raise the same again as the loader shuts its workers down: the run is
+            # ending, with this one line
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise WorkerDied(f"an image-decoding worker died, killed from outside ({first_line(e)})") from None
         raise
     flush()
@@ -356,10 +362,11 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
 
 
 def _loader_worker_started(run: int, worker_id: int) -> None:
-    """In each image-decoding worker: Ctrl-C is the run's to act on; SIGTERM ends the worker quietly; and it ends
-    the moment the run's process ends, however it ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """In each image-decoding worker: Ctrl-C and SIGTERM (sent to the whole process group by a terminal, timeout(1)
+    or a scheduler) are the run's to act on, at a safe point, where it stops its workers; and a worker ends the
+    moment the run's process ends, however it ends."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     exit_with(run)
 
 

@@ -251,3 +251,55 @@ def test_failed_txt_fields_round_trip():
         fields = line.rstrip("\n").split("\t")
         assert [enc.unescape_field(f) for f in fields] == [a, b, "why"]
     check()
+
+
+def loader_workers(pid):
+    """The image-decoding processes of a run: its children (forked by torch's DataLoader)."""
+    from conftest import descendants
+
+    return descendants(pid)
+
+
+def gone(pids):
+    from conftest import process_state
+
+    return all(process_state(pid) in (None, "Z") for pid in pids)
+
+
+def start_embedding(toy, tmp_path):
+    proc = start_script(EMBED_SCRIPT, "--shards", toy["pattern"], "--output_folder", tmp_path / "emb", "--model",
+                        toy["model"], "--batch-size", 16, "--workers", 2, pause="decoding")
+    wait_paused(proc, "decoding")
+    workers = loader_workers(proc.pid)
+    assert len(workers) == 2
+    return proc, workers
+
+
+def test_a_killed_run_leaves_no_decoding_worker_and_no_traceback(toy, tmp_path):
+    from conftest import wait_until
+
+    proc, workers = start_embedding(toy, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)  # the run only, as the OOM killer would
+    proc.wait()
+    wait_until(lambda: gone(workers), what="the decoding workers to end with the run")
+    assert proc.stderr.read().strip() == ""  # not a word from the workers either
+
+
+def test_sigterm_to_the_process_group_is_one_line(toy, tmp_path):
+    proc, workers = start_embedding(toy, tmp_path)
+    os.killpg(proc.pid, signal.SIGTERM)  # what timeout(1) and batch schedulers send
+    os.killpg(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM)" in error_line(err) and "Exception ignored" not in err
+    assert not (tmp_path / "emb" / "params.json").exists()
+
+
+def test_a_decoding_worker_killed_from_outside_is_the_worker_died_line(toy, tmp_path):
+    proc, workers = start_embedding(toy, tmp_path)
+    os.kill(workers[0], signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "an image-decoding worker died, killed from outside" in error_line(err)
+    assert not (tmp_path / "emb" / "params.json").exists()
