@@ -140,6 +140,7 @@ def fingerprint(args, embeddings: de.Embeddings) -> dict:
 
 def main() -> None:
     args = parse_args()
+    cli.absolute_paths(args, "embeddings", "keys", "subset", "save_folder", "from_nemo_curator", "centroids_file")
     workers = cli.num_workers(args.workers)
     dbp_tasks.check_distributor(args.distributor)
     if args.from_nemo_curator:
@@ -193,14 +194,15 @@ def main() -> None:
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
         cli.save_json(out.path(PARAMS_FILE), {
-            "embeddings": os.path.abspath(args.embeddings), "keys": args.keys and os.path.abspath(args.keys),
-            **run["flags"], "subset": args.subset and os.path.abspath(args.subset),
+            "embeddings": args.embeddings, "keys": args.keys, **run["flags"], "subset": args.subset,
+            "save_folder": args.save_folder, "distributor": args.distributor,
             "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
             "embedding_rows": embeddings.rows, "dim": embeddings.dim, "parts": len(embeddings.parts),
             "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
             "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
     print(f"clustered {n} rows{of} (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
-          f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed} -> {args.save_folder}")
+          f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed}"
+          f"{dbp_tasks.on(args.distributor)} -> {args.save_folder}")
 
 
 def what_was_done(work: str, k: int) -> str:
@@ -247,12 +249,14 @@ def convert_nemo_curator(args, workers: int) -> None:
         cli.save_npy(out.path(de.CENTROIDS_FILE), centroids.astype(np.float32))
         sizes = np.array([c.rows for c in clusters])
         cli.save_json(out.path(PARAMS_FILE), {
-            "from_nemo_curator": os.path.abspath(results), "id_column": args.id_column, "centroids": source,
+            "from_nemo_curator": results, "id_column": args.id_column, "centroids": source,
+            "save_folder": args.save_folder, "distributor": args.distributor,
             "num_clusters": k, "ascending": args.ascending, "rows": int(sizes.sum()),
             "empty_clusters": int((sizes == 0).sum()), "smallest_cluster": int(sizes.min()),
             "largest_cluster": int(sizes.max())})
     print(f"converted {sizes.sum()} rows of NeMo Curator's k-means into {k} clusters of {sizes.min()} to "
-          f"{sizes.max()} rows ({int((sizes == 0).sum())} empty); centroids: {source} -> {args.save_folder}")
+          f"{sizes.max()} rows ({int((sizes == 0).sum())} empty){dbp_tasks.on(args.distributor)}; centroids: {source} "
+          f"-> {args.save_folder}")
 
 
 def run() -> None:

@@ -133,7 +133,9 @@ def main() -> None:
         cli.log.info(f"{len(shards)} shards ({len(shards) - len(todo)} embedded before), {rows} rows, {failed} failed")
         with open(out.path(LOG_FILE), "w") as f:
             f.write(run_log.finished())
-        cli.save_json(out.path(PARAMS_FILE), {**described, "shards": args.shards, "shard_count": len(shards),
+        local = "://" not in args.shards and not args.shards.startswith("pipe:")
+        cli.save_json(out.path(PARAMS_FILE), {**described, "shard_count": len(shards),
+                                              "shards": os.path.abspath(args.shards) if local else args.shards,
                                               "output_folder": output, "batch_size": args.batch_size,
                                               "device": args.device, "fp16": args.fp16,
                                               "distributor": args.distributor, "dim": enc.embedding_dim(encoder),

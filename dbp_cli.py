@@ -98,6 +98,14 @@ def add_workers_flag(parser: argparse.ArgumentParser) -> None:
              help="processes for the per-cluster work (default: all cores); results are identical for any value")
 
 
+def absolute_paths(args: argparse.Namespace, *names: str) -> None:
+    """Make the path flags `names` absolute, here on the driver: a Ray worker starts in another folder (where
+    `ray start` ran), and params.json names every input wherever it is read."""
+    for name in names:
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
+
+
 def check_range(flag: str, value: float, low: float, high: float, *,
                 low_open: bool = False, high_open: bool = False, fix: str = "") -> None:
     """Raise a UsageError unless low <(=) value <(=) high; NaN always fails."""

@@ -161,6 +161,7 @@ def earlier_outputs(save_folder: str) -> list[str]:
 
 def main() -> None:
     args = parse_args()
+    cli.absolute_paths(args, "sorted_clusters_path", "embeddings", "save_folder")
     check_args(args)
     workers = cli.num_workers(args.workers)
     dbp_tasks.check_distributor(args.distributor)

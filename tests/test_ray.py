@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,15 +17,33 @@ from test_embed import EMBED_SCRIPT, make_toy_images
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+TOKEN = "dbp-test-token-0123456789abcdef0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A Ray cluster on this machine, as `ray start --head` makes one (token authentication left on), joined
-    with RAY_ADDRESS=auto."""
-    r = subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
-                        "--include-dashboard=false"], capture_output=True, text=True)
+    """A Ray cluster on this machine, as `ray start --head` makes one, joined with RAY_ADDRESS=auto: on free ports
+    (never Ray's defaults: another Ray may run here), with token authentication, a logical GPU (for the
+    scheduling of GPU tasks), and started in a folder of its own, where its workers start too."""
+    elsewhere = tmp_path_factory.mktemp("ray_start_folder")
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-agent-listen-port",
+                                            "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                            "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    r = subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--num-gpus", "1", "--disable-usage-stats",
+                        "--include-dashboard=false", *(str(a) for item in ports.items() for a in item)],
+                       capture_output=True, text=True, cwd=elsewhere, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    yield {**os.environ, "RAY_ADDRESS": "auto"}
-    subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    yield {**env, "RAY_ADDRESS": "auto"}
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +78,18 @@ def ray_processes():
     return found
 
 
-def script(name, *args, env):
+def script(name, *args, env, cwd=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, name), *map(str, args)], capture_output=True, text=True,
-                          env=env)
+                          env=env, cwd=cwd)
 
 
-def run(name, args, out, distributor, env):
+def run(name, args, out, distributor, env, cwd=None):
     """One command with --distributor local or ray; its outputs."""
     r = script(name, *args, "--save_folder" if name != EMBED_SCRIPT else "--output_folder", out,
-               "--distributor", distributor, env=env)
+               "--distributor", distributor, env=env, cwd=cwd)
     assert r.returncode == 0, r.stderr
-    return outputs(out)
+    assert (" on Ray" in r.stdout) == (distributor == "ray"), r.stdout
+    return outputs(Path(cwd or "", out))
 
 
 def dedup_args(data):
@@ -82,15 +102,30 @@ def dedup_local(data, tmp_path_factory):
     return run(DEDUP_SCRIPT, dedup_args(data), tmp_path_factory.mktemp("dedup") / "local", "local", os.environ)
 
 
-def test_the_same_bytes_as_a_local_run(cluster, data, dedup_local, tmp_path):
+def test_the_same_bytes_as_a_local_run_from_relative_paths(cluster, data, dedup_local, tmp_path):
+    """The Ray runs name every path relative to the folder they start in, not the one Ray's workers start in."""
+    import json
+
+    root = data["root"]
     args = ["--embeddings", data["img_emb"], "--num_clusters", 12, "--niter", 5]
     local = run(CLUSTER_SCRIPT, args, tmp_path / "cluster_local", "local", cluster)
-    assert run(CLUSTER_SCRIPT, args, tmp_path / "cluster_ray", "ray", cluster) == local and len(local) == 14
-    assert run(DEDUP_SCRIPT, dedup_args(data), tmp_path / "dedup", "ray", cluster) == dedup_local
+    relative = ["--embeddings", "img_emb", "--num_clusters", 12, "--niter", 5]
+    on_ray = run(CLUSTER_SCRIPT, relative, tmp_path / "cluster_ray", "ray", cluster, cwd=root)
+    records = [json.loads(outputs.pop(Path("clustering.json"))) for outputs in (local, on_ray)]
+    assert on_ray == local and len(local) == 13
+    assert [r.pop("distributor") for r in records] == ["local", "ray"]
+    assert [r.pop("save_folder") for r in records] == [str(tmp_path / "cluster_local"), str(tmp_path / "cluster_ray")]
+    assert records[0] == records[1]  # the embeddings named by the same absolute path, the same figures
+    relative = ["--sorted_clusters_path", os.path.relpath(data["dedup"]["sorted"], root), "--embeddings",
+                os.path.relpath(data["dedup"]["emb"], root), "--eps", *EPS]
+    assert run(DEDUP_SCRIPT, relative, os.path.relpath(tmp_path / "dedup", root), "ray", cluster, cwd=root) == \
+        dedup_local
     args = ["--shards", data["pattern"], "--model", data["model"], "--batch-size", 8]
     local = run(EMBED_SCRIPT, args, tmp_path / "embed_local", "local", cluster)
-    assert run(EMBED_SCRIPT, args, tmp_path / "embed_ray", "ray", cluster) == local
+    relative = ["--shards", "shards/{00000..00001}.tar", "--model", "model", "--batch-size", 8]
+    assert run(EMBED_SCRIPT, relative, tmp_path / "embed_ray", "ray", cluster, cwd=root) == local
     assert sum(name.parts[0] == "img_emb" for name in local) == 2
+    assert json.loads((tmp_path / "embed_ray" / "params.json").read_text())["distributor"] == "ray"
 
 
 def test_a_killed_task_worker_is_run_again_to_the_same_output(cluster, data, dedup_local, tmp_path):
@@ -129,3 +164,46 @@ def test_without_ray_one_line_says_how_to_install_it(data, tmp_path):
     assert r.returncode == 2
     assert "pip install 'density-based-pruning[ray]'" in error_line(r.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def nowhere(env: dict) -> dict:
+    """RAY_ADDRESS at a port where no Ray listens (a wrong port, a head that died)."""
+    return {**env, "RAY_ADDRESS": f"127.0.0.1:{free_port()}", "DBP_RAY_CONNECT_TIMEOUT": "5"}
+
+
+def test_a_cluster_that_is_not_there_is_one_line_in_bounded_time(data, tmp_path):
+    r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
+               "--distributor", "ray", env=nowhere(os.environ))
+    assert r.returncode == 2, r.stderr
+    line = error_line(r.stderr)
+    assert "--distributor: ray" in line and "RAY_ADDRESS=127.0.0.1:" in line and "DBP_RAY_CONNECT_TIMEOUT" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_while_connecting_ends_the_run(data, tmp_path):
+    env = {**nowhere(os.environ), "DBP_RAY_CONNECT_TIMEOUT": "600"}  # (only the signal can end it in time)
+    proc = start_script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder",
+                        tmp_path / "out", "--distributor", "ray", env=env, pause="ray connecting")
+    wait_paused(proc, "ray connecting")
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated (SIGTERM)" in error_line(err)
+
+
+def test_a_refused_token_is_named(cluster, data, tmp_path):
+    r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
+               "--distributor", "ray", env={**cluster, "RAY_AUTH_TOKEN": "not-the-token-" + "0" * 32})
+    assert r.returncode == 2, r.stderr
+    assert "refused this run's authentication token" in error_line(r.stderr) and "RAY_AUTH_TOKEN" in r.stderr
+
+
+def test_gpu_tasks_are_scheduled_on_a_gpu_and_a_node_without_cuda_says_so(cluster, data, tmp_path):
+    args = ["--shards", data["pattern"], "--model", data["model"], "--device", "cuda", "--distributor", "ray"]
+    r = script(EMBED_SCRIPT, *args, "--output_folder", tmp_path / "out", env=cluster)
+    assert r.returncode == 2, r.stderr
+    line = error_line(r.stderr)
+    assert "Ray gave this task GPU" in line and "torch there sees no CUDA device" in line  # num_gpus=1: it got one
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of the run's own: no GPU
+    r = script(EMBED_SCRIPT, *args, "--output_folder", tmp_path / "out2", "--workers", 2, env=env)
+    assert r.returncode == 2 and "the Ray cluster has no GPU" in error_line(r.stderr), r.stderr
