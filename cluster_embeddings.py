@@ -93,7 +93,8 @@ def parse_args():
                  help="NeMo Curator's kmeans_centroids.npy (default: looked up beside KMEANS_RESULTS)")
     cli.add_flag(parser, "--subset", default=None, metavar="FILE",
                  help="cluster only the rows whose key (extension stripped) is in FILE: a kept_keys.npy from "
-                      "deduplicate.py or prune.py, or a text file of paths; column 1 stays the row in --embeddings")
+                      "deduplicate.py or prune.py, prune.py's kept_keys_trie.pkl, or a text file of paths; column 1 "
+                      "stays the row in --embeddings")
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
     cli.add_workers_flag(parser)
     dbp_tasks.add_distributor_flag(parser)
@@ -166,7 +167,11 @@ def main() -> None:
         subset, of = None, ""
         if args.subset:
             if not os.path.exists(out.path(de.SUBSET_ROWS)):
-                _, missing = de.subset_rows(work, args.subset)
+                selected, missing = de.subset_rows(work, args.subset)
+                if not selected:
+                    raise cli.UsageError("--subset", f"none of the {missing} keys in {args.subset} is a key of the "
+                                         f"embeddings ({args.embeddings})", "pass the kept keys of a run on these "
+                                         "embeddings (keys are compared without their extension)")
                 if missing:
                     cli.log.warning(f"{missing} keys of --subset {args.subset} are not among the embeddings' keys")
             subset = np.load(out.path(de.SUBSET_ROWS))

@@ -448,6 +448,12 @@ def _hash(keys: np.ndarray) -> np.ndarray:
     return h
 
 
+def _is_pickle(path: str) -> bool:
+    """A file written by pickle (protocol 2 and later begin with the PROTO opcode), not .npy nor text."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 @functools.lru_cache(maxsize=4)
 def _mapped(path: str) -> np.ndarray:
     """A work file mapped once per process: a cluster's rows are spread over the whole file, and mapping it
@@ -460,7 +466,12 @@ def subset_rows(work: str, subset: str) -> tuple[int, int]:
     or a text file of paths or keys). Returns (rows selected, subset keys not among the rows' keys)."""
     from dbp_utils import strip_extensions
 
-    if subset.endswith(".npy"):
+    if _is_pickle(subset):  # prune.py's kept_keys_trie.pkl: its keys are the stripped keys
+        from dbp_utils import load_trie
+
+        trie = load_trie(subset)
+        wanted = np.array([key.encode("utf-8") for key in trie.keys()] or [b""])[:len(trie)]
+    elif subset.endswith(".npy"):
         shape, dtype, _, _ = read_npy_header(subset)
         if len(shape) != 1 or dtype.kind not in "US":
             raise UsageError("--subset", f"{subset} has shape {shape} and dtype {dtype}; expected 1-D keys",

@@ -363,3 +363,36 @@ def test_ctrl_c_keeps_the_work_for_a_rerun_and_a_second_run_is_refused(tmp_path,
     assert r.returncode == 0, r.stderr
     assert "resumed a stopped run; done before: the keys, k-means" in r.stdout
     assert len(os.listdir(tmp_path / "save" / "sorted_clusters")) == 60 and not staged.exists()
+
+
+def test_subset_reads_prunes_trie_as_its_kept_keys_and_a_subset_matching_nothing_says_so(tmp_path):
+    import pygtrie
+
+    import dbp_utils as du
+
+    x = embeddings(600)
+    flags, keys = layout(tmp_path, "npy+txt", x)
+    chosen = sorted(keys[::3])
+    stripped = sorted(k.rsplit(".", 1)[0] for k in chosen)
+    np.save(tmp_path / "kept_keys.npy", np.array([k.encode() for k in stripped]))
+    with open(tmp_path / "kept_keys_trie.pkl", "wb") as f:
+        du.write_trie(f, np.array([k.encode() for k in stripped]))
+    trie = du.load_trie(str(tmp_path / "kept_keys_trie.pkl"))
+    assert isinstance(trie, pygtrie.StringTrie) and sorted(trie.keys()) == stripped  # (what prune writes)
+    runs = {}
+    for name in ("kept_keys.npy", "kept_keys_trie.pkl"):
+        r = run_script(CLUSTER_SCRIPT, *flags, "--subset", tmp_path / name, "--num_clusters", 4,
+                       "--save_folder", tmp_path / name.replace(".", "_"))
+        assert r.returncode == 0 and f"clustered {len(chosen)} rows of --subset" in r.stdout, r.stderr
+        _, clusters = read_output(tmp_path / name.replace(".", "_"))
+        runs[name] = clusters
+        assert sorted(k for c in clusters if c.size for k in c[:, 0]) == chosen
+    for a, b in zip(runs["kept_keys.npy"], runs["kept_keys_trie.pkl"]):
+        assert np.array_equal(a, b)
+    (tmp_path / "other.txt").write_text("elsewhere/1.jpg\nelsewhere/2.jpg\n")
+    r = run_script(CLUSTER_SCRIPT, *flags, "--subset", tmp_path / "other.txt", "--num_clusters", 4,
+                   "--save_folder", tmp_path / "none")
+    assert r.returncode == 2
+    assert f"--subset: none of the 2 keys in {tmp_path / 'other.txt'} is a key of the embeddings" in \
+        error_line(r.stderr)
+    assert not (tmp_path / "none").exists()

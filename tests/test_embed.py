@@ -303,3 +303,22 @@ def test_a_decoding_worker_killed_from_outside_is_the_worker_died_line(toy, tmp_
     assert proc.returncode == 1
     assert "an image-decoding worker died, killed from outside" in error_line(err)
     assert not (tmp_path / "emb" / "params.json").exists()
+
+
+def test_a_large_image_is_decoded_without_a_warning_and_a_bomb_is_a_failed_sample(toy, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    import dbp_encoder as enc
+
+    image = make_toy_images.encoded(Image.new("RGB", (60, 50), (200, 30, 30)), "png")  # 3,000 pixels
+    processor = enc.load_processor(toy["model"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3,000 is past it, below twice it: PIL warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pixels, failure = enc.decoded({"png": image}, processor)
+    assert failure is None and pixels is not None and caught == []
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # past twice the limit: PIL refuses it
+    pixels, failure = enc.decoded({"png": image}, processor)
+    assert pixels is None and "DecompressionBombError" in failure
