@@ -200,7 +200,7 @@ def main() -> None:
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
         cli.save_json(out.path(PARAMS_FILE), {
             "embeddings": args.embeddings, "keys": args.keys, **run["flags"], "subset": args.subset,
-            "save_folder": args.save_folder, "distributor": args.distributor,
+            "distributor": args.distributor,
             "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
             "embedding_rows": embeddings.rows, "dim": embeddings.dim, "parts": len(embeddings.parts),
             "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
@@ -255,7 +255,7 @@ def convert_nemo_curator(args, workers: int) -> None:
         sizes = np.array([c.rows for c in clusters])
         cli.save_json(out.path(PARAMS_FILE), {
             "from_nemo_curator": results, "id_column": args.id_column, "centroids": source,
-            "save_folder": args.save_folder, "distributor": args.distributor,
+            "distributor": args.distributor,
             "num_clusters": k, "ascending": args.ascending, "rows": int(sizes.sum()),
             "empty_clusters": int((sizes == 0).sum()), "smallest_cluster": int(sizes.min()),
             "largest_cluster": int(sizes.max())})
