@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from dbp_cli import PAUSE_VARIABLE, UsageError, WorkerDied, check_stop, progress, stage
+from dbp_cli import PAUSE_VARIABLE, UsageError, WorkerDied, check_stop, log, progress, stage
 
 TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
 STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
@@ -402,7 +402,7 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
 
     where = f"the cluster at RAY_ADDRESS={address}" if address else "a Ray for this run"
     thread = threading.Thread(target=init, name="ray-connect", daemon=True)  # (abandoned if it never returns)
-    with _environment(PYTHONPATH=HERE) if not address else contextlib.nullcontext(), _stderr_aside() as said:
+    with _environment(PYTHONPATH=HERE) if not address else contextlib.nullcontext(), _stderr_aside(outcome) as said:
         thread.start()
         stage("ray connecting")
         deadline = time.monotonic() + timeout
@@ -424,9 +424,11 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def _stderr_aside() -> Iterator[Any]:
+def _stderr_aside(connected: list) -> Iterator[Any]:
     """Ray's core prints its retries to the process's stderr (file descriptor 2) while it connects: they go to
-    a file (yielded, for what they say), so that a run that cannot connect ends in our one line."""
+    a file (yielded, for what they say), so that a run that cannot connect ends in our one line. Once Ray is
+    connected (`connected` is not empty), descriptor 2 is stderr again; a connection given up on goes on
+    printing to it until the process ends, so then it stays on the file and Python's stderr moves instead."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -434,8 +436,14 @@ def _stderr_aside() -> Iterator[Any]:
         try:
             yield sink
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            if connected:
+                os.dup2(saved, 2)
+                os.close(saved)
+            else:
+                sys.stderr = open(saved, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+                for handler in log.handlers:  # (our warnings' handler holds the stream it was made with)
+                    if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
+                        handler.setStream(sys.stderr)
 
 
 def _token_refused(sink: Any) -> bool:
