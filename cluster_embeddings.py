@@ -42,13 +42,12 @@ import shutil
 
 import numpy as np
 
-import dbp_cli as cli
-import dbp_embeddings as de
-import dbp_tasks
-from dbp_clusters import load_centroids
+from dbpkit import cli, files, kmeans, layouts, nemo, savedir, tasks
+from dbpkit.clusters import CENTROIDS_FILE, find_centroids, load_centroids
+from dbpkit.errors import UsageError
 
-PARAMS_FILE = "clustering.json"
-OUTPUTS = (de.CENTROIDS_FILE, de.SORTED_DIR, PARAMS_FILE)
+PARAMS_FILE = kmeans.CLUSTERING_FILE
+OUTPUTS = (CENTROIDS_FILE, kmeans.SORTED_DIR, PARAMS_FILE)
 OBJECTIVE = "objective.json"  # in the staging folder: k-means' objective
 
 
@@ -97,7 +96,7 @@ def parse_args():
                       "stays the row in --embeddings")
     cli.add_flag(parser, "--overwrite", action="store_true", help="replace the outputs of a completed run")
     cli.add_workers_flag(parser)
-    dbp_tasks.add_distributor_flag(parser)
+    tasks.add_distributor_flag(parser)
     return parser.parse_args()
 
 
@@ -105,16 +104,16 @@ def check_args(args, rows: int) -> None:
     """The flags against the data (k and the sample against the rows clustered are checked once those are
     known: a --subset is known only from the keys)."""
     if args.num_clusters is None:
-        raise cli.UsageError("--num_clusters", "is required", "pass k, e.g. 500 for LAION, 100 for DataComp")
+        raise UsageError("--num_clusters", "is required", "pass k, e.g. 500 for LAION, 100 for DataComp")
     check_k_and_sample(args, rows)
     if args.niter < 1:
-        raise cli.UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
-    if not 0 <= args.seed <= de.MAX_SEED:
-        raise cli.UsageError("--seed", f"{args.seed} is outside [0, {de.MAX_SEED}] (faiss's seed is a C int)",
+        raise UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
+    if not 0 <= args.seed <= kmeans.MAX_SEED:
+        raise UsageError("--seed", f"{args.seed} is outside [0, {kmeans.MAX_SEED}] (faiss's seed is a C int)",
                              "pass a smaller seed (default 1234)")
     if args.subset and not os.path.isfile(args.subset):
         what = "is a folder" if os.path.isdir(args.subset) else "does not exist"
-        raise cli.UsageError("--subset", f"{args.subset} {what}",
+        raise UsageError("--subset", f"{args.subset} {what}",
                              "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
 
 
@@ -122,99 +121,99 @@ def check_k_and_sample(args, rows: int, of: str = "") -> int:
     """k and the sample size against the rows clustered; returns the sample size."""
     k = args.num_clusters
     if k < 1 or k > rows:
-        raise cli.UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows{of}", "pass a smaller k")
-    sample = min(rows, de.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
+        raise UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows{of}", "pass a smaller k")
+    sample = min(rows, kmeans.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
     if not k <= sample <= rows:
-        raise cli.UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows{of}",
+        raise UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows{of}",
                              "omit it for up to 256 rows per centroid")
     return sample
 
 
-def fingerprint(args, embeddings: de.Embeddings) -> dict:
+def fingerprint(args, embeddings: layouts.Embeddings) -> dict:
     """What a rerun must match to go on from a stopped run's work: the flags and the input files."""
     inputs = embeddings.files() + ([args.subset] if args.subset else [])
-    files = cli.files_fingerprint(inputs)
+    digest = files.files_fingerprint(inputs)
     flags = {name: getattr(args, name) for name in ("num_clusters", "niter", "seed", "spherical", "ascending",
                                                      "npz_key", "key_column", "sample_size", "subset")}
-    return {"files": files, "flags": flags}
+    return {"files": digest, "flags": flags}
 
 
 def main() -> None:
     args = parse_args()
     cli.absolute_paths(args, "embeddings", "keys", "subset", "save_folder", "from_nemo_curator", "centroids_file")
     workers = cli.num_workers(args.workers)
-    dbp_tasks.check_distributor(args.distributor)
+    tasks.check_distributor(args.distributor)
     if args.from_nemo_curator:
         return convert_nemo_curator(args, workers)
-    embeddings = de.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
+    embeddings = layouts.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
     n, k = embeddings.rows, args.num_clusters
     check_args(args, n)
     run = fingerprint(args, embeddings)
-    save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resume=run)
+    save = savedir.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resume=run)
 
-    with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
+    with save as out, tasks.TaskPool(workers, args.distributor) as pool:
         work, resumed = out.staging, ""
         if out.resumed:
             resumed = f" (resumed a stopped run; done before: {what_was_done(out.staging, k)})"
             cli.log.info(f"resuming a stopped run; done before: {what_was_done(out.staging, k)}")
         # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.
-        if not os.path.exists(out.path(de.KEYS_FILE)):
-            repeats = de.gather_keys(embeddings, work)
+        if not os.path.exists(out.path(layouts.KEYS_FILE)):
+            repeats = layouts.gather_keys(embeddings, work)
             if repeats:
                 cli.log.warning(f"{repeats} keys repeat an earlier key; they are kept (as SemDeDup does), but "
                                 "the DBP key sets will hold each once")
         cli.stage("keys gathered")
         subset, of = None, ""
         if args.subset:
-            if not os.path.exists(out.path(de.SUBSET_ROWS)):
-                selected, missing = de.subset_rows(work, args.subset)
+            if not os.path.exists(out.path(layouts.SUBSET_ROWS)):
+                selected, missing = layouts.subset_rows(work, args.subset)
                 if not selected:
-                    raise cli.UsageError("--subset", f"none of the {missing} keys in {args.subset} is a key of the "
+                    raise UsageError("--subset", f"none of the {missing} keys in {args.subset} is a key of the "
                                          f"embeddings ({args.embeddings})", "pass the kept keys of a run on these "
                                          "embeddings (keys are compared without their extension)")
                 if missing:
                     cli.log.warning(f"{missing} keys of --subset {args.subset} are not among the embeddings' keys")
-            subset = np.load(out.path(de.SUBSET_ROWS))
+            subset = np.load(out.path(layouts.SUBSET_ROWS))
             n, of = len(subset), f" of --subset {args.subset}"
         sample = check_k_and_sample(args, n, of)
-        if not os.path.exists(out.path(de.LABELS)):
+        if not os.path.exists(out.path(kmeans.LABELS)):
             pool.start()  # the assignment's workers get ready while k-means trains here
-        if not os.path.exists(out.path(de.CENTROIDS_FILE)):
-            centroids, objective = de.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
+        if not os.path.exists(out.path(CENTROIDS_FILE)):
+            centroids, objective = kmeans.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
                                                    workers, subset)
-            cli.save_json(out.path(OBJECTIVE), objective)
-            cli.save_npy(out.path(de.CENTROIDS_FILE), centroids)
+            files.save_json(out.path(OBJECTIVE), objective)
+            files.save_npy(out.path(CENTROIDS_FILE), centroids)
         cli.stage("k-means trained")
-        if not os.path.exists(out.path(de.LABELS)):
-            labels, distances = de.assign(embeddings, out.path(de.CENTROIDS_FILE), args.spherical, work, pool,
-                                          out.path(de.SUBSET_ROWS) if args.subset else None)
-            cli.save_npy(out.path(de.DISTANCES), distances)
-            cli.save_npy(out.path(de.LABELS), labels)
-            shutil.rmtree(out.path(de.ASSIGN_DIR))
-        labels = np.load(out.path(de.LABELS))
-        de.write_clusters(out.path(de.SORTED_DIR), work, labels, k, not args.ascending, pool)
+        if not os.path.exists(out.path(kmeans.LABELS)):
+            labels, distances = kmeans.assign(embeddings, out.path(CENTROIDS_FILE), args.spherical, work, pool,
+                                          out.path(layouts.SUBSET_ROWS) if args.subset else None)
+            files.save_npy(out.path(kmeans.DISTANCES), distances)
+            files.save_npy(out.path(kmeans.LABELS), labels)
+            shutil.rmtree(out.path(kmeans.ASSIGN_DIR))
+        labels = np.load(out.path(kmeans.LABELS))
+        kmeans.write_clusters(out.path(kmeans.SORTED_DIR), work, labels, k, not args.ascending, pool)
         sizes = np.bincount(labels, minlength=k)
         empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
         if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
-        cli.save_json(out.path(PARAMS_FILE), {
+        files.save_json(out.path(PARAMS_FILE), {
             "embeddings": args.embeddings, "keys": args.keys, **run["flags"], "subset": args.subset,
             "distributor": args.distributor,
             "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
             "embedding_rows": embeddings.rows, "dim": embeddings.dim, "parts": len(embeddings.parts),
-            "kmeans_objective": cli.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
+            "kmeans_objective": files.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
             "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
     print(f"clustered {n} rows{of} (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
           f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed}"
-          f"{dbp_tasks.on(args.distributor)} -> {args.save_folder}")
+          f"{tasks.on(args.distributor)} -> {args.save_folder}")
 
 
 def what_was_done(work: str, k: int) -> str:
     """The steps a stopped run had finished, in words."""
-    done = [what for what, name in (("the keys", de.KEYS_FILE), ("k-means", de.CENTROIDS_FILE),
-                                    ("the assignment", de.LABELS)) if os.path.exists(os.path.join(work, name))]
-    sorted_dir = os.path.join(work, de.SORTED_DIR)
+    done = [what for what, name in (("the keys", layouts.KEYS_FILE), ("k-means", CENTROIDS_FILE),
+                                    ("the assignment", kmeans.LABELS)) if os.path.exists(os.path.join(work, name))]
+    sorted_dir = os.path.join(work, kmeans.SORTED_DIR)
     written = sum(name.endswith(".npy") for name in os.listdir(sorted_dir)) if os.path.isdir(sorted_dir) else 0
     if written:
         done.append(f"{written} of {k} cluster files")
@@ -224,43 +223,42 @@ def what_was_done(work: str, k: int) -> str:
 def convert_nemo_curator(args, workers: int) -> None:
     """NeMo Curator 1.x's k-means result as SemDeDup's layout: one pass over each cluster's parquet files."""
     if args.keys:
-        raise cli.UsageError("--keys", "is not used with --from-nemo-curator",
+        raise UsageError("--keys", "is not used with --from-nemo-curator",
                              "the keys and distances come from NeMo Curator's parquet files")
     results = args.from_nemo_curator
-    beside = [os.path.join(f, de.CENTROIDS_FILE) for f in (results, os.path.dirname(os.path.abspath(results)))]
-    centroids_file = args.centroids_file or next((p for p in beside if os.path.isfile(p)), None)
+    centroids_file = args.centroids_file or find_centroids(results, required=False)
     k, k_source, centroids = args.num_clusters, f"--num_clusters is {args.num_clusters}", None
     if centroids_file:  # the saved centroids know k, even when the last clusters are empty
         centroids = load_centroids(centroids_file, k, None, "--centroids_file")
         k, k_source = len(centroids), f"{centroids_file} holds {len(centroids)} centroids"
-    clusters = de.find_nemo_clusters(results, k, k_source, args.id_column, args.embedding_column,
+    clusters = nemo.find_nemo_clusters(results, k, k_source, args.id_column, args.embedding_column,
                                      need_embeddings=centroids_file is None)
     k = len(clusters)
-    save = cli.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
-    with save as out, dbp_tasks.TaskPool(workers, args.distributor) as pool:
-        os.mkdir(out.path(de.SORTED_DIR))
-        tasks = ((cluster, out.path(os.path.join(de.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
+    save = savedir.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
+    with save as out, tasks.TaskPool(workers, args.distributor) as pool:
+        os.mkdir(out.path(kmeans.SORTED_DIR))
+        jobs = ((cluster, out.path(os.path.join(kmeans.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
                   args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
-        means = list(pool.run(de.convert_nemo_cluster, tasks, "convert", total=k))
+        means = list(pool.run(nemo.convert_nemo_cluster, jobs, "convert", total=k))
         if centroids is None:  # an empty cluster has no members to average: its row is NaN (d_inter: NaN too)
             dims = sorted({len(m) for m in means if m is not None}) or [1]
             if len(dims) > 1:
-                raise cli.UsageError("--from-nemo-curator", f"{results} holds embeddings of dimensions {dims} in "
+                raise UsageError("--from-nemo-curator", f"{results} holds embeddings of dimensions {dims} in "
                                      "different clusters", "convert the results of one k-means run")
             centroids = np.stack([np.full(dims[0], np.nan) if m is None else m for m in means])
             source = "the normalised mean of each cluster's normalised embeddings (no kmeans_centroids.npy found)"
         else:
             source = os.path.abspath(centroids_file)
-        cli.save_npy(out.path(de.CENTROIDS_FILE), centroids.astype(np.float32))
+        files.save_npy(out.path(CENTROIDS_FILE), centroids.astype(np.float32))
         sizes = np.array([c.rows for c in clusters])
-        cli.save_json(out.path(PARAMS_FILE), {
+        files.save_json(out.path(PARAMS_FILE), {
             "from_nemo_curator": results, "id_column": args.id_column, "centroids": source,
             "distributor": args.distributor,
             "num_clusters": k, "ascending": args.ascending, "rows": int(sizes.sum()),
             "empty_clusters": int((sizes == 0).sum()), "smallest_cluster": int(sizes.min()),
             "largest_cluster": int(sizes.max())})
     print(f"converted {sizes.sum()} rows of NeMo Curator's k-means into {k} clusters of {sizes.min()} to "
-          f"{sizes.max()} rows ({int((sizes == 0).sum())} empty){dbp_tasks.on(args.distributor)}; centroids: {source} "
+          f"{sizes.max()} rows ({int((sizes == 0).sum())} empty){tasks.on(args.distributor)}; centroids: {source} "
           f"-> {args.save_folder}")
 
 

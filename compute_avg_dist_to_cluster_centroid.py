@@ -13,10 +13,9 @@ column is parsed, a chunk at a time, so memory stays flat however large the clus
 
 import numpy as np
 
-import dbp_cli as cli
-import dbp_tasks
 import dbp_utils as du
-from dbp_clusters import save_scores, scan_clusters
+from dbpkit import cli, savedir, tasks
+from dbpkit.clusters import save_scores, scan_clusters
 
 
 def parse_args():
@@ -39,9 +38,9 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     out = args.avg_distance_to_cent_save_path
-    cli.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
+    savedir.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
 
-    with dbp_tasks.TaskPool(workers) as pool:
+    with tasks.TaskPool(workers) as pool:
         results = list(pool.run(du.cluster_mean_distance, clusters, "d_intra"))
     d_intra = np.array([mean for mean, _ in results], dtype=np.float32)
     unsorted = [c.path for c, (_, is_sorted) in zip(clusters, results) if not is_sorted]

@@ -16,9 +16,10 @@ NaN (no member defines it, as when converted from NeMo Curator without saved cen
 """
 import numpy as np
 
-import dbp_cli as cli
 import dbp_utils as du
-from dbp_clusters import find_centroids, load_centroids, save_scores, scan_clusters
+from dbpkit import cli, savedir
+from dbpkit.clusters import find_centroids, load_centroids, save_scores, scan_clusters
+from dbpkit.errors import UsageError
 
 
 def parse_args():
@@ -49,16 +50,16 @@ def main() -> None:
     args = parse_args()
     workers = cli.num_workers(args.workers)
     if args.num_NNs < 1:
-        raise cli.UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
+        raise UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
     k, empty = args.num_clusters, None
     if args.sorted_clusters_path or not args.centroids_file:
         clusters = scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters")
         k, empty = len(clusters), np.array([c.rows == 0 for c in clusters])
     elif k is not None and k < 1:
-        raise cli.UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
+        raise UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
     centroids_file = args.centroids_file or find_centroids(args.sorted_clusters_path)
     out = args.mean_centroid_distances_save_path
-    cli.check_output_file(out, "--mean_centroid_distances_save_path", args.overwrite)
+    savedir.check_output_file(out, "--mean_centroid_distances_save_path", args.overwrite)
     centroids = load_centroids(centroids_file, k, args.dim, "--centroids_file", empty)
     k = len(centroids)
     if args.num_NNs >= k:

@@ -30,10 +30,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-import dbp_cli as cli
-import dbp_tasks
+import dbpkit
+from dbpkit import cli, files, savedir, tasks
+from dbpkit.errors import Incomplete, UsageError
 
-PARAMS_FILE, LOG_FILE, FAILED_FILE = "params.json", "logs.log", "failed.txt"
+FAILED_FILE = "failed.txt"  # shard<TAB>key<TAB>reason: the samples without an embedding
 FAILED_SHARDS_FILE = "failed_shards.txt"  # shard<TAB>reason: the shards a stopped run could not read
 
 
@@ -55,7 +56,7 @@ def parse_args():
                       "and the run goes on with the others (default: 2)")
     cli.add_flag(parser, "--workers", type=int, default=None,
                  help="processes decoding images (default: all cores); results are identical for any value")
-    dbp_tasks.add_distributor_flag(parser)
+    tasks.add_distributor_flag(parser)
     return parser.parse_args()
 
 
@@ -64,30 +65,30 @@ def find_shards(pattern: str) -> list[str]:
     they must exist (a URL or pipe: command is tried when read)."""
     from webdataset.shardlists import expand_urls
 
-    shards = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s) for s in expand_urls(pattern)]
-    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+    urls = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s) for s in expand_urls(pattern)]
+    local = [s for s in urls if "://" not in s and not s.startswith("pipe:")]
     missing = [s for s in local if not os.path.isfile(s)]
-    if local and len(missing) == len(shards):
-        raise cli.UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
+    if local and len(missing) == len(urls):
+        raise UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
                              "check the path and the brace pattern, e.g. DATA/{00000..00099}.tar")
     if missing:
-        raise cli.UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(shards)} shards "
+        raise UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
                              "are missing)", "check the pattern's range")
-    return shards
+    return urls
 
 
 def check_args(args) -> None:
     if args.retries < 0:
-        raise cli.UsageError("--retries", f"{args.retries} is negative", "pass 0 or more (default 2)")
+        raise UsageError("--retries", f"{args.retries} is negative", "pass 0 or more (default 2)")
     if args.batch_size < 1:
-        raise cli.UsageError("--batch-size", f"{args.batch_size} is less than 1", "pass 1 or more (default 256)")
+        raise UsageError("--batch-size", f"{args.batch_size} is less than 1", "pass 1 or more (default 256)")
     if args.fp16 and args.device != "cuda":
-        raise cli.UsageError("--fp16", "is for --device cuda", "drop --fp16 on the CPU (float32 there)")
+        raise UsageError("--fp16", "is for --device cuda", "drop --fp16 on the CPU (float32 there)")
     if args.device == "cuda" and args.distributor == "local":  # (Ray's GPUs are on its nodes, not necessarily here)
         import torch
 
         if not torch.cuda.is_available():
-            raise cli.UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
+            raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
                                  "pass --device cpu, or run where a GPU is")
 
 
@@ -95,81 +96,83 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     workers = cli.num_workers(args.workers)
-    dbp_tasks.check_distributor(args.distributor)
+    tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
-    shards = find_shards(args.shards)
+    urls = find_shards(args.shards)
     output = os.path.abspath(args.output_folder)
-    import dbp_encoder as enc  # (torch and transformers: imported once the flags are known to be right)
+    from dbpkit import shards  # (torch and transformers: imported once the flags are known to be right)
+    from dbpkit.encoder import embedding_dim, load_encoder
 
     model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model  # (as every node sees it)
-    encoder = enc.load_encoder(model, args.device if args.distributor == "local" else "cpu")
+    encoder = load_encoder(model, args.device if args.distributor == "local" else "cpu")
     described = encoder.describe()
-    run = {"shards": shards, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
-    save = cli.SaveDir(output, args.overwrite, (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, FAILED_FILE, FAILED_SHARDS_FILE,
-                                                LOG_FILE, PARAMS_FILE), PARAMS_FILE, "--output_folder", resume=run)
+    run = {"shards": urls, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
+    outputs = (shards.EMBEDDINGS_DIR, shards.METADATA_DIR, FAILED_FILE, FAILED_SHARDS_FILE, files.LOG_FILE,
+               files.PARAMS_FILE)
+    save = savedir.SaveDir(output, args.overwrite, outputs, files.PARAMS_FILE, "--output_folder", resume=run)
     with save as out:
-        for folder in (enc.EMBEDDINGS_DIR, enc.METADATA_DIR, enc.FAILED_DIR, enc.SOURCES_DIR):
+        for folder in (shards.EMBEDDINGS_DIR, shards.METADATA_DIR, shards.FAILED_DIR, shards.SOURCES_DIR):
             os.makedirs(out.path(folder), exist_ok=True)
-        todo = [n for n in range(len(shards)) if not enc.part_done(out.staging, n, shards[n])]
-        unread = embed_shards(args, encoder, shards, todo, out.staging, workers)
+        todo = [n for n in range(len(urls)) if not shards.part_done(out.staging, n, urls[n])]
+        unread = embed_shards(args, encoder, urls, todo, out.staging, workers)
         if unread:
             listed = os.path.join(output, FAILED_SHARDS_FILE)  # beside the staged parts, for the user to read
-            with cli.atomic_open(listed, "w", encoding="utf-8") as f:
-                f.writelines(f"{enc.escape_field(shards[n])}\t{enc.escape_field(why)}\n" for n, why in unread)
-            raise cli.Incomplete(f"{len(unread)} of {len(shards)} shards could not be read (listed with the reason in "
-                                 f"{listed}); the other {len(shards) - len(unread)} are embedded and kept, nothing "
-                                 "is published as complete: rerun the same command to embed only the shards missing")
+            with files.atomic_open(listed, "w", encoding="utf-8") as f:
+                f.writelines(f"{shards.escape_field(urls[n])}\t{shards.escape_field(why)}\n" for n, why in unread)
+            raise Incomplete(f"{len(unread)} of {len(urls)} shards could not be read (listed with the reason in "
+                             f"{listed}); the other {len(urls) - len(unread)} are embedded and kept, nothing is "
+                             "published as complete: rerun the same command to embed only the shards missing")
         rows, failed = 0, 0
         with open(out.path(FAILED_FILE), "w", encoding="utf-8") as f:
-            for n in range(len(shards)):
-                emb, _, failures, _ = enc.part_files(out.staging, n)
+            for n in range(len(urls)):
+                emb, _, failures, _ = shards.part_files(out.staging, n)
                 rows += len(np.load(emb, mmap_mode="r"))
                 with open(failures, encoding="utf-8") as part:
                     lines = part.readlines()
                 f.writelines(lines)
                 failed += len(lines)
-        shutil.rmtree(out.path(enc.FAILED_DIR))
-        shutil.rmtree(out.path(enc.SOURCES_DIR))
-        cli.log.info(f"{len(shards)} shards ({len(shards) - len(todo)} embedded before), {rows} rows, {failed} failed")
-        with open(out.path(LOG_FILE), "w") as f:
+        shutil.rmtree(out.path(shards.FAILED_DIR))
+        shutil.rmtree(out.path(shards.SOURCES_DIR))
+        cli.log.info(f"{len(urls)} shards ({len(urls) - len(todo)} embedded before), {rows} rows, {failed} failed")
+        with open(out.path(files.LOG_FILE), "w") as f:
             f.write(run_log.finished())
         local = "://" not in args.shards and not args.shards.startswith("pipe:")
-        cli.save_json(out.path(PARAMS_FILE), {**described, "shard_count": len(shards),
-                                              "shards": os.path.abspath(args.shards) if local else args.shards,
-                                              "output_folder": output, "batch_size": args.batch_size,
-                                              "device": args.device, "fp16": args.fp16,
-                                              "distributor": args.distributor, "dim": enc.embedding_dim(encoder),
-                                              "rows": rows, "failed": failed, "version": cli.__version__})
-    resumed = f"; {len(shards) - len(todo)} embedded before" if len(todo) < len(shards) else ""
-    print(f"embedded {rows} images of {len(shards)} shards with {args.model}{dbp_tasks.on(args.distributor)} "
+        files.save_json(out.path(files.PARAMS_FILE), {**described, "shard_count": len(urls),
+                                                "shards": os.path.abspath(args.shards) if local else args.shards,
+                                                "output_folder": output, "batch_size": args.batch_size,
+                                                "device": args.device, "fp16": args.fp16,
+                                                "distributor": args.distributor, "dim": embedding_dim(encoder),
+                                                "rows": rows, "failed": failed, "version": dbpkit.__version__})
+    resumed = f"; {len(urls) - len(todo)} embedded before" if len(todo) < len(urls) else ""
+    print(f"embedded {rows} images of {len(urls)} shards with {args.model}{tasks.on(args.distributor)} "
           f"({failed} without a decodable image{resumed}) -> {args.output_folder}")
 
 
-def embed_shards(args, encoder, shards: list[str], todo: list[int], staging: str, workers: int) -> list[tuple]:
+def embed_shards(args, encoder, urls: list[str], todo: list[int], staging: str, workers: int) -> list[tuple]:
     """Embed the shards `todo` into parts under `staging`; returns the shards that could not be read, with why.
     Locally the model runs here and --workers processes decode the images; on Ray, a shard is a task (on a GPU
     of its own with --device cuda)."""
-    import dbp_encoder as enc
+    from dbpkit import shards
 
     if args.distributor == "ray":
-        tasks = [(shards[n], n, staging, encoder.name, args.device, args.batch_size, args.fp16, args.retries)
-                 for n in todo]
-        with dbp_tasks.TaskPool(workers, "ray") as pool:
-            return gathered(shards, todo, pool.run(enc.embed_shard_task, tasks, "embed", unit="shard",
-                                                   resources={"num_gpus": 1} if args.device == "cuda" else None))
+        jobs = [(urls[n], n, staging, encoder.name, args.device, args.batch_size, args.fp16, args.retries)
+                for n in todo]
+        with tasks.TaskPool(workers, "ray") as pool:
+            return gathered(urls, todo, pool.run(shards.embed_shard_task, jobs, "embed", unit="shard",
+                                                 resources={"num_gpus": 1} if args.device == "cuda" else None))
     with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
         cli.stage("embed started")
-        return gathered(shards, todo, (enc.embed_shard_retrying(encoder, shards[n], n, staging, args.batch_size,
-                                                                workers, args.fp16, args.retries, bar.update)
-                                       for n in todo))
+        return gathered(urls, todo, (shards.embed_shard_retrying(encoder, urls[n], n, staging, args.batch_size,
+                                                                 workers, args.fp16, args.retries, bar.update)
+                                     for n in todo))
 
 
-def gathered(shards: list[str], todo: list[int], results: Iterator[str | None]) -> list[tuple[int, str]]:
+def gathered(urls: list[str], todo: list[int], results: Iterator[str | None]) -> list[tuple[int, str]]:
     """The shards' results as they come (each a safe point): those that could not be read, with why."""
     unread = []
     for n, why in zip(todo, results):
         if why:
-            cli.log.info(f"shard {shards[n]} cannot be read: {why}")  # (all of them in failed_shards.txt)
+            cli.log.info(f"shard {urls[n]} cannot be read: {why}")  # (all of them in failed_shards.txt)
             unread.append((n, why))
         cli.stage(f"shard {n} embedded")
     return unread

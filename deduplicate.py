@@ -31,18 +31,15 @@ import os
 
 import numpy as np
 
-import dbp_cli as cli
-import dbp_dedup as dd
-import dbp_embeddings as de
-import dbp_tasks
 import dbp_utils as du
-from dbp_clusters import CENTROIDS_FILE, scan_clusters
+import dbpkit
+from dbpkit import cli, dedup, files, kmeans, layouts, savedir, selection, tasks
+from dbpkit.clusters import find_centroids, scan_clusters
+from dbpkit.errors import UsageError
 
-PARAMS_FILE = "params.json"
 LAYOUT, PARTS = "embeddings.json", ".parts"  # in the staging folder
-CLUSTERING_FILE = "clustering.json"  # cluster_embeddings.py's record, beside sorted_clusters/
-FIXED_OUTPUTS = (dd.SCORES_DIR, dd.MATCHES_DIR, dd.STATS_FILE, dd.CLUSTER_STATS_FILE, dd.PLOT_FILE, du.LOG_FILE,
-                 PARAMS_FILE)
+FIXED_OUTPUTS = (dedup.SCORES_DIR, dedup.MATCHES_DIR, dedup.STATS_FILE, dedup.CLUSTER_STATS_FILE, dedup.PLOT_FILE,
+                 files.LOG_FILE, files.PARAMS_FILE)
 
 
 def parse_args():
@@ -69,7 +66,7 @@ def parse_args():
                  help="replace a completed run that scored other inputs (the same inputs need no --overwrite: "
                       "their scores are reused)")
     cli.add_workers_flag(parser)
-    dbp_tasks.add_distributor_flag(parser)
+    tasks.add_distributor_flag(parser)
     return parser.parse_args()
 
 
@@ -79,51 +76,50 @@ def check_args(args) -> None:
                         fix="eps is in (0, 1): 0.05 removes members more than 95% similar to an earlier one")
     named = {}
     for eps in args.eps:
-        if named.setdefault(dd.eps_folder(eps), eps) != eps:
-            raise cli.UsageError("--eps", f"{named[dd.eps_folder(eps)]!r} and {eps!r} would both be written to "
-                                 f"{dd.eps_folder(eps)}", "pass values that differ in their first 6 digits")
+        if named.setdefault(dedup.eps_folder(eps), eps) != eps:
+            raise UsageError("--eps", f"{named[dedup.eps_folder(eps)]!r} and {eps!r} would both be written to "
+                                 f"{dedup.eps_folder(eps)}", "pass values that differ in their first 6 digits")
     if args.seed < 0:
-        raise cli.UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 1234)")
+        raise UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 1234)")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise cli.UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
+            raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
                                  "pass --device cpu, or run where a GPU is")
 
 
-def find_embeddings(args) -> tuple[de.Embeddings, str]:
+def find_embeddings(args) -> tuple[layouts.Embeddings, str]:
     """--embeddings, or the embeddings of the clustering.json beside the cluster files; and where they are."""
     path, npz_key = args.embeddings, args.npz_key
-    record = os.path.join(os.path.dirname(os.path.abspath(args.sorted_clusters_path)), CLUSTERING_FILE)
+    record = os.path.join(os.path.dirname(os.path.abspath(args.sorted_clusters_path)), kmeans.CLUSTERING_FILE)
     if path is None:
-        clustering = cli.load_json(record)
+        clustering = files.load_json(record)
         if not isinstance(clustering, dict) or not clustering.get("embeddings"):
-            raise cli.UsageError("--embeddings", f"is required: there is no {CLUSTERING_FILE} naming them in "
+            raise UsageError("--embeddings", f"is required: there is no {kmeans.CLUSTERING_FILE} naming them in "
                                  f"{os.path.dirname(record)}", "pass the embeddings the clusters were made from")
         path, npz_key = clustering["embeddings"], npz_key or clustering.get("npz_key")
-    return de.find_embeddings(path, None, None, npz_key or "l14_img", with_keys=False), os.path.abspath(path)
+    return layouts.find_embeddings(path, None, None, npz_key or "l14_img", with_keys=False), os.path.abspath(path)
 
 
 def check_centroids(sorted_dir: str, dim: int) -> None:
     """Embeddings of another dimension than the centroids' are another model's: refused."""
-    path = os.path.join(os.path.dirname(os.path.abspath(sorted_dir)), CENTROIDS_FILE)
-    if os.path.isfile(path):
+    if path := find_centroids(sorted_dir, required=False):
         shape = np.load(path, mmap_mode="r").shape
         if len(shape) == 2 and shape[1] != dim:
-            raise cli.UsageError("--embeddings", f"have dimension {dim} but the centroids in {path} have {shape[1]}",
+            raise UsageError("--embeddings", f"have dimension {dim} but the centroids in {path} have {shape[1]}",
                                  "pass the embeddings the clusters were made from")
 
 
-def fingerprint(args, clusters: list, embeddings: de.Embeddings) -> dict:
+def fingerprint(args, clusters: list, embeddings: layouts.Embeddings) -> dict:
     """What the scores depend on: a rerun that matches reuses them (whatever its eps)."""
-    files = cli.files_fingerprint([c.path for c in clusters] + embeddings.files())
-    return {"files": files, "which_to_keep": args.which_to_keep, "seed": args.seed, "device": args.device}
+    digest = files.files_fingerprint([c.path for c in clusters] + embeddings.files())
+    return {"files": digest, "which_to_keep": args.which_to_keep, "seed": args.seed, "device": args.device}
 
 
 def published(save_folder: str, run: dict) -> list[float] | None:
     """The eps of a completed run in save_folder that scored the same inputs (its scores are reused), or None."""
-    params = cli.load_json(os.path.join(save_folder, PARAMS_FILE))
+    params = files.load_json(os.path.join(save_folder, files.PARAMS_FILE))
     if isinstance(params, dict) and params.get("fingerprint") == run:
         return params.get("eps", [])
     return None
@@ -133,10 +129,10 @@ def reuse_scores(save_folder: str, staging: str) -> int:
     """Link a completed run's score files into the staging folder (linked, not moved: they stay in place until
     the new run is published); a cluster whose scores or matches are missing is scored again. Returns how many
     clusters' scores were linked."""
-    folders = [os.path.join(save_folder, folder) for folder in (dd.SCORES_DIR, dd.MATCHES_DIR)]
+    folders = [os.path.join(save_folder, folder) for folder in (dedup.SCORES_DIR, dedup.MATCHES_DIR)]
     found = [set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders]
     both = found[0] & found[1]
-    for folder in (dd.SCORES_DIR, dd.MATCHES_DIR):
+    for folder in (dedup.SCORES_DIR, dedup.MATCHES_DIR):
         os.makedirs(os.path.join(staging, folder), exist_ok=True)
         for name in both:
             if not os.path.exists(target := os.path.join(staging, folder, name)):
@@ -147,8 +143,8 @@ def reuse_scores(save_folder: str, staging: str) -> int:
 def merged_eps(new: list[float], earlier: list[float]) -> list[float]:
     """This run's eps and an earlier run's, sorted; an earlier eps written to the same eps_<e> folder as a new
     one (they differ past the 6th digit) gives way to the new one."""
-    named = {dd.eps_folder(eps): eps for eps in earlier}
-    named.update({dd.eps_folder(eps): eps for eps in new})
+    named = {dedup.eps_folder(eps): eps for eps in earlier}
+    named.update({dedup.eps_folder(eps): eps for eps in new})
     return sorted(named.values())
 
 
@@ -164,11 +160,11 @@ def main() -> None:
     cli.absolute_paths(args, "sorted_clusters_path", "embeddings", "save_folder")
     check_args(args)
     workers = cli.num_workers(args.workers)
-    dbp_tasks.check_distributor(args.distributor)
+    tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     if three := next((c for c in clusters if c.rows and c.width == 3), None):
-        raise cli.UsageError(three.path, "has 3 columns (NeMo Curator 0.x): no row index to find its embeddings by",
+        raise UsageError(three.path, "has 3 columns (NeMo Curator 0.x): no row index to find its embeddings by",
                              "recluster with cluster_embeddings.py, whose files have the index in column 1")
     embeddings, source = find_embeddings(args)
     check_centroids(args.sorted_clusters_path, embeddings.dim)
@@ -176,78 +172,78 @@ def main() -> None:
     # --overwrite starts afresh; otherwise a completed run on the same inputs lends its scores and its eps.
     earlier = None if args.overwrite or not os.path.isdir(args.save_folder) else published(args.save_folder, run)
     eps_list = merged_eps(args.eps, earlier or [])
-    eps_folders = sorted({dd.eps_folder(eps) for eps in eps_list} | set(earlier_outputs(args.save_folder)))
-    outputs = (*FIXED_OUTPUTS[:-1], *eps_folders, PARAMS_FILE)
-    save = cli.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, PARAMS_FILE,
+    eps_folders = sorted({dedup.eps_folder(eps) for eps in eps_list} | set(earlier_outputs(args.save_folder)))
+    outputs = (*FIXED_OUTPUTS[:-1], *eps_folders, files.PARAMS_FILE)
+    save = savedir.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, files.PARAMS_FILE,
                        "--save_folder", resume=run)
 
     # torch imported once, in the fork server, rather than once per worker
-    with save as out, dbp_tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
+    with save as out, tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
         history = ""
         if earlier is not None:
             reuse_scores(args.save_folder, out.staging)
-            history = cli.read_text(os.path.join(args.save_folder, du.LOG_FILE))  # the log goes on from it
-        for folder in (dd.SCORES_DIR, dd.MATCHES_DIR):
+            history = files.read_text(os.path.join(args.save_folder, files.LOG_FILE))  # the log goes on from it
+        for folder in (dedup.SCORES_DIR, dedup.MATCHES_DIR):
             os.makedirs(out.path(folder), exist_ok=True)
         embeddings.save(out.path(LAYOUT))
 
         # 1. Scores, for the clusters not scored yet, the largest first (one huge cluster does not finish last).
-        done = set(os.listdir(out.path(dd.MATCHES_DIR))) & set(os.listdir(out.path(dd.SCORES_DIR)))
+        done = set(os.listdir(out.path(dedup.MATCHES_DIR))) & set(os.listdir(out.path(dedup.SCORES_DIR)))
         todo = sorted((j for j, c in enumerate(clusters) if f"cluster_{j}.npy" not in done),
                       key=lambda j: -clusters[j].rows)
-        tasks = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device)
+        jobs = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device)
                  for j in todo]
-        unsorted = sum(not scored.sorted for scored in pool.run(dd.score_cluster, tasks, "score"))
+        unsorted = sum(not scored.sorted for scored in pool.run(dedup.score_cluster, jobs, "score"))
         cli.stage("scored")
 
         # 2. Every eps, from the scores: each cluster's part, then gathered in cluster order.
         parts = out.path(PARTS)
         os.makedirs(parts, exist_ok=True)
         sizes = np.array([c.rows for c in clusters], dtype=np.int64)
-        collected = {eps: du.KeptKeyCollector(int(sizes.sum())) for eps in eps_list}
+        collected = {eps: selection.KeptKeyCollector(int(sizes.sum())) for eps in eps_list}
         removed_files = {}
         for eps in eps_list:
-            os.makedirs(out.path(dd.eps_folder(eps)), exist_ok=True)
-            removed_files[eps] = open(out.path(os.path.join(dd.eps_folder(eps), dd.REMOVED_FILE)), "wb")
-        tasks = [(c, j, out.staging, eps_list, parts) for j, c in enumerate(clusters)]
+            os.makedirs(out.path(dedup.eps_folder(eps)), exist_ok=True)
+            removed_files[eps] = open(out.path(os.path.join(dedup.eps_folder(eps), dedup.REMOVED_FILE)), "wb")
+        jobs = [(c, j, out.staging, eps_list, parts) for j, c in enumerate(clusters)]
         removed = np.zeros((len(clusters), len(eps_list)), np.int64)
         histogram, curve = 0, 0
         try:
-            for j, selected in enumerate(pool.run(dd.select_cluster, tasks, "select")):
+            for j, selected in enumerate(pool.run(dedup.select_eps, jobs, "select")):
                 removed[j] = selected.removed
                 histogram, curve = histogram + selected.histogram, curve + selected.curve
                 for eps in eps_list:
-                    collected[eps].add(du.take_part(dd.part_file(parts, eps, j), removed_files[eps]))
+                    collected[eps].add(selection.take_part(dedup.eps_part(parts, eps, j), removed_files[eps]))
         finally:
             for f in removed_files.values():
                 f.close()
         os.rmdir(parts)
         for eps in eps_list:
-            np.save(out.path(os.path.join(dd.eps_folder(eps), dd.KEPT_KEYS_FILE)), collected[eps].sorted_unique())
+            np.save(out.path(os.path.join(dedup.eps_folder(eps), dedup.KEPT_KEYS_FILE)), collected[eps].sorted_unique())
         del collected
 
         # 3. The report.
         total = int(sizes.sum())
-        dd.write_stats(out.path(dd.STATS_FILE), eps_list, total, removed)
-        dd.write_cluster_stats(out.path(dd.CLUSTER_STATS_FILE), eps_list, sizes, removed)
-        dd.plot_similarity(out.path(dd.PLOT_FILE), eps_list, removed.sum(axis=0), histogram, curve, total)
+        dedup.write_stats(out.path(dedup.STATS_FILE), eps_list, total, removed)
+        dedup.write_cluster_stats(out.path(dedup.CLUSTER_STATS_FILE), eps_list, sizes, removed)
+        dedup.plot_similarity(out.path(dedup.PLOT_FILE), eps_list, removed.sum(axis=0), histogram, curve, total)
         if unsorted:
             cli.log.warning(f"{unsorted} cluster file(s) are not sorted by distance: their rows were sorted before "
                             f"scoring, so that --which-to-keep {args.which_to_keep} means what it says")
         summary = ", ".join(f"eps {eps:g} removes {gone} ({gone / max(total, 1):.1%})"
                             for eps, gone in zip(eps_list, removed.sum(axis=0).tolist()))
         cli.log.info(f"k={len(clusters)} rows={total} scored={len(todo)} reused={len(clusters) - len(todo)}: {summary}")
-        with open(out.path(du.LOG_FILE), "w") as f:
+        with open(out.path(files.LOG_FILE), "w") as f:
             f.write(history + run_log.finished())
         params = {name: value for name, value in sorted(vars(args).items()) if name not in ("workers", "debug")}
         params.update(sorted_clusters_path=os.path.abspath(args.sorted_clusters_path), embeddings=source,
                       save_folder=os.path.abspath(args.save_folder),
                       eps=eps_list, num_clusters=len(clusters), rows=total, dim=embeddings.dim,
                       removed={f"{eps:g}": int(gone) for eps, gone in zip(eps_list, removed.sum(axis=0))},
-                      fingerprint=run, version=cli.__version__)
-        cli.save_json(out.path(PARAMS_FILE), params)
+                      fingerprint=run, version=dbpkit.__version__)
+        files.save_json(out.path(files.PARAMS_FILE), params)
     reused = f"; scores reused for {len(clusters) - len(todo)} clusters" if len(todo) < len(clusters) else ""
-    where = dbp_tasks.on(args.distributor)
+    where = tasks.on(args.distributor)
     print(f"deduplicated {total} rows in {len(clusters)} clusters ({args.which_to_keep}{where}): {summary}{reused} "
           f"-> {args.save_folder}")
 

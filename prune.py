@@ -23,12 +23,18 @@ import os
 
 import numpy as np
 
-import dbp_cli as cli
-import dbp_tasks
 import dbp_utils as du
-from dbp_clusters import load_cluster_scores, scan_clusters
+import dbpkit
+from dbpkit import cli, files, keys, prune_report, savedir, selection, tasks, trie
+from dbpkit.clusters import load_cluster_scores, scan_clusters
+from dbpkit.errors import MethodError, UsageError
 
 PARTS_DIR = ".parts"  # in the staging folder: each cluster's selection, until it is gathered
+METHOD_FLAGS = {  # what the method refused -> the flag that set it, and what to do
+    "density": ("--density", "recompute d_intra and d_inter from the cluster files"),
+    "target": ("--prune-ratio", "lower --prune-ratio or fix --total-dataset-size"),
+    "cls_bal_ratio": ("--cls-bal-ratio", "lower --cls-bal-ratio or raise --prune-ratio"),
+}
 PATH_FLAGS = ("sorted_clusters_path", "save_dir", "mean_centroid_distances_save_path", "avg_distance_to_cent_save_path")
 
 
@@ -83,9 +89,9 @@ def check_args(args) -> None:
                     fix="pass a temperature > 0 (default 0.5)")
     cli.check_range("--cls-bal-ratio", args.cls_bal_ratio, 0, 1)
     if args.seed < 0:
-        raise cli.UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 42)")
+        raise UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 42)")
     if args.total_dataset_size is not None and args.total_dataset_size < 1:
-        raise cli.UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
+        raise UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
                               "omit it to use the number of rows in the cluster files")
 
 
@@ -98,7 +104,7 @@ def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
     loaded = []
     for flag, path, needed in files:
         if needed and not path:
-            raise cli.UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
+            raise UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
         holds = "d_intra" if flag == "--avg_distance_to_cent_save_path" else "d_inter"
         loaded.append(load_cluster_scores(path, k, flag, holds) if path else np.full(k, np.nan))
     return loaded[0], loaded[1]
@@ -114,16 +120,20 @@ def main() -> None:
     #    they are read; a failure there still leaves the save dir as it was).
     clusters = scan_clusters(args.sorted_clusters_path, args.num_centroids, "--sorted-clusters-path", "--num-centroids")
     k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
-    save_dir = cli.SaveDir(args.save_dir, args.overwrite, du.OUTPUT_FILES, du.PARAMS_FILE, "--save-dir")
+    save_dir = savedir.SaveDir(args.save_dir, args.overwrite, du.OUTPUT_FILES, du.PARAMS_FILE, "--save-dir")
     d_intra, d_inter = load_dintra_dinter(args, k)
     total_rows = int(sizes.sum())
     total = args.total_dataset_size or total_rows
     target = int(args.prune_ratio * total)
 
     # 2. Complexity -> probabilities -> quotas.
-    complexity = du.complexity(args.density, d_intra, d_inter, sizes)
-    probs = du.cluster_probabilities(args.density, complexity, args.temperature)
-    plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
+    try:
+        complexity = du.complexity(args.density, d_intra, d_inter, sizes)
+        probs = du.cluster_probabilities(args.density, complexity, args.temperature)
+        plan = du.solve_quotas(probs, sizes, target, args.cls_bal_ratio)
+    except MethodError as e:  # the method names no flag: these are the flags that set what it refused
+        flag, fix = METHOD_FLAGS[e.param]
+        raise UsageError(flag, e.what, fix) from None
     cli.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
                  f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
 
@@ -132,21 +142,21 @@ def main() -> None:
              "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    with save_dir as out, dbp_tasks.TaskPool(workers) as pool:
+    with save_dir as out, tasks.TaskPool(workers) as pool:
         # The stats and the plot need only the quotas: drawn by a worker while the others select.
-        report = pool.submit(du.write_report, (out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan, target,
-                                               title))
-        collected, unsorted, misnamed = du.KeptKeyCollector(int(plan.quotas.sum())), [], []
+        report = pool.submit(prune_report.write_report, (out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan,
+                                                         target, title))
+        collected, unsorted, misnamed = selection.KeptKeyCollector(int(plan.quotas.sum())), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
         pruned_file = out.path(du.PRUNED_PATHS_FILE) if args.pruned_paths else os.devnull
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f, open(pruned_file, "wb") as pruned:
-            selections = du.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
+            selections = selection.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
                                         parts, pool)
             for j, (cluster, kept) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
-                collected.add(du.take_part(du.part_file(parts, j), f))
+                collected.add(selection.take_part(selection.part_file(parts, j), f))
                 if args.pruned_paths:
-                    du.take_part(du.part_file(parts, j, pruned=True), pruned, with_keys=False)
+                    selection.take_part(selection.part_file(parts, j, pruned=True), pruned, with_keys=False)
                 if not kept.in_order:
                     unsorted.append(cluster.path)
                 if not kept.ids_match:
@@ -155,11 +165,11 @@ def main() -> None:
         kept_keys = collected.sorted_unique()
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if args.datacomp_subset:
-            np.save(out.path(du.DATACOMP_FILE), du.datacomp_subset(kept_keys))
+            np.save(out.path(du.DATACOMP_FILE), keys.datacomp_subset(kept_keys))
         if not args.no_trie:
             cli.stage("writing the trie")
             with open(out.path(du.TRIE_FILE), "wb") as f:
-                du.write_trie(f, kept_keys)
+                trie.write_trie(f, kept_keys)
         np.save(out.path(du.QUOTAS_FILE), plan.quotas)
         report()
         kept = int(plan.quotas.sum())
@@ -178,7 +188,8 @@ def main() -> None:
         if len(kept_keys) < kept:
             cli.log.warning(f"{kept - len(kept_keys)} kept paths share a key with another kept path: the same path "
                             "in two clusters, or the same name with another extension; the key sets hold each once")
-        cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys; {du.pruning_extremes(sizes, plan.quotas)}")
+        extremes = prune_report.pruning_extremes(sizes, plan.quotas)
+        cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys; {extremes}")
         with open(out.path(du.LOG_FILE), "w") as f:
             f.write(run_log.finished())
         run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
@@ -187,8 +198,8 @@ def main() -> None:
             params[name] = params[name] and os.path.abspath(params[name])
         params.update(num_centroids=k, num_clusters=k, total_rows=total_rows, dataset_size=total, target_size=target,
                       min_per_cluster=plan.min_per_cluster, nu=plan.nu, kept_samples=kept,
-                      kept_keys=len(kept_keys), version=cli.__version__)
-        cli.save_json(out.path(du.PARAMS_FILE), params)
+                      kept_keys=len(kept_keys), version=dbpkit.__version__)
+        files.save_json(out.path(du.PARAMS_FILE), params)
     print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "
           f"({args.which_to_keep}, {args.density}) -> {args.save_dir}")
 

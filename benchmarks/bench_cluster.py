@@ -6,7 +6,7 @@ Generates float16 embeddings (unit vectors around concepts, as image embeddings 
     the same settings, and searches every row's nearest centroid;
   - cluster_embeddings.py as a whole process: wall time, peak RSS (largest process, and the sampled
     sum over the script and its workers), and its ratio to the floor;
-  - sorting and writing the cluster files from one assignment: dbp_embeddings.write_clusters against
+  - sorting and writing the cluster files from one assignment: dbpkit.kmeans.write_clusters against
     SemDeDup's own approach (one full-table filter per cluster, rows built as Python tuples, sorted
     and saved with np.save), on the assignment the script produced.
 
@@ -50,12 +50,12 @@ for start in range(0, n, 1 << 16):
 OURS = """
 import sys, time, numpy as np
 sys.path.insert(0, sys.argv[1])
-import dbp_tasks, dbp_embeddings as de
+from dbpkit import kmeans, tasks
 work, out, k, workers = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 labels = np.load(f"{work}/labels.npy")
 start = time.perf_counter()
-with dbp_tasks.TaskPool(workers) as pool:
-    de.write_clusters(out, work, labels, k, True, pool)
+with tasks.TaskPool(workers) as pool:
+    kmeans.write_clusters(out, work, labels, k, True, pool)
 print(time.perf_counter() - start)
 """
 SEMDEDUP = """
@@ -145,9 +145,9 @@ def main() -> None:
     np.save(f"{assignment}/labels.npy", labels)
     np.save(f"{assignment}/distances.npy", distances)
     sys.path.insert(0, ROOT)
-    import dbp_embeddings as de
+    from dbpkit import layouts
 
-    de.gather_keys(de.find_embeddings(emb, keys, None, "l14_img"), assignment)
+    layouts.gather_keys(layouts.find_embeddings(emb, keys, None, "l14_img"), assignment)
     def write_with(snippet: str, *snippet_args: str) -> float:
         """Seconds one way of writing takes, into a fresh folder (the files are ~0.3 KB per row: the first
         write into a fresh page cache is slower, so each way runs twice, alternating, and keeps its best)."""
@@ -168,7 +168,7 @@ def main() -> None:
     same = all(open(f"{work}/out/cluster_{j}.npy", "rb").read() ==
                open(f"{work}/save/sorted_clusters/cluster_{j}.npy", "rb").read() for j in range(args.clusters))
     print(f"\nsorting and writing the {args.clusters} cluster files from one assignment (best of 2):")
-    print(f"  dbp_embeddings.write_clusters       {min(ours):8.2f} s  (files identical to the script's: {same})")
+    print(f"  dbpkit.kmeans.write_clusters       {min(ours):8.2f} s  (files identical to the script's: {same})")
     if theirs:
         print(f"  SemDeDup's rank_within_cluster      {min(theirs):8.2f} s  ({min(theirs) / min(ours):.1f}x ours)")
     shutil.rmtree(work)

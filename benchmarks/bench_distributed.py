@@ -5,7 +5,7 @@ Measures in one run:
     --distributor local, with --distributor ray on a Ray the run starts for itself (its start-up and
     shut-down counted) and joining a Ray already running (`ray start --head`, RAY_ADDRESS=auto), and that
     all three write the same bytes;
-  - the cost of one task: many empty tasks through dbp_tasks.TaskPool, local and on Ray (Ray's start-up
+  - the cost of one task: many empty tasks through tasks.TaskPool, local and on Ray (Ray's start-up
     not counted there), per task.
 
     python benchmarks/bench_distributed.py --rows 2000000 --dim 64 --clusters 500
@@ -28,9 +28,9 @@ from bench_pipeline import compare_outputs, machine, measure, warm_cache  # noqa
 EMPTY_TASKS = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import dbp_tasks
+from dbpkit import tasks
 count, distributor = int(sys.argv[2]), sys.argv[3]
-with dbp_tasks.TaskPool(2, distributor) as pool:
+with tasks.TaskPool(2, distributor) as pool:
     list(pool.run(abs, [1, 2], "warm up"))  # the workers (and Ray) started and ready
     start = time.perf_counter()
     list(pool.run(abs, list(range(count)), "empty tasks"))

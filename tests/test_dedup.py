@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, error_line, outputs, run_script, start_script, wait_paused
 
-import dbp_dedup as dd
+from dbpkit.dedup import max_earlier_similarity
 
 DEDUP_SCRIPT = "deduplicate.py"
 DIM = 8
@@ -202,7 +202,7 @@ def test_blocks_of_any_size_give_the_full_matrix_answer():
     sims = x @ x.T
     expected = np.array([max(0, sims[i, :i].max()) if i else 0 for i in range(53)])
     for block in (1, 7, 17, 53, 64):
-        scores, matches = dd.max_earlier_similarity(torch.from_numpy(x.astype(np.float32)), block)
+        scores, matches = max_earlier_similarity(torch.from_numpy(x.astype(np.float32)), block)
         np.testing.assert_allclose(scores, expected, atol=1e-6)
         assert matches[17] == 4 and matches[30] == 4 and matches[0] == -1
 

@@ -212,7 +212,7 @@ def test_a_shard_regenerated_under_the_same_name_is_embedded_again(toy, referenc
 
 
 def test_keys_no_key_file_can_hold_are_failed_samples_and_round_trip(toy, tmp_path):
-    import dbp_encoder as enc
+    from dbpkit import shards
 
     image = make_toy_images.encoded(make_toy_images.make_image(np.random.default_rng(0)), "png")
     keys = ["plain", "tab\there", "new\nline", "carriage\rreturn", "back\\slash", "ünïcode/ok"]
@@ -229,7 +229,7 @@ def test_keys_no_key_file_can_hold_are_failed_samples_and_round_trip(toy, tmp_pa
     assert pd.read_parquet(out / "metadata" / "metadata_0.parquet")["image_path"].tolist() == \
         ["plain", "back\\slash", "ünïcode/ok"]
     assert len((out / "failed.txt").read_text().splitlines()) == 3  # one line each
-    failed = enc.read_failed(out / "failed.txt")
+    failed = shards.read_failed(out / "failed.txt")
     assert [key for _, key, _ in failed] == ["tab\there", "new\nline", "carriage\rreturn"]
     assert [why for _, _, why in failed] == [f"its key holds {what}, which no key file can hold"
                                              for what in ("a tab", "a newline", "a carriage return")]
@@ -242,14 +242,14 @@ def test_failed_txt_fields_round_trip():
     from hypothesis import given
     from hypothesis import strategies as st
 
-    import dbp_encoder as enc
+    from dbpkit import shards
 
     @given(st.text(), st.text(alphabet=st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF) | st.characters()))
     def check(a, b):
-        line = enc.failed_line(a, b, "why")
+        line = shards.failed_line(a, b, "why")
         assert line.count("\n") == 1 and line.count("\t") == 2
         fields = line.rstrip("\n").split("\t")
-        assert [enc.unescape_field(f) for f in fields] == [a, b, "why"]
+        assert [shards.unescape_field(f) for f in fields] == [a, b, "why"]
     check()
 
 
@@ -310,15 +310,15 @@ def test_a_large_image_is_decoded_without_a_warning_and_a_bomb_is_a_failed_sampl
 
     from PIL import Image
 
-    import dbp_encoder as enc
+    from dbpkit import encoder, shards
 
     image = make_toy_images.encoded(Image.new("RGB", (60, 50), (200, 30, 30)), "png")  # 3,000 pixels
-    processor = enc.load_processor(toy["model"])
+    processor = encoder.load_processor(toy["model"])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3,000 is past it, below twice it: PIL warns
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pixels, failure = enc.decoded({"png": image}, processor)
+        pixels, failure = shards.decoded({"png": image}, processor)
     assert failure is None and pixels is not None and caught == []
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # past twice the limit: PIL refuses it
-    pixels, failure = enc.decoded({"png": image}, processor)
+    pixels, failure = shards.decoded({"png": image}, processor)
     assert pixels is None and "DecompressionBombError" in failure

@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT
 
-import dbp_cli
+import dbpkit
 
 COMMANDS = ("dbp-cluster", "dbp-dintra", "dbp-dinter", "dbp-prune", "dbp-dedup", "dbp-embed")
 
@@ -25,10 +25,10 @@ def test_pip_install_gives_the_module_and_the_commands(tmp_path, desc_str):
     env = {**os.environ, "PYTHONPATH": str(site)}
     r = subprocess.run([sys.executable, "-c", "import dbp_utils; print(dbp_utils.__version__, dbp_utils.__file__)"],
                        capture_output=True, text=True, cwd=elsewhere, env=env)
-    assert r.returncode == 0 and r.stdout.split() == [dbp_cli.__version__, str(site / "dbp_utils.py")], r.stderr
+    assert r.returncode == 0 and r.stdout.split() == [dbpkit.__version__, str(site / "dbp_utils.py")], r.stderr
     for command in COMMANDS:
         r = subprocess.run([site / "bin" / command, "--version"], capture_output=True, text=True, env=env)
-        assert r.returncode == 0 and r.stdout.split()[-1] == dbp_cli.__version__, r.stderr
+        assert r.returncode == 0 and r.stdout.split()[-1] == dbpkit.__version__, r.stderr
     r = subprocess.run([site / "bin" / "dbp-dintra", "--sorted_clusters_path", desc_str["sorted"],
                         "--avg_distance_to_cent_save_path", elsewhere / "dintra.npy"], capture_output=True, text=True,
                        cwd=elsewhere, env=env)

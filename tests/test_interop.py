@@ -18,7 +18,7 @@ from conftest import (
 )
 
 import dbp_utils as du
-from dbp_clusters import cluster_table
+from dbpkit.clusters import cluster_table
 
 N, DIM, K = 1200, 12, 8
 MISSING, EMPTY = 3, 5  # cluster 3 has no centroid=3 folder at all, cluster 5 a folder with no rows

@@ -71,12 +71,13 @@ def comparable(save_dir):
 
 
 def snapshot(folder):
-    """Every path under folder with its bytes and modification time."""
+    """Every path under folder, each file with its bytes and modification time (a folder's own time changes
+    with what is made and removed in it, so only what it holds is compared)."""
     state = {}
     for where, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = os.path.join(where, name)
-            state[path] = (os.stat(path).st_mtime_ns, None if name in dirs else open(path, "rb").read())
+            state[path] = None if name in dirs else (os.stat(path).st_mtime_ns, open(path, "rb").read())
     return state
 
 

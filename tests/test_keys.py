@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dbp_utils as du
-from dbp_clusters import keys_as_utf8
+from dbpkit import trie as trie_module
+from dbpkit.keys import keys_as_utf8
 
 PATH_CHARS = st.sampled_from(list("ab.-/1é_"))
 paths = st.text(PATH_CHARS, min_size=1, max_size=12)
@@ -49,7 +50,7 @@ keys_text = st.lists(st.text(KEY_CHARS, min_size=1, max_size=10), max_size=20)
 @given(keys_text)
 def test_every_key_is_its_utf8_encoding_and_back(values):
     """The fast paths (ASCII widened or narrowed by numpy views) agree with str.encode / bytes.decode."""
-    from dbp_clusters import as_text
+    from dbpkit.keys import as_text
 
     as_str = np.array(values, dtype=str) if values else np.zeros(0, "U1")
     utf8 = keys_as_utf8(as_str, "keys")
@@ -63,21 +64,21 @@ def test_every_key_is_its_utf8_encoding_and_back(values):
 def test_text_keys_are_the_files_lines(values, newline, final, bom):
     """A keys .txt, read a few bytes at a time (lines cross blocks), gives its lines as UTF-8 bytes, whatever the
     line ending, with or without a last newline or a byte order mark."""
-    import dbp_embeddings as de
+    from dbpkit import keys
 
-    data = (de.UTF8_BOM if bom else b"") + newline.join(v.encode() for v in values) + (newline if final else b"")
-    with tempfile.TemporaryDirectory() as folder, mock.patch.object(de, "TEXT_BLOCK_BYTES", 7):
+    data = (keys.UTF8_BOM if bom else b"") + newline.join(v.encode() for v in values) + (newline if final else b"")
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(keys, "TEXT_BLOCK_BYTES", 7):
         path = os.path.join(folder, "keys.txt")
         with open(path, "wb") as f:
             f.write(data)
-        lines = [key for block in de._text_lines(path) for key in block.tolist()]
+        lines = [key for block in keys._text_lines(path) for key in block.tolist()]
     assert lines == ([v.encode() for v in values] if values else [b""] if final else [])
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), max_size=20), st.booleans())
 def test_distances_parse_as_python_floats(values, as_bytes):
-    from dbp_clusters import parse_distances
+    from dbpkit.clusters import parse_distances
 
     text = np.array([repr(v) for v in values], dtype="S" if as_bytes else "U") if values else np.zeros(0, "U1")
     assert parse_distances(text, "cluster_0.npy").tolist() == [float(repr(v)) for v in values]
@@ -144,7 +145,7 @@ def test_written_trie_edge_keys():
 @pytest.mark.parametrize("chunk", [7, 1000, 1 << 18])
 def test_written_trie_of_many_keys_across_chunks(monkeypatch, chunk):
     """Keys turned into commands a few at a time or all at once, long names, deep and shallow keys."""
-    monkeypatch.setattr(du, "TRIE_CHUNK_KEYS", chunk)
+    monkeypatch.setattr(trie_module, "TRIE_CHUNK_KEYS", chunk)
     rng = random.Random(chunk)
     keys = {f"{s:05d}/{i:09d}" for s in range(40) for i in rng.sample(range(10**6), 300)}
     keys |= {f"{c}/{i}" for c in "abcé" for i in range(30)} | {"z" * 300 + "/x", "é/" + "ü" * 200}
@@ -175,7 +176,7 @@ def test_kept_keys_membership(tmp_path):
 
 
 def test_trie_order_checks_across_blocks(monkeypatch):
-    monkeypatch.setattr(du, "TRIE_CHUNK_KEYS", 2)
+    monkeypatch.setattr(trie_module, "TRIE_CHUNK_KEYS", 2)
     keys = np.array([b"0", b"a-b/x", b"a/x", b"z"])  # byte order; components put a/x first
     assert du.trie_order(keys).tolist() == [b"0", b"a/x", b"a-b/x", b"z"]
     in_order = np.array([b"00001/1", b"00001/2", b"00002/1", b"00003/0"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import CLUSTER_SCRIPT, DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, run_script
 
-import dbp_cli
+import dbpkit
 
 SCRIPTS = (CLUSTER_SCRIPT, DINTRA_SCRIPT, DINTER_SCRIPT, PRUNE_SCRIPT)
 REQUIRED = {CLUSTER_SCRIPT: ["--embeddings", "--num_clusters", "--save_folder"],
@@ -21,7 +21,7 @@ REQUIRED = {CLUSTER_SCRIPT: ["--embeddings", "--num_clusters", "--save_folder"],
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_version_and_required_flags_in_the_usage_line(script):
     r = run_script(script, "--version")
-    assert r.returncode == 0 and r.stdout.strip().endswith(dbp_cli.__version__)
+    assert r.returncode == 0 and r.stdout.strip().endswith(dbpkit.__version__)
     usage = " ".join(run_script(script, "--help").stdout.split("\n\n")[0].split())
     for flag in REQUIRED[script]:
         assert re.search(rf"[ (]{re.escape(flag)} ", usage), usage
@@ -83,14 +83,14 @@ def test_prune_reports(desc_str, tmp_path):
     for name in ("sorted_clusters_path", "save_dir", "avg_distance_to_cent_save_path",
                  "mean_centroid_distances_save_path"):
         assert os.path.isabs(params[name]) and os.path.exists(params[name])
-    assert params["num_centroids"] == desc_str["k"] and params["version"] == dbp_cli.__version__
+    assert params["num_centroids"] == desc_str["k"] and params["version"] == dbpkit.__version__
 
     kept = (run / "kept_paths.txt").read_text().splitlines()
     pruned = (run / "pruned_paths.txt").read_text().splitlines()
     assert not set(kept) & set(pruned) and sorted(kept + pruned) == sorted(desc_str["paths"])
 
     log = (run / "logs.log").read_text().splitlines()
-    assert f"density-based-pruning {dbp_cli.__version__}: " in log[0] and "--save-dir run" in log[0]
+    assert f"density-based-pruning {dbpkit.__version__}: " in log[0] and "--save-dir run" in log[0]
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", log[0]) and "finished after" in log[-1]
     assert any("WARNING --total-dataset-size 3000 differs" in line for line in log)
     summary = next(line for line in log if "most pruned:" in line)

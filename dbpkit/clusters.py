@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import UsageError, atomic_open, load_json, save_json, save_npy
+from dbpkit.errors import UsageError
+from dbpkit.files import atomic_open, load_json, read_npy_header, save_json, save_npy
+from dbpkit.keys import as_text, ascii_bytes
 
 # Where the columns DBP reads are, by the number of columns: SemDeDup's 4, NeMo Curator 0.4-0.7's 3.
 COLUMNS = {4: {"key": 0, "index": 1, "distance": 2, "cluster": 3}, 3: {"key": 0, "distance": 1, "cluster": 2}}
@@ -28,6 +30,7 @@ CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
 NAMES_SHOWN = 5  # cluster files named in an error about gaps
 SIDECAR_SUFFIX = ".dbp.json"  # beside d_intra / d_inter .npy files: what they hold
+
 
 @dataclass(frozen=True)
 class ClusterFile:
@@ -73,34 +76,6 @@ class ClusterFile:
     def is_descending(self) -> bool:
         """Sort direction, from the first and last distance (SemDeDup writes either)."""
         return self.rows == 0 or bool(self.distances(0, 1)[0] >= self.distances(self.rows - 1, self.rows)[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Headers and the folder
-# ---------------------------------------------------------------------------------------------
-
-
-def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation: what
-    np.load(mmap_mode="r") finds out from the header (the mapping itself is dropped unread)."""
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except IsADirectoryError:
-        raise UsageError(path, "is a folder, not a .npy file", "point at a .npy file") from None
-    except ValueError as e:
-        what = ("holds Python objects (a pickled .npy), which is never loaded" if "Python objects" in str(e) else
-                "is not a .npy file" if "pickled" in str(e) else
-                "is truncated: shorter than its header says" if "greater than file size" in str(e) else
-                f"is not a readable .npy file ({e})")
-        raise UsageError(path, what, "point at files written by np.save of a plain numeric or string array") from None
-    except OSError as e:
-        raise UsageError(path, f"cannot be read: {e.strerror or e}",
-                         "check that it exists and its permissions") from None
-    if not isinstance(array, np.memmap):  # a .npz under a .npy name
-        raise UsageError(path, "is not a .npy file (it is a zip of arrays, an .npz)",
-                         "point at files written by np.save")
-    fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
-    return array.shape, array.dtype, fortran, array.offset
 
 
 def read_cluster_header(path: str) -> ClusterFile:
@@ -168,15 +143,10 @@ def scan_clusters(folder: str | None, k: int | None, folder_flag: str, k_flag: s
     return [read_cluster_header(p) for p in find_cluster_files(folder, k, folder_flag, k_flag)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Columns
-# ---------------------------------------------------------------------------------------------
-
-
 def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
     """Distance strings -> float64, refusing text, NaN and infinity with the row named."""
     try:  # numpy parses bytes twice as fast as str
-        d = (values if values.dtype.kind == "S" else _ascii_bytes(values)).astype(np.float64)
+        d = (values if values.dtype.kind == "S" else ascii_bytes(values)).astype(np.float64)
     except (ValueError, UnicodeError):
         d = np.full(len(values), np.nan)
         for i, v in enumerate(values):
@@ -193,63 +163,6 @@ def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.nda
     return d
 
 
-def _ascii_bytes(text: np.ndarray) -> np.ndarray:
-    """A str array as bytes, if it is all ASCII (raises UnicodeError otherwise)."""
-    points = np.ascontiguousarray(text).view("<u4")
-    if (points >= 128).any():
-        raise UnicodeError("not ASCII")
-    return points.astype(np.uint8).view(f"S{max(1, text.dtype.itemsize // 4)}").reshape(text.shape)
-
-
-def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
-    """Keys (str or bytes) as UTF-8 bytes, refusing a key that is not valid UTF-8 (bytes) or Unicode (str), and
-    a key holding a line break (kept_paths.txt has one key per line) or a NUL (the fixed-width arrays that
-    hold keys end a key at its first NUL)."""
-    if keys.dtype.kind == "S":
-        utf8 = np.ascontiguousarray(keys)
-        chars = byte_matrix(utf8)
-        for row in np.flatnonzero((chars >= 128).any(axis=1)):  # only keys that are not ASCII need decoding
-            try:
-                utf8[row].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UsageError(path, f"row {first_row + row}: key {utf8[row].item()!r} is not UTF-8 ({e.reason})",
-                                 "write the keys as UTF-8") from None
-    else:
-        try:
-            utf8 = _ascii_bytes(keys)  # the usual case, and far faster than encoding
-        except UnicodeError:
-            try:
-                utf8 = np.strings.encode(keys, "utf-8")
-            except UnicodeEncodeError:
-                row = next(i for i, key in enumerate(keys.tolist()) if not _encodable(key))
-                raise UsageError(path, f"row {first_row + row}: key {keys[row].item()!r} is not valid Unicode (a lone "
-                                 "surrogate, as from a file name that is not UTF-8)",
-                                 "write the keys as UTF-8 text or bytes") from None
-        chars = byte_matrix(utf8)
-    broken = np.flatnonzero((chars == ord("\n")).any(axis=1))
-    if len(broken):
-        text = utf8[broken[0]].decode("utf-8", "replace")
-        raise UsageError(path, f"row {first_row + broken[0]}: key {text!r} holds a line break",
-                         "keys are one per line in kept_paths.txt; rename the sample")
-    nul = np.flatnonzero(_inner_nul(utf8, chars))
-    if len(nul):
-        text = chars[nul[0]].tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        raise UsageError(path, f"row {first_row + nul[0]}: key {text!r} holds a NUL character",
-                         "keys are text without NULs; rename the sample")
-    return utf8
-
-
-def byte_matrix(strings: np.ndarray) -> np.ndarray:
-    """A fixed-width bytes array as an (n, width) uint8 matrix, zero-padded on the right."""
-    return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)
-
-
-def _inner_nul(utf8: np.ndarray, chars: np.ndarray) -> np.ndarray:
-    """Per key of a fixed-width bytes array: whether a NUL comes before its last other byte (numpy's length of
-    a key stops only at its trailing NULs)."""
-    return (chars != 0).sum(axis=1) != np.strings.str_len(utf8)
-
-
 def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:
     """Whether every entry of a cluster-id column says `cluster_id` (written as `7`, or `7.0`)."""
     as_text = str(cluster_id).encode() if ids.dtype.kind == "S" else str(cluster_id)
@@ -258,14 +171,6 @@ def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:
     try:
         return bool((ids.astype(np.float64) == cluster_id).all())
     except ValueError:
-        return False
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
         return False
 
 
@@ -283,34 +188,22 @@ def cluster_table(keys: np.ndarray, rows: np.ndarray, distances: np.ndarray, clu
     return table
 
 
-def as_text(keys: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes keys as str (`<U`), widening ASCII directly (far faster than decoding)."""
-    if keys.dtype.kind == "U":
-        return keys
-    chars = np.ascontiguousarray(keys).view(np.uint8)
-    if (chars < 128).all():
-        return chars.astype("<u4").view(f"U{keys.dtype.itemsize}").reshape(keys.shape)
-    return np.strings.decode(keys, "utf-8")
-
-
 def save_cluster_file(path: str, table: np.ndarray) -> None:
     """Write a cluster file atomically; an empty cluster is `np.save(path, [])`, as SemDeDup writes it."""
     with atomic_open(path) as f:
         np.save(f, table if len(table) else np.array([]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Centroids and the per-cluster score files
-# ---------------------------------------------------------------------------------------------
-
-
-def find_centroids(sorted_dir: str) -> str:
+def find_centroids(sorted_dir: str, required: bool = True) -> str | None:
     """kmeans_centroids.npy in the sorted-clusters folder or SemDeDup's save folder above it (above the
-    folder as given, then above its real location when it is a symbolic link)."""
+    folder as given, then above its real location when it is a symbolic link); None if there is none and
+    it is not `required`."""
     above = (os.path.dirname(os.path.abspath(sorted_dir)), os.path.dirname(os.path.realpath(sorted_dir)))
     for folder in dict.fromkeys((sorted_dir, *above)):
         if os.path.isfile(path := os.path.join(folder, CENTROIDS_FILE)):
             return path
+    if not required:
+        return None
     raise UsageError("--centroids_file", f"not given, and no {CENTROIDS_FILE} in {sorted_dir} or its parent",
                      "pass --centroids_file")
 

@@ -21,17 +21,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbp_cli import UsageError, atomic_open
-from dbp_clusters import ClusterFile, keys_as_utf8, parse_distances
-from dbp_embeddings import load_embeddings
-from dbp_utils import as_lines, strip_extensions
+from dbpkit.clusters import ClusterFile, parse_distances
+from dbpkit.errors import UsageError
+from dbpkit.files import atomic_open
+from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
+from dbpkit.layouts import load_embeddings
+from dbpkit.trie import KEPT_KEYS_FILE  # noqa: F401 (each eps_<e>/ holds one, in prune.py's format)
 
 BLOCK_ROWS = 1024  # rows of a block of similarities (and columns): 4 MB of float32
 SCORES_DIR, MATCHES_DIR = "scores", "matches"  # per cluster: each row's score, and the row it duplicates
 STATS_FILE = "dedup_stats.csv"  # per eps: kept, removed
 CLUSTER_STATS_FILE = "dedup_cluster_stats.csv"  # per cluster: size, removed at each eps
 PLOT_FILE = "similarity.png"
-KEPT_KEYS_FILE, REMOVED_FILE = "kept_keys.npy", "removed_paths.txt"  # in each eps_<e>/
+REMOVED_FILE = "removed_paths.txt"  # in each eps_<e>/, beside KEPT_KEYS_FILE
 HISTOGRAM_BINS = np.linspace(0, 1, 201)  # of the scores, for the plot
 EPS_GRID = np.logspace(-4, 0, 161)[:-1]  # eps values the plot reads the fraction removed at
 
@@ -43,11 +45,6 @@ def eps_folder(eps: float) -> str:
 def threshold(eps: float) -> np.float32:
     """1 - eps as SemDeDup compares it: a Python float against a float32 tensor, so in float32."""
     return np.float32(1 - eps)
-
-
-# ---------------------------------------------------------------------------------------------
-# The scores
-# ---------------------------------------------------------------------------------------------
 
 
 def keep_order(rows: int, distances: np.ndarray, which: str, seed: int, cluster_id: int) -> tuple[np.ndarray, bool]:
@@ -151,11 +148,6 @@ def read_cluster(cluster: ClusterFile) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return keys, indices, parse_distances(distances, cluster.path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Choosing eps: the kept keys and the removed paths, from the scores
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Removed:
     """One cluster at every eps: how many rows each removes, and the scores' histogram and curve."""
@@ -165,11 +157,11 @@ class Removed:
     curve: np.ndarray  # rows removed at each eps of EPS_GRID
 
 
-def part_file(parts: str, eps: float, cluster_id: int) -> str:
+def eps_part(parts: str, eps: float, cluster_id: int) -> str:
     return os.path.join(parts, f"{eps_folder(eps)}_{cluster_id}")
 
 
-def select_cluster(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
+def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
     """For one cluster and every eps, write a part file: its kept keys (stripped, sorted; a .npy) followed by its
     removed paths as lines of removed_paths.txt (path, the path it duplicates, the similarity)."""
     cluster, j, out, eps_list, parts = task
@@ -184,7 +176,7 @@ def select_cluster(task: tuple[ClusterFile, int, str, list[float], str]) -> Remo
     for eps in eps_list:
         gone = scores > threshold(eps)
         removed.append(int(gone.sum()))
-        with open(part_file(parts, eps, j), "wb") as f:
+        with open(eps_part(parts, eps, j), "wb") as f:
             kept = keys[~gone]
             np.save(f, np.sort(strip_extensions(kept)) if len(kept) else np.zeros(0, "S1"))
             f.write(removed_lines(keys[gone], keys[matches[gone]], scores[gone]))
@@ -203,11 +195,6 @@ def removed_lines(paths: np.ndarray, duplicated: np.ndarray, scores: np.ndarray)
     similarity = scores.astype(str).astype("S")  # float32's shortest text
     return as_lines(np.strings.add(np.strings.add(np.strings.add(paths, b"\t"), np.strings.add(duplicated, b"\t")),
                                    similarity))
-
-
-# ---------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------
 
 
 def write_stats(path: str, eps_list: list[float], total: int, removed: np.ndarray) -> None:

@@ -1,22 +1,19 @@
-"""Images to embeddings (step 2 of the paper): webdataset shards through a Hugging Face vision model.
+"""Webdataset shards to embedding parts (step 2 of the paper).
 
 A shard's samples are read with webdataset's own tar reader (local paths, URLs, `pipe:` commands) and
-decoded in torch DataLoader workers, each taking every W-th sample of the shard, so that the loader hands
-them over in the shard's order. The image is the sample's jpg, jpeg, png or webp, prepared by the model's
-own AutoImageProcessor (its resize, crop and normalisation; the PIL backend: no torchvision needed). The
-model runs in the calling process on batches of consecutive samples of one shard: the same batches,
-and so the same bytes, for any number of workers. The embedding is DINOv2's pooler_output (the
-layer-normed CLS token) or, for CLIP checkpoints, image_embeds; L2-normalised, stored float16.
+decoded in torch DataLoader workers, each taking every W-th sample, so that the loader hands them over in
+the shard's order. The model runs in the calling process on batches of consecutive samples of one shard:
+the same batches, and so the same bytes, for any number of workers.
 
 Each shard becomes one part of clip-retrieval's layout, numbered in shard order:
 `img_emb/img_emb_<n>.npy` and `metadata/metadata_<n>.parquet` (image_path = the sample's __key__,
-caption and url when the shard has them), plus the samples without a decodable image, in `failed/<n>.txt`.
+caption and url when the shard has them), plus, while the run is staged, the samples without a decodable
+image (`failed/<n>.txt`) and the shard's content fingerprint (`sources/<n>.txt`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
@@ -30,8 +27,11 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from dbp_cli import UsageError, WorkerDied, atomic_open, file_fingerprint, stage
-from dbp_tasks import exit_with
+from dbpkit.cli import stage
+from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
+from dbpkit.errors import UsageError, WorkerDied
+from dbpkit.files import atomic_open, file_fingerprint
+from dbpkit.tasks import exit_with
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
@@ -100,144 +100,6 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    """A family of vision models researchers curate with, and the output that is its image embedding."""
-
-    name: str
-    model_types: tuple[str, ...]  # config.model_type of its checkpoints (full models and vision towers)
-    model_class: str  # the transformers class that loads its vision tower
-    output: str  # the model output that is the embedding ("cls": the final layer-normed CLS token)
-
-
-FAMILIES = (
-    Family("DINOv2", ("dinov2", "dinov2_with_registers"), "AutoModel", "pooler_output"),  # the layer-normed CLS
-    Family("CLIP", ("clip", "clip_vision_model"), "CLIPVisionModelWithProjection", "image_embeds"),
-    Family("SigLIP", ("siglip", "siglip_vision_model"), "SiglipVisionModel", "pooler_output"),  # its MAP head
-    Family("ViT", ("vit",), "ViTModel", "cls"),  # (ViT's pooler is a classifier's pre-logits layer: not used)
-)
-
-
-def family_of(model_type: str, name: str) -> Family:
-    """The family of a checkpoint's model_type, or a UsageError listing the families supported."""
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
-    listed = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
-    raise UsageError("--model", f"{name} is a {model_type!r} model, whose image embedding this tool does not know",
-                     f"pass a model of a supported family: {listed}")
-
-
-@dataclass(frozen=True)
-class Encoder:
-    """A loaded vision model and its image processor."""
-
-    model: Any
-    processor: Any
-    output: str  # the model output that is the embedding (Family.output)
-    name: str
-
-    def describe(self) -> dict:
-        """What params.json records: the model, its revision or weights' hash, the processor's settings."""
-        config = self.model.config
-        described = {"model": self.name, "model_type": config.model_type, "output": self.output,
-                     "revision": getattr(config, "_commit_hash", None) or weights_hash(self.name),
-                     "processor": self.processor.to_dict(), "dtype": "float16"}
-        return json.loads(json.dumps(described))  # as read back from params.json (tuples as lists)
-
-
-@functools.lru_cache(maxsize=2)
-def load_processor(name: str) -> Any:
-    """The model's own image processor, its PIL backend (torchvision is not needed, nor wanted: its wheels
-    must match torch's build exactly)."""
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(name, backend="pil")
-
-
-def looks_local(name: str) -> bool:
-    """A --model that can only be a folder (a Hub id is `name` or `org/name`): absolute, relative to . or ~, or
-    with more than one separator."""
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.path.isabs(name)
-
-
-def load_encoder(name: str, device: str) -> Encoder:
-    """A transformers vision model by id or local folder, as its family's vision tower; one clear error when it
-    cannot be loaded, is of no supported family, or lacks weights of a layer it uses (transformers would fill
-    them at random: embeddings that differ on every run)."""
-    import transformers
-
-    if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
-        raise UsageError("--model", f"{name} is not a folder", "pass the folder save_pretrained wrote, or a Hub id")
-    transformers.logging.set_verbosity_error()  # its warnings and bars are not ours to print
-    transformers.logging.disable_progress_bar()
-    try:
-        config = transformers.AutoConfig.from_pretrained(name)
-        family = family_of(config.model_type, name)
-        tower = vision_config(config)
-        kwargs = {"add_pooling_layer": False} if family.name == "ViT" else {}
-        model, info = getattr(transformers, family.model_class).from_pretrained(
-            name, config=tower, output_loading_info=True, **kwargs)
-        processor = load_processor(name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # (RuntimeError: weights of other shapes)
-        offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(e).lower() or "offline" in str(e).lower()
-        why = "the Hugging Face Hub cannot be reached and the model is not in its cache" if offline and \
-            not os.path.isdir(name) else str(e).strip().splitlines()[0]
-        raise UsageError("--model", f"{name} cannot be loaded ({why})",
-                         "pass a local folder with the model (save_pretrained), or a model id the Hub or its "
-                         "cache holds") from None
-    if missing := sorted(info.get("missing_keys") or []):
-        head = " (a CLIPVisionModel checkpoint has no projection: save the whole CLIPModel)" \
-            if family.name == "CLIP" and any("projection" in key for key in missing) else ""
-        raise UsageError("--model", f"{name} has no weights for {len(missing)} tensor(s) its {family.name} "
-                         f"embedding uses ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which "
-                         f"transformers would initialise at random{head}",
-                         "pass a complete checkpoint of the model (save_pretrained of the whole model)")
-    return Encoder(model.eval().to(device), processor, family.output, name)
-
-
-def vision_config(config: Any) -> Any:
-    """The vision tower's config of a checkpoint (the checkpoint's own config for a vision-only one). A CLIP
-    tower takes the projection's size from the full config: LAION's OpenCLIP exports give it only there."""
-    tower = getattr(config, "vision_config", None)
-    if tower is None:
-        return config
-    if getattr(config, "projection_dim", None) is not None:
-        tower.projection_dim = config.projection_dim
-    return tower
-
-
-def weights_hash(name: str) -> str | None:
-    """For a local model folder: the sha256 of its weight files (what a Hub revision says of a download)."""
-    if not os.path.isdir(name):
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".bin"))):
-        with open(os.path.join(name, file), "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def embed(encoder: Encoder, pixels, fp16: bool) -> np.ndarray:
-    """A batch of pixel values (torch, on the model's device) as L2-normalised float16 embeddings."""
-    with torch.inference_mode(), torch.autocast(pixels.device.type, torch.float16, enabled=fp16):
-        outputs = encoder.model(pixel_values=pixels)
-        out = outputs.last_hidden_state[:, 0] if encoder.output == "cls" else getattr(outputs, encoder.output)
-    out = out.float()
-    return (out / out.norm(dim=1, keepdim=True)).cpu().numpy().astype(np.float16)
-
-
-# ---------------------------------------------------------------------------------------------
-# The samples of a shard, decoded in DataLoader workers
-# ---------------------------------------------------------------------------------------------
-
-
 def shard_samples(url: str):
     """The samples of one shard as webdataset reads them: dicts of __key__ and each file's bytes."""
     from webdataset.tariterators import tarfile_samples
@@ -279,10 +141,23 @@ def text_fields(sample: dict) -> tuple[str | None, str | None]:
     return caption, url
 
 
+@dataclass
+class Decoded:
+    """A sample as a decoding worker hands it over, or (`unreadable`: why) the end of a shard that cannot be
+    read further."""
+
+    key: str = ""
+    pixels: Any = None  # the processor's pixel values; None for a sample that failed
+    caption: str | None = None
+    url: str | None = None
+    failure: str | None = None  # why the sample has no embedding
+    unreadable: str | None = None
+
+
 class ShardSamples(torch.utils.data.IterableDataset):
-    """One shard's samples: (key, pixels or None, caption, url, failure), or a final ("error", message) when the
-    shard cannot be read. Worker w of W yields samples w, w + W, ...: the DataLoader, taking one from each
-    worker in turn, hands them over in the shard's order."""
+    """One shard's samples, Decoded, and a last one marked unreadable when the shard cannot be read further.
+    Worker w of W yields samples w, w + W, ...: the DataLoader, taking one from each worker in turn, hands them
+    over in the shard's order."""
 
     def __init__(self, url: str, model: str):
         self.url, self.model = url, model
@@ -297,15 +172,11 @@ class ShardSamples(torch.utils.data.IterableDataset):
                     key = sample["__key__"]
                     failure = key_problem(key)
                     pixels, failure = (None, failure) if failure else decoded(sample, processor)
-                    yield ("sample", key, pixels, *text_fields(sample), failure)
+                    caption, url = text_fields(sample)
+                    yield Decoded(key, pixels, caption, url, failure)
         except Exception as e:  # a broken tar or a failed command: webdataset's errors vary
             said = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # (not the tuples some pass)
-            yield ("error", f"{type(e).__name__}: {first_line(Exception(said))}")
-
-
-# ---------------------------------------------------------------------------------------------
-# One shard, one part
-# ---------------------------------------------------------------------------------------------
+            yield Decoded(unreadable=f"{type(e).__name__}: {first_line(Exception(said))}")
 
 
 class ShardUnreadable(Exception):
@@ -331,19 +202,18 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
             batch.clear()
 
     try:
-        for record in loader:
+        for sample in loader:
             if not (keys or failed) and workers:
                 stage("decoding")  # the decoding workers are running (named for fault-injection tests)
-            if record[0] == "error":
-                raise ShardUnreadable(record[1])
-            _, key, pixels, caption, link, failure = record
-            if failure:
-                failed.append(failed_line(url, key, failure))
+            if sample.unreadable:
+                raise ShardUnreadable(sample.unreadable)
+            if sample.failure:
+                failed.append(failed_line(url, sample.key, sample.failure))
                 continue
-            keys.append(key)
-            captions.append(caption)
-            urls.append(link)
-            batch.append(pixels)
+            keys.append(sample.key)
+            captions.append(sample.caption)
+            urls.append(sample.url)
+            batch.append(sample.pixels)
             if len(batch) == batch_size:
                 flush()
     except (RuntimeError, ConnectionError, EOFError) as e:  # a decoding worker killed from outside, as torch
@@ -404,16 +274,6 @@ def embed_shard_task(task: tuple[str, int, str, str, str, int, bool, int]) -> st
                          f"Ray gave this task GPU {ray.get_gpu_ids()}, but torch there sees no CUDA device",
                          "install torch with CUDA on the GPU nodes, or pass --device cpu")
     return embed_shard_retrying(cached_encoder(model, device), url, n, out, batch_size, 0, fp16, retries)
-
-
-@functools.lru_cache(maxsize=1)
-def cached_encoder(model: str, device: str) -> Encoder:
-    return load_encoder(model, device)
-
-
-def embedding_dim(encoder: Encoder) -> int:
-    config = encoder.model.config
-    return config.projection_dim if encoder.output == "image_embeds" else config.hidden_size
 
 
 def write_part(out: str, n: int, emb: np.ndarray, keys: list, captions: list, urls: list, failed: list,

@@ -1,0 +1,206 @@
+"""The command line: flags under both spellings, user mistakes as one line and exit status 2, Ctrl-C and
+SIGTERM acted on at safe points, named stages, progress bars and the run's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tqdm import tqdm
+
+from dbpkit import __version__
+from dbpkit.errors import Incomplete, Terminated, UsageError, WorkerDied
+from dbpkit.faults import pause_at
+
+USAGE_EXIT = 2  # argparse's status for usage errors
+SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
+PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
+STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
+log = logging.getLogger("dbp")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's two-line usage error -> our one line
+        if m := re.fullmatch(r"argument ([^/:]+)[^:]*: (.*)", message):
+            raise UsageError(m[1], m[2], "see --help")
+        if m := re.fullmatch(r"the following arguments are required: (.*)", message):
+            raise UsageError(m[1], "is required", "see --help")
+        if m := re.fullmatch(r"unrecognized arguments: (.*)", message):
+            raise UsageError(m[1], "unrecognized argument", "see --help")
+        raise UsageError(self.prog, message, "see --help")
+
+
+def make_parser(doc: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """A parser whose description is the script's docstring and whose errors are one line."""
+    parser = _Parser(description=doc, usage=usage, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (density-based-pruning) {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
+    return parser
+
+
+def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
+    """Add a flag under every spelling given plus its underscore and dash twins."""
+    spellings: list[str] = []
+    for name in names:
+        word = name.removeprefix("--")
+        for s in (word, word.replace("_", "-"), word.replace("-", "_")):
+            if f"--{s}" not in spellings:
+                spellings.append(f"--{s}")
+    parser.add_argument(*spellings, dest=names[0].removeprefix("--").replace("-", "_"), **kwargs)
+
+
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--workers", type=int, default=None,
+             help="processes for the per-cluster work (default: all cores); results are identical for any value")
+
+
+def absolute_paths(args: argparse.Namespace, *names: str) -> None:
+    """Make the path flags `names` absolute, here on the driver: a Ray worker starts in another folder (where
+    `ray start` ran), and params.json names every input wherever it is read."""
+    for name in names:
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(os.path.expanduser(getattr(args, name))))
+
+
+def check_range(flag: str, value: float, low: float, high: float, *,
+                low_open: bool = False, high_open: bool = False, fix: str = "") -> None:
+    """Raise a UsageError unless low <(=) value <(=) high; NaN always fails."""
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UsageError(flag, f"{value!r} is outside {interval}", fix or f"pass a value in {interval}")
+
+
+def num_workers(requested: int | None) -> int:
+    if requested is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested < 1:
+        raise UsageError("--workers", f"{requested} is less than 1", "pass 1 or more")
+    return requested
+
+
+_signals: list[int] = []  # Ctrl-C and SIGTERM received: recorded by the handler, acted on at a safe point
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main: every failure becomes one line on stderr, never a traceback (but with --debug).
+
+    Ctrl-C and SIGTERM are only recorded when they arrive; the run acts on them at its next safe point
+    (a progress step, a finished task, a stage). An exception raised by the handler itself could land
+    inside any library's critical section (logging's lock, a fork) and hang the process there."""
+    debug = "--debug" in sys.argv[1:]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, record_signal)
+    try:
+        main()
+        check_stop()  # a signal that came after the last safe point: the outputs are whole, but say so
+    except KeyboardInterrupt:
+        _fail(f"interrupted (Ctrl-C): {STOPPED}", SIGNAL_EXIT + signal.SIGINT)
+    except Terminated:
+        _fail(f"terminated (SIGTERM): {STOPPED}", SIGNAL_EXIT + signal.SIGTERM)
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, UsageError):
+            _fail(str(e), USAGE_EXIT)
+        elif _signals:  # workers ended by the same signal (a SIGTERM to the whole job), seen first
+            _fail(f"{'interrupted (Ctrl-C)' if _signals[0] == signal.SIGINT else 'terminated (SIGTERM)'}: {STOPPED}",
+                  SIGNAL_EXIT + _signals[0])
+        elif isinstance(e, Incomplete):
+            _fail(str(e), 1)
+        elif isinstance(e, WorkerDied):
+            _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
+                  "short)", 1)
+        elif isinstance(e, OSError):
+            _fail(f"{e.filename or 'system'}: {e.strerror or e} (check the path, its permissions and free disk "
+                  "space)", 1)
+        else:  # a bug: still one line
+            _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
+
+
+def record_signal(signum: int, frame: Any) -> None:
+    """The handler of Ctrl-C and SIGTERM: it only records them (acted on at the next safe point)."""
+    _signals.append(signum)
+
+
+def signalled() -> bool:
+    """Whether Ctrl-C or SIGTERM has arrived (not yet acted on)."""
+    return bool(_signals)
+
+
+def check_stop() -> None:
+    """A safe point: raise KeyboardInterrupt or Terminated if Ctrl-C or SIGTERM has arrived."""
+    if _signals:
+        raise KeyboardInterrupt if _signals[0] == signal.SIGINT else Terminated
+
+
+def stage(name: str) -> None:
+    """The run reaches a named stage: a safe point, a line in the log, and (for fault-injection tests,
+    with DBP_PAUSE_AT=<name>) the process stops itself with SIGSTOP until it is sent SIGCONT."""
+    log.info(f"stage: {name}")
+    pause_at(name)
+    check_stop()
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+class RunLog:
+    """The run's log as a file keeps it: what ran (the tool's version and command line), and every message
+    of the run with its time, warnings included."""
+
+    def __init__(self):
+        self.started, self.text = time.monotonic(), io.StringIO()
+        handler = logging.StreamHandler(self.text)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.info(f"density-based-pruning {__version__}: {shlex.join(sys.argv)}")
+        log.info(f"in {os.getcwd()}, Python {sys.version.split()[0]}, pid {os.getpid()}")
+
+    def finished(self) -> str:
+        """The log, ended with the time the run took."""
+        log.info(f"finished after {time.monotonic() - self.started:.1f} s")
+        return self.text.getvalue()
+
+
+class _Bar(tqdm):
+    """A tqdm bar whose every step is a safe point."""
+
+    def update(self, n: float | None = 1) -> bool | None:
+        check_stop()
+        return super().update(n)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, unit: str = "cluster") -> Iterator[tqdm]:
+    """A tqdm bar on stderr, drawn once the work has taken PROGRESS_DELAY seconds (or TQDM_DELAY, tqdm's own
+    variable, when set). If the work fails, the bar is wiped on a terminal and ends its line in a log file:
+    the error line after it stands alone."""
+    delay = {} if "TQDM_DELAY" in os.environ else {"delay": PROGRESS_DELAY}
+    bar = _Bar(total=total, desc=desc, unit=unit, file=sys.stderr, **delay)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = not sys.stderr.isatty()
+        raise
+    finally:
+        bar.close()

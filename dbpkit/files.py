@@ -1,0 +1,155 @@
+"""Files written whole or not at all, read back safely, and fingerprinted by their content.
+
+Light on purpose (the standard library and numpy): the loader API imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from dbpkit.errors import UsageError
+
+PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
+PARAMS_FILE, LOG_FILE = "params.json", "logs.log"  # every run's record (written last: it marks the run done), log
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12  # pages of a file hashed for its fingerprint
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
+    """Write to `.<name>.partial` beside `path`, renamed into place only once complete (kwargs: open's)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or path  # a failed write (a full disk) names no file of its own
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def save_json(path: str, value: Any) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+
+
+def load_json(path: str) -> Any:
+    """The value in a JSON file, or None if there is none (or it is not JSON)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_text(path: str) -> str:
+    """A text file's content, or "" if there is none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def file_fingerprint(path: str) -> str:
+    """What a rerun must find unchanged in an input to reuse work made from it: its path, inode and ctime (a
+    copy that keeps size and mtime, as `cp -p`, `rsync -a` or a restored backup make, has a new inode or
+    ctime; so has a file rewritten in place), its size, and a hash of FINGERPRINT_BLOCKS blocks spread over
+    its content and its tail (for file systems whose ctime cannot be trusted)."""
+    info = os.stat(path)
+    digest = hashlib.sha256(f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_ino}\0{info.st_ctime_ns}".encode())
+    with open(path, "rb") as f:
+        step = max(FINGERPRINT_BLOCK, info.st_size // FINGERPRINT_BLOCKS)
+        for offset in range(0, max(info.st_size, 1), step):
+            f.seek(offset)
+            digest.update(f.read(FINGERPRINT_BLOCK))
+        f.seek(max(info.st_size - FINGERPRINT_BLOCK, 0))
+        digest.update(f.read())  # the tail: an appended or truncated end
+    return digest.hexdigest()
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    """One digest of many input files' fingerprints (params.json holds this, not one entry per file)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(file_fingerprint(path).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+class NewFolders:
+    """`path` and its missing parents, created; `remove_created()` removes what was created again, so that a
+    failed run leaves the tree as it found it."""
+
+    def __init__(self, path: str):
+        self.created, existing = None, os.path.abspath(path)
+        while not os.path.exists(existing):
+            self.created, existing = existing, os.path.dirname(existing)
+        os.makedirs(path, exist_ok=True)
+
+    def remove_created(self) -> None:
+        if self.created:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+
+def save_npy(path: str, array: Any) -> None:
+    """np.save, atomically, creating the folders it needs (and removing them again if it fails)."""
+    folders = NewFolders(os.path.dirname(os.path.abspath(path)))
+    try:
+        with atomic_open(path) as f:
+            np.save(f, array)
+    except BaseException:
+        folders.remove_created()
+        raise
+
+
+def append_rest(source: Any, out: Any) -> None:
+    """The rest of the open file `source` appended to the open file `out`: copied by the kernel where it can
+    (os.copy_file_range: Linux), else by shutil through a buffer (macOS, or a file system that refuses it)."""
+    out.flush()
+    start, size = source.tell(), os.fstat(source.fileno()).st_size
+    if hasattr(os, "copy_file_range"):
+        try:
+            while start < size:
+                start += os.copy_file_range(source.fileno(), out.fileno(), size - start, start)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    source.seek(start)
+    shutil.copyfileobj(source, out)
+    out.flush()
+
+
+def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation: what
+    np.load(mmap_mode="r") finds out from the header (the mapping itself is dropped unread)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except IsADirectoryError:
+        raise UsageError(path, "is a folder, not a .npy file", "point at a .npy file") from None
+    except ValueError as e:
+        what = ("holds Python objects (a pickled .npy), which is never loaded" if "Python objects" in str(e) else
+                "is not a .npy file" if "pickled" in str(e) else
+                "is truncated: shorter than its header says" if "greater than file size" in str(e) else
+                f"is not a readable .npy file ({e})")
+        raise UsageError(path, what, "point at files written by np.save of a plain numeric or string array") from None
+    except OSError as e:
+        raise UsageError(path, f"cannot be read: {e.strerror or e}",
+                         "check that it exists and its permissions") from None
+    if not isinstance(array, np.memmap):  # a .npz under a .npy name
+        raise UsageError(path, "is not a .npy file (it is a zip of arrays, an .npz)",
+                         "point at files written by np.save")
+    fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+    return array.shape, array.dtype, fortran, array.offset

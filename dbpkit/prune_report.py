@@ -1,0 +1,73 @@
+"""prune.py's report: cluster_stats.csv, quotas.png and the most and least pruned clusters in words.
+
+matplotlib is imported inside plot_quotas (no pyplot: no GUI backend, and a faster import).
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import numpy as np
+
+
+def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> str:
+    """The most and least pruned clusters, in words, for the log."""
+    full = np.flatnonzero(sizes > 0)
+    fraction = quotas[full] / sizes[full]
+    order = full[np.argsort(fraction, kind="stable")]
+
+    def describe(js: np.ndarray) -> str:
+        return ", ".join(f"cluster {j} keeps {quotas[j]} of {sizes[j]} ({quotas[j] / sizes[j]:.1%})" for j in js)
+    return f"most pruned: {describe(order[:count])}; least pruned: {describe(order[::-1][:count])}"
+
+
+def write_report(task: tuple[str, str, dict[str, np.ndarray], Any, int, str]) -> None:
+    """cluster_stats.csv and quotas.png (they need only the quotas, so they are written beside the selection)."""
+    stats_path, plot_path, table, plan, target, title = task
+    with open(stats_path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(table)
+        rows.writerows(zip(*(column.tolist() for column in table.values())))  # floats as repr: exact
+    with open(plot_path, "wb") as f:
+        plot_quotas(f, table, plan, target, title)
+
+
+def plot_quotas(f, table: dict[str, np.ndarray], plan: Any, target: int, title: str) -> None:
+    """What DBP did. Left: each cluster's quota N_j against its complexity C_j, beside the softmax target
+    P_j N it follows (shifted by the water level nu where some clusters are capped) and the equal share N / k
+    it departs from; marked, the clusters kept whole (smaller than their target) and those held at the
+    per-cluster minimum. Right: per cluster, by complexity, its size and what it keeps, on a log scale (so
+    that large clusters do not hide small quotas)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
+
+    complexity, probs, quotas, sizes = table["complexity"], table["probability"], table["quota"], table["size"]
+    share = probs * target
+    order = np.argsort(complexity, kind="stable")
+    whole = (sizes > 0) & (plan.x == plan.upper) & (share - plan.nu > plan.upper)  # all it has, less than its share
+    raised = (plan.x == plan.lower) & (share - plan.nu < plan.lower) & ~whole  # held at the minimum, above it
+    plain = ~whole & ~raised
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    left, right = fig.subplots(1, 2)
+    left.plot(complexity[order], share[order], color="tab:orange", lw=1.2, label="softmax target $P_j N$")
+    left.axhline(target / len(sizes), color="0.5", ls="--", lw=1, label="equal share $N / k$")
+    left.scatter(complexity[plain], quotas[plain], s=9, color="tab:blue", zorder=3,
+                 label=f"quota $N_j \\approx P_j N - \\nu$ ($\\nu$ = {plan.nu:.3g})")
+    if whole.any():
+        left.scatter(complexity[whole], quotas[whole], s=16, marker="v", color="tab:red", zorder=3,
+                     label="kept whole (smaller than its target)")
+    if raised.any():
+        left.scatter(complexity[raised], quotas[raised], s=16, marker="^", color="tab:green", zorder=3,
+                     label=f"held at the minimum m = {plan.min_per_cluster}")
+    left.set(ylim=(0, 1.15 * max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0)),
+             xlabel="complexity $C_j$", ylabel="samples kept", title=title)
+    left.legend(loc="upper left", fontsize=8)
+    x = np.arange(len(order))
+    right.bar(x, sizes[order], width=1.0, color="0.8", label="cluster size $n_j$")
+    right.bar(x, quotas[order], width=1.0, color="tab:blue", label="kept $N_j$")
+    right.set_yscale("log")
+    right.set(xlim=(-0.5, len(x) - 0.5), xlabel="clusters, by complexity (lowest left)",
+              ylabel="samples (log scale)", title="what each cluster keeps of what it has")
+    right.legend(loc="upper left", fontsize=8)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
+    fig.savefig(f, format="png")

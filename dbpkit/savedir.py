@@ -1,0 +1,184 @@
+"""Output folders published whole, one run at a time: the protocol every script writes its outputs by.
+
+A run writes into a hidden staging folder and, when it succeeds, moves its outputs into place, the marker
+file last; a run that fails leaves the folder as it was; a stopped resumable run keeps its staged work for a
+rerun with the same inputs and flags. A lock keeps a second run out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+from dbpkit.cli import check_stop, signalled
+from dbpkit.errors import UsageError
+from dbpkit.files import NewFolders, load_json, save_json
+
+STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
+MANIFEST = "manifest.json"  # in the staging folder of a resumable run: what its work there is made from
+LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
+
+
+def check_output_file(path: str | None, flag: str, overwrite: bool) -> None:
+    """Refuse an output path that cannot be written, or would replace a file without --overwrite, before any
+    work is done."""
+    if not path:
+        raise UsageError(flag, "is required", "pass the .npy file to write")
+    if os.path.isdir(path):
+        raise UsageError(flag, f"{path} is a folder", "pass a file path such as out/dintra.npy")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(flag, f"{path} already exists", "pass --overwrite to replace it, or choose another path")
+    check_creatable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def check_creatable(folder: str, flag: str) -> None:
+    """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(flag, f"{probe} is a file, so {folder} cannot be created", "choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(flag, f"{probe} is not writable", "choose a path you can write to")
+
+
+class FolderLock:
+    """One run at a time in an output folder: a POSIX record lock on FOLDER/.dbp_lock. The kernel drops it
+    when the process ends, however it ends, and forked workers never inherit it. The file names the
+    holder for a refused run, and goes with the run: it is removed while still held (so whoever opened it
+    finds it held, and checks that the file it locked is still the one in the folder). (filelock, which
+    would do the locking, keeps its file in the folder for good: a file in every output folder.)"""
+
+    def __init__(self, folder: str, flag: str):
+        self.path, self.flag, self.fd = os.path.join(folder, LOCK_FILE), flag, -1
+
+    def acquire(self) -> FolderLock:
+        """Take the lock, or raise a UsageError naming the run that holds it."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                raise UsageError(self.flag, f"{os.path.dirname(self.path)} was removed as this run started",
+                                 "rerun the command") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "starting up"
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UsageError(self.flag, f"{os.path.dirname(self.path)} is in use by another run ({holder})",
+                                 "wait for it to end, or choose another folder") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break  # still the file in the folder, not one its last holder removed as we opened it
+            os.close(fd)
+        self.fd = fd
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)  # a killed holder's line may still be there
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}".encode())
+        return self
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)  # while still holding it: whoever opened this file finds it held
+        os.close(self.fd)
+
+
+class SaveDir:
+    """An output folder published whole. `with SaveDir(path, ...) as out:` writes each output (a file or a
+    folder) into a hidden staging folder (`out.path(name)`) and, when the block succeeds, moves them into
+    place with the marker file last, the sign of a completed run. A folder holding outputs is refused
+    unless `overwrite` (those of a killed run are not: a rerun finishes it). A failed run leaves the folder
+    as it was (one it created goes again). A run given `resume` (what its work is made from: inputs,
+    flags) keeps its staging folder when it is stopped (not when it fails on bad input), and a rerun with
+    the same `resume` goes on from it (`out.resumed`); with another, it starts afresh. One run at a time
+    (FolderLock)."""
+
+    def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str,
+                 resume: Any = None):
+        if not path:
+            raise UsageError(flag, "is required", "pass the folder for the outputs")
+        if os.path.islink(path) and not os.path.exists(path):
+            raise UsageError(flag, f"{path} is a symbolic link to {os.readlink(path)}, which does not exist",
+                             "create the folder it points to, or choose another folder")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(flag, f"{path} is a file", "pass a folder")
+        check_creatable(os.path.abspath(path), flag)
+        self.dir, self.staging = path, os.path.join(path, STAGING_DIR)
+        self.overwrite, self.outputs, self.marker, self.flag = overwrite, outputs, marker, flag
+        self.resume, self.resumed = resume, False
+        self._refuse_existing()
+
+    def _refuse_existing(self) -> None:
+        if self.overwrite:
+            return
+        if os.path.exists(os.path.join(self.dir, self.marker)):
+            raise UsageError(self.flag, f"{self.dir} already holds the outputs of a completed run",
+                             f"pass --overwrite to replace them, or choose another {self.flag}")
+        found = [name for name in self.outputs if os.path.exists(os.path.join(self.dir, name))]
+        if found and not os.path.isdir(self.staging):  # not the leftovers of a killed run of ours
+            raise UsageError(self.flag, f"{self.dir} already holds {found[0]}",
+                             f"pass --overwrite to replace it, or choose another {self.flag}")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.staging, name)
+
+    def __enter__(self) -> SaveDir:
+        self.folders = NewFolders(self.dir)
+        # Refused here, nothing is undone: the folder, even one this run created, is the other run's now.
+        self.lock = FolderLock(self.dir, self.flag).acquire()
+        try:
+            self._refuse_existing()  # again: another run may have completed it since we looked
+            self.resumed = self.resume is not None and load_json(self.path(MANIFEST)) == self.resume
+            if not self.resumed:
+                shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left, or another run's work
+            os.makedirs(self.staging, exist_ok=True)
+            if self.resume is not None:
+                save_json(self.path(MANIFEST), self.resume)
+        except BaseException:
+            self._roll_back()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not signalled():
+            self._publish()
+            self.lock.release()
+            return
+        if isinstance(exc, OSError):
+            exc.filename = exc.filename or self.dir  # a failed write (a full disk) names no file of its own
+        if self.resume is not None and not isinstance(exc, UsageError):
+            self.lock.release()  # the staging folder stays, for a rerun to go on from
+        else:
+            self._roll_back()
+        check_stop()  # a signal that came after the last safe point: not published either
+
+    def _roll_back(self) -> None:
+        """Undo this run, still holding the lock so that no other run starts in what is removed."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.folders.remove_created()
+        self.lock.release()
+
+    def _publish(self) -> None:
+        """Move the outputs into place: first every earlier output aside (whatever its kind: a file where a
+        folder goes is no obstacle), the marker first, so the folder is marked incomplete from here on;
+        then the new outputs, the marker last."""
+        written = set(os.listdir(self.staging))
+        aside = tempfile.mkdtemp(prefix=".replaced", dir=self.staging)
+        for name in sorted(self.outputs, key=lambda name: name != self.marker):
+            if os.path.lexists(target := os.path.join(self.dir, name)):
+                os.replace(target, os.path.join(aside, name))  # goes with the staging folder
+        for name in self.outputs:
+            if name in written and name != self.marker:
+                os.replace(self.path(name), os.path.join(self.dir, name))
+        os.replace(self.path(self.marker), os.path.join(self.dir, self.marker))
+        shutil.rmtree(self.staging)

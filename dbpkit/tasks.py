@@ -1,0 +1,304 @@
+"""Tasks: units of work that read their inputs from files, write their outputs into the run's folder and
+return small metadata, run in worker processes on this machine or as Ray tasks on a cluster (ray_engine).
+
+One task model for both distributors. A task must be safe to run twice (Ray runs a task again when its
+worker dies): it writes its outputs whole, under names of its own. `pool.run(func, tasks, desc)` hands the
+tasks out a few ahead of the results it has yielded, yields the results in task order with a progress
+bar, and is a safe point (dbpkit.cli's) every STOP_POLL seconds while it waits.
+
+  local: a concurrent.futures.ProcessPoolExecutor whose processes come from a fork server (a fresh
+         process, started with Ctrl-C ignored, which every worker inherits: no thread or lock of the run
+         is copied into them; they end the moment the run's process ends, however it ends).
+  ray:   `ray.remote` tasks with retries (dbpkit.ray_engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from dbpkit.cli import check_stop, progress, stage
+from dbpkit.errors import WorkerDied
+from dbpkit.faults import pause_task
+
+TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
+STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # dbpkit: the tasks' code
+PROJECT = os.path.dirname(PACKAGE)  # the scripts and dbp_utils.py beside it (a checkout, or site-packages)
+DISTRIBUTORS = ("local", "ray")
+EXIT_POLL = 0.5  # seconds between looks at the run's process where the system cannot say when it ends
+
+
+def add_distributor_flag(parser: Any) -> None:
+    parser.add_argument("--distributor", default="local", choices=DISTRIBUTORS,
+                        help="local (default): worker processes on this machine; ray: Ray tasks on the cluster "
+                             "in RAY_ADDRESS (auto: the one `ray start` began here), or on a Ray started for the "
+                             "run. With ray, the code, inputs and output folder must be on storage every node "
+                             "sees; the outputs are the same bytes either way")
+
+
+def on(distributor: str) -> str:
+    """Words for a run's summary line: where its tasks ran, when not on this machine."""
+    return " on Ray" if distributor == "ray" else ""
+
+
+def check_distributor(distributor: str) -> None:
+    """Refuse --distributor ray at once, before any work, when Ray is not installed."""
+    if distributor == "ray":
+        from dbpkit.ray_engine import import_ray
+
+        import_ray()
+
+
+class TaskPool:
+    """Runs tasks with `workers` processes (local) or on Ray; with one local worker, in this process."""
+
+    def __init__(self, workers: int, distributor: str = "local", preload: tuple[str, ...] = ()):
+        self.workers, self.distributor, self.preload = workers, distributor, preload
+        self.engine, self.runs = None, []
+
+    def __enter__(self) -> TaskPool:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for run in self.runs:  # a run left mid-way (its consumer failed): its bar ends now, before any error line
+            run.close()
+        if self.engine is not None:
+            self.engine.stop(killed=exc_type is not None)  # a failed or stopped run stops its workers at once
+
+    def run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str = "cluster",
+            total: int | None = None, resources: dict | None = None) -> Iterator[Any]:
+        """func over tasks, in task order; a task's exception is raised here. Tasks are drawn from the iterable
+        only as they are handed out, so a lazy one never sits in memory whole. `resources` (Ray's: num_gpus)
+        are what each task needs on a cluster."""
+        run = self._run(func, tasks, desc, unit, len(tasks) if total is None else total, resources or {})
+        self.runs.append(run)
+        return run
+
+    def submit(self, func: Callable[[Any], Any], task: Any) -> Callable[[], Any]:
+        """Start func(task) beside the runs; what it returns gives its result when called. (In this process,
+        with one local worker: then func runs when its result is asked for.)"""
+        if self._in_process(2):
+            return lambda: func(task)
+        engine = self._engine()
+        handle = engine.submit(func, task, {})
+
+        def result() -> Any:
+            while not engine.wait(handle, STOP_POLL):
+                check_stop()
+            return engine.result(handle)
+        return result
+
+    def start(self) -> None:
+        """Start the workers now rather than at the first task: called before work this process does alone
+        (k-means training), so that Ray's start-up and the workers' imports overlap it."""
+        if not self._in_process(2):
+            engine = self._engine()
+            for _ in range(engine.slots):
+                engine.submit(_import_all, (*_our_modules(package_only=self.distributor == "ray"), *self.preload), {})
+
+    def _in_process(self, total: int) -> bool:
+        return self.distributor == "local" and (self.workers <= 1 or total <= 1)
+
+    def _engine(self) -> Any:
+        if self.engine is None:
+            if self.distributor == "ray":
+                from dbpkit.ray_engine import RayEngine
+
+                self.engine = RayEngine(self.workers, self.preload)
+            else:
+                self.engine = LocalEngine(self.workers, self.preload)
+        return self.engine
+
+    def _run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str, total: int,
+             resources: dict) -> Iterator[Any]:
+        with progress(total, desc, unit) as bar:
+            if self._in_process(total):
+                stage(f"{desc} started")  # (stages are named for fault-injection tests)
+                results = (run_task(func, task) for task in tasks)
+            else:
+                results = self._ordered(func, tasks, desc, resources)
+            for done, result in enumerate(results):
+                if done == 0:
+                    stage(f"{desc} under way")
+                bar.update()  # a safe point, also between tasks run in this process
+                yield result
+
+    def _ordered(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, resources: dict) -> Iterator[Any]:
+        engine = self._engine()
+        todo, pending, started = iter(tasks), [], False
+        while True:
+            # Keep every worker busy, but never run far ahead of the results handed out.
+            while len(pending) < TASKS_AHEAD * engine.slots and (task := next(todo, _END)) is not _END:
+                pending.append(engine.submit(func, task, resources))
+            if not started:
+                stage(f"{desc} started")  # the workers are running
+                started = True
+            if not pending:
+                return
+            engine.wait(pending[0], STOP_POLL)  # the next result in order (or a safe point to stop at)
+            check_stop()
+            for handle in engine.finished(pending):  # a failed task stops the run at once, not when its turn comes
+                engine.result(handle)
+            while pending and engine.wait(pending[0], 0):
+                yield engine.result(pending.pop(0))
+
+
+_END = object()
+
+
+def _our_modules(package_only: bool = False) -> list[str]:
+    """numpy and this project's modules the run has imported (only the package's, for a cluster's workers,
+    which have the package but not the scripts): what every task's worker needs."""
+    ours = (PACKAGE,) if package_only else (PACKAGE, PROJECT)
+    return ["numpy", *(name for name, module in list(sys.modules.items()) if name != "__main__" and
+                       os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) in ours)]
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    """A task that only imports: it starts a worker and leaves it ready for the tasks to come."""
+    for name in names:
+        importlib.import_module(name)
+
+
+def run_task(func: Callable[[Any], Any], task: Any) -> Any:
+    """A task, as every engine runs it (and where a fault test may stop it: dbpkit.faults)."""
+    pause_task(func.__name__)
+    return func(task)
+
+
+# ---------------------------------------------------------------------------------------------
+# local: a process pool from a fork server
+# ---------------------------------------------------------------------------------------------
+
+
+class LocalEngine:
+    """Tasks in a ProcessPoolExecutor. Results are small (tasks write their outputs to files), so a worker
+    killed mid-task breaks the pool at once instead of leaving half a message in a pipe."""
+
+    def __init__(self, workers: int, preload: tuple[str, ...]):
+        self.slots = workers
+        self.executor = _start_executor(workers, preload)
+
+    def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
+        try:
+            return self.executor.submit(run_task, func, task)
+        except BrokenProcessPool:
+            raise WorkerDied from None
+
+    def wait(self, future: Any, timeout: float) -> bool:
+        return bool(wait([future], timeout=timeout).done)
+
+    def finished(self, futures: list) -> list:
+        return [f for f in futures if f.done()]
+
+    def result(self, future: Any) -> Any:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise WorkerDied from None
+
+    def stop(self, killed: bool) -> None:
+        if killed:  # stop at once, mid-task: the run is over
+            if hasattr(self.executor, "kill_workers"):  # Python 3.14
+                self.executor.kill_workers()
+            else:  # No public way before 3.14; killing only some would leave a queue's lock held by a dead one.
+                for process in list(self.executor._processes.values()):
+                    process.kill()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_executor(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("forkserver")
+    # The fork server imports numpy, this project's modules the run has imported and `preload`, so that
+    # each worker starts with them (it is given this project's folder on its path for that, which Python
+    # 3.11's fork server does not pass on by itself).
+    context.set_forkserver_preload([*_our_modules(), *preload])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
+    with _environment(PYTHONWARNINGS="ignore:resource_tracker:UserWarning", PYTHONPATH=PROJECT):
+        try:
+            multiprocessing.resource_tracker.ensure_running()
+            multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
+
+
+@contextlib.contextmanager
+def _environment(**added: str) -> Iterator[None]:
+    """Environment variables with `added` joined to their values (comma- or colon-separated), for the
+    processes started in the block."""
+    saved = {name: os.environ.get(name) for name in added}
+    for name, value in added.items():
+        separator = "," if name == "PYTHONWARNINGS" else os.pathsep
+        os.environ[name] = separator.join(filter(None, [saved[name], value]))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _worker_started(run: int) -> None:
+    """In each worker: end the moment the run's process ends, however it ends (SIGKILL included), so that no
+    worker outlives a killed run. (Its parent is the fork server, which itself lives as long as any worker
+    holds its pipe, so the parent's death is no signal: the run's is.)"""
+    exit_with(run)
+
+
+def exit_with(run: int) -> None:
+    """End this process the moment process `run` ends: a thread waits on a pidfd (Linux) or a kqueue process
+    event (macOS, BSD), else looks every EXIT_POLL seconds whether it is still there."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            ended = os.pidfd_open(run)  # readable once the process has ended
+        except ProcessLookupError:  # already gone
+            os._exit(1)
+        wait = functools.partial(select.select, [ended], [], [])
+    elif hasattr(select, "kqueue"):
+        queue = select.kqueue()
+        watch = select.kevent(run, filter=select.KQ_FILTER_PROC, flags=select.KQ_EV_ADD, fflags=select.KQ_NOTE_EXIT)
+        try:
+            queue.control([watch], 0)
+        except ProcessLookupError:
+            os._exit(1)
+        wait = functools.partial(queue.control, None, 1)
+    else:
+        wait = functools.partial(_poll_until_gone, run)
+    threading.Thread(target=_exit_after, args=(wait,), daemon=True).start()
+
+
+def _poll_until_gone(run: int) -> None:
+    while True:
+        try:
+            os.kill(run, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # there, but another user's: a pid taken again after the run ended
+            return
+        time.sleep(EXIT_POLL)
+
+
+def _exit_after(wait: Callable[[], Any]) -> None:
+    wait()
+    os._exit(1)
