@@ -38,9 +38,11 @@ KEPT_PATHS_FILE = "kept_paths.txt"
 PRUNED_PATHS_FILE = "pruned_paths.txt"  # with --pruned-paths
 QUOTAS_FILE = "quotas.npy"
 STATS_FILE = "cluster_stats.csv"
+SWEEP_FILE = "temperature_sweep.csv"  # what other temperatures would do
 PLOT_FILE = "quotas.png"
 DATACOMP_FILE = "datacomp_subset.npy"  # with --datacomp-subset
 OUTPUT_FILES = (KEPT_PATHS_FILE, PRUNED_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, DATACOMP_FILE, QUOTAS_FILE, STATS_FILE,
+                SWEEP_FILE,
                 PLOT_FILE, LOG_FILE, PARAMS_FILE)
 SCAN_KEYS = 1 << 18  # kept keys looked at a block at a time for their form
 log = logging.getLogger("dbp")  # (the scripts' log; a loader's own handlers decide what it shows)
@@ -203,6 +205,47 @@ def _round_to_sum(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, target: i
     order = order[quotas[order] < upper[order]]
     quotas[order[:short]] += 1
     return quotas
+
+
+# ---------------------------------------------------------------------------------------------
+# What the temperature does: the quotas at other T, for choosing it from the data
+# ---------------------------------------------------------------------------------------------
+
+
+SWEEP_COLUMNS = ("temperature", "p_ratio", "quota_min", "quota_median", "quota_max", "kept_whole", "at_minimum",
+                 "moved_fraction")
+SWEEP_SPREADS = np.geomspace(1.05, 100, 13)  # largest / smallest P the grid of T goes through
+NEAR_EQUAL = 1.1  # a softmax that spreads P less than this barely moves the quotas from the equal share
+
+
+def p_ratio(probs: np.ndarray, sizes: np.ndarray) -> float:
+    """Largest / smallest probability of the clusters that hold rows (an empty one takes nothing either way)."""
+    held = probs[sizes > 0] if (sizes > 0).any() else probs
+    return float(held.max() / held.min()) if held.min() > 0 else float("inf")
+
+
+def temperature_for(spread: float, complexity: np.ndarray, sizes: np.ndarray) -> float | None:
+    """The T at which softmax(C / T) spreads P by `spread` (largest / smallest), or None when C is flat."""
+    held = complexity[sizes > 0] if (sizes > 0).any() else complexity
+    width = float(held.max() - held.min())
+    return width / float(np.log(spread)) if width > 0 else None
+
+
+def temperature_sweep(density: str, complexity: np.ndarray, sizes: np.ndarray, target: int, cls_bal_ratio: float,
+                      temperature: float) -> dict[str, np.ndarray]:
+    """SWEEP_COLUMNS for a grid of T that spreads P from 1.05x to 100x, and the run's T: what the quotas would
+    be at each (min, median, max), how many clusters are kept whole or held at the minimum, and how far the
+    quotas move from the equal share N / k (sum_j |N_j - N / k| / 2N: 0 is balanced pruning)."""
+    grid = [t for spread in SWEEP_SPREADS if (t := temperature_for(spread, complexity, sizes)) is not None]
+    rows = []
+    for t in sorted({*grid, temperature}):
+        probs = cluster_probabilities(density, complexity, t)
+        plan = solve_quotas(probs, sizes, target, cls_bal_ratio)
+        n = plan.quotas
+        rows.append((t, p_ratio(probs, sizes), n.min(), float(np.median(n)), n.max(),
+                     int(((n == sizes) & (sizes > 0)).sum()), int(((n == plan.lower) & (plan.lower < sizes)).sum()),
+                     float(np.abs(n - target / len(n)).sum() / (2 * target)) if target else 0.0))
+    return {name: np.array(column) for name, column in zip(SWEEP_COLUMNS, zip(*rows))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,6 +136,9 @@ def main() -> None:
         raise UsageError(flag, e.what, fix) from None
     cli.log.info(f"k={k} rows={total_rows} total={total} N={target} density={args.density} "
                  f"T={args.temperature} min_per_cluster={plan.min_per_cluster} nu={plan.nu!r}")
+    sweep = du.temperature_sweep(args.density, complexity, sizes, target, args.cls_bal_ratio, args.temperature)
+    spread = du.p_ratio(probs, sizes)
+    near_equal = args.density not in ("uniform", "clustersize") and spread < du.NEAR_EQUAL
 
     # 3. Select and write, into a staging folder published at the end (params.json last).
     stats = {"cluster_id": np.arange(k), "size": sizes, "d_intra": d_intra, "d_inter": d_inter,
@@ -144,8 +147,9 @@ def main() -> None:
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out, tasks.TaskPool(workers) as pool:
         # The stats and the plot need only the quotas: drawn by a worker while the others select.
-        report = pool.submit(prune_report.write_report, (out.path(du.STATS_FILE), out.path(du.PLOT_FILE), stats, plan,
-                                                         target, title))
+        report = pool.submit(prune_report.write_report, (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE),
+                                                         out.path(du.PLOT_FILE), stats, sweep, plan, target,
+                                                         args.temperature, title))
         collected, unsorted, misnamed = selection.KeptKeyCollector(int(plan.quotas.sum())), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
@@ -174,6 +178,12 @@ def main() -> None:
         report()
         kept = int(plan.quotas.sum())
         # Warned only now: a bad input found on the way must end in its error line alone.
+        if near_equal:
+            doubling = du.temperature_for(2.0, complexity, sizes)
+            cli.log.warning(f"the softmax at --temperature {args.temperature:g} spreads the clusters' shares by only "
+                            f"{spread:.4g}x (largest / smallest): complexity barely moves the quotas from the equal "
+                            "share (balanced pruning)" + (f"; T = {doubling:.3g} would spread them 2x" if doubling
+                                                          else "") + f" (see {du.SWEEP_FILE})")
         if total != total_rows:
             cli.log.warning(f"--total-dataset-size {total} differs from the {total_rows} rows in the cluster "
                             "files; the kept target uses the given size")
@@ -198,7 +208,8 @@ def main() -> None:
             params[name] = params[name] and os.path.abspath(params[name])
         params.update(num_centroids=k, num_clusters=k, total_rows=total_rows, dataset_size=total, target_size=target,
                       min_per_cluster=plan.min_per_cluster, nu=plan.nu, kept_samples=kept,
-                      kept_keys=len(kept_keys), version=dbpkit.__version__)
+                      kept_keys=len(kept_keys), p_ratio=spread, near_equal_share=near_equal,
+                      version=dbpkit.__version__)
         files.save_json(out.path(du.PARAMS_FILE), params)
     print(f"kept {kept} of {total_rows} samples ({kept / max(total_rows, 1):.1%}) from {k} clusters "
           f"({args.which_to_keep}, {args.density}) -> {args.save_dir}")

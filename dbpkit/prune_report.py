@@ -22,23 +22,32 @@ def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> s
     return f"most pruned: {describe(order[:count])}; least pruned: {describe(order[::-1][:count])}"
 
 
-def write_report(task: tuple[str, str, dict[str, np.ndarray], Any, int, str]) -> None:
-    """cluster_stats.csv and quotas.png (they need only the quotas, so they are written beside the selection)."""
-    stats_path, plot_path, table, plan, target, title = task
-    with open(stats_path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(table)
-        rows.writerows(zip(*(column.tolist() for column in table.values())))  # floats as repr: exact
+def write_report(task: tuple) -> None:
+    """cluster_stats.csv, temperature_sweep.csv and quotas.png (they need only the quotas, so they are written
+    beside the selection)."""
+    stats_path, sweep_path, plot_path, table, sweep, plan, target, temperature, title = task
+    write_csv(stats_path, table)
+    write_csv(sweep_path, sweep)
     with open(plot_path, "wb") as f:
-        plot_quotas(f, table, plan, target, title)
+        quotas_figure(table, sweep, plan, target, temperature, title).savefig(f, format="png")
 
 
-def plot_quotas(f, table: dict[str, np.ndarray], plan: Any, target: int, title: str) -> None:
+def write_csv(path: str, columns: dict[str, np.ndarray]) -> None:
+    """Named columns, a row per entry; floats as repr: exact."""
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(columns)
+        rows.writerows(zip(*(column.tolist() for column in columns.values())))
+
+
+def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], plan: Any, target: int,
+                  temperature: float, title: str) -> Any:
     """What DBP did. Left: each cluster's quota N_j against its complexity C_j, beside the softmax target
     P_j N it follows (shifted by the water level nu where some clusters are capped) and the equal share N / k
     it departs from; marked, the clusters kept whole (smaller than their target) and those held at the
-    per-cluster minimum. Right: per cluster, by complexity, its size and what it keeps, on a log scale (so
-    that large clusters do not hide small quotas)."""
+    per-cluster minimum. Middle: per cluster, by complexity, its size and what it keeps, on a log scale (so
+    that large clusters do not hide small quotas). Right: the temperature sweep, how far the quotas move from
+    the equal share at each T, the run's T marked."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
 
     complexity, probs, quotas, sizes = table["complexity"], table["probability"], table["quota"], table["size"]
@@ -47,8 +56,8 @@ def plot_quotas(f, table: dict[str, np.ndarray], plan: Any, target: int, title: 
     whole = (sizes > 0) & (plan.x == plan.upper) & (share - plan.nu > plan.upper)  # all it has, less than its share
     raised = (plan.x == plan.lower) & (share - plan.nu < plan.lower) & ~whole  # held at the minimum, above it
     plain = ~whole & ~raised
-    fig = Figure(figsize=(11, 4.2), dpi=100)
-    left, right = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.2), dpi=100)
+    left, right, knob = fig.subplots(1, 3)
     left.plot(complexity[order], share[order], color="tab:orange", lw=1.2, label="softmax target $P_j N$")
     left.axhline(target / len(sizes), color="0.5", ls="--", lw=1, label="equal share $N / k$")
     left.scatter(complexity[plain], quotas[plain], s=9, color="tab:blue", zorder=3,
@@ -69,5 +78,12 @@ def plot_quotas(f, table: dict[str, np.ndarray], plan: Any, target: int, title: 
     right.set(xlim=(-0.5, len(x) - 0.5), xlabel="clusters, by complexity (lowest left)",
               ylabel="samples (log scale)", title="what each cluster keeps of what it has")
     right.legend(loc="upper left", fontsize=8)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
-    fig.savefig(f, format="png")
+    knob.plot(sweep["temperature"], sweep["moved_fraction"], marker="o", ms=3, color="tab:blue",
+              label="moved from the equal share")
+    knob.axvline(temperature, color="tab:red", lw=1.2, label=f"this run's T = {temperature:g}")
+    knob.set_xscale("log")
+    knob.set(ylim=(0, max(0.05, 1.15 * float(sweep["moved_fraction"].max()))), xlabel="temperature T (log scale)",
+             ylabel="$\\sum_j |N_j - N/k| \\,/\\, 2N$", title="what the temperature does")
+    knob.legend(loc="upper right", fontsize=8)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
+    return fig

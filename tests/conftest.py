@@ -19,7 +19,7 @@ PRUNE_SCRIPT = "prune.py"
 CLUSTER_SCRIPT = "cluster_embeddings.py"
 # prune.py's outputs, by the names the SPEC gives them (written out, not taken from dbp_utils).
 OUTPUTS = ["kept_keys_trie.pkl", "kept_keys.npy", "kept_paths.txt", "quotas.npy", "cluster_stats.csv",
-           "params.json", "quotas.png", "logs.log"]
+           "temperature_sweep.csv", "params.json", "quotas.png", "logs.log"]
 
 
 # The longest files first: each starts on a worker of its own, and no worker is left alone with one at the end.

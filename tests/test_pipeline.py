@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, brute_dinter, brute_dintra, run_script
 
+import dbp_utils as du
+
 
 @pytest.fixture(scope="module")
 def scored(request, tmp_path_factory):
@@ -252,3 +254,69 @@ def test_warnings_for_what_prune_notices_on_the_way(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "--prune-ratio 0.1 of 6 samples keeps none (N = 0)" in r.stderr
     assert (tmp_path / "none" / "kept_paths.txt").read_text() == ""
+
+
+def test_the_temperature_sweep_is_the_quotas_at_each_temperature():
+    """Each row of the sweep against the quotas computed at its T without the solver: numpy's softmax and the
+    best integer quotas by enumerating every feasible vector (test_quotas' brute force)."""
+    import itertools
+
+    from test_quotas import bounds
+
+    def best_integer(t, lb, ub):
+        """The integer quotas nearest t (squared distance) that sum to the target, by enumerating them all."""
+        feasible = [x for x in itertools.product(*(range(a, b + 1) for a, b in zip(lb, ub))) if sum(x) == target]
+        return np.array(min(feasible, key=lambda x: ((np.array(x) - t) ** 2).sum()))
+
+    rng = np.random.default_rng(5)
+    sizes = np.array([9, 3, 10, 6])
+    complexity = rng.uniform(0.002, 0.004, 4)  # a narrow spread, as DINOv2 distances give on small data
+    target, ratio, temperature = 14, 0.5, 0.5
+    sweep = du.temperature_sweep("dintra*dinter", complexity, sizes, target, ratio, temperature)
+    assert list(sweep) == ["temperature", "p_ratio", "quota_min", "quota_median", "quota_max", "kept_whole",
+                           "at_minimum", "moved_fraction"]
+    assert temperature in sweep["temperature"].tolist() and (np.diff(sweep["temperature"]) > 0).all()
+    assert sweep["p_ratio"].min() <= 1.1 and sweep["p_ratio"].max() >= 50  # the grid spans the data's own scale
+    lb, ub = bounds(sizes, target, ratio)
+    for row in zip(*sweep.values()):
+        t, spread, low, median, high, whole, at_min, moved = row
+        p = np.exp(complexity / t) / np.exp(complexity / t).sum()
+        n = best_integer(p * target, lb, ub)
+        assert spread == pytest.approx(p.max() / p.min(), rel=1e-9)
+        assert (low, median, high) == (n.min(), np.median(n), n.max())
+        assert whole == int((n == sizes).sum()) and at_min == int(((n == lb) & (lb < sizes)).sum())
+        assert moved == pytest.approx(np.abs(n - target / 4).sum() / (2 * target))
+
+
+def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temperature(desc_str, scored, tmp_path):
+    import csv
+    import json
+
+    from dbpkit.prune_report import quotas_figure
+
+    runs = {}
+    for name, temperature in (("hot", 1000), ("cold", 0.0005)):
+        r = prune(desc_str, scored(desc_str), tmp_path / name, "--prune-ratio", 0.3, "--temperature", temperature)
+        assert r.returncode == 0, r.stderr
+        runs[name] = r, json.loads((tmp_path / name / "params.json").read_text())
+    (r, hot), (r_cold, cold) = runs["hot"], runs["cold"]
+    line = [line for line in r.stderr.splitlines() if line.startswith("warning: the softmax")]
+    assert len(line) == 1 and "barely moves the quotas" in line[0] and "would spread them 2x" in line[0]
+    assert hot["near_equal_share"] is True and hot["p_ratio"] < 1.1
+    assert "barely" not in r_cold.stderr and cold["near_equal_share"] is False and cold["p_ratio"] >= 1.1
+    doubling = float(line[0].split("T = ")[1].split(" ")[0])
+    complexity = pd.read_csv(tmp_path / "hot" / "cluster_stats.csv")
+    held = complexity[complexity["size"] > 0]["complexity"]
+    assert np.exp((held.max() - held.min()) / doubling) == pytest.approx(2, rel=1e-2)  # 3 digits printed
+    with open(tmp_path / "hot" / "temperature_sweep.csv") as f:
+        sweep = {name: np.array([float(row[name]) for row in rows]) for rows in [list(csv.DictReader(f))]
+                 for name in rows[0]}
+    assert 1000 in sweep["temperature"].tolist()
+    table = {name: pd.read_csv(tmp_path / "hot" / "cluster_stats.csv")[name].to_numpy() for name in
+             ("complexity", "probability", "quota", "size")}
+    plan = du.solve_quotas(table["probability"], table["size"], int(table["quota"].sum()), 0.5)
+    figure = quotas_figure(table, sweep, plan, int(table["quota"].sum()), 1000, "t")
+    knob = figure.axes[-1]
+    marks = [line for line in knob.lines if "this run's T" in line.get_label()]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [1000, 1000]  # the red line stands at the run's T
+    assert knob.get_xscale() == "log"
