@@ -38,8 +38,8 @@ from dbpkit.clusters import find_centroids, scan_clusters
 from dbpkit.errors import UsageError
 
 LAYOUT, PARTS = "embeddings.json", ".parts"  # in the staging folder
-FIXED_OUTPUTS = (dedup.SCORES_DIR, dedup.MATCHES_DIR, dedup.STATS_FILE, dedup.CLUSTER_STATS_FILE, dedup.PLOT_FILE,
-                 files.LOG_FILE, files.PARAMS_FILE)
+FIXED_OUTPUTS = (dedup.SCORES_DIR, dedup.MATCHES_DIR, dedup.STATS_FILE, dedup.CLUSTER_STATS_FILE, dedup.CURVE_FILE,
+                 dedup.PLOT_FILE, files.LOG_FILE, files.PARAMS_FILE)
 
 
 def parse_args():
@@ -52,9 +52,13 @@ def parse_args():
                  help="the embeddings column 1 indexes: a .npy, a clip-retrieval img_emb folder or a folder of "
                       "DataComp shards (default: the one in the clustering.json beside the clusters)")
     cli.add_flag(parser, "--npz-key", default=None, help="the array in DataComp's .npz (default: l14_img)")
-    cli.add_flag(parser, "--eps", type=float, nargs="+", required=True,
+    removal = parser.add_mutually_exclusive_group(required=True)
+    cli.add_flag(removal, "--eps", type=float, nargs="+", default=[],
                  help="one or more eps in (0, 1): a member is removed when its similarity to an earlier one "
-                      "> 1 - eps (SemDeDup used 0.0001 to 0.1)")
+                      "> 1 - eps (SemDeDup used 0.0001 to 0.1; read eps_curve.csv to choose)")
+    cli.add_flag(removal, "--remove-fraction", type=float, default=None, metavar="F",
+                 help="instead of --eps: remove exactly the ceil(F x rows) rows with the highest scores (and any "
+                      "tied with the last of them), as the eps that does so")
     cli.add_flag(parser, "--which-to-keep", default="hard", choices=du.WHICH_TO_KEEP,
                  help="of each group of near-duplicates, keep the member farthest from the centroid (hard, "
                       "default), the nearest (easy) or a seeded random one (random)")
@@ -71,6 +75,9 @@ def parse_args():
 
 
 def check_args(args) -> None:
+    if args.remove_fraction is not None:
+        cli.check_range("--remove-fraction", args.remove_fraction, 0, 1, low_open=True, high_open=True,
+                        fix="F is the fraction of rows to remove, in (0, 1): 0.2 removes a fifth")
     for eps in args.eps:
         cli.check_range("--eps", eps, 0, 1, low_open=True, high_open=True,
                         fix="eps is in (0, 1): 0.05 removes members more than 95% similar to an earlier one")
@@ -152,7 +159,8 @@ def earlier_outputs(save_folder: str) -> list[str]:
     """The eps_<e> folders already in save_folder: outputs of an earlier run, replaced when this one publishes."""
     if not os.path.isdir(save_folder):
         return []
-    return sorted(name for name in os.listdir(save_folder) if name.startswith("eps_"))
+    return sorted(name for name in os.listdir(save_folder)
+                  if name.startswith("eps_") and os.path.isdir(os.path.join(save_folder, name)))
 
 
 def main() -> None:
@@ -195,6 +203,12 @@ def main() -> None:
                  for j in todo]
         unsorted = sum(not scored.sorted for scored in pool.run(dedup.score_cluster, jobs, "score"))
         cli.stage("scored")
+        if args.remove_fraction is not None:  # the eps that removes that fraction, known now that all are scored
+            fraction_eps, removing = dedup.eps_removing(out.staging, len(clusters), args.remove_fraction,
+                                                        int(sum(c.rows for c in clusters)))
+            eps_list = merged_eps([fraction_eps], eps_list)
+            out.add_output(dedup.eps_folder(fraction_eps))
+            cli.log.info(f"--remove-fraction {args.remove_fraction:g}: {removing} rows, eps {fraction_eps!r}")
 
         # 2. Every eps, from the scores: each cluster's part, then gathered in cluster order.
         parts = out.path(PARTS)
@@ -225,6 +239,7 @@ def main() -> None:
         # 3. The report.
         total = int(sizes.sum())
         dedup.write_stats(out.path(dedup.STATS_FILE), eps_list, total, removed)
+        dedup.write_curve(out.path(dedup.CURVE_FILE), curve, total)
         dedup.write_cluster_stats(out.path(dedup.CLUSTER_STATS_FILE), eps_list, sizes, removed)
         dedup.plot_similarity(out.path(dedup.PLOT_FILE), eps_list, removed.sum(axis=0), histogram, curve, total)
         if unsorted:
@@ -240,6 +255,7 @@ def main() -> None:
                       save_folder=os.path.abspath(args.save_folder),
                       eps=eps_list, num_clusters=len(clusters), rows=total, dim=embeddings.dim,
                       removed={f"{eps:g}": int(gone) for eps, gone in zip(eps_list, removed.sum(axis=0))},
+                      remove_fraction_eps=fraction_eps if args.remove_fraction is not None else None,
                       fingerprint=run, version=dbpkit.__version__)
         files.save_json(out.path(files.PARAMS_FILE), params)
     reused = f"; scores reused for {len(clusters) - len(todo)} clusters" if len(todo) < len(clusters) else ""

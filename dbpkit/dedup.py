@@ -16,8 +16,11 @@ Choosing eps then only reads those back.
 from __future__ import annotations
 
 import csv
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +37,9 @@ STATS_FILE = "dedup_stats.csv"  # per eps: kept, removed
 CLUSTER_STATS_FILE = "dedup_cluster_stats.csv"  # per cluster: size, removed at each eps
 PLOT_FILE = "similarity.png"
 REMOVED_FILE = "removed_paths.txt"  # in each eps_<e>/, beside KEPT_KEYS_FILE
-HISTOGRAM_BINS = np.linspace(0, 1, 201)  # of the scores, for the plot
+CURVE_FILE = "eps_curve.csv"  # the fraction removed over EPS_GRID: what similarity.png's right panel draws
+DISTANCE_FLOOR = 1e-7  # 1 - score below this (float32's resolution near 1) is drawn at it
+HISTOGRAM_BINS = np.logspace(-7, 0, 141)  # of 1 - score, log-spaced so that scores bunched near 1 separate
 EPS_GRID = np.logspace(-4, 0, 161)[:-1]  # eps values the plot reads the fraction removed at
 
 
@@ -153,7 +158,7 @@ class Removed:
     """One cluster at every eps: how many rows each removes, and the scores' histogram and curve."""
 
     removed: list[int]
-    histogram: np.ndarray  # of the scores, over HISTOGRAM_BINS
+    histogram: np.ndarray  # of 1 - the scores, over HISTOGRAM_BINS
     curve: np.ndarray  # rows removed at each eps of EPS_GRID
 
 
@@ -181,7 +186,41 @@ def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
             np.save(f, np.sort(strip_extensions(kept)) if len(kept) else np.zeros(0, "S1"))
             f.write(removed_lines(keys[gone], keys[matches[gone]], scores[gone]))
     curve = len(scores) - np.searchsorted(np.sort(scores), threshold_grid(), side="right")
-    return Removed(removed, np.histogram(scores, HISTOGRAM_BINS)[0], curve)
+    distance = np.clip(1 - scores.astype(np.float64), DISTANCE_FLOOR, 1)
+    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0], curve)
+
+
+def eps_removing(out: str, count: int, fraction: float, rows: int) -> tuple[float, int]:
+    """The eps that removes exactly the rows whose score is at least the m-th largest, m = ceil(fraction x rows)
+    (rows tied with it included), from the score files of clusters 0..count-1 under `out`; and how many it
+    removes. Exact in bounded memory: a first pass counts the scores by the top 16 bits of their float32
+    pattern (in order for scores >= 0), a second gathers only those in the bucket holding the m-th."""
+    m = math.ceil(fraction * rows)
+    if rows == 0:
+        raise UsageError("--remove-fraction", "the clusters hold no rows", "pass clusters with rows")
+    buckets = np.zeros(1 << 16, np.int64)
+    for bits in _score_bits(out, count):
+        buckets += np.bincount(bits >> 16, minlength=1 << 16)
+    from_top = np.cumsum(buckets[::-1])
+    bucket = len(buckets) - 1 - int(np.searchsorted(from_top, m))
+    higher = int(from_top[len(buckets) - 2 - bucket]) if bucket < len(buckets) - 1 else 0
+    inside = np.sort(np.concatenate([b[(b >> 16) == bucket] for b in _score_bits(out, count)]))[::-1]
+    mth = inside[m - higher - 1].view(np.float32)
+    if mth <= 0:
+        scoring = int(sum((b > 0).sum() for b in _score_bits(out, count)))
+        raise UsageError("--remove-fraction", f"{fraction:g} asks for {m} rows, but only {scoring} score above 0 "
+                         "(the rest have no earlier member alike at all)", f"pass at most {scoring / rows:.4g}")
+    line = np.nextafter(mth, np.float32(-1))  # the largest float32 below the m-th score: removed iff score > line
+    eps = 1.0 - float(line)  # exact: 1 - eps gives `line` back, as threshold() compares
+    assert threshold(eps) == line
+    return eps, higher + int((inside >= inside[m - higher - 1]).sum())
+
+
+def _score_bits(out: str, count: int) -> Iterator[np.ndarray]:
+    """Each cluster's scores as their float32 bit patterns (uint32: in the scores' order, the scores being >= 0;
+    a -0.0 made +0.0)."""
+    for j in range(count):
+        yield (np.load(os.path.join(out, SCORES_DIR, f"cluster_{j}.npy")) + np.float32(0)).view(np.uint32)
 
 
 def threshold_grid() -> np.ndarray:
@@ -206,6 +245,15 @@ def write_stats(path: str, eps_list: list[float], total: int, removed: np.ndarra
             rows.writerow([eps, float(threshold(eps)), total - gone, gone, gone / total if total else 0.0])
 
 
+def write_curve(path: str, curve: np.ndarray, total: int) -> None:
+    """eps_curve.csv: per eps of EPS_GRID, the similarity threshold and how many rows it removes."""
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["eps", "threshold", "removed", "removed_fraction"])
+        for eps, t, gone in zip(EPS_GRID.tolist(), threshold_grid().tolist(), curve.tolist()):
+            rows.writerow([eps, t, gone, gone / total if total else 0.0])
+
+
 def write_cluster_stats(path: str, eps_list: list[float], sizes: np.ndarray, removed: np.ndarray) -> None:
     """dedup_cluster_stats.csv: per cluster, its size and how many rows each eps removes."""
     with open(path, "w", newline="") as f:
@@ -216,27 +264,35 @@ def write_cluster_stats(path: str, eps_list: list[float], sizes: np.ndarray, rem
 
 def plot_similarity(path: str, eps_list: list[float], removed: np.ndarray, histogram: np.ndarray, curve: np.ndarray,
                     total: int) -> None:
-    """similarity.png. Left: how the scores (each member's largest similarity to an earlier one) are spread,
-    with each eps's threshold 1 - eps. Right: the fraction removed for every eps, read off to choose one."""
+    similarity_figure(eps_list, removed, histogram, curve, total).savefig(path, format="png")
+
+
+def similarity_figure(eps_list: list[float], removed: np.ndarray, histogram: np.ndarray, curve: np.ndarray,
+                      total: int) -> Any:
+    """similarity.png. Left: how the scores (each member's largest similarity to an earlier one) are spread, as
+    1 - score on a log axis (near-copies at the left), with each eps's threshold. Right: the fraction removed
+    for every eps (eps_curve.csv), read off to choose one."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
 
     fig = Figure(figsize=(11, 4.2), dpi=100)
     left, right = fig.subplots(1, 2)
-    left.stairs(histogram, HISTOGRAM_BINS, fill=True, color="0.6")  # one artist, not 200 bars: 5x faster to draw
+    left.stairs(histogram, HISTOGRAM_BINS, fill=True, color="0.6")  # one artist, not 140 bars: 5x faster to draw
+    left.set_xscale("log")
     left.set_yscale("log")
     fraction = curve / max(total, 1)
     right.plot(EPS_GRID, fraction, color="0.3", lw=1.2)
     for i, eps in enumerate(eps_list):
         gone = removed[i] / max(total, 1)
         color = f"C{i % 10}"
-        left.axvline(1 - eps, color=color, lw=1.2, ls="--", label=f"eps {eps:g}: {gone:.1%} removed")
+        left.axvline(max(1 - float(threshold(eps)), DISTANCE_FLOOR), color=color, lw=1.2, ls="--",
+                     label=f"eps {eps:g}: {gone:.1%} removed")
         right.scatter([eps], [gone], color=color, zorder=3, label=f"eps {eps:g}: {gone:.1%}")
-    left.set(xlabel="largest cosine similarity to an earlier member", ylabel="members (log scale)",
-             title=f"SemDeDup scores of {total} members")
+    left.set(xlabel="1 - largest cosine similarity to an earlier member (log scale; left: near-copies)",
+             ylabel="members (log scale)", title=f"SemDeDup scores of {total} members")
     left.legend(loc="upper left", fontsize=8)
     right.set_xscale("log")
     right.set(xlabel="eps (a member goes when its similarity > 1 - eps)", ylabel="fraction removed",
               ylim=(0, 1.02), title="what each eps removes")
     right.legend(loc="upper left", fontsize=8)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
-    fig.savefig(path, format="png")
+    return fig

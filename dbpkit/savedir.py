@@ -129,6 +129,11 @@ class SaveDir:
             raise UsageError(self.flag, f"{self.dir} already holds {found[0]}",
                              f"pass --overwrite to replace it, or choose another {self.flag}")
 
+    def add_output(self, name: str) -> None:
+        """One more output, known only once the run is under way (published with the others)."""
+        self.outputs = (*self.outputs[:-1], name, self.outputs[-1]) if self.outputs[-1] == self.marker else \
+            (*self.outputs, name)
+
     def path(self, name: str) -> str:
         return os.path.join(self.staging, name)
 

@@ -218,7 +218,8 @@ def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, dedupl
     assert f"scores reused for {len(SIZES)} clusters" in r.stdout
     after = os.stat(scores)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not recomputed
-    assert sorted(p.name for p in (tmp_path / "1").glob("eps_*")) == ["eps_0.01", "eps_0.05", "eps_0.2", "eps_0.3"]
+    eps_folders = sorted(p.name for p in (tmp_path / "1").glob("eps_*") if p.is_dir())
+    assert eps_folders == ["eps_0.01", "eps_0.05", "eps_0.2", "eps_0.3"]
     params = json.loads((tmp_path / "1" / "params.json").read_text())
     assert params["eps"] == [0.01, 0.05, 0.2, 0.3]
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
@@ -234,7 +235,8 @@ def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert not (tmp_path / "d" / "params.json").exists()
-    staged = set(os.listdir(tmp_path / "d" / ".dbp_staging" / "matches"))
+    staged = {name for name in os.listdir(tmp_path / "d" / ".dbp_staging" / "matches")
+              if not name.startswith(".")}  # (not a .partial file of a task killed as it wrote)
     assert staged  # the largest cluster, scored first
     r = dedup(data, tmp_path / "d")
     assert f"scores reused for {len(staged)} clusters" in r.stdout
@@ -331,7 +333,7 @@ def test_overwrite_starts_clean_and_replaces_every_earlier_eps(data, deduplicate
                    "--eps", 0.3, "--save_folder", out, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "reused" not in r.stdout and os.stat(out / "scores" / "cluster_4.npy").st_ino != before
-    assert sorted(p.name for p in out.glob("eps_*")) == ["eps_0.3"]  # the earlier run's eps went with it
+    assert sorted(p.name for p in out.glob("eps_*") if p.is_dir()) == ["eps_0.3"]  # the earlier run's eps: gone
     assert json.loads((out / "params.json").read_text())["eps"] == [0.3]
 
 
@@ -365,5 +367,78 @@ def test_a_new_eps_past_the_6th_digit_replaces_the_earlier_one(data, deduplicate
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
                    "--eps", 0.05000001, "--save_folder", out)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.glob("eps_*")) == ["eps_0.01", "eps_0.05", "eps_0.2"]
+    assert sorted(p.name for p in out.glob("eps_*") if p.is_dir()) == ["eps_0.01", "eps_0.05", "eps_0.2"]
     assert json.loads((out / "params.json").read_text())["eps"] == [0.01, 0.05000001, 0.2]
+
+
+def make_ties(root):
+    """Clusters holding exact copies (scores of exactly 1, tied) beside near and far members."""
+    rng = np.random.default_rng(3)
+    base = unit(rng.standard_normal((3, DIM)))
+    x, start = [], 0
+    os.makedirs(root / "save" / "sorted_clusters")
+    for j in range(3):
+        members = unit(base[j] + 0.5 * rng.standard_normal((30, DIM)))
+        members[5:11] = members[4]  # six copies of one member: tied at the top score
+        members[20] = unit(members[19] + 0.05 * rng.standard_normal(DIM))
+        distance = 1 - members @ base[j]
+        order = np.argsort(-distance, kind="stable")
+        rows = [(f"{j}/{start + i}.jpg", start + i, repr(float(distance[i])), j) for i in order]
+        write_cluster(root / "save" / "sorted_clusters" / f"cluster_{j}.npy", rows)
+        x.append(members)
+        start += len(members)
+    np.save(root / "emb.npy", np.concatenate(x).astype(np.float32))
+    np.save(root / "save" / "kmeans_centroids.npy", base.astype(np.float32))
+    return {"sorted": root / "save" / "sorted_clusters", "emb": root / "emb.npy"}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_remove_fraction_removes_the_top_scores_ties_included(tmp_path, fraction):
+    import csv
+    import math
+
+    data = make_ties(tmp_path)
+    out = tmp_path / "d"
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--remove-fraction", fraction, "--save_folder", out)
+    assert r.returncode == 0, r.stderr
+    scores = np.concatenate([np.load(out / "scores" / f"cluster_{j}.npy") for j in range(3)])
+    m = math.ceil(fraction * len(scores))
+    mth = np.sort(scores)[::-1][m - 1]  # by hand: the m-th largest score
+    expected = int((scores >= mth).sum())  # every row at least as high, ties included
+    assert expected >= m
+    params = json.loads((out / "params.json").read_text())
+    eps = params["remove_fraction_eps"]
+    assert params["remove_fraction"] == fraction and params["eps"] == [eps]
+    assert params["removed"] == {f"{eps:g}": expected}
+    kept = np.load(out / f"eps_{eps:g}" / "kept_keys.npy")
+    assert len(kept) == len(scores) - expected
+    with open(out / "dedup_stats.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["eps"]) == eps and int(row["removed"]) == expected
+    with open(out / "eps_curve.csv") as f:
+        curve = list(csv.DictReader(f))
+    for point in curve[::20]:  # the curve: what each eps of the grid removes, by hand
+        assert int(point["removed"]) == int((scores > np.float32(1 - float(point["eps"]))).sum())
+
+
+def test_remove_fraction_past_the_scores_above_zero_is_one_line(tmp_path):
+    data = make_ties(tmp_path)
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--remove-fraction", 0.99, "--save_folder", tmp_path / "d")
+    assert r.returncode == 2 and "--remove-fraction: 0.99 asks for 90 rows, but only" in error_line(r.stderr)
+    assert not (tmp_path / "d").exists()
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--remove-fraction", 0.2, "--eps", 0.1, "--save_folder", tmp_path / "d")
+    assert r.returncode == 2 and "not allowed with argument" in error_line(r.stderr)
+
+
+def test_the_histogram_is_of_one_minus_the_score_on_a_log_axis():
+    from dbpkit.dedup import DISTANCE_FLOOR, EPS_GRID, HISTOGRAM_BINS, similarity_figure
+
+    histogram = np.zeros(len(HISTOGRAM_BINS) - 1, int)
+    histogram[10] = 5
+    left = similarity_figure([0.001], np.array([3]), histogram, np.zeros(len(EPS_GRID)), 10).axes[0]
+    assert left.get_xscale() == "log" and HISTOGRAM_BINS[0] == DISTANCE_FLOOR
+    (line,) = [line for line in left.lines if "eps 0.001" in line.get_label()]
+    assert line.get_xdata()[0] == pytest.approx(0.001, rel=1e-3)  # the threshold stands at 1 - (1 - eps)
