@@ -42,18 +42,20 @@ import shutil
 
 import numpy as np
 
-from dbpkit import cli, files, kmeans, layouts, nemo, savedir, tasks
+import dbp_utils as du
+from dbpkit import cli, cluster_report, files, kmeans, layouts, nemo, savedir, tasks
 from dbpkit.clusters import CENTROIDS_FILE, find_centroids, load_centroids
 from dbpkit.errors import UsageError
 
 PARAMS_FILE = kmeans.CLUSTERING_FILE
+SIZES_PLOT, K_SWEEP_FILE, K_SWEEP_PLOT = "clusters.png", "k_sweep.csv", "k_sweep.png"
 OUTPUTS = (CENTROIDS_FILE, kmeans.SORTED_DIR, PARAMS_FILE)
 OBJECTIVE = "objective.json"  # in the staging folder: k-means' objective
 
 
 USAGE = """%(prog)s --embeddings EMB [--keys KEYS] --num_clusters K --save_folder SAVE [--niter N] [--seed S]
            [--sample-size N] [--spherical | --no-spherical] [--ascending] [--npz-key KEY] [--key-column COLUMN]
-           [--subset FILE] [--workers WORKERS] [--distributor local|ray] [--overwrite] [--debug]
+           [--subset FILE] [--k-sweep K [K ...]] [--workers WORKERS] [--distributor local|ray] [--overwrite]
        %(prog)s --from-nemo-curator KMEANS_RESULTS --save_folder SAVE [--num_clusters K] [--id-column COLUMN]
            [--embedding-column COLUMN] [--centroids_file C.npy] [--ascending] [--workers WORKERS]
            [--distributor local|ray] [--overwrite]"""
@@ -90,6 +92,10 @@ def parse_args():
                  help="NeMo Curator's embedding column, for centroids when none were saved (default: embeddings)")
     cli.add_flag(parser, "--centroids_file", default=None,
                  help="NeMo Curator's kmeans_centroids.npy (default: looked up beside KMEANS_RESULTS)")
+    cli.add_flag(parser, "--k-sweep", type=int, nargs="+", default=None, metavar="K",
+                 help="cluster the training sample (the one a run at the largest K trains on) at each K and write "
+                      "k_sweep.csv and k_sweep.png: the objective, the cluster sizes and the spread DBP's softmax "
+                      "will see; without --num_clusters, nothing else is done")
     cli.add_flag(parser, "--subset", default=None, metavar="FILE",
                  help="cluster only the rows whose key (extension stripped) is in FILE: a kept_keys.npy from "
                       "deduplicate.py or prune.py, prune.py's kept_keys_trie.pkl, or a text file of paths; column 1 "
@@ -103,9 +109,13 @@ def parse_args():
 def check_args(args, rows: int) -> None:
     """The flags against the data (k and the sample against the rows clustered are checked once those are
     known: a --subset is known only from the keys)."""
-    if args.num_clusters is None:
-        raise UsageError("--num_clusters", "is required", "pass k, e.g. 500 for LAION, 100 for DataComp")
-    check_k_and_sample(args, rows)
+    if args.num_clusters is None and not args.k_sweep:
+        raise UsageError("--num_clusters", "is required", "pass k, e.g. 500 for LAION, 100 for DataComp (or "
+                         "--k-sweep K1 K2 ... to see what several k do first)")
+    for k in args.k_sweep or []:
+        check_k_and_sample(args, rows, k=k, flag="--k-sweep")
+    if args.num_clusters is not None:
+        check_k_and_sample(args, rows)
     if args.niter < 1:
         raise UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
     if not 0 <= args.seed <= kmeans.MAX_SEED:
@@ -117,11 +127,11 @@ def check_args(args, rows: int) -> None:
                              "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
 
 
-def check_k_and_sample(args, rows: int, of: str = "") -> int:
-    """k and the sample size against the rows clustered; returns the sample size."""
-    k = args.num_clusters
+def check_k_and_sample(args, rows: int, of: str = "", k: int | None = None, flag: str = "--num_clusters") -> int:
+    """k (by default --num_clusters) and the sample size against the rows clustered; returns the sample size."""
+    k = args.num_clusters if k is None else k
     if k < 1 or k > rows:
-        raise UsageError("--num_clusters", f"{k} is not between 1 and the {rows} rows{of}", "pass a smaller k")
+        raise UsageError(flag, f"{k} is not between 1 and the {rows} rows{of}", "pass a smaller k")
     sample = min(rows, kmeans.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
     if not k <= sample <= rows:
         raise UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows{of}",
@@ -134,7 +144,7 @@ def fingerprint(args, embeddings: layouts.Embeddings) -> dict:
     inputs = embeddings.files() + ([args.subset] if args.subset else [])
     digest = files.files_fingerprint(inputs)
     flags = {name: getattr(args, name) for name in ("num_clusters", "niter", "seed", "spherical", "ascending",
-                                                     "npz_key", "key_column", "sample_size", "subset")}
+                                                     "npz_key", "key_column", "sample_size", "subset", "k_sweep")}
     return {"files": digest, "flags": flags}
 
 
@@ -149,7 +159,13 @@ def main() -> None:
     n, k = embeddings.rows, args.num_clusters
     check_args(args, n)
     run = fingerprint(args, embeddings)
-    save = savedir.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder", resume=run)
+    sweep_outputs = (K_SWEEP_FILE, K_SWEEP_PLOT) if args.k_sweep else ()
+    if k is None:  # a sweep only: its table marks the folder complete
+        save = savedir.SaveDir(args.save_folder, args.overwrite, (K_SWEEP_PLOT, K_SWEEP_FILE), K_SWEEP_FILE,
+                               "--save_folder", resume=run)
+    else:
+        save = savedir.SaveDir(args.save_folder, args.overwrite, (*sweep_outputs, SIZES_PLOT, *OUTPUTS), PARAMS_FILE,
+                               "--save_folder", resume=run)
 
     with save as out, tasks.TaskPool(workers, args.distributor) as pool:
         work, resumed = out.staging, ""
@@ -175,6 +191,19 @@ def main() -> None:
                     cli.log.warning(f"{missing} keys of --subset {args.subset} are not among the embeddings' keys")
             subset = np.load(out.path(layouts.SUBSET_ROWS))
             n, of = len(subset), f" of --subset {args.subset}"
+        if args.k_sweep and not os.path.exists(out.path(K_SWEEP_FILE)):
+            largest = max(args.k_sweep)
+            x = kmeans.training_sample(embeddings, args.seed, check_k_and_sample(args, n, of, largest, "--k-sweep"),
+                                       subset)
+            sweep = du.k_sweep(x, sorted(set(args.k_sweep)), args.niter, args.seed, args.spherical, workers)
+            cluster_report.k_sweep_figure(sweep).savefig(out.path(K_SWEEP_PLOT), format="png")
+            cluster_report.write_sweep(out.path(K_SWEEP_FILE), sweep)
+            cli.log.info(f"k sweep on {len(x)} rows: " + ", ".join(
+                f"k={k_} objective {o:.6g}" for k_, o in zip(sweep["k"].tolist(), sweep["objective"].tolist())))
+        cli.stage("k sweep done")
+        if k is None:
+            return print(f"k sweep of {n} rows{of} at k = {', '.join(map(str, sorted(set(args.k_sweep))))}: "
+                         f"{K_SWEEP_FILE}, {K_SWEEP_PLOT}{tasks.on(args.distributor)} -> {args.save_folder}")
         sample = check_k_and_sample(args, n, of)
         if not os.path.exists(out.path(kmeans.LABELS)):
             pool.start()  # the assignment's workers get ready while k-means trains here
@@ -194,6 +223,8 @@ def main() -> None:
         kmeans.write_clusters(out.path(kmeans.SORTED_DIR), work, labels, k, not args.ascending, pool)
         sizes = np.bincount(labels, minlength=k)
         empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
+        cluster_report.clusters_figure(sizes, files.load_json(out.path(OBJECTIVE))).savefig(out.path(SIZES_PLOT),
+                                                                                             format="png")
         if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
@@ -203,7 +234,8 @@ def main() -> None:
             "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
             "embedding_rows": embeddings.rows, "dim": embeddings.dim, "parts": len(embeddings.parts),
             "kmeans_objective": files.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
-            "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max())})
+            "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max()),
+            "median_cluster": float(np.median(sizes)), "rows_per_cluster": n / k})
     print(f"clustered {n} rows{of} (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
           f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed}"
           f"{tasks.on(args.distributor)} -> {args.save_folder}")

@@ -27,7 +27,7 @@ from dbpkit.clusters import ClusterFile, parse_distances
 from dbpkit.errors import MethodError, UsageError
 from dbpkit.files import LOG_FILE, PARAMS_FILE, read_npy_header
 from dbpkit.keys import byte_matrix, datacomp_subset, strip_extensions  # noqa: F401 (the loader API's too)
-from dbpkit.kmeans import exact_faiss
+from dbpkit.kmeans import exact_faiss, fit
 from dbpkit.layouts import unit_rows
 from dbpkit.selection import KeptKeyCollector, kept_rows  # noqa: F401 (the method's selection, for users)
 from dbpkit.trie import KEPT_KEYS_FILE, TRIE_FILE, load_trie, trie_order, write_trie  # noqa: F401
@@ -246,6 +246,40 @@ def temperature_sweep(density: str, complexity: np.ndarray, sizes: np.ndarray, t
                      int(((n == sizes) & (sizes > 0)).sum()), int(((n == plan.lower) & (plan.lower < sizes)).sum()),
                      float(np.abs(n - target / len(n)).sum() / (2 * target)) if target else 0.0))
     return {name: np.array(column) for name, column in zip(SWEEP_COLUMNS, zip(*rows))}
+
+
+# ---------------------------------------------------------------------------------------------
+# What k does: the clusters of a training sample at several k, for choosing it from the data
+# ---------------------------------------------------------------------------------------------
+
+
+K_SWEEP_COLUMNS = ("k", "objective", "size_min", "size_median", "size_max", "dintra_spread", "complexity_spread")
+SWEEP_CHUNK = 1 << 13  # sample rows compared with the centroids at a time
+
+
+def k_sweep(x: np.ndarray, ks: list[int], niter: int, seed: int, spherical: bool,
+            threads: int) -> dict[str, np.ndarray]:
+    """K_SWEEP_COLUMNS for each k: k-means of the unit rows x at that k (the run's seed and iterations), its
+    objective, the sizes of its clusters on x, and the spread (max - min) of d_intra and of d_intra x d_inter
+    over the clusters that hold rows: what DBP's softmax will see (at T, shares spread exp(spread / T))."""
+    rows = []
+    for k in ks:
+        centroids, objective = fit(x, k, niter, seed, spherical, threads)
+        unit = unit_rows(centroids.astype(np.float64)).astype(np.float32)
+        labels, distance = np.empty(len(x), np.int64), np.empty(len(x))
+        for start in range(0, len(x), SWEEP_CHUNK):
+            sims = x[start:start + SWEEP_CHUNK] @ unit.T
+            labels[start:start + SWEEP_CHUNK] = sims.argmax(axis=1)
+            distance[start:start + SWEEP_CHUNK] = 1 - sims.max(axis=1)
+        sizes = np.bincount(labels, minlength=k)
+        with np.errstate(invalid="ignore"):
+            d_intra = np.bincount(labels, weights=distance, minlength=k) / sizes
+        d_inter = mean_centroid_distances(centroids, min(20, k - 1), threads) if k > 1 else np.zeros(1)
+        c = complexity("dintra*dinter", d_intra, d_inter, sizes)
+        held = sizes > 0
+        rows.append((k, objective, sizes.min(), float(np.median(sizes)), sizes.max(),
+                     float(np.ptp(d_intra[held])), float(np.ptp(c[held]))))
+    return {name: np.array(column) for name, column in zip(K_SWEEP_COLUMNS, zip(*rows))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,13 +47,25 @@ def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_s
                  threads: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """faiss.Kmeans on a seeded uniform sample of the rows (of the `subset` rows, when given): (centroids float32
     (k, dim), final objective)."""
+    x = training_sample(embeddings, seed, sample_size, subset)
+    return fit(x, k, niter, seed, spherical, threads)
+
+
+def training_sample(embeddings: Embeddings, seed: int, sample_size: int,
+                    subset: np.ndarray | None = None) -> np.ndarray:
+    """The rows k-means trains on: a seeded uniform sample (of the `subset` rows, when given), L2-normalised."""
     count = embeddings.rows if subset is None else len(subset)
     rows = np.sort(np.random.default_rng(seed).choice(count, size=sample_size, replace=False))
-    x = embeddings.unit_rows_at(rows if subset is None else subset[rows])
+    return embeddings.unit_rows_at(rows if subset is None else subset[rows])
+
+
+def fit(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, threads: int) -> tuple[np.ndarray, float]:
+    """faiss.Kmeans of the rows x: (centroids float32 (k, dim), final objective)."""
+    sample_size = len(x)
     faiss = exact_faiss(threads)
     # Every sampled row is used (faiss would subsample past 256 per centroid), and faiss's warning about
     # few points per centroid, printed straight to stderr, is left to our own checks.
-    kmeans = faiss.Kmeans(embeddings.dim, k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
                           max_points_per_centroid=-(-sample_size // k), min_points_per_centroid=1)
     kmeans.train(x)
     return kmeans.centroids, float(kmeans.obj[-1])

@@ -396,3 +396,58 @@ def test_subset_reads_prunes_trie_as_its_kept_keys_and_a_subset_matching_nothing
     assert f"--subset: none of the 2 keys in {tmp_path / 'other.txt'} is a key of the embeddings" in \
         error_line(r.stderr)
     assert not (tmp_path / "none").exists()
+
+
+def test_k_sweep_gives_faiss_own_objective_at_each_k_and_the_run_goes_on_at_its_k(tmp_path):
+    import csv
+
+    import faiss
+
+    x = embeddings(2000)
+    flags, _ = layout(tmp_path, "npy+txt", x)
+    ks = [3, 6, 12]
+    r = run_script(CLUSTER_SCRIPT, *flags, "--k-sweep", *ks, "--save_folder", tmp_path / "sweep", "--niter", 8)
+    assert r.returncode == 0 and "k sweep of 2000 rows at k = 3, 6, 12" in r.stdout, r.stderr
+    assert sorted(os.listdir(tmp_path / "sweep")) == ["k_sweep.csv", "k_sweep.png"]  # only the sweep
+    with open(tmp_path / "sweep" / "k_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["k", "objective", "size_min", "size_median", "size_max", "dintra_spread",
+                             "complexity_spread"]
+    # By the definition: the sample a run at k = 12 trains on (256 per centroid, seeded), normalised, and faiss's
+    # own k-means of it at each k with the run's seed and iterations.
+    sample = min(2000, 256 * max(ks))
+    chosen = np.sort(np.random.default_rng(1234).choice(2000, size=sample, replace=False))
+    unit = x[chosen].astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    for row, k in zip(rows, ks):
+        direct = faiss.Kmeans(DIM, k, niter=8, seed=1234, spherical=True, max_points_per_centroid=-(-sample // k),
+                              min_points_per_centroid=1)
+        direct.train(unit)
+        assert int(row["k"]) == k and float(row["objective"]) == pytest.approx(direct.obj[-1], rel=1e-5)
+        c = direct.centroids / np.linalg.norm(direct.centroids, axis=1, keepdims=True)
+        sims = unit @ c.T
+        sizes = np.bincount(sims.argmax(axis=1), minlength=k)
+        assert (int(row["size_min"]), float(row["size_median"]), int(row["size_max"])) == \
+            (sizes.min(), np.median(sizes), sizes.max())
+        d_intra = np.array([np.mean(1 - sims[sims.argmax(axis=1) == j, j]) for j in range(k)])
+        assert float(row["dintra_spread"]) == pytest.approx(np.ptp(d_intra), rel=1e-3)
+    r = run_script(CLUSTER_SCRIPT, *flags, "--k-sweep", *ks, "--num_clusters", 12, "--save_folder", tmp_path / "run",
+                   "--niter", 8)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "run" / "clustering.json").read_text())
+    assert record["kmeans_objective"] == float(rows[-1]["objective"])  # at the largest k: the run's own
+    assert record["rows_per_cluster"] == 2000 / 12 and (tmp_path / "run" / "clusters.png").exists()
+    _, clusters = read_output(tmp_path / "run")
+    sizes = np.array([len(c) if c.size else 0 for c in clusters])
+    assert record["median_cluster"] == float(np.median(sizes))
+
+
+def test_clusters_figure_marks_the_smallest_median_and_largest_cluster():
+    from dbpkit.cluster_report import PAPER_SETTINGS, clusters_figure
+
+    sizes = np.array([0, 1, 40, 40, 900])
+    ax = clusters_figure(sizes, None).axes[0]
+    marks = {line.get_label().split(":")[0]: line.get_xdata()[0] for line in ax.lines}
+    assert marks["smallest"] == 1 and marks["median"] == 40 and marks["largest"] == 900
+    assert sorted(v for name, v in marks.items() if name in PAPER_SETTINGS) == sorted(PAPER_SETTINGS.values())
+    assert "1 empty, 1 of one row" in ax.get_title() and ax.get_xscale() == "log"

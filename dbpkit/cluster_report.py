@@ -1,0 +1,71 @@
+"""cluster_embeddings.py's report: clusters.png (the cluster sizes of a run, against the paper's settings) and the
+k sweep (k_sweep.csv, k_sweep.png), for choosing k from the data.
+
+matplotlib is imported inside the functions that draw (no pyplot: no GUI backend, and a faster import).
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import numpy as np
+
+# Rows per cluster in the paper's settings: what a run's own figure is read against.
+PAPER_SETTINGS = {"SemDeDup, LAION-440M at k = 50,000": 8_800, "DBP, LAION-DeDup-280M at k = 500": 560_000,
+                  "DBP, DataComp-Medium at k = 100": 1_280_000}
+
+
+def write_sweep(path: str, sweep: dict[str, np.ndarray]) -> None:
+    """k_sweep.csv: a row per k (floats as repr: exact)."""
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(sweep)
+        rows.writerows(zip(*(column.tolist() for column in sweep.values())))
+
+
+def clusters_figure(sizes: np.ndarray, objective: float | None) -> Any:
+    """clusters.png: how many clusters hold how many rows (log bins), the smallest, median and largest marked,
+    and the rows per cluster of this run beside the paper's settings."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.2), dpi=100)
+    ax = fig.subplots()
+    held = sizes[sizes > 0]
+    top = max(int(sizes.max(initial=1)), max(PAPER_SETTINGS.values()))
+    bins = np.geomspace(1, top * 1.5, 60)
+    ax.hist(np.maximum(held, 1), bins=bins, color="0.6")
+    for value, label, color in ((held.min() if len(held) else 0, "smallest", "tab:red"),
+                                (float(np.median(sizes)), "median", "tab:blue"),
+                                (held.max(initial=0), "largest", "tab:green")):
+        ax.axvline(max(value, 1), color=color, lw=1.2, label=f"{label}: {value:,.0f} rows")
+    for (setting, rows), style in zip(PAPER_SETTINGS.items(), (":", "-.", "--")):
+        ax.axvline(rows, color="0.3", lw=1, ls=style, label=f"{setting}: ~{rows:,} a cluster")
+    empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
+    ax.set_xscale("log")
+    ax.set(xlabel="rows in a cluster (log scale)", ylabel="clusters",
+           title=f"{len(sizes)} clusters, {sizes.sum():,} rows ({sizes.sum() / len(sizes):,.0f} a cluster); "
+                 f"{empty} empty, {single} of one row" + (f"; objective {objective:.6g}" if objective else ""))
+    ax.legend(loc="upper right", fontsize=7)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9)
+    return fig
+
+
+def k_sweep_figure(sweep: dict[str, np.ndarray]) -> Any:
+    """k_sweep.png. Left: the k-means objective against k. Right: the spread of d_intra and of d_intra x d_inter
+    over the clusters (what DBP's softmax will see) against k."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    left, right = fig.subplots(1, 2)
+    left.plot(sweep["k"], sweep["objective"], marker="o", color="tab:blue")
+    left.set(xlabel="k", ylabel="faiss's k-means objective", title="the objective (spherical: higher is tighter)")
+    right.plot(sweep["k"], sweep["dintra_spread"], marker="o", color="tab:orange", label="d_intra: max - min")
+    right.plot(sweep["k"], sweep["complexity_spread"], marker="s", color="tab:purple",
+               label="d_intra x d_inter: max - min")
+    right.set(xlabel="k", ylabel="spread over the clusters", title="what DBP's softmax will see")
+    right.legend(loc="upper right", fontsize=8)
+    for ax in (left, right):
+        ax.set_xscale("log")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.25)
+    return fig
