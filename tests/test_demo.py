@@ -55,3 +55,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(os.listdir(out / "shards")) == ROWS // 1000
     kept = np.load(out / "run" / "kept_keys.npy")
     assert sorted(trie.keys()) == [k.decode() for k in kept.tolist()]
+    # the figures of the README and docs come from this very run (examples/readme_figures.py)
+    import readme_figures
+
+    table = readme_figures.temperature_table(str(out / "run"))
+    docs = open(os.path.join(ROOT, "docs", "scripts.md")).read()
+    assert "\n".join(table) in docs, "\n".join(table)  # regenerate: python examples/readme_figures.py --run ...
+    sweep = (out / "run" / "temperature_sweep.csv").read_text().splitlines()
+    assert sweep[0] == "temperature,p_ratio,quota_min,quota_median,quota_max,kept_whole,at_minimum,moved_fraction"
