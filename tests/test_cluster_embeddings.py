@@ -234,7 +234,7 @@ def test_overwrite_replaces_an_output_of_another_kind(tmp_path):
     assert r.returncode == 2 and "already holds" in r.stderr
     r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 4, "--save_folder", save, "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(save)) == ["clustering.json", "kmeans_centroids.npy", "sorted_clusters"]
+    assert sorted(os.listdir(save)) == ["clustering.json", "clusters.png", "kmeans_centroids.npy", "sorted_clusters"]
     assert np.load(save / "kmeans_centroids.npy").shape == (4, DIM) and len(os.listdir(save / "sorted_clusters")) == 4
 
 

@@ -112,7 +112,7 @@ def test_the_same_bytes_as_a_local_run_from_relative_paths(cluster, data, dedup_
     relative = ["--embeddings", "img_emb", "--num_clusters", 12, "--niter", 5]
     on_ray = run(CLUSTER_SCRIPT, relative, tmp_path / "cluster_ray", "ray", cluster, cwd=root)
     records = [json.loads(outputs.pop(Path("clustering.json"))) for outputs in (local, on_ray)]
-    assert on_ray == local and len(local) == 13
+    assert on_ray == local and len(local) == 14  # (with clusters.png)
     assert [r.pop("distributor") for r in records] == ["local", "ray"]
     assert records[0] == records[1]  # the embeddings named by the same absolute path, the same figures
     relative = ["--sorted_clusters_path", os.path.relpath(data["dedup"]["sorted"], root), "--embeddings",
