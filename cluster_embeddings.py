@@ -120,11 +120,11 @@ def check_args(args, rows: int) -> None:
         raise UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
     if not 0 <= args.seed <= kmeans.MAX_SEED:
         raise UsageError("--seed", f"{args.seed} is outside [0, {kmeans.MAX_SEED}] (faiss's seed is a C int)",
-                             "pass a smaller seed (default 1234)")
+                         "pass a smaller seed (default 1234)")
     if args.subset and not os.path.isfile(args.subset):
         what = "is a folder" if os.path.isdir(args.subset) else "does not exist"
         raise UsageError("--subset", f"{args.subset} {what}",
-                             "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
+                         "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
 
 
 def check_k_and_sample(args, rows: int, of: str = "", k: int | None = None, flag: str = "--num_clusters") -> int:
@@ -135,7 +135,7 @@ def check_k_and_sample(args, rows: int, of: str = "", k: int | None = None, flag
     sample = min(rows, kmeans.POINTS_PER_CENTROID * k) if args.sample_size is None else args.sample_size
     if not k <= sample <= rows:
         raise UsageError("--sample-size", f"{sample} is not between k = {k} and the {rows} rows{of}",
-                             "omit it for up to 256 rows per centroid")
+                         "omit it for up to 256 rows per centroid")
     return sample
 
 
@@ -144,7 +144,7 @@ def fingerprint(args, embeddings: layouts.Embeddings) -> dict:
     inputs = embeddings.files() + ([args.subset] if args.subset else [])
     digest = files.files_fingerprint(inputs)
     flags = {name: getattr(args, name) for name in ("num_clusters", "niter", "seed", "spherical", "ascending",
-                                                     "npz_key", "key_column", "sample_size", "subset", "k_sweep")}
+                                                    "npz_key", "key_column", "sample_size", "subset", "k_sweep")}
     return {"files": digest, "flags": flags}
 
 
@@ -185,8 +185,8 @@ def main() -> None:
                 selected, missing = layouts.subset_rows(work, args.subset)
                 if not selected:
                     raise UsageError("--subset", f"none of the {missing} keys in {args.subset} is a key of the "
-                                         f"embeddings ({args.embeddings})", "pass the kept keys of a run on these "
-                                         "embeddings (keys are compared without their extension)")
+                                     f"embeddings ({args.embeddings})", "pass the kept keys of a run on these "
+                                     "embeddings (keys are compared without their extension)")
                 if missing:
                     cli.log.warning(f"{missing} keys of --subset {args.subset} are not among the embeddings' keys")
             subset = np.load(out.path(layouts.SUBSET_ROWS))
@@ -209,13 +209,13 @@ def main() -> None:
             pool.start()  # the assignment's workers get ready while k-means trains here
         if not os.path.exists(out.path(CENTROIDS_FILE)):
             centroids, objective = kmeans.train_kmeans(embeddings, k, args.niter, args.seed, sample, args.spherical,
-                                                   workers, subset)
+                                                       workers, subset)
             files.save_json(out.path(OBJECTIVE), objective)
             files.save_npy(out.path(CENTROIDS_FILE), centroids)
         cli.stage("k-means trained")
         if not os.path.exists(out.path(kmeans.LABELS)):
             labels, distances = kmeans.assign(embeddings, out.path(CENTROIDS_FILE), args.spherical, work, pool,
-                                          out.path(layouts.SUBSET_ROWS) if args.subset else None)
+                                              out.path(layouts.SUBSET_ROWS) if args.subset else None)
             files.save_npy(out.path(kmeans.DISTANCES), distances)
             files.save_npy(out.path(kmeans.LABELS), labels)
             shutil.rmtree(out.path(kmeans.ASSIGN_DIR))
@@ -224,7 +224,7 @@ def main() -> None:
         sizes = np.bincount(labels, minlength=k)
         empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
         cluster_report.clusters_figure(sizes, files.load_json(out.path(OBJECTIVE))).savefig(out.path(SIZES_PLOT),
-                                                                                             format="png")
+                                                                                            format="png")
         if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
@@ -256,7 +256,7 @@ def convert_nemo_curator(args, workers: int) -> None:
     """NeMo Curator 1.x's k-means result as SemDeDup's layout: one pass over each cluster's parquet files."""
     if args.keys:
         raise UsageError("--keys", "is not used with --from-nemo-curator",
-                             "the keys and distances come from NeMo Curator's parquet files")
+                         "the keys and distances come from NeMo Curator's parquet files")
     results = args.from_nemo_curator
     centroids_file = args.centroids_file or find_centroids(results, required=False)
     k, k_source, centroids = args.num_clusters, f"--num_clusters is {args.num_clusters}", None
@@ -264,19 +264,19 @@ def convert_nemo_curator(args, workers: int) -> None:
         centroids = load_centroids(centroids_file, k, None, "--centroids_file")
         k, k_source = len(centroids), f"{centroids_file} holds {len(centroids)} centroids"
     clusters = nemo.find_nemo_clusters(results, k, k_source, args.id_column, args.embedding_column,
-                                     need_embeddings=centroids_file is None)
+                                       need_embeddings=centroids_file is None)
     k = len(clusters)
     save = savedir.SaveDir(args.save_folder, args.overwrite, OUTPUTS, PARAMS_FILE, "--save_folder")
     with save as out, tasks.TaskPool(workers, args.distributor) as pool:
         os.mkdir(out.path(kmeans.SORTED_DIR))
         jobs = ((cluster, out.path(os.path.join(kmeans.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
-                  args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
+                 args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
         means = list(pool.run(nemo.convert_nemo_cluster, jobs, "convert", total=k))
         if centroids is None:  # an empty cluster has no members to average: its row is NaN (d_inter: NaN too)
             dims = sorted({len(m) for m in means if m is not None}) or [1]
             if len(dims) > 1:
                 raise UsageError("--from-nemo-curator", f"{results} holds embeddings of dimensions {dims} in "
-                                     "different clusters", "convert the results of one k-means run")
+                                 "different clusters", "convert the results of one k-means run")
             centroids = np.stack([np.full(dims[0], np.nan) if m is None else m for m in means])
             source = "the normalised mean of each cluster's normalised embeddings (no kmeans_centroids.npy found)"
         else:

@@ -70,10 +70,10 @@ def find_shards(pattern: str) -> list[str]:
     missing = [s for s in local if not os.path.isfile(s)]
     if local and len(missing) == len(urls):
         raise UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
-                             "check the path and the brace pattern, e.g. DATA/{00000..00099}.tar")
+                         "check the path and the brace pattern, e.g. DATA/{00000..00099}.tar")
     if missing:
         raise UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
-                             "are missing)", "check the pattern's range")
+                         "are missing)", "check the pattern's range")
     return urls
 
 
@@ -89,7 +89,7 @@ def check_args(args) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
-                                 "pass --device cpu, or run where a GPU is")
+                             "pass --device cpu, or run where a GPU is")
 
 
 def main() -> None:
@@ -138,11 +138,11 @@ def main() -> None:
             f.write(run_log.finished())
         local = "://" not in args.shards and not args.shards.startswith("pipe:")
         files.save_json(out.path(files.PARAMS_FILE), {**described, "shard_count": len(urls),
-                                                "shards": os.path.abspath(args.shards) if local else args.shards,
-                                                "output_folder": output, "batch_size": args.batch_size,
-                                                "device": args.device, "fp16": args.fp16,
-                                                "distributor": args.distributor, "dim": embedding_dim(encoder),
-                                                "rows": rows, "failed": failed, "version": dbpkit.__version__})
+                                                      "shards": os.path.abspath(args.shards) if local else args.shards,
+                                                      "output_folder": output, "batch_size": args.batch_size,
+                                                      "device": args.device, "fp16": args.fp16,
+                                                      "distributor": args.distributor, "dim": embedding_dim(encoder),
+                                                      "rows": rows, "failed": failed, "version": dbpkit.__version__})
     resumed = f"; {len(urls) - len(todo)} embedded before" if len(todo) < len(urls) else ""
     print(f"embedded {rows} images of {len(urls)} shards with {args.model}{tasks.on(args.distributor)} "
           f"({failed} without a decodable image{resumed}) -> {args.output_folder}")

@@ -85,7 +85,7 @@ def check_args(args) -> None:
     for eps in args.eps:
         if named.setdefault(dedup.eps_folder(eps), eps) != eps:
             raise UsageError("--eps", f"{named[dedup.eps_folder(eps)]!r} and {eps!r} would both be written to "
-                                 f"{dedup.eps_folder(eps)}", "pass values that differ in their first 6 digits")
+                             f"{dedup.eps_folder(eps)}", "pass values that differ in their first 6 digits")
     if args.seed < 0:
         raise UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 1234)")
     if args.device == "cuda":
@@ -93,7 +93,7 @@ def check_args(args) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
-                                 "pass --device cpu, or run where a GPU is")
+                             "pass --device cpu, or run where a GPU is")
 
 
 def find_embeddings(args) -> tuple[layouts.Embeddings, str]:
@@ -104,7 +104,7 @@ def find_embeddings(args) -> tuple[layouts.Embeddings, str]:
         clustering = files.load_json(record)
         if not isinstance(clustering, dict) or not clustering.get("embeddings"):
             raise UsageError("--embeddings", f"is required: there is no {kmeans.CLUSTERING_FILE} naming them in "
-                                 f"{os.path.dirname(record)}", "pass the embeddings the clusters were made from")
+                             f"{os.path.dirname(record)}", "pass the embeddings the clusters were made from")
         path, npz_key = clustering["embeddings"], npz_key or clustering.get("npz_key")
     return layouts.find_embeddings(path, None, None, npz_key or "l14_img", with_keys=False), os.path.abspath(path)
 
@@ -115,7 +115,7 @@ def check_centroids(sorted_dir: str, dim: int) -> None:
         shape = np.load(path, mmap_mode="r").shape
         if len(shape) == 2 and shape[1] != dim:
             raise UsageError("--embeddings", f"have dimension {dim} but the centroids in {path} have {shape[1]}",
-                                 "pass the embeddings the clusters were made from")
+                             "pass the embeddings the clusters were made from")
 
 
 def fingerprint(args, clusters: list, embeddings: layouts.Embeddings) -> dict:
@@ -173,7 +173,7 @@ def main() -> None:
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     if three := next((c for c in clusters if c.rows and c.width == 3), None):
         raise UsageError(three.path, "has 3 columns (NeMo Curator 0.x): no row index to find its embeddings by",
-                             "recluster with cluster_embeddings.py, whose files have the index in column 1")
+                         "recluster with cluster_embeddings.py, whose files have the index in column 1")
     embeddings, source = find_embeddings(args)
     check_centroids(args.sorted_clusters_path, embeddings.dim)
     run = fingerprint(args, clusters, embeddings)
@@ -183,7 +183,7 @@ def main() -> None:
     eps_folders = sorted({dedup.eps_folder(eps) for eps in eps_list} | set(earlier_outputs(args.save_folder)))
     outputs = (*FIXED_OUTPUTS[:-1], *eps_folders, files.PARAMS_FILE)
     save = savedir.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, files.PARAMS_FILE,
-                       "--save_folder", resume=run)
+                           "--save_folder", resume=run)
 
     # torch imported once, in the fork server, rather than once per worker
     with save as out, tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
@@ -200,7 +200,7 @@ def main() -> None:
         todo = sorted((j for j, c in enumerate(clusters) if f"cluster_{j}.npy" not in done),
                       key=lambda j: -clusters[j].rows)
         jobs = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device)
-                 for j in todo]
+                for j in todo]
         unsorted = sum(not scored.sorted for scored in pool.run(dedup.score_cluster, jobs, "score"))
         cli.stage("scored")
         if args.remove_fraction is not None:  # the eps that removes that fraction, known now that all are scored

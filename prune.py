@@ -92,7 +92,7 @@ def check_args(args) -> None:
         raise UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 42)")
     if args.total_dataset_size is not None and args.total_dataset_size < 1:
         raise UsageError("--total-dataset-size", f"{args.total_dataset_size} is less than 1",
-                              "omit it to use the number of rows in the cluster files")
+                         "omit it to use the number of rows in the cluster files")
 
 
 def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +156,7 @@ def main() -> None:
         pruned_file = out.path(du.PRUNED_PATHS_FILE) if args.pruned_paths else os.devnull
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f, open(pruned_file, "wb") as pruned:
             selections = selection.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
-                                        parts, pool)
+                                               parts, pool)
             for j, (cluster, kept) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
                 collected.add(selection.take_part(selection.part_file(parts, j), f))
                 if args.pruned_paths:
