@@ -159,13 +159,12 @@ def main() -> None:
     n, k = embeddings.rows, args.num_clusters
     check_args(args, n)
     run = fingerprint(args, embeddings)
-    sweep_outputs = (K_SWEEP_FILE, K_SWEEP_PLOT) if args.k_sweep else ()
-    if k is None:  # a sweep only: its table marks the folder complete
-        save = savedir.SaveDir(args.save_folder, args.overwrite, (K_SWEEP_PLOT, K_SWEEP_FILE), K_SWEEP_FILE,
-                               "--save_folder", resume=run)
-    else:
-        save = savedir.SaveDir(args.save_folder, args.overwrite, (*sweep_outputs, SIZES_PLOT, *OUTPUTS), PARAMS_FILE,
-                               "--save_folder", resume=run)
+    ks = sorted(set(args.k_sweep or []))
+    sweep_outputs = (K_SWEEP_FILE, K_SWEEP_PLOT) if ks else ()
+    # A sweep alone is marked complete by its table; a run by clustering.json.
+    outputs, marker = (sweep_outputs, K_SWEEP_FILE) if k is None else ((*sweep_outputs, SIZES_PLOT, *OUTPUTS),
+                                                                        PARAMS_FILE)
+    save = savedir.SaveDir(args.save_folder, args.overwrite, outputs, marker, "--save_folder", resume=run)
 
     with save as out, tasks.TaskPool(workers, args.distributor) as pool:
         work, resumed = out.staging, ""
@@ -191,18 +190,17 @@ def main() -> None:
                     cli.log.warning(f"{missing} keys of --subset {args.subset} are not among the embeddings' keys")
             subset = np.load(out.path(layouts.SUBSET_ROWS))
             n, of = len(subset), f" of --subset {args.subset}"
-        if args.k_sweep and not os.path.exists(out.path(K_SWEEP_FILE)):
-            largest = max(args.k_sweep)
-            x = kmeans.training_sample(embeddings, args.seed, check_k_and_sample(args, n, of, largest, "--k-sweep"),
+        if ks and not os.path.exists(out.path(K_SWEEP_FILE)):
+            x = kmeans.training_sample(embeddings, args.seed, check_k_and_sample(args, n, of, ks[-1], "--k-sweep"),
                                        subset)
-            sweep = du.k_sweep(x, sorted(set(args.k_sweep)), args.niter, args.seed, args.spherical, workers)
+            sweep = du.k_sweep(x, ks, args.niter, args.seed, args.spherical, workers)
             cluster_report.k_sweep_figure(sweep).savefig(out.path(K_SWEEP_PLOT), format="png")
             cluster_report.write_sweep(out.path(K_SWEEP_FILE), sweep)
             cli.log.info(f"k sweep on {len(x)} rows: " + ", ".join(
                 f"k={k_} objective {o:.6g}" for k_, o in zip(sweep["k"].tolist(), sweep["objective"].tolist())))
         cli.stage("k sweep done")
         if k is None:
-            return print(f"k sweep of {n} rows{of} at k = {', '.join(map(str, sorted(set(args.k_sweep))))}: "
+            return print(f"k sweep of {n} rows{of} at k = {', '.join(map(str, ks))}: "
                          f"{K_SWEEP_FILE}, {K_SWEEP_PLOT}{tasks.on(args.distributor)} -> {args.save_folder}")
         sample = check_k_and_sample(args, n, of)
         if not os.path.exists(out.path(kmeans.LABELS)):

@@ -65,8 +65,8 @@ def find_shards(pattern: str) -> list[str]:
     they must exist (a URL or pipe: command is tried when read)."""
     from webdataset.shardlists import expand_urls
 
-    urls = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s) for s in expand_urls(pattern)]
-    local = [s for s in urls if "://" not in s and not s.startswith("pipe:")]
+    urls = [os.path.abspath(s) if is_local(s) else s for s in expand_urls(pattern)]
+    local = [s for s in urls if is_local(s)]
     missing = [s for s in local if not os.path.isfile(s)]
     if local and len(missing) == len(urls):
         raise UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
@@ -75,6 +75,11 @@ def find_shards(pattern: str) -> list[str]:
         raise UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
                          "are missing)", "check the pattern's range")
     return urls
+
+
+def is_local(url: str) -> bool:
+    """A shard path (or pattern) on this file system, not a URL or a pipe: command."""
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def check_args(args) -> None:
@@ -136,9 +141,8 @@ def main() -> None:
         cli.log.info(f"{len(urls)} shards ({len(urls) - len(todo)} embedded before), {rows} rows, {failed} failed")
         with open(out.path(files.LOG_FILE), "w") as f:
             f.write(run_log.finished())
-        local = "://" not in args.shards and not args.shards.startswith("pipe:")
-        files.save_json(out.path(files.PARAMS_FILE), {**described, "shard_count": len(urls),
-                                                      "shards": os.path.abspath(args.shards) if local else args.shards,
+        pattern = os.path.abspath(args.shards) if is_local(args.shards) else args.shards
+        files.save_json(out.path(files.PARAMS_FILE), {**described, "shards": pattern, "shard_count": len(urls),
                                                       "output_folder": output, "batch_size": args.batch_size,
                                                       "device": args.device, "fp16": args.fp16,
                                                       "distributor": args.distributor, "dim": embedding_dim(encoder),

@@ -132,10 +132,9 @@ def published(save_folder: str, run: dict) -> list[float] | None:
     return None
 
 
-def reuse_scores(save_folder: str, staging: str) -> int:
+def reuse_scores(save_folder: str, staging: str) -> None:
     """Link a completed run's score files into the staging folder (linked, not moved: they stay in place until
-    the new run is published); a cluster whose scores or matches are missing is scored again. Returns how many
-    clusters' scores were linked."""
+    the new run is published); a cluster whose scores or matches are missing is scored again."""
     folders = [os.path.join(save_folder, folder) for folder in (dedup.SCORES_DIR, dedup.MATCHES_DIR)]
     found = [set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders]
     both = found[0] & found[1]
@@ -144,7 +143,6 @@ def reuse_scores(save_folder: str, staging: str) -> int:
         for name in both:
             if not os.path.exists(target := os.path.join(staging, folder, name)):
                 os.link(os.path.join(save_folder, folder, name), target)
-    return len(both)
 
 
 def merged_eps(new: list[float], earlier: list[float]) -> list[float]:
@@ -251,9 +249,7 @@ def main() -> None:
         with open(out.path(files.LOG_FILE), "w") as f:
             f.write(history + run_log.finished())
         params = {name: value for name, value in sorted(vars(args).items()) if name not in ("workers", "debug")}
-        params.update(sorted_clusters_path=os.path.abspath(args.sorted_clusters_path), embeddings=source,
-                      save_folder=os.path.abspath(args.save_folder),
-                      eps=eps_list, num_clusters=len(clusters), rows=total, dim=embeddings.dim,
+        params.update(embeddings=source, eps=eps_list, num_clusters=len(clusters), rows=total, dim=embeddings.dim,
                       removed={f"{eps:g}": int(gone) for eps, gone in zip(eps_list, removed.sum(axis=0))},
                       remove_fraction_eps=fraction_eps if args.remove_fraction is not None else None,
                       fingerprint=run, version=dbpkit.__version__)
