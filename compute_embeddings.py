@@ -33,6 +33,7 @@ import numpy as np
 import dbpkit
 from dbpkit import cli, files, savedir, tasks
 from dbpkit.errors import Incomplete, UsageError
+from dbpkit.samples import find_shards, is_local
 
 FAILED_FILE = "failed.txt"  # shard<TAB>key<TAB>reason: the samples without an embedding
 FAILED_SHARDS_FILE = "failed_shards.txt"  # shard<TAB>reason: the shards a stopped run could not read
@@ -58,28 +59,6 @@ def parse_args():
                  help="processes decoding images (default: all cores); results are identical for any value")
     tasks.add_distributor_flag(parser)
     return parser.parse_args()
-
-
-def find_shards(pattern: str) -> list[str]:
-    """The shards of a webdataset pattern, local ones as absolute paths (a Ray worker starts in another folder);
-    they must exist (a URL or pipe: command is tried when read)."""
-    from webdataset.shardlists import expand_urls
-
-    urls = [os.path.abspath(s) if is_local(s) else s for s in expand_urls(pattern)]
-    local = [s for s in urls if is_local(s)]
-    missing = [s for s in local if not os.path.isfile(s)]
-    if local and len(missing) == len(urls):
-        raise UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
-                         "check the path and the brace pattern, e.g. DATA/{00000..00099}.tar")
-    if missing:
-        raise UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
-                         "are missing)", "check the pattern's range")
-    return urls
-
-
-def is_local(url: str) -> bool:
-    """A shard path (or pattern) on this file system, not a URL or a pipe: command."""
-    return "://" not in url and not url.startswith("pipe:")
 
 
 def check_args(args) -> None:

@@ -29,6 +29,7 @@ from dbpkit.files import LOG_FILE, PARAMS_FILE, read_npy_header
 from dbpkit.keys import byte_matrix, datacomp_subset, strip_extensions  # noqa: F401 (the loader API's too)
 from dbpkit.kmeans import exact_faiss, fit
 from dbpkit.layouts import unit_rows
+from dbpkit.samples import SHARD_EXTENSIONS, shard_stem  # noqa: F401 (the loader API's)
 from dbpkit.selection import KeptKeyCollector, kept_rows  # noqa: F401 (the method's selection, for users)
 from dbpkit.trie import KEPT_KEYS_FILE, TRIE_FILE, load_trie, trie_order, write_trie  # noqa: F401
 
@@ -46,7 +47,6 @@ OUTPUT_FILES = (KEPT_PATHS_FILE, PRUNED_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, D
                 PLOT_FILE, LOG_FILE, PARAMS_FILE)
 SCAN_KEYS = 1 << 18  # kept keys looked at a block at a time for their form
 log = logging.getLogger("dbp")  # (the scripts' log; a loader's own handlers decide what it shows)
-SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,18 +333,6 @@ def _key_set(source: Any) -> Any:
     with open(path, "rb") as f:
         is_npy = f.read(6) == b"\x93NUMPY"
     return load_kept_keys(path) if is_npy else load_trie(path)
-
-
-def shard_stem(url: str) -> str | None:
-    """The shard part of a `<shard>/<key>` key: `00012` for `.../00012.tar`, `https://host/00012.tar?sig=x`,
-    and `pipe:` commands (`pipe:aws s3 cp s3://b/00012.tar -`): the last word naming a .tar, .tgz or
-    .tar.gz. None if no word does."""
-    for word in reversed(url.removeprefix("pipe:").split()):
-        name = word.strip("'\"").split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-        for extension in SHARD_EXTENSIONS:
-            if name.endswith(extension) and len(name) > len(extension):
-                return name[: -len(extension)]
-    return None
 
 
 def key_forms(keys: Any) -> tuple[bool, bool]:

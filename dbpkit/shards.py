@@ -14,12 +14,9 @@ image (`failed/<n>.txt`) and the shard's content fingerprint (`sources/<n>.txt`)
 from __future__ import annotations
 
 import functools
-import io
-import json
 import os
 import re
 import signal
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +28,9 @@ from dbpkit.cli import stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
 from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
+from dbpkit.samples import first_line, open_image, shard_samples, text_fields
 from dbpkit.tasks import exit_with
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
 FAILED_DIR, SOURCES_DIR = "failed", "sources"  # per part while the run is staged: its failures, its shard's fingerprint
 BAD_KEY_CHARACTERS = {"\t": "a tab", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL"}
@@ -100,45 +97,15 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def shard_samples(url: str):
-    """The samples of one shard as webdataset reads them: dicts of __key__ and each file's bytes."""
-    from webdataset.tariterators import tarfile_samples
-
-    return tarfile_samples([{"url": url}])
-
-
 def decoded(sample: dict, processor: Any) -> tuple[Any, str | None]:
     """(pixel values, None) for a sample with a decodable image, else (None, why not)."""
-    from PIL import Image
-
-    found = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if found is None:
-        return None, "no image (" + ", ".join(sorted(k for k in sample if not k.startswith("__"))) + ")"
+    image, failure = open_image(sample)
+    if image is None:
+        return None, failure
     try:
-        with warnings.catch_warnings():  # a large image: PIL's own limit (twice this) refuses a real bomb
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(sample[found])) as image:
-                rgb = image.convert("RGB")
-        return processor(images=rgb, return_tensors="pt")["pixel_values"][0], None
-    except Exception as e:  # PIL's errors (and a processor's on an odd image) share no base class worth naming
-        return None, f"{found} cannot be decoded ({type(e).__name__}: {first_line(e)})"
-
-
-def first_line(error: Exception) -> str:
-    """An error's message, its first line, without the memory addresses some put in it (the same bytes every run)."""
-    return re.sub(r" at 0x[0-9a-fA-F]+| @ <[^>]*>", "", (str(error).splitlines() or [""])[0])
-
-
-def text_fields(sample: dict) -> tuple[str | None, str | None]:
-    """(caption from .txt, url from .json), as img2dataset writes them; None where the sample has none."""
-    caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
-    url = None
-    if "json" in sample:
-        try:
-            url = json.loads(sample["json"]).get("url")
-        except (ValueError, AttributeError):
-            url = None
-    return caption, url
+        return processor(images=image, return_tensors="pt")["pixel_values"][0], None
+    except Exception as e:  # a processor's error on an odd image
+        return None, f"the image cannot be processed ({type(e).__name__}: {first_line(e)})"
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""The images a report shows, gathered in one streaming pass over webdataset shards, a task per shard.
+
+A key of the cluster files names a sample as `<shard stem>/<__key__>` or as `__key__` alone, with or
+without an extension (`00012/000120034.jpg`), as the loader filter matches them. A task reads its shard
+in order and hands back, for each wanted key it meets, the caption, the url and a JPEG thumbnail (or why
+there is none): a few kilobytes a sample shown, whatever the size of the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+from dbpkit.samples import first_line, open_image, shard_samples, shard_stem, text_fields
+
+THUMBS_DIR = "thumbs"
+JPEG_QUALITY = 85
+
+
+@dataclass
+class Found:
+    """What a shard holds for one wanted key."""
+
+    caption: str | None = None
+    url: str | None = None
+    jpeg: bytes | None = None  # the thumbnail; None when the image cannot be shown
+    missing: str | None = None  # why not
+
+
+@dataclass
+class ShardResult:
+    found: dict[str, Found]  # by the key's form without extension
+    unreadable: str | None = None  # why the shard could not be read to its end
+
+
+def thumb_name(key: str) -> str:
+    """A thumbnail's file name: a hash of the key (keys hold slashes and any Unicode)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".jpg"
+
+
+def thumbnail(sample: dict, size: int) -> Found:
+    caption, url = text_fields(sample)
+    image, failure = open_image(sample)
+    if image is None:
+        return Found(caption, url, missing=failure)
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return Found(caption, url, out.getvalue())
+
+
+def gather_shard(task: tuple[str, frozenset[str], int]) -> ShardResult:
+    """One shard's wanted samples (task: url, the wanted keys without extension, thumbnail size in pixels)."""
+    url, wanted, size = task
+    stem, found = shard_stem(url), {}
+    try:
+        for sample in shard_samples(url):
+            key = sample["__key__"]
+            for form in (f"{stem}/{key}" if stem else None, key):
+                if form in wanted and form not in found:
+                    found[form] = thumbnail(sample, size)
+    except Exception as e:  # a truncated tar or a failed pipe: command (webdataset's errors vary); what was
+        # read stays shown, the rest becomes placeholders that say why
+        said = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        return ShardResult(found, f"{type(e).__name__}: {first_line(Exception(said))}")
+    return ShardResult(found)
