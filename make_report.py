@@ -187,7 +187,7 @@ def main() -> None:
 
         site = Site(args.inline, thumbs, set(shown), bool(dedup_eps))
         clusters = []
-        for j in shown:
+        for j in sorted(shown):  # (inline, the pages follow each other in this order)
             view = views[j]
             stats = [(name, number(view.stats[name])) for name in TABLE_COLUMNS[1:] if name in view.stats]
             clusters.append({"view": view, "stats": stats,

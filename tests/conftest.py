@@ -23,7 +23,7 @@ OUTPUTS = ["kept_keys_trie.pkl", "kept_keys.npy", "kept_paths.txt", "quotas.npy"
 
 
 # The longest files first: each starts on a worker of its own, and no worker is left alone with one at the end.
-SLOW_FILES = ("test_ray.py", "test_embed.py", "test_dedup.py")
+SLOW_FILES = ("test_ray.py", "test_embed.py", "test_dedup.py", "test_report.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
