@@ -47,6 +47,7 @@ OUTPUTS = (INDEX_PAGE, DEDUP_PAGE, CLUSTERS_DIR, THUMBS_DIR, SCRIPT_FILE, STYLE_
            report_data.DEDUP_PLOT_FILE, REPORT_FILE)
 NO_SHARDS = "no --shards given: images not shown"
 NOT_FOUND = "not found in the shards given (--shards)"
+CLUSTER_STRIPS = ("nearest", "cut", "farthest")  # a cluster page's; the index shows each extreme's "spread"
 TABLE_COLUMNS = ("cluster_id", "size", "d_intra", "d_inter", "complexity", "probability", "target", "quota",
                  "kept_fraction")
 
@@ -191,10 +192,10 @@ def main() -> None:
             view = views[j]
             stats = [(name, number(view.stats[name])) for name in TABLE_COLUMNS[1:] if name in view.stats]
             clusters.append({"view": view, "stats": stats,
-                             "strips": {name: member_thumbs(view, name) for name in view.strips}})
+                             "strips": {name: member_thumbs(view, name) for name in CLUSTER_STRIPS}})
         extremes = [{"title": title, "rows": [{"cluster": j, "complexity": number(run.stats[j]["complexity"]),
                                                "kept": f"{run.stats[j]['quota']} of {run.stats[j]['size']}",
-                                               "thumbs": member_thumbs(views[j], "nearest")} for j in ids]}
+                                               "thumbs": member_thumbs(views[j], "spread")} for j in ids]}
                     for title, ids in ((f"The {len(most_complex)} most complex clusters (kept most)", most_complex),
                                        (f"The {len(simplest)} simplest clusters (pruned hardest)", simplest))]
         figures = [{"title": "DBP quotas per cluster", "name": report_data.PRUNE_PLOT_FILE, "source": args.prune_dir}]

@@ -136,21 +136,37 @@ def extremes(complexity: np.ndarray, sizes: np.ndarray) -> tuple[list[int], list
     return by_complexity[:count].tolist(), by_complexity[::-1][:count].tolist()
 
 
-def strip_positions(rows: int, quota: int, which: str, per_strip: int) -> tuple[dict[str, range], str]:
-    """The strips as ranges of positions in order of distance to the centroid (0 = nearest), and what the
-    middle strip shows. hard keeps the farthest `quota`, so its cut is between positions rows - quota - 1
-    (the first pruned) and rows - quota (the last kept); easy keeps the nearest, cut at quota."""
+def strip_positions(rows: int, quota: int, which: str, per_strip: int) -> tuple[dict[str, list[range]], str]:
+    """Each strip as runs of positions in order of distance to the centroid (0 = nearest), and what the cut
+    strip shows. hard keeps the farthest `quota`, so its cut is between positions rows - quota - 1 (the first
+    pruned) and rows - quota (the last kept); easy keeps the nearest, cut at quota. `spread` (the index page's
+    strip) takes members evenly over the whole range of distances, nearest to farthest."""
     if which == "hard":
         cut, note = rows - quota, "At the cut: the nearest kept members and the farthest pruned ones"
     elif which == "easy":
         cut, note = quota, "At the cut: the farthest kept members and the nearest pruned ones"
     else:
         cut, note = rows // 2, "Around the median distance (--which-to-keep random: no distance cut)"
-    half = per_strip // 2
-    start = min(max(cut - half, 0), max(rows - per_strip, 0))
-    return {"nearest": range(0, min(per_strip, rows)),
-            "cut": range(start, min(start + per_strip, rows)),
-            "farthest": range(max(rows - per_strip, 0), rows)}, note
+    start = min(max(cut - per_strip // 2, 0), max(rows - per_strip, 0))
+    spread = np.unique(np.linspace(0, rows - 1, min(per_strip, rows)).round().astype(int)) if rows else []
+    return {"nearest": [range(0, min(per_strip, rows))],
+            "cut": [range(start, min(start + per_strip, rows))],
+            "farthest": [range(max(rows - per_strip, 0), rows)],
+            "spread": [range(p, p + 1) for p in spread]}, note
+
+
+def read_members(cluster: ClusterFile, descending: bool, positions: range, kept_keys) -> list[Member]:
+    """The members at a run of positions (nearest first), read from the file alone: a descending file holds the
+    farthest first."""
+    if not positions:
+        return []
+    first, last = ((cluster.rows - positions.stop, cluster.rows - positions.start) if descending
+                   else (positions.start, positions.stop))
+    (keys,) = cluster.columns(("key",), first, last)
+    utf8 = keys_as_utf8(keys, cluster.path, first)
+    members = [Member(str(key), float(d), str(stripped) in kept_keys) for key, d, stripped
+               in zip(as_text(utf8), cluster.distances(first, last), as_text(strip_extensions(utf8)))]
+    return members[::-1] if descending else members
 
 
 def cluster_view(run: PruneRun, j: int, per_strip: int, kept_keys) -> ClusterView:
@@ -159,19 +175,8 @@ def cluster_view(run: PruneRun, j: int, per_strip: int, kept_keys) -> ClusterVie
     cluster, row = run.clusters[j], run.stats[j]
     strips, note = strip_positions(cluster.rows, int(row["quota"]), run.params["which_to_keep"], per_strip)
     descending = cluster.is_descending()
-    views = {}
-    for name, positions in strips.items():
-        if not positions:
-            views[name] = []
-            continue
-        # positions run nearest-first; a descending file holds the farthest first
-        first, last = ((cluster.rows - positions.stop, cluster.rows - positions.start) if descending
-                       else (positions.start, positions.stop))
-        (keys,) = cluster.columns(("key",), first, last)
-        utf8 = keys_as_utf8(keys, cluster.path, first)
-        members = [Member(str(key), float(d), str(stripped) in kept_keys) for key, d, stripped
-                   in zip(as_text(utf8), cluster.distances(first, last), as_text(strip_extensions(utf8)))]
-        views[name] = members[::-1] if descending else members
+    views = {name: [m for positions in runs for m in read_members(cluster, descending, positions, kept_keys)]
+             for name, runs in strips.items()}
     return ClusterView(j, row, views, note)
 
 

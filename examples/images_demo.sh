@@ -5,7 +5,8 @@
 #   2. cluster_embeddings.py with a large k, then deduplicate.py (SemDeDup)
 #   3. cluster_embeddings.py --subset: k-means of the rows kept
 #   4. d_intra and d_inter, 5. prune.py
-#   then the shards read back through the kept keys, as a training loader would.
+#   then the shards read back through the kept keys, as a training loader would,
+#   6. make_report.py: the HTML report of what was kept and cut (open OUT/report/index.html)
 # Usage: bash examples/images_demo.sh [OUT]   (default OUT: examples/images_demo_out; rerunning replaces only it)
 #        IMAGES=400 bash examples/images_demo.sh   (default 800 images, 100 a shard)
 set -euo pipefail
@@ -17,7 +18,7 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 IMAGES="${IMAGES:-800}"
 SHARDS=$(( (IMAGES + 99) / 100 - 1 ))
 
-rm -rf "$OUT/shards" "$OUT/model" "$OUT/emb" "$OUT/c1" "$OUT/dedup" "$OUT/c2" "$OUT/scores" "$OUT/run"
+rm -rf "$OUT/shards" "$OUT/model" "$OUT/emb" "$OUT/c1" "$OUT/dedup" "$OUT/c2" "$OUT/scores" "$OUT/run" "$OUT/report"
 mkdir -p "$OUT"
 
 echo "== 0. synthetic images in webdataset shards, and a tiny random DINOv2"
@@ -58,3 +59,8 @@ count = sum(1 for _ in samples)
 print(f"webdataset: the filter let through {count} samples; kept_keys.npy holds "
       f"{len(np.load(f'{out}/run/kept_keys.npy'))}")
 EOF
+
+echo "== 6. the report"
+"$PY" "$ROOT/make_report.py" --prune-dir "$OUT/run" --dedup-dir "$OUT/dedup" \
+    --shards "$OUT/shards/{00000..$(printf %05d "$SHARDS")}.tar" --save_folder "$OUT/report"
+echo "open $OUT/report/index.html in a browser"

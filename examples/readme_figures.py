@@ -3,10 +3,13 @@ and the picture at the top of the README (the run's quotas.png). A test checks t
 this script computes from the demo's run, so the figures cannot go stale.
 
 Reads RUN (a prune.py --save-dir: cluster_stats.csv and params.json); prints the table in Markdown; with
---picture, copies RUN/quotas.png there.
+--picture, copies RUN/quotas.png there. With --report and --screenshot, the README's screenshot of a
+make_report.py report (the images demo's), taken in Debian's chromium through Playwright (requirements-dev.txt).
 
     DEMO_ROWS=5000 bash examples/demo.sh /tmp/demo
     python examples/readme_figures.py --run /tmp/demo/run --picture examples/quotas.png
+    bash examples/images_demo.sh /tmp/images_demo
+    python examples/readme_figures.py --report /tmp/images_demo/report --screenshot examples/report.png
 """
 
 import argparse
@@ -45,15 +48,42 @@ def temperature_table(run: str) -> list[str]:
     return lines
 
 
+SCREENSHOT_SIZE = (1200, 1000)  # pixels: the index page from its strips of the most complex clusters
+
+
+def report_screenshot(report: str, png: str, chromium: str | None = None) -> None:
+    """A screenshot of REPORT/index.html as Chromium renders it from file://: the most complex clusters' strips."""
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium or shutil.which("chromium"))
+        width, height = SCREENSHOT_SIZE
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(Path(report, "index.html").resolve().as_uri(), wait_until="load")
+        top = page.locator("h2", has_text="most complex").bounding_box()["y"]  # the strips, below the plots
+        page.screenshot(path=png, full_page=True, clip={"x": 0, "y": top, "width": width, "height": height})
+        browser.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the demo's prune.py --save-dir")
+    parser.add_argument("--run", help="the demo's prune.py --save-dir")
+    parser.add_argument("--report", help="a make_report.py report (the images demo's) to take the screenshot of")
+    parser.add_argument("--screenshot", help="with --report: the PNG to write")
     parser.add_argument("--picture", help="copy the run's quotas.png here (the README's picture)")
     args = parser.parse_args()
-    print("\n".join(temperature_table(args.run)))
-    if args.picture:
+    if not args.run and not (args.report and args.screenshot):
+        parser.error("pass --run, or --report with --screenshot")
+    if args.run:
+        print("\n".join(temperature_table(args.run)))
+    if args.run and args.picture:
         shutil.copyfile(os.path.join(args.run, du.PLOT_FILE), args.picture)
         print(f"{os.path.join(args.run, du.PLOT_FILE)} -> {args.picture}", file=sys.stderr)
+    if args.report and args.screenshot:
+        report_screenshot(args.report, args.screenshot)
+        print(f"{args.report}/index.html -> {args.screenshot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ def test_the_five_steps_from_images(tmp_path):
     assert 0 < len(kept) == len(deduplicated) // 2 and set(kept.tolist()) <= set(deduplicated.tolist())
     assert len(deduplicated) < 200  # the near-repeats of make_toy_images, found
     assert f"the filter let through {len(kept)} samples" in r.stdout
+    entries = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())  # step 6: the report
+    assert {e["role"] for e in entries} == {"kept", "pruned", "removed", "duplicate-of"}
+    assert all((tmp_path / "demo" / "report" / e["image"]).is_file() for e in entries)
 
 
 def shard_copies(toy, folder, count=3):

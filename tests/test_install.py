@@ -9,7 +9,7 @@ from conftest import ROOT
 
 import dbpkit
 
-COMMANDS = ("dbp-cluster", "dbp-dintra", "dbp-dinter", "dbp-prune", "dbp-dedup", "dbp-embed")
+COMMANDS = ("dbp-cluster", "dbp-dintra", "dbp-dinter", "dbp-prune", "dbp-dedup", "dbp-embed", "dbp-report")
 
 
 def test_pip_install_gives_the_module_and_the_commands(tmp_path, desc_str):
@@ -26,6 +26,8 @@ def test_pip_install_gives_the_module_and_the_commands(tmp_path, desc_str):
     r = subprocess.run([sys.executable, "-c", "import dbp_utils; print(dbp_utils.__version__, dbp_utils.__file__)"],
                        capture_output=True, text=True, cwd=elsewhere, env=env)
     assert r.returncode == 0 and r.stdout.split() == [dbpkit.__version__, str(site / "dbp_utils.py")], r.stderr
+    templates = {p.name for p in (site / "dbpkit" / "report_templates").iterdir()}
+    assert templates == {p.name for p in (source / "dbpkit" / "report_templates").iterdir()}  # the report's, shipped
     for command in COMMANDS:
         r = subprocess.run([site / "bin" / command, "--version"], capture_output=True, text=True, env=env)
         assert r.returncode == 0 and r.stdout.split()[-1] == dbpkit.__version__, r.stderr

@@ -226,6 +226,11 @@ def test_index_has_the_funnel_the_extremes_and_every_cluster(pipeline, made):
     shown = list(dict.fromkeys(int(t["data-cluster"]) for t in page.thumbs))
     by_complexity = sorted(complexity, key=complexity.get)
     assert shown == by_complexity[::-1][:2] + by_complexity[:2]  # k = 4: the 2 most complex, then the 2 simplest
+    for j in shown:  # each strip: members evenly spread from the nearest to the farthest
+        keys, distances = cluster_rows(pipeline["sorted"], j)
+        ascending = [keys[i] for i in np.argsort(distances, kind="stable")]
+        spread = [ascending[round(i * (len(keys) - 1) / (PER_STRIP - 1))] for i in range(PER_STRIP)]
+        assert [t["data-key"] for t in page.thumbs if t["data-cluster"] == str(j)] == spread
     assert html.count("<tr><td data-value=") == 4
 
 
