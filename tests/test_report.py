@@ -564,3 +564,26 @@ def test_inline_is_one_file_with_the_same_content(browser, pipeline, made, tmp_p
                      ".map(r => Number(r.cells[1].dataset.value))")
     assert sizes == sorted(sizes)
     visit.close()
+
+
+def test_the_readme_screenshot_is_made_by_readme_figures(browser, made, tmp_path):
+    """examples/readme_figures.py takes the README's screenshot of a report (here the test's own)."""
+    import subprocess
+
+    from PIL import Image
+
+    png = tmp_path / "report.png"
+    path = os.path.dirname(CHROMIUM) + os.pathsep + os.environ.get("PATH", "")  # (it finds chromium on PATH)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "readme_figures.py"), "--report", made[0],
+                        "--screenshot", png], capture_output=True, text=True, env={**os.environ, "PATH": path})
+    assert r.returncode == 0, r.stderr
+    import readme_figures
+
+    assert Image.open(png).size == readme_figures.SCREENSHOT_SIZE
+    # the strips of the most complex cluster are in the picture: its first row holds both borders' colours
+    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
+    assert ((np.abs(pixels - (0xc0, 0x39, 0x2b)).max(axis=1) < 8).any() and
+            (np.abs(pixels - (0x2a, 0x8f, 0x3c)).max(axis=1) < 8).any())  # report.css: pruned red, kept green
+    readme = Path(ROOT, "README.md").read_text(encoding="utf-8")
+    assert "](examples/report.png)" in readme
+    assert Image.open(os.path.join(ROOT, "examples", "report.png")).size == readme_figures.SCREENSHOT_SIZE
