@@ -237,7 +237,8 @@ def main() -> None:
         files.save_json(out.path(REPORT_FILE), entries)
     pages = len(written) if args.inline else 1 + len(clusters) + bool(dedup)
     print(f"report of {len(run.stats)} clusters ({len(shown)} with a page), {len(entries)} thumbnails "
-          f"({sum(placeholders.values())} placeholders), {pages} page(s) -> {args.save_folder}")
+          f"({sum(placeholders.values())} placeholders), {pages} page(s){tasks.on(args.distributor) if urls else ''} "
+          f"-> {args.save_folder}")
 
 
 def pair_views(pairs, found, missing: str) -> list[dict]:

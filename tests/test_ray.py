@@ -127,6 +127,29 @@ def test_the_same_bytes_as_a_local_run_from_relative_paths(cluster, data, dedup_
     assert json.loads((tmp_path / "embed_ray" / "params.json").read_text())["distributor"] == "ray"
 
 
+def test_the_report_read_on_ray_is_the_local_report(cluster, data, tmp_path):
+    """make_report.py's shard pass as Ray tasks: the same pages, thumbnails and report.json."""
+    sorted_dir = tmp_path / "clusters" / "sorted_clusters"
+    steps = [(EMBED_SCRIPT, "--shards", data["pattern"], "--model", data["model"], "--batch-size", 8,
+              "--output_folder", tmp_path / "emb"),
+             (CLUSTER_SCRIPT, "--embeddings", tmp_path / "emb" / "img_emb", "--num_clusters", 3,
+              "--save_folder", tmp_path / "clusters"),
+             ("compute_avg_dist_to_cluster_centroid.py", "--sorted_clusters_path", sorted_dir,
+              "--avg_distance_to_cent_save_path", tmp_path / "dintra.npy"),
+             ("compute_centroid_distances.py", "--sorted_clusters_path", sorted_dir,
+              "--mean_centroid_distances_save_path", tmp_path / "dinter.npy", "--num_NNs", 1),
+             ("prune.py", "--sorted-clusters-path", sorted_dir, "--avg_distance_to_cent_save_path",
+              tmp_path / "dintra.npy", "--mean_centroid_distances_save_path", tmp_path / "dinter.npy",
+              "--prune-ratio", 0.5, "--save-dir", tmp_path / "run")]
+    for name, *args in steps:
+        r = script(name, *args, env=cluster)
+        assert r.returncode == 0, r.stderr
+    args = ["--prune-dir", tmp_path / "run", "--shards", data["pattern"], "--per-strip", 4, "--workers", 2]
+    local = run("make_report.py", args, tmp_path / "report_local", "local", cluster)
+    assert run("make_report.py", args, tmp_path / "report_ray", "ray", cluster) == local
+    assert sum(name.parts[0] == "thumbs" for name in local) > 10
+
+
 def test_a_killed_task_worker_is_run_again_to_the_same_output(cluster, data, dedup_local, tmp_path):
     marker = tmp_path / "paused"
     proc = start_script(DEDUP_SCRIPT, *dedup_args(data), "--distributor", "ray", "--save_folder", tmp_path / "run",
