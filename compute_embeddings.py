@@ -33,9 +33,8 @@ import numpy as np
 import dbpkit
 from dbpkit import cli, files, savedir, tasks
 from dbpkit.errors import Incomplete, UsageError
-from dbpkit.samples import find_shards, is_local
+from dbpkit.samples import FAILED_FILE, find_shards, is_local
 
-FAILED_FILE = "failed.txt"  # shard<TAB>key<TAB>reason: the samples without an embedding
 FAILED_SHARDS_FILE = "failed_shards.txt"  # shard<TAB>reason: the shards a stopped run could not read
 
 

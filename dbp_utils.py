@@ -29,6 +29,7 @@ from dbpkit.files import LOG_FILE, PARAMS_FILE, read_npy_header
 from dbpkit.keys import byte_matrix, datacomp_subset, strip_extensions  # noqa: F401 (the loader API's too)
 from dbpkit.kmeans import exact_faiss, fit
 from dbpkit.layouts import unit_rows
+from dbpkit.prune_report import PLOT_FILE, STATS_FILE  # written there
 from dbpkit.samples import SHARD_EXTENSIONS, shard_stem  # noqa: F401 (the loader API's)
 from dbpkit.selection import KeptKeyCollector, kept_rows  # noqa: F401 (the method's selection, for users)
 from dbpkit.trie import KEPT_KEYS_FILE, TRIE_FILE, load_trie, trie_order, write_trie  # noqa: F401
@@ -38,9 +39,7 @@ WHICH_TO_KEEP = ("hard", "easy", "random")
 KEPT_PATHS_FILE = "kept_paths.txt"
 PRUNED_PATHS_FILE = "pruned_paths.txt"  # with --pruned-paths
 QUOTAS_FILE = "quotas.npy"
-STATS_FILE = "cluster_stats.csv"
 SWEEP_FILE = "temperature_sweep.csv"  # what other temperatures would do
-PLOT_FILE = "quotas.png"
 DATACOMP_FILE = "datacomp_subset.npy"  # with --datacomp-subset
 OUTPUT_FILES = (KEPT_PATHS_FILE, PRUNED_PATHS_FILE, KEPT_KEYS_FILE, TRIE_FILE, DATACOMP_FILE, QUOTAS_FILE, STATS_FILE,
                 SWEEP_FILE,

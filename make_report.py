@@ -21,13 +21,16 @@ nothing from outside the folder. --inline writes one self-contained index.html i
 
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 
 import dbp_utils as du
 from dbpkit import cli, files, report_data, savedir, tasks
+from dbpkit.dedup import PLOT_FILE as DEDUP_PLOT_FILE
 from dbpkit.errors import UsageError
 from dbpkit.keys import as_text, strip_extensions
+from dbpkit.prune_report import PLOT_FILE as PRUNE_PLOT_FILE
 from dbpkit.report_html import (
     CLUSTERS_DIR,
     DEDUP_PAGE,
@@ -41,10 +44,11 @@ from dbpkit.report_html import (
 )
 from dbpkit.samples import find_shards
 from dbpkit.thumbs import THUMBS_DIR, Found, gather_shard, thumb_name
+from dbpkit.trie import KEPT_KEYS_FILE
 
 REPORT_FILE = "report.json"  # every thumbnail shown; written last: it marks a completed report
-OUTPUTS = (INDEX_PAGE, DEDUP_PAGE, CLUSTERS_DIR, THUMBS_DIR, SCRIPT_FILE, STYLE_FILE, report_data.PRUNE_PLOT_FILE,
-           report_data.DEDUP_PLOT_FILE, REPORT_FILE)
+OUTPUTS = (INDEX_PAGE, DEDUP_PAGE, CLUSTERS_DIR, THUMBS_DIR, SCRIPT_FILE, STYLE_FILE, PRUNE_PLOT_FILE, DEDUP_PLOT_FILE,
+           REPORT_FILE)
 NO_SHARDS = "no --shards given: images not shown"
 NOT_FOUND = "not found in the shards given (--shards)"
 CLUSTER_STRIPS = ("nearest", "cut", "farthest")  # a cluster page's; the index shows each extreme's "spread"
@@ -111,10 +115,11 @@ def gather_images(urls: list[str], wanted: set[str], size: int, thumbs: str, poo
 def thumb(key: str, role: str, found: dict[str, Found] | None, missing: str, cluster: int | None = None,
           note: str = "") -> Thumb:
     """A Thumb for a key: its image and text when the shards held it, else a placeholder saying why."""
-    sample = found.get(stripped(key)) if found is not None else None
+    form = stripped(key)
+    sample = found.get(form) if found is not None else None
     if sample is None:
         return Thumb(key, role, cluster, note, missing=missing)
-    image = thumb_name(stripped(key)) if not sample.missing else None
+    image = thumb_name(form) if not sample.missing else None
     return Thumb(key, role, cluster, note, sample.caption, sample.url, image, sample.missing)
 
 
@@ -156,7 +161,7 @@ def main() -> None:
                                else (None, []))
     urls = find_shards(args.shards) if args.shards else []
     embed_params, failed_path = report_data.embedding_run(run)
-    kept_keys = du.load_kept_keys(os.path.join(args.prune_dir, report_data.KEPT_KEYS_FILE))
+    kept_keys = du.load_kept_keys(os.path.join(args.prune_dir, KEPT_KEYS_FILE))
     save = savedir.SaveDir(args.save_folder, args.overwrite, OUTPUTS, REPORT_FILE, "--save_folder")
 
     # 2. What to show: the clusters, their strips, the pairs.
@@ -198,13 +203,10 @@ def main() -> None:
                                                "thumbs": member_thumbs(views[j], "spread")} for j in ids]}
                     for title, ids in ((f"The {len(most_complex)} most complex clusters (kept most)", most_complex),
                                        (f"The {len(simplest)} simplest clusters (pruned hardest)", simplest))]
-        figures = [{"title": "DBP quotas per cluster", "name": report_data.PRUNE_PLOT_FILE, "source": args.prune_dir}]
-        if args.dedup_dir:
-            figures.append({"title": "SemDeDup similarities", "name": report_data.DEDUP_PLOT_FILE,
-                            "source": args.dedup_dir})
-        for fig in figures:
-            fig["path"] = os.path.join(fig["source"], fig["name"])
-        figures = [fig for fig in figures if os.path.isfile(fig["path"])]
+        figures = [{"title": title, "name": name, "path": os.path.join(source, name)}
+                   for title, name, source in (("DBP quotas per cluster", PRUNE_PLOT_FILE, args.prune_dir),
+                                               ("SemDeDup similarities", DEDUP_PLOT_FILE, args.dedup_dir))
+                   if source and os.path.isfile(os.path.join(source, name))]
         dedup = None
         if dedup_eps:
             dedup = {"summary": f"{dedup_params['rows']} rows, {dedup_params['num_clusters']} clusters, keep "
@@ -214,9 +216,7 @@ def main() -> None:
                               "near": pair_views(e.near, found, missing),
                               "sampled": pair_views(e.sampled, found, missing)} for e in dedup_eps]}
         entries = report_entries(clusters, extremes, dedup, args.inline)
-        placeholders = {}
-        for entry in {(e["key"], e["missing"]) for e in entries if e["missing"]}:
-            placeholders[entry[1]] = placeholders.get(entry[1], 0) + 1
+        placeholders = Counter(reason for _, reason in {(e["key"], e["missing"]) for e in entries if e["missing"]})
         notes = [f"{count} image(s) shown as placeholders: {reason}" for reason, count in sorted(placeholders.items())]
         notes += [f"shard {url} could not be read to the end: {why}" for url, why in unreadable]
         if left_out:
@@ -228,14 +228,14 @@ def main() -> None:
                  "extremes": extremes, "columns": TABLE_COLUMNS, "rows": table_rows(run.stats),
                  "table_note": f"{len(run.stats)} clusters; a cluster id links to its page where it has one."}
         cli.stage("writing the pages")
-        written = write_report(out.staging, site, index, clusters, dedup)
+        write_report(out.staging, site, index, clusters, dedup)
         if not args.inline:
             for fig in figures:
                 shutil.copyfile(fig["path"], out.path(fig["name"]))
         else:
             shutil.rmtree(thumbs)  # embedded in index.html
         files.save_json(out.path(REPORT_FILE), entries)
-    pages = len(written) if args.inline else 1 + len(clusters) + bool(dedup)
+    pages = 1 if args.inline else 1 + len(clusters) + bool(dedup)
     print(f"report of {len(run.stats)} clusters ({len(shown)} with a page), {len(entries)} thumbnails "
           f"({sum(placeholders.values())} placeholders), {pages} page(s){tasks.on(args.distributor) if urls else ''} "
           f"-> {args.save_folder}")

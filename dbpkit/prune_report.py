@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+STATS_FILE = "cluster_stats.csv"
+PLOT_FILE = "quotas.png"
+
 
 def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> str:
     """The most and least pruned clusters, in words, for the log."""

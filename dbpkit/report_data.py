@@ -19,12 +19,11 @@ from dbpkit.dedup import REMOVED_FILE, STATS_FILE, eps_folder
 from dbpkit.errors import UsageError
 from dbpkit.files import PARAMS_FILE, load_json
 from dbpkit.keys import as_text, keys_as_utf8, strip_extensions
+from dbpkit.kmeans import CLUSTERING_FILE
+from dbpkit.prune_report import STATS_FILE as PRUNE_STATS_FILE
+from dbpkit.samples import FAILED_FILE
+from dbpkit.trie import KEPT_KEYS_FILE
 
-PRUNE_STATS_FILE, PRUNE_PLOT_FILE = "cluster_stats.csv", "quotas.png"  # prune.py's, as dbp_utils names them
-KEPT_KEYS_FILE = "kept_keys.npy"
-DEDUP_PLOT_FILE = "similarity.png"
-CLUSTERING_FILE = "clustering.json"  # cluster_embeddings.py's, beside the sorted clusters
-FAILED_FILE = "failed.txt"  # compute_embeddings.py's samples without an embedding
 INDEX_EXTREMES = 10  # simplest and most complex clusters drawn as strips on the index page
 PAIR_LINES = 1 << 16  # lines of removed_paths.txt read at a time
 
@@ -113,27 +112,30 @@ def as_number(text: str) -> float:
         return float("nan")
 
 
+def by_complexity(complexity: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The non-empty clusters (an empty one has nothing to show), least complex first, NaN last."""
+    nonempty = np.flatnonzero(sizes > 0)
+    return nonempty[np.argsort(complexity[nonempty], kind="stable")]
+
+
 def choose_clusters(complexity: np.ndarray, sizes: np.ndarray, most: int, seed: int) -> tuple[list[int], int]:
     """The clusters given a page, least complex first: all when they are at most `most`, else the `most` // 4
-    least and most complex and a seeded sample of the rest; and how many were left out. Empty clusters
-    have nothing to show."""
-    nonempty = np.flatnonzero(sizes > 0)
-    by_complexity = nonempty[np.argsort(complexity[nonempty], kind="stable")]  # NaN last
-    if len(by_complexity) <= most:
-        return by_complexity.tolist(), 0
+    least and most complex and a seeded sample of the rest; and how many were left out."""
+    ordered = by_complexity(complexity, sizes)
+    if len(ordered) <= most:
+        return ordered.tolist(), 0
     ends = max(most // 4, 1)
-    middle = by_complexity[ends:len(by_complexity) - ends]
+    middle = ordered[ends:len(ordered) - ends]
     drawn = np.random.default_rng(seed).choice(len(middle), size=most - 2 * ends, replace=False)
-    chosen = np.concatenate([by_complexity[:ends], middle[np.sort(drawn)], by_complexity[len(by_complexity) - ends:]])
-    return chosen.tolist(), len(by_complexity) - most
+    chosen = np.concatenate([ordered[:ends], middle[np.sort(drawn)], ordered[len(ordered) - ends:]])
+    return chosen.tolist(), len(ordered) - most
 
 
 def extremes(complexity: np.ndarray, sizes: np.ndarray) -> tuple[list[int], list[int]]:
     """The INDEX_EXTREMES simplest and most complex non-empty clusters (most complex first)."""
-    nonempty = np.flatnonzero(sizes > 0)
-    by_complexity = nonempty[np.argsort(complexity[nonempty], kind="stable")]
-    count = min(INDEX_EXTREMES, len(by_complexity) // 2 or len(by_complexity))
-    return by_complexity[:count].tolist(), by_complexity[::-1][:count].tolist()
+    ordered = by_complexity(complexity, sizes)
+    count = min(INDEX_EXTREMES, len(ordered) // 2 or len(ordered))
+    return ordered[:count].tolist(), ordered[::-1][:count].tolist()
 
 
 def strip_positions(rows: int, quota: int, which: str, per_strip: int) -> tuple[dict[str, list[range]], str]:
@@ -207,13 +209,13 @@ def load_dedup(folder: str, pairs: int, seed: int, flag: str = "--dedup-dir") ->
     params = load_json(require_file(folder, PARAMS_FILE, flag, "deduplicate.py"))
     shown = []
     for row in read_csv(require_file(folder, STATS_FILE, flag, "deduplicate.py")):
-        eps = eps_folder(float(row["eps"]))[len("eps_"):]
-        path = os.path.join(folder, eps_folder(float(row["eps"])), REMOVED_FILE)
+        eps_dir = eps_folder(float(row["eps"]))
+        path = os.path.join(folder, eps_dir, REMOVED_FILE)
         if not os.path.isfile(path):
-            raise UsageError(flag, f"{folder} holds no eps_{eps}/{REMOVED_FILE}",
+            raise UsageError(flag, f"{folder} holds no {eps_dir}/{REMOVED_FILE}",
                              "pass the output folder of a completed deduplicate.py run")
         near, sampled = pick_pairs(path, pairs, seed)
-        shown.append(EpsPairs(eps, int(row["removed"]), int(row["kept"]), near, sampled))
+        shown.append(EpsPairs(eps_dir.removeprefix("eps_"), int(row["removed"]), int(row["kept"]), near, sampled))
     return params, shown
 
 

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -123,10 +122,9 @@ def copy_assets(folder: str) -> None:
         shutil.copyfile(os.path.join(TEMPLATES, name), os.path.join(folder, name))
 
 
-def write_report(folder: str, site: Site, index: dict, clusters: list[dict], dedup: dict | None,
-                 log: Callable[[str], None] = lambda _: None) -> list[str]:
+def write_report(folder: str, site: Site, index: dict, clusters: list[dict], dedup: dict | None) -> None:
     """Write the pages into `folder`: index.html, a page per shown cluster and dedup.html, with the script and
-    style files; or, inline, everything in index.html. Returns the files written."""
+    style files; or, inline, everything in index.html."""
     env = environment()
     index_section = dict(index, template="index.html")
     cluster_sections = [dict(c, template="cluster.html") for c in clusters]
@@ -134,15 +132,11 @@ def write_report(folder: str, site: Site, index: dict, clusters: list[dict], ded
     if site.inline:
         sections = [index_section, *cluster_sections, *dedup_sections]
         write_page(os.path.join(folder, INDEX_PAGE), render(env, site, index["title"], "", sections))
-        return [INDEX_PAGE]
+        return
     copy_assets(folder)
     write_page(os.path.join(folder, INDEX_PAGE), render(env, site, index["title"], "", [index_section]))
     for section in cluster_sections:
-        log(f"cluster {section['view'].cluster_id}")
         write_page(os.path.join(folder, cluster_page(section["view"].cluster_id)),
                    render(env, site, f"cluster {section['view'].cluster_id}", "../", [section]))
-    written = [INDEX_PAGE, SCRIPT_FILE, STYLE_FILE] + ([CLUSTERS_DIR] if cluster_sections else [])
     if dedup_sections:
         write_page(os.path.join(folder, DEDUP_PAGE), render(env, site, "deduplication", "", dedup_sections))
-        written.append(DEDUP_PAGE)
-    return written

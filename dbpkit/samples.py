@@ -19,6 +19,7 @@ from dbpkit.errors import UsageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
+FAILED_FILE = "failed.txt"  # compute_embeddings.py's: shard<TAB>key<TAB>reason, the samples without an embedding
 
 
 def is_local(url: str) -> bool:
@@ -26,7 +27,7 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def find_shards(pattern: str, flag: str = "--shards") -> list[str]:
+def find_shards(pattern: str) -> list[str]:
     """The shards of a webdataset pattern, local ones as absolute paths (a Ray worker starts in another folder);
     they must exist (a URL or pipe: command is tried when read)."""
     from webdataset.shardlists import expand_urls
@@ -35,10 +36,10 @@ def find_shards(pattern: str, flag: str = "--shards") -> list[str]:
     local = [s for s in urls if is_local(s)]
     missing = [s for s in local if not os.path.isfile(s)]
     if local and len(missing) == len(urls):
-        raise UsageError(flag, f"{pattern!r} matches no shard (no {missing[0]})",
+        raise UsageError("--shards", f"{pattern!r} matches no shard (no {missing[0]})",
                          "check the path and the brace pattern, e.g. DATA/{00000..00099}.tar")
     if missing:
-        raise UsageError(flag, f"{missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
+        raise UsageError("--shards", f"{missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
                          "are missing)", "check the pattern's range")
     return urls
 
