@@ -84,6 +84,12 @@ def first_line(error: Exception) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+| @ <[^>]*>", "", (str(error).splitlines() or [""])[0])
 
 
+def unreadable_reason(error: Exception) -> str:
+    """Why a shard could not be read further, in one line (webdataset's errors vary: some pass a tuple)."""
+    said = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    return f"{type(error).__name__}: {first_line(Exception(said))}"
+
+
 def text_fields(sample: dict) -> tuple[str | None, str | None]:
     """(caption from .txt, url from .json), as img2dataset writes them; None where the sample has none."""
     caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None

@@ -28,7 +28,7 @@ from dbpkit.cli import stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
 from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
-from dbpkit.samples import first_line, open_image, shard_samples, text_fields
+from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 from dbpkit.tasks import exit_with
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
@@ -142,8 +142,7 @@ class ShardSamples(torch.utils.data.IterableDataset):
                     caption, url = text_fields(sample)
                     yield Decoded(key, pixels, caption, url, failure)
         except Exception as e:  # a broken tar or a failed command: webdataset's errors vary
-            said = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # (not the tuples some pass)
-            yield Decoded(unreadable=f"{type(e).__name__}: {first_line(Exception(said))}")
+            yield Decoded(unreadable=unreadable_reason(e))
 
 
 class ShardUnreadable(Exception):

@@ -12,7 +12,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 
-from dbpkit.samples import first_line, open_image, shard_samples, shard_stem, text_fields
+from dbpkit.samples import open_image, shard_samples, shard_stem, text_fields, unreadable_reason
 
 THUMBS_DIR = "thumbs"
 JPEG_QUALITY = 85
@@ -62,6 +62,5 @@ def gather_shard(task: tuple[str, frozenset[str], int]) -> ShardResult:
                     found[form] = thumbnail(sample, size)
     except Exception as e:  # a truncated tar or a failed pipe: command (webdataset's errors vary); what was
         # read stays shown, the rest becomes placeholders that say why
-        said = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-        return ShardResult(found, f"{type(e).__name__}: {first_line(Exception(said))}")
+        return ShardResult(found, unreadable_reason(e))
     return ShardResult(found)
