@@ -192,6 +192,7 @@ class LocalEngine:
 
     def __init__(self, workers: int, preload: tuple[str, ...]):
         self.slots = workers
+        self.others = set(multiprocessing.active_children())  # children not of this pool (a caller's own)
         self.executor = _start_executor(workers, preload)
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
@@ -216,8 +217,9 @@ class LocalEngine:
         if killed:  # stop at once, mid-task: the run is over
             if hasattr(self.executor, "kill_workers"):  # Python 3.14
                 self.executor.kill_workers()
-            else:  # No public way before 3.14; killing only some would leave a queue's lock held by a dead one.
-                for process in list(self.executor._processes.values()):
+            else:  # Before 3.14: the pool's workers are this process's multiprocessing children it did not have
+                # before (killing only some would leave a queue's lock held by a dead one).
+                for process in set(multiprocessing.active_children()) - self.others:
                     process.kill()
         self.executor.shutdown(wait=True, cancel_futures=True)
 

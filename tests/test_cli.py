@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -26,6 +27,40 @@ def test_a_workers_error_reaches_the_caller_and_stops_the_pool():
         with tasks.TaskPool(2) as pool:
             list(pool.run(square_or_fail, list(range(40)), "squares"))
     assert multiprocessing.active_children() == []  # stopped and reaped, not left to finish
+
+
+def announce_then_hang(task):
+    """Task 0 returns once the others have started; the others say so (a file named for their worker) and
+    never end."""
+    folder, number = task
+    if number == 0:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(folder)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return os.listdir(folder)
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    time.sleep(3600)
+
+
+def test_a_failed_run_kills_its_workers_mid_task_and_no_other_child(tmp_path):
+    """The run fails while two workers are busy with tasks that never end: its workers are killed (the run
+    does not wait for them); a child process the caller started before the pool (multiprocessing's, like
+    the workers) is left alone."""
+    own = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(3600,))
+    own.start()
+    try:
+        with pytest.raises(RuntimeError, match="the caller failed"):
+            with tasks.TaskPool(3) as pool:
+                for started in pool.run(announce_then_hang, [(str(tmp_path), n) for n in range(3)], "hanging"):
+                    assert len(started) == 2, "the two hanging tasks started"
+                    raise RuntimeError("the caller failed")
+        assert multiprocessing.active_children() == [own]
+    finally:
+        own.kill()
+        own.join()
+    for pid in [int(name) for name in os.listdir(tmp_path)]:  # killed, and reaped by the pool's shutdown
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_a_failed_bar_ends_its_line_in_a_log_file(monkeypatch, capsys):
