@@ -8,8 +8,6 @@ rerun with the same inputs and flags. A lock keeps a second run out.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import shutil
 import socket
@@ -17,6 +15,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+import filelock
 
 from dbpkit.cli import check_stop, signalled
 from dbpkit.errors import UsageError
@@ -51,46 +51,43 @@ def check_creatable(folder: str, flag: str) -> None:
 
 
 class FolderLock:
-    """One run at a time in an output folder: a POSIX record lock on FOLDER/.dbp_lock. The kernel drops it
-    when the process ends, however it ends, and forked workers never inherit it. The file names the
-    holder for a refused run, and goes with the run: it is removed while still held (so whoever opened it
-    finds it held, and checks that the file it locked is still the one in the folder). (filelock, which
-    would do the locking, keeps its file in the folder for good: a file in every output folder.)"""
+    """One run at a time in an output folder: filelock's lock on FOLDER/.dbp_lock (flock: the kernel drops it
+    when the process ends, however it ends). The file names the holder for a refused run, and goes with the
+    run: the holder removes it before letting go, so whoever opened it meanwhile finds it held, or finds it
+    removed (filelock checks that), and no lock file stays behind in the folder."""
 
     def __init__(self, folder: str, flag: str):
-        self.path, self.flag, self.fd = os.path.join(folder, LOCK_FILE), flag, -1
+        self.path, self.flag = os.path.join(folder, LOCK_FILE), flag
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=_name_holder)
 
     def acquire(self) -> FolderLock:
         """Take the lock, or raise a UsageError naming the run that holds it."""
-        while True:
+        if not os.path.isdir(os.path.dirname(self.path)):  # (filelock would make it again)
+            raise UsageError(self.flag, f"{os.path.dirname(self.path)} was removed as this run started",
+                             "rerun the command")
+        try:
+            self.lock.acquire()
+        except filelock.Timeout:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    holder = f.read().strip() or "starting up"
             except FileNotFoundError:
-                raise UsageError(self.flag, f"{os.path.dirname(self.path)} was removed as this run started",
-                                 "rerun the command") from None
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "starting up"
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise UsageError(self.flag, f"{os.path.dirname(self.path)} is in use by another run ({holder})",
-                                 "wait for it to end, or choose another folder") from None
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break  # still the file in the folder, not one its last holder removed as we opened it
-            os.close(fd)
-        self.fd = fd
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.ftruncate(fd, 0)  # a killed holder's line may still be there
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}".encode())
+                holder = "ending just now"
+            raise UsageError(self.flag, f"{os.path.dirname(self.path)} is in use by another run ({holder})",
+                             "wait for it to end, or choose another folder") from None
         return self
 
     def release(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)  # while still holding it: whoever opened this file finds it held
-        os.close(self.fd)
+            os.remove(self.path)  # while still holding it
+        self.lock.release()
+
+
+def _name_holder(fd: int) -> None:
+    """Write who holds the lock into its file (a killed holder's line may still be there)."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}".encode(), 0)
 
 
 class SaveDir:

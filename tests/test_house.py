@@ -105,3 +105,29 @@ def test_append_rest_by_the_kernel_gives_the_same_bytes():
             s.seek(2)
             files.append_rest(s, o)
         assert open(out, "rb").read() == b"y" + open(source, "rb").read()[2:]
+
+
+def test_the_folder_lock_names_its_holder_refuses_a_second_and_leaves_no_file(tmp_path):
+    from dbpkit.errors import UsageError
+    from dbpkit.savedir import LOCK_FILE, FolderLock
+
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_text("pid 1 on elsewhere, started long ago: a killed run's line, longer than ours" * 20)
+    held = FolderLock(str(tmp_path), "--save-dir").acquire()  # a killed holder's file: not held, so taken
+    line = lock_file.read_text()
+    assert line.startswith(f"pid {os.getpid()} on ") and "killed" not in line
+    with pytest.raises(UsageError, match=f"--save-dir: {tmp_path} is in use by another run \\(pid {os.getpid()} on "):
+        FolderLock(str(tmp_path), "--save-dir").acquire()  # another open of the file: refused at once
+    held.release()
+    assert os.listdir(tmp_path) == []
+    FolderLock(str(tmp_path), "--save-dir").acquire().release()  # free again
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_folder_lock_of_a_folder_removed_meanwhile_says_so(tmp_path):
+    from dbpkit.errors import UsageError
+    from dbpkit.savedir import FolderLock
+
+    with pytest.raises(UsageError, match="gone was removed as this run started"):
+        FolderLock(str(tmp_path / "gone"), "--save-dir").acquire()
+    assert not (tmp_path / "gone").exists()
