@@ -71,26 +71,34 @@ def keep_order(rows: int, distances: np.ndarray, which: str, seed: int, cluster_
 def max_earlier_similarity(x, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """For each row i of the unit rows x (a torch tensor, in keep order): max(0, max_{j<i} x_i . x_j), and that j
     (the first of equals; -1 where no similarity is above 0). A block of rows meets each block of earlier
-    rows once: the strict lower triangle, never the whole square."""
+    rows once: the strict lower triangle, never the whole square. (The GEMM's order of summing depends on
+    the shapes it is given: these blocks' shapes are kept so that the scores stay the same bytes.)"""
     import torch
 
     n = len(x)
-    best = torch.zeros(n, dtype=torch.float32, device=x.device)
-    match = torch.full((n,), -1, dtype=torch.int64, device=x.device)
-    later = torch.ones(block, block, dtype=torch.bool, device=x.device).triu()  # j >= i on a diagonal block
+    best, match = np.zeros(n, np.float32), np.full(n, -1, np.int64)
+    buffer = torch.empty(min(block, n) ** 2, dtype=x.dtype, device=x.device)  # a block's similarities, reused
     for r0 in range(0, n, block):
         r1 = min(r0 + block, n)
-        rows = x[r0:r1]
         for c0 in range(0, r1, block):  # blocks of columns before the rows' end (the last is the diagonal)
             c1 = min(c0 + block, r1)
-            sims = (rows @ x[c0:c1].T).float()
+            sims = torch.mm(x[r0:r1], x[c0:c1].T, out=buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
             if c0 == r0:
-                sims.masked_fill_(later[:r1 - r0, :c1 - c0], -2.0)  # below any cosine
-            value, where = sims.max(dim=1)
+                sims.tril_(-1)  # j >= i: 0, which never beats the 0 every row starts from
+            value, where = row_max(sims)
             better = value > best[r0:r1]  # strictly: earlier blocks keep their ties
-            best[r0:r1] = torch.where(better, value, best[r0:r1])
-            match[r0:r1] = torch.where(better, where + c0, match[r0:r1])
-    return best.cpu().numpy(), match.cpu().numpy()
+            best[r0:r1][better] = value[better]
+            match[r0:r1][better] = where[better] + c0
+    return best, match
+
+
+def row_max(sims) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's largest value (float32) and its first column holding it, as numpy arrays."""
+    if sims.device.type == "cpu":  # numpy's argmax, one pass: 3x faster than torch's max(dim=1) on the CPU
+        where = sims.numpy().argmax(axis=1)
+        return sims.numpy()[np.arange(len(where)), where], where
+    value, where = sims.max(dim=1)
+    return value.float().cpu().numpy(), where.cpu().numpy()
 
 
 @dataclass(frozen=True)
