@@ -185,6 +185,8 @@ def main() -> None:
 
     # torch imported once, in the fork server, rather than once per worker
     with save as out, tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
+        pool.start()  # the workers' fork server imports torch (a second) while this process
+        dedup.import_plotting()  # imports matplotlib for similarity.png
         history = ""
         if earlier is not None:
             reuse_scores(args.save_folder, out.staging)

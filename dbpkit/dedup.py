@@ -270,6 +270,12 @@ def write_cluster_stats(path: str, eps_list: list[float], sizes: np.ndarray, rem
         rows.writerows([j, size, *gone] for j, (size, gone) in enumerate(zip(sizes.tolist(), removed.tolist())))
 
 
+def import_plotting() -> None:
+    """Import what drawing similarity.png takes (a third of a second), at a time of the caller's choosing."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def plot_similarity(path: str, eps_list: list[float], removed: np.ndarray, histogram: np.ndarray, curve: np.ndarray,
                     total: int) -> None:
     similarity_figure(eps_list, removed, histogram, curve, total).savefig(path, format="png")

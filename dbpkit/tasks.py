@@ -14,6 +14,7 @@ bar, and is a safe point (dbpkit.cli's) every STOP_POLL seconds while it waits.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib
@@ -41,6 +42,13 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))  # dbpkit: the tasks' code
 PROJECT = os.path.dirname(PACKAGE)  # the scripts and dbp_utils.py beside it (a checkout, or site-packages)
 DISTRIBUTORS = ("local", "ray")
 EXIT_POLL = 0.5  # seconds between looks at the run's process where the system cannot say when it ends
+FORK_SERVER_VARIABLE = "DBP_FORK_SERVER"  # set to the run's pid for the fork server it starts
+
+# The fork server imports this module (see _start_executor). When the run ends, so does the fork server, which
+# then skips the interpreter's teardown: it holds no output of ours, and torch's teardown alone takes 0.3 s,
+# for which anything reading the run's output (a pipe, `timeout`) would wait.
+if os.environ.pop(FORK_SERVER_VARIABLE, None) == str(os.getppid()):
+    atexit.register(os._exit, 0)
 
 
 def add_distributor_flag(parser: Any) -> None:
@@ -105,11 +113,14 @@ class TaskPool:
 
     def start(self) -> None:
         """Start the workers now rather than at the first task: called before work this process does alone
-        (k-means training), so that Ray's start-up and the workers' imports overlap it."""
+        (k-means training, imports), so that the workers' start-up overlaps it. Locally that is the fork
+        server's imports, under way when this returns (a task handed out waits for them); on Ray, Ray's
+        start-up and each worker's imports."""
         if not self._in_process(2):
             engine = self._engine()
-            for _ in range(engine.slots):
-                engine.submit(_import_all, (*_our_modules(package_only=self.distributor == "ray"), *self.preload), {})
+            if self.distributor == "ray":
+                for _ in range(engine.slots):
+                    engine.submit(_import_all, (*_our_modules(package_only=True), *self.preload), {})
 
     def _in_process(self, total: int) -> bool:
         return self.distributor == "local" and (self.workers <= 1 or total <= 1)
@@ -233,7 +244,8 @@ def _start_executor(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecut
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
-    with _environment(PYTHONWARNINGS="ignore:resource_tracker:UserWarning", PYTHONPATH=PROJECT):
+    with _environment(PYTHONWARNINGS="ignore:resource_tracker:UserWarning", PYTHONPATH=PROJECT,
+                      **{FORK_SERVER_VARIABLE: str(os.getpid())}):
         try:
             multiprocessing.resource_tracker.ensure_running()
             multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on
