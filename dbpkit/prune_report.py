@@ -74,11 +74,11 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
     left.set(ylim=(0, 1.15 * max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0)),
              xlabel="complexity $C_j$", ylabel="samples kept", title=title)
     left.legend(loc="upper left", fontsize=8)
-    x = np.arange(len(order))
-    right.bar(x, sizes[order], width=1.0, color="0.8", label="cluster size $n_j$")
-    right.bar(x, quotas[order], width=1.0, color="tab:blue", label="kept $N_j$")
+    edges = np.arange(len(order) + 1) - 0.5  # a bar per cluster, each drawn as one step artist (1000 bars: 0.5 s)
+    right.stairs(sizes[order], edges, fill=True, color="0.8", label="cluster size $n_j$")
+    right.stairs(quotas[order], edges, fill=True, color="tab:blue", label="kept $N_j$")
     right.set_yscale("log")
-    right.set(xlim=(-0.5, len(x) - 0.5), xlabel="clusters, by complexity (lowest left)",
+    right.set(xlim=(edges[0], edges[-1]), xlabel="clusters, by complexity (lowest left)",
               ylabel="samples (log scale)", title="what each cluster keeps of what it has")
     right.legend(loc="upper left", fontsize=8)
     knob.plot(sweep["temperature"], sweep["moved_fraction"], marker="o", ms=3, color="tab:blue",

@@ -320,3 +320,8 @@ def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temp
     marks = [line for line in knob.lines if "this run's T" in line.get_label()]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [1000, 1000]  # the red line stands at the run's T
     assert knob.get_xscale() == "log"
+    by_complexity = np.argsort(table["complexity"], kind="stable")  # the middle panel: a bar per cluster, in that order
+    sizes, kept = (step.get_data() for step in figure.axes[1].patches)
+    assert np.array_equal(sizes.values, table["size"][by_complexity])
+    assert np.array_equal(kept.values, table["quota"][by_complexity])
+    assert np.array_equal(sizes.edges, np.arange(len(table["size"]) + 1) - 0.5)
