@@ -3,7 +3,11 @@
 Generates float16 embeddings (unit vectors around concepts, as image embeddings are) and their keys
 (reused when already there), warms the page cache, then measures in one run:
   - the floor: one process that reads the embeddings, trains faiss.Kmeans on the same sample with
-    the same settings, and searches every row's nearest centroid;
+    the same settings, and searches every row's nearest centroid. The same settings include faiss's own
+    loop for every distance (dbpkit.kmeans.exact_faiss: the script's outputs are the same bytes for any
+    thread count, and stay those of earlier releases), so the floor does the script's arithmetic;
+  - the same floor with faiss's default, BLAS for batches of queries, for reference: faster, by a factor
+    that grows with the dimension, but other arithmetic (other outputs);
   - cluster_embeddings.py as a whole process: wall time, peak RSS (largest process, and the sampled
     sum over the script and its workers), and its ratio to the floor;
   - sorting and writing the cluster files from one assignment: dbpkit.kmeans.write_clusters against
@@ -34,6 +38,8 @@ FLOOR = """
 import sys, time, numpy as np, faiss
 path, k, niter, seed, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 faiss.omp_set_num_threads(threads)
+if sys.argv[6] == "own loop":  # as dbpkit.kmeans.exact_faiss
+    faiss.cvar.distance_compute_blas_threshold = 1 << 30
 x = np.load(path, mmap_mode="r")
 n = len(x)
 sample = min(n, 256 * k)
@@ -123,12 +129,15 @@ def main() -> None:
     print(f"data: {args.rows:,} x {args.dim} float16 ({os.path.getsize(emb) / 1e9:.2f} GB), k = {args.clusters}, "
           f"niter {args.niter}, sample {min(args.rows, 256 * args.clusters):,} rows, --workers {args.workers}\n")
 
-    floor = measure([py, "-c", FLOOR, emb, str(args.clusters), str(args.niter), str(args.seed), str(args.workers)])
+    floor_args = [py, "-c", FLOOR, emb, str(args.clusters), str(args.niter), str(args.seed), str(args.workers)]
+    floor = measure([*floor_args, "own loop"])
+    blas = measure([*floor_args, "blas"])
     script = measure([py, os.path.join(ROOT, "cluster_embeddings.py"), "--embeddings", emb, "--keys", keys,
                       "--num_clusters", str(args.clusters), "--niter", str(args.niter), "--seed", str(args.seed),
                       "--save_folder", f"{work}/save", "--workers", str(args.workers)])
     print(f"{'step':40s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'tree RSS MB':>12s}")
-    for name, r in (("floor (read, train, search)", floor), ("cluster_embeddings.py", script)):
+    for name, r in (("floor (read, train, search)", floor), ("cluster_embeddings.py", script),
+                    ("the floor with BLAS (other arithmetic)", blas)):
         print(f"{name:40s} {r['wall_s']:8.2f} {r['wall_s'] / floor['wall_s']:8.2f} {r['peak_rss_mb']:12.0f} "
               f"{r['tree_rss_mb']:12.0f}")
 

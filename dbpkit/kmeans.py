@@ -24,9 +24,11 @@ FAISS_NO_BLAS = 1 << 30  # query batches at least this large go to BLAS: never
 
 def exact_faiss(threads: int) -> Any:
     """faiss, on `threads` threads, computing every inner product and distance the same way for any number of
-    them: past a batch of 20 queries faiss hands them to BLAS, whose sums split differently by thread count
-    (the last digits of a distance, and so near ties, would depend on --workers); its own SIMD loop per
-    query does not, and is as fast at the dimensions of image embeddings (measured: 0.9x-1.3x BLAS's time)."""
+    them: past a batch of 20 queries faiss hands them to BLAS, whose sums may split differently by thread
+    count (BLAS libraries promise nothing there; the last digits of a distance, and so near ties, would
+    depend on --workers); its own SIMD loop per query does not. That costs time: k-means of 128 000 rows,
+    k = 500, takes 2.2x BLAS's time at dim 64 and 4.3x at dim 768 (2-core x86; benchmarks/bench_cluster.py
+    measures both)."""
     import faiss
 
     faiss.omp_set_num_threads(threads)
