@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import functools
 import importlib
+import itertools
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
@@ -36,7 +37,8 @@ from dbpkit.cli import check_stop, progress, stage
 from dbpkit.errors import WorkerDied
 from dbpkit.faults import pause_task
 
-TASKS_AHEAD = 4  # per worker: tasks handed out before their results are used, so a slow one stalls nothing
+TASKS_AHEAD = 4  # per worker: batches handed out before their results are used, so a slow one stalls nothing
+BATCHES_PER_WORKER = 32  # many light tasks go out in batches, about this many per worker (each costs ~0.3 ms)
 STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # dbpkit: the tasks' code
 PROJECT = os.path.dirname(PACKAGE)  # the scripts and dbp_utils.py beside it (a checkout, or site-packages)
@@ -142,20 +144,24 @@ class TaskPool:
                 stage(f"{desc} started")  # (stages are named for fault-injection tests)
                 results = (run_task(func, task) for task in tasks)
             else:
-                results = self._ordered(func, tasks, desc, resources)
+                results = self._ordered(func, tasks, desc, resources, total)
             for done, result in enumerate(results):
                 if done == 0:
                     stage(f"{desc} under way")
                 bar.update()  # a safe point, also between tasks run in this process
                 yield result
 
-    def _ordered(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, resources: dict) -> Iterator[Any]:
+    def _ordered(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, resources: dict,
+                 total: int) -> Iterator[Any]:
         engine = self._engine()
-        todo, pending, started = iter(tasks), [], False
+        # Tasks go out in batches when there are many of them (a task per cluster), so that handing them out
+        # costs little beside their work; a task needing resources (a GPU) goes alone.
+        size = 1 if resources else max(1, total // (engine.slots * BATCHES_PER_WORKER))
+        todo, pending, started = _batches(tasks, size), [], False
         while True:
             # Keep every worker busy, but never run far ahead of the results handed out.
-            while len(pending) < TASKS_AHEAD * engine.slots and (task := next(todo, _END)) is not _END:
-                pending.append(engine.submit(func, task, resources))
+            while len(pending) < TASKS_AHEAD * engine.slots and (batch := next(todo, _END)) is not _END:
+                pending.append(engine.submit(run_batch, (func, batch), resources))
             if not started:
                 stage(f"{desc} started")  # the workers are running
                 started = True
@@ -166,7 +172,7 @@ class TaskPool:
             for handle in engine.finished(pending):  # a failed task stops the run at once, not when its turn comes
                 engine.result(handle)
             while pending and engine.wait(pending[0], 0):
-                yield engine.result(pending.pop(0))
+                yield from engine.result(pending.pop(0))
 
 
 _END = object()
@@ -190,6 +196,19 @@ def run_task(func: Callable[[Any], Any], task: Any) -> Any:
     """A task, as every engine runs it (and where a fault test may stop it: dbpkit.faults)."""
     pause_task(func.__name__)
     return func(task)
+
+
+def run_batch(batch: tuple[Callable[[Any], Any], list]) -> list:
+    """Several tasks of one function in a worker, in order: their results."""
+    func, tasks = batch
+    return [run_task(func, task) for task in tasks]
+
+
+def _batches(tasks: Iterable[Any], size: int) -> Iterator[list]:
+    """The tasks in lists of `size` (the last shorter), drawn from the iterable as each list is needed."""
+    todo = iter(tasks)
+    while batch := list(itertools.islice(todo, size)):
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,28 @@ def test_a_workers_error_reaches_the_caller_and_stops_the_pool():
     assert multiprocessing.active_children() == []  # stopped and reaped, not left to finish
 
 
+def test_many_light_tasks_go_out_in_batches_and_still_come_back_in_order_with_their_errors():
+    with tasks.TaskPool(2) as pool:
+        results = list(pool.run(square_or_fail, [x for x in range(2000) if x != 13], "squares"))
+    assert [r for r, _ in results] == [x * x for x in range(2000) if x != 13]
+    assert os.getpid() not in {pid for _, pid in results}  # run by the workers
+    with pytest.raises(errors.UsageError, match="item 13: is unlucky"):  # deep inside a batch
+        with tasks.TaskPool(2) as pool:
+            list(pool.run(square_or_fail, list(range(2000)), "squares"))
+
+
+def test_batches_are_drawn_from_the_tasks_only_as_they_are_needed():
+    drawn = []
+
+    def lazily():
+        for x in range(10):
+            drawn.append(x)
+            yield x
+    batches = tasks._batches(lazily(), 4)
+    assert next(batches) == [0, 1, 2, 3] and drawn == [0, 1, 2, 3]
+    assert list(batches) == [[4, 5, 6, 7], [8, 9]]
+
+
 def announce_then_hang(task):
     """Task 0 returns once the others have started; the others say so (a file named for their worker) and
     never end."""
