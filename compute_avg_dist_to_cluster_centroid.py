@@ -36,11 +36,13 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     workers = cli.num_workers(args.workers)
+    pool = tasks.TaskPool(workers)
+    pool.start()  # the workers' fork server starts importing while this process checks the inputs
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     out = args.avg_distance_to_cent_save_path
     savedir.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
 
-    with tasks.TaskPool(workers) as pool:
+    with pool:
         results = list(pool.run(du.cluster_mean_distance, clusters, "d_intra"))
     d_intra = np.array([mean for mean, _ in results], dtype=np.float32)
     unsorted = [c.path for c, (_, is_sorted) in zip(clusters, results) if not is_sorted]

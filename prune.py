@@ -115,6 +115,8 @@ def main() -> None:
     check_args(args)
     workers = cli.num_workers(args.workers)
     run_log = cli.RunLog()
+    pool = tasks.TaskPool(workers)
+    pool.start()  # the workers' fork server starts importing while this process checks the inputs
 
     # 1. Inputs, checked before anything is written (the distances of the rows read are checked as
     #    they are read; a failure there still leaves the save dir as it was).
@@ -145,7 +147,7 @@ def main() -> None:
              "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
-    with save_dir as out, tasks.TaskPool(workers) as pool:
+    with save_dir as out, pool:
         # The stats and the plot need only the quotas: drawn by a worker while the others select.
         report = pool.submit(prune_report.write_report, (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE),
                                                          out.path(du.PLOT_FILE), stats, sweep, plan, target,
