@@ -8,7 +8,10 @@ the page cache, then measures in one run:
     matrix, its diagonal zeroed, its upper triangle copied, the column maxima), imports excluded;
   - torch's full-square X @ X.T of each cluster, in the same process: the GEMM floor of SemDeDup's way;
   - the scores: deduplicate.py's against SemDeDup's M, the largest difference;
-  - one large cluster alone (memory: never an n x n matrix).
+  - one large cluster alone (memory: never an n x n matrix);
+  - the scoring stage's matmul rate (the multiply-adds of its blocks over the stage's time in logs.log)
+    against the device's own GEMM rate on a block of the same shape: on the CPU (a thread per worker), and
+    with --device cuda where torch sees a GPU (float16); on a machine without one it says so and skips.
 
     python benchmarks/bench_dedup.py                               # 60 clusters x 5,000 rows, dim 256
     python benchmarks/bench_dedup.py --large 75000 --large-dim 32   # and one 75k-row cluster
@@ -24,7 +27,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_pipeline import machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+from bench_pipeline import cuda_device, machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+
+from dbpkit.dedup import BLOCK_ROWS  # noqa: E402
 
 SEMDEDUP = """
 import glob, json, sys, time, numpy as np, torch
@@ -49,6 +54,61 @@ for j in range(k):
 np.savez(folder + "/semdedup_scores.npz", **{str(j): s for j, s in scores.items()})
 print(json.dumps({"loop_s": loop, "square_s": square, "threads": torch.get_num_threads()}))
 """
+GEMM = """
+import json, sys, time, torch
+device, dim, block, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+torch.set_num_threads(1)  # as each deduplicate.py worker
+dtype = torch.float16 if device == "cuda" else torch.float32  # as deduplicate.py on each device
+a, b = (torch.randn(block, dim, device=device, dtype=dtype) for _ in range(2))
+out = torch.empty(block, block, device=device, dtype=dtype)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+for _ in range(3):
+    torch.mm(a, b.T, out=out)
+sync()
+calls, start = 0, time.perf_counter()
+while time.perf_counter() - start < seconds:
+    for _ in range(10):
+        torch.mm(a, b.T, out=out)
+    calls += 10
+    sync()
+print(json.dumps({"macs_per_s": calls * block * block * dim / (time.perf_counter() - start)}))
+"""
+GEMM_SECONDS = 2.0
+
+
+def block_macs(sizes: list[int], dim: int, block: int = BLOCK_ROWS) -> int:
+    """The multiply-adds of deduplicate.py's blocks: per cluster, each block of rows against each block of
+    columns up to the diagonal's."""
+    total = 0
+    for n in sizes:
+        for r0 in range(0, n, block):
+            rows = min(block, n - r0)
+            total += rows * min(r0 + block, n) * dim
+    return total
+
+
+def stage_seconds(log: str, first: str, last: str) -> float:
+    """Seconds between two stages in a run's logs.log."""
+    import datetime
+
+    times = {}
+    for line in open(log):
+        if " INFO stage: " in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            times[line.split(" INFO stage: ", 1)[1].strip()] = stamp.timestamp()
+    return times[last] - times[first]
+
+
+def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int], dim: int) -> None:
+    """The scoring stage's matmul rate against the device's GEMM rate on deduplicate.py's block shape."""
+    scored = stage_seconds(os.path.join(run, "logs.log"), "score started", "scored")
+    rate = block_macs(sizes, dim) / scored
+    gemm = __import__("json").loads(measure([sys.executable, "-c", GEMM, device, str(dim), str(BLOCK_ROWS),
+                                             str(GEMM_SECONDS)])["stdout"])["macs_per_s"]
+    device_rate = gemm * (workers if device == "cpu" else 1)  # the CPU's: a core per worker; a GPU is shared
+    print(f"scoring on {device}: {rate / 1e9:.1f} G multiply-adds/s in its stage ({scored:.2f} s); the "
+          f"device's GEMM on a {BLOCK_ROWS} x {dim} block: {device_rate / 1e9:.1f} G/s"
+          f"{f' ({workers} threads, one per worker)' if device == 'cpu' else ''}: {rate / device_rate:.2f}x")
 
 
 def generate(folder: str, clusters: int, rows: int, dim: int, seed: int) -> None:
@@ -80,10 +140,11 @@ def generate(folder: str, clusters: int, rows: int, dim: int, seed: int) -> None
     mark_generated(folder, spec)
 
 
-def ours(folder: str, out: str, workers: int) -> dict:
+def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
     return measure([sys.executable, os.path.join(ROOT, "deduplicate.py"), "--sorted_clusters_path",
                     os.path.join(folder, "sorted_clusters"), "--embeddings", os.path.join(folder, "emb.npy"),
-                    "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers)])
+                    "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers),
+                    "--device", device])
 
 
 def main() -> None:
@@ -118,7 +179,16 @@ def main() -> None:
     semdedup = np.load(os.path.join(data, "semdedup_scores.npz"))
     worst = max(float(np.abs(np.load(os.path.join(work, "dedup", "scores", f"cluster_{j}.npy")) -
                              semdedup[str(j)]).max()) for j in range(args.clusters))
-    print(f"largest difference between the two scores (float32, summed in another order): {worst:.2e}")
+    print(f"largest difference between the two scores (float32, summed in another order): {worst:.2e}\n")
+    sizes = [args.rows] * args.clusters
+    scoring_rate(data, os.path.join(work, "dedup"), "cpu", args.workers, sizes, args.dim)
+    gpu = cuda_device()
+    if gpu is None:
+        print("--device cuda: torch sees no CUDA device on this machine; skipped")
+    else:
+        cuda = ours(data, os.path.join(work, "dedup_cuda"), args.workers, "cuda")
+        print(f"--device cuda ({gpu}): deduplicate.py {cuda['wall_s']:.2f} s, whole process")
+        scoring_rate(data, os.path.join(work, "dedup_cuda"), "cuda", args.workers, sizes, args.dim)
 
     if args.large:
         large = os.path.join(args.data, f"dedup_1x{args.large}_{args.large_dim}")

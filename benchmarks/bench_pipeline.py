@@ -118,6 +118,14 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def cuda_device() -> str | None:
+    """The name of the CUDA device torch sees here, or None (asked in a separate process: torch's import is
+    the benchmarked scripts' cost, not the benchmark's)."""
+    probe = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+    name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    return name or None
+
+
 def warm_cache(folder: str) -> None:
     """Read every file under folder once, so that the runs measured find it in the page cache."""
     for where, _, names in os.walk(folder):
