@@ -218,11 +218,13 @@ def main() -> None:
             files.save_npy(out.path(kmeans.LABELS), labels)
             shutil.rmtree(out.path(kmeans.ASSIGN_DIR))
         labels = np.load(out.path(kmeans.LABELS))
-        kmeans.write_clusters(out.path(kmeans.SORTED_DIR), work, labels, k, not args.ascending, pool)
         sizes = np.bincount(labels, minlength=k)
+        # clusters.png needs only the sizes: drawn by a worker while the others write the cluster files.
+        figure = pool.submit(cluster_report.write_clusters_figure,
+                             (out.path(SIZES_PLOT), sizes, files.load_json(out.path(OBJECTIVE))))
+        kmeans.write_clusters(out.path(kmeans.SORTED_DIR), work, labels, k, not args.ascending, pool)
+        figure()
         empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
-        cluster_report.clusters_figure(sizes, files.load_json(out.path(OBJECTIVE))).savefig(out.path(SIZES_PLOT),
-                                                                                            format="png")
         if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")

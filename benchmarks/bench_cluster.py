@@ -10,6 +10,8 @@ Generates float16 embeddings (unit vectors around concepts, as image embeddings 
     that grows with the dimension, but other arithmetic (other outputs);
   - cluster_embeddings.py as a whole process: wall time, peak RSS (largest process, and the sampled
     sum over the script and its workers), and its ratio to the floor;
+  - clusters.png: what importing matplotlib and drawing it cost (a worker does it while the others write
+    the cluster files);
   - sorting and writing the cluster files from one assignment: dbpkit.kmeans.write_clusters against
     SemDeDup's own approach (one full-table filter per cluster, rows built as Python tuples, sorted
     and saved with np.save), on the assignment the script produced.
@@ -19,6 +21,7 @@ Generates float16 embeddings (unit vectors around concepts, as image embeddings 
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +66,20 @@ start = time.perf_counter()
 with tasks.TaskPool(workers) as pool:
     kmeans.write_clusters(out, work, labels, k, True, pool)
 print(time.perf_counter() - start)
+"""
+FIGURE = """
+import glob, json, sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+from dbpkit.cluster_report import write_clusters_figure
+save, out = sys.argv[2], sys.argv[3]
+sizes = np.array([np.load(f"{save}/sorted_clusters/cluster_{j}.npy", mmap_mode="r").shape[0]
+                  for j in range(len(glob.glob(save + "/sorted_clusters/cluster_*.npy")))])
+record = json.load(open(save + "/clustering.json"))
+start = time.perf_counter()
+import matplotlib.figure
+imported = time.perf_counter()
+write_clusters_figure((out, sizes, record["kmeans_objective"]))
+print(json.dumps({"import_s": imported - start, "draw_s": time.perf_counter() - imported}))
 """
 SEMDEDUP = """
 import sys, time, numpy as np, pandas as pd
@@ -140,6 +157,12 @@ def main() -> None:
                     ("the floor with BLAS (other arithmetic)", blas)):
         print(f"{name:40s} {r['wall_s']:8.2f} {r['wall_s'] / floor['wall_s']:8.2f} {r['peak_rss_mb']:12.0f} "
               f"{r['tree_rss_mb']:12.0f}")
+
+    figure = json.loads(measure([py, "-c", FIGURE, ROOT, f"{work}/save", f"{work}/clusters.png"])["stdout"])
+    print(f"\nclusters.png: {figure['import_s'] + figure['draw_s']:.2f} s (matplotlib's import "
+          f"{figure['import_s']:.2f} s, drawing {figure['draw_s']:.2f} s), in a worker while the others write the "
+          f"cluster files; the same bytes as the script's: "
+          f"{open(f'{work}/clusters.png', 'rb').read() == open(f'{work}/save/clusters.png', 'rb').read()}")
 
     # The assignment the script made, read back from its files, for both ways of writing them.
     assignment = f"{work}/assignment"

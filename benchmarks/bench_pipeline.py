@@ -7,6 +7,7 @@ warms the page cache, then measures:
     sum over the script and its workers), with its ratio to the floor;
   - the trie writer alone (dbp_utils.write_trie on the run's kept keys): keys per second, and the
     memory it adds per key;
+  - what prune.py's temperature sweep (temperature_sweep.csv) costs, against the script's time;
   - the loader side: load time and lookups per second of kept_keys_trie.pkl and kept_keys.npy;
   - that prune's outputs are byte-identical with --workers 1 (but for the log's times and command line).
 
@@ -185,6 +186,24 @@ def measure(cmd: list[str]) -> dict:
             "stdout": out.strip()}
 
 
+def time_sweep(dintra: str, dinter: str, sorted_dir: str, keep: float) -> float:
+    """Seconds prune.py's temperature sweep takes at its defaults (best of 3), with its CSV written."""
+    sys.path.insert(0, ROOT)
+    import dbp_utils as du
+    from dbpkit import prune_report
+    from dbpkit.clusters import scan_clusters
+
+    sizes = np.array([c.rows for c in scan_clusters(sorted_dir, None, "", "")])
+    complexity = du.complexity("dintra*dinter", np.load(dintra), np.load(dinter), sizes)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        sweep = du.temperature_sweep("dintra*dinter", complexity, sizes, int(keep * sizes.sum()), 0.5, 0.5)
+        prune_report.write_csv(os.devnull, sweep)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def compare_outputs(a: str, b: str) -> bool:
     """The same outputs, byte for byte, folders included; but for logs.log, which records the command line and
     the times."""
@@ -246,6 +265,10 @@ def main() -> None:
               f"{r['tree_rss_mb']:12.0f}")
     total = sum(r["wall_s"] for name, r in results.items() if not name.startswith("floor"))
     print(f"{'three scripts together':42s} {total:8.2f} {total / floor:8.2f}")
+
+    sweep_s = time_sweep(f"{work}/dintra.npy", f"{work}/dinter.npy", sorted_dir, args.keep)
+    print(f"\ntemperature sweep (temperature_sweep.csv, in prune.py before the selection): {sweep_s * 1e3:.1f} ms, "
+          f"{sweep_s / results['prune.py']['wall_s']:.2%} of prune.py's time")
 
     r = measure([py, "-c", TRIE_WRITER, ROOT, f"{work}/run/kept_keys.npy", f"{work}/trie.pkl"])
     stats = json.loads(r["stdout"])

@@ -24,6 +24,13 @@ def write_sweep(path: str, sweep: dict[str, np.ndarray]) -> None:
         rows.writerows(zip(*(column.tolist() for column in sweep.values())))
 
 
+def write_clusters_figure(task: tuple[str, np.ndarray, float | None]) -> None:
+    """clusters.png at `path` (a task: it needs only the sizes, so a worker draws it beside other work)."""
+    path, sizes, objective = task
+    with open(path, "wb") as f:
+        clusters_figure(sizes, objective).savefig(f, format="png")
+
+
 def clusters_figure(sizes: np.ndarray, objective: float | None) -> Any:
     """clusters.png: how many clusters hold how many rows (log bins), the smallest, median and largest marked,
     and the rows per cluster of this run beside the paper's settings."""
