@@ -2,7 +2,8 @@
 
 Generates SemDeDup-style sorted cluster files of the given size (reused when already there),
 warms the page cache, then measures:
-  - the floor: one process reading every cluster file and parsing its distance column;
+  - the floor: one process reading every cluster file once (np.load), then parsing its distance column:
+    the input the three scripts share, read once (the README and docs/scale.md use this floor);
   - each script as a whole process: wall time and peak RSS (largest process, and the sampled
     sum over the script and its workers), with its ratio to the floor;
   - the trie writer alone (dbp_utils.write_trie on the run's kept keys): keys per second, and the
