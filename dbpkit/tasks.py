@@ -39,6 +39,7 @@ from dbpkit.faults import pause_task
 
 TASKS_AHEAD = 4  # per worker: batches handed out before their results are used, so a slow one stalls nothing
 BATCHES_PER_WORKER = 32  # many light tasks go out in batches, about this many per worker (each costs ~0.3 ms)
+MAX_BATCH = 16  # tasks in a batch at most: a batch is redone whole when its Ray worker dies
 STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # dbpkit: the tasks' code
 PROJECT = os.path.dirname(PACKAGE)  # the scripts and dbp_utils.py beside it (a checkout, or site-packages)
@@ -156,7 +157,7 @@ class TaskPool:
         engine = self._engine()
         # Tasks go out in batches when there are many of them (a task per cluster), so that handing them out
         # costs little beside their work; a task needing resources (a GPU) goes alone.
-        size = 1 if resources else max(1, total // (engine.slots * BATCHES_PER_WORKER))
+        size = 1 if resources else min(MAX_BATCH, max(1, total // (engine.slots * BATCHES_PER_WORKER)))
         todo, pending, started = _batches(tasks, size), [], False
         while True:
             # Keep every worker busy, but never run far ahead of the results handed out.
