@@ -52,6 +52,7 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
     that large clusters do not hide small quotas). Right: the temperature sweep, how far the quotas move from
     the equal share at each T, the run's T marked."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
+    from matplotlib.ticker import EngFormatter
 
     complexity, probs, quotas, sizes = table["complexity"], table["probability"], table["quota"], table["size"]
     share = probs * target
@@ -73,6 +74,7 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
                      label=f"held at the minimum m = {plan.min_per_cluster}")
     left.set(ylim=(0, 1.15 * max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0)),
              xlabel="complexity $C_j$", ylabel="samples kept", title=title)
+    left.yaxis.set_major_formatter(EngFormatter(sep=""))  # 500k, 2M: short enough for the label beside them
     left.legend(loc="upper left", fontsize=8)
     edges = np.arange(len(order) + 1) - 0.5  # a bar per cluster, each drawn as one step artist (1000 bars: 0.5 s)
     right.stairs(sizes[order], edges, fill=True, color="0.8", label="cluster size $n_j$")

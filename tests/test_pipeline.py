@@ -325,3 +325,11 @@ def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temp
     assert np.array_equal(sizes.values, table["size"][by_complexity])
     assert np.array_equal(kept.values, table["quota"][by_complexity])
     assert np.array_equal(sizes.edges, np.arange(len(table["size"]) + 1) - 0.5)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # every axis label inside the picture, with counts
+    kept = int(table["quota"].sum())  # of six digits (the widest plain tick labels) as on LAION
+    factor = 500_000 // max(int(table["quota"].max()), int(np.ceil((table["probability"] * kept).max())))
+    large = {**table, "quota": table["quota"] * factor, "size": table["size"] * factor}
+    figure = quotas_figure(large, sweep, plan, kept * factor, 1000, "t")
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    assert all(ax.yaxis.label.get_window_extent(renderer).x0 >= 0 for ax in figure.axes)
