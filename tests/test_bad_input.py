@@ -229,3 +229,27 @@ def test_lower_bounds_above_target_is_a_clear_error():
     # Unreachable from the CLI (ratio <= 1 keeps sum(lb) <= N), so exercised directly.
     with pytest.raises(du.MethodError, match="^cls_bal_ratio: .*needs 20 samples"):
         du.solve_quotas(np.full(4, 0.25), np.array([10, 10, 10, 10]), 10, 2.0)
+
+
+def torch_sees_a_gpu() -> bool:
+    import subprocess
+    import sys
+
+    probe = "import torch; print(torch.cuda.is_available())"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("deduplicate.py", ["--sorted_clusters_path", "SORTED", "--embeddings", "emb.npy", "--eps", "0.05",
+                        "--save_folder", "OUT"]),
+    ("compute_embeddings.py", ["--shards", "shards/{00000..00001}.tar", "--output_folder", "OUT",
+                               "--model", "facebook/dinov2-small"]),
+])
+def test_device_cuda_without_a_gpu_is_one_line_and_nothing_written(tmp_path, script, flags):
+    if torch_sees_a_gpu():
+        pytest.skip("this machine has a CUDA device")
+    r = run_script(script, *flags, "--device", "cuda", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert error_line(r.stderr) == ("error: --device: cuda was asked for, but torch sees no CUDA device "
+                                    "(pass --device cpu, or run where a GPU is)")
+    assert os.listdir(tmp_path) == []
