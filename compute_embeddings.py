@@ -68,11 +68,7 @@ def check_args(args) -> None:
     if args.fp16 and args.device != "cuda":
         raise UsageError("--fp16", "is for --device cuda", "drop --fp16 on the CPU (float32 there)")
     if args.device == "cuda" and args.distributor == "local":  # (Ray's GPUs are on its nodes, not necessarily here)
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
-                             "pass --device cpu, or run where a GPU is")
+        cli.check_cuda()
 
 
 def main() -> None:

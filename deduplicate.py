@@ -89,11 +89,7 @@ def check_args(args) -> None:
     if args.seed < 0:
         raise UsageError("--seed", f"{args.seed} is negative", "pass a seed >= 0 (default 1234)")
     if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
-                             "pass --device cpu, or run where a GPU is")
+        cli.check_cuda()
 
 
 def find_embeddings(args) -> tuple[layouts.Embeddings, str]:

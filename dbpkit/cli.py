@@ -83,6 +83,15 @@ def check_range(flag: str, value: float, low: float, high: float, *,
         raise UsageError(flag, f"{value!r} is outside {interval}", fix or f"pass a value in {interval}")
 
 
+def check_cuda() -> None:
+    """Refuse --device cuda where torch sees no CUDA device (torch is imported only then)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("--device", "cuda was asked for, but torch sees no CUDA device",
+                         "pass --device cpu, or run where a GPU is")
+
+
 def num_workers(requested: int | None) -> int:
     if requested is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
