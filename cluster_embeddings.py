@@ -169,8 +169,9 @@ def main() -> None:
     with save as out, tasks.TaskPool(workers, args.distributor) as pool:
         work, resumed = out.staging, ""
         if out.resumed:
-            resumed = f" (resumed a stopped run; done before: {what_was_done(out.staging, k)})"
-            cli.log.info(f"resuming a stopped run; done before: {what_was_done(out.staging, k)}")
+            done = what_was_done(out.staging, k)
+            resumed = f" (resumed a stopped run; done before: {done})"
+            cli.log.info(f"resuming a stopped run; done before: {done}")
         # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.
         if not os.path.exists(out.path(layouts.KEYS_FILE)):
             repeats = layouts.gather_keys(embeddings, work)
@@ -218,10 +219,9 @@ def main() -> None:
             files.save_npy(out.path(kmeans.LABELS), labels)
             shutil.rmtree(out.path(kmeans.ASSIGN_DIR))
         labels = np.load(out.path(kmeans.LABELS))
-        sizes = np.bincount(labels, minlength=k)
+        sizes, objective = np.bincount(labels, minlength=k), files.load_json(out.path(OBJECTIVE))
         # clusters.png needs only the sizes: drawn by a worker while the others write the cluster files.
-        figure = pool.submit(cluster_report.write_clusters_figure,
-                             (out.path(SIZES_PLOT), sizes, files.load_json(out.path(OBJECTIVE))))
+        figure = pool.submit(cluster_report.write_clusters_figure, (out.path(SIZES_PLOT), sizes, objective))
         kmeans.write_clusters(out.path(kmeans.SORTED_DIR), work, labels, k, not args.ascending, pool)
         figure()
         empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
@@ -233,7 +233,7 @@ def main() -> None:
             "distributor": args.distributor,
             "key_column": embeddings.parts[0].key_column, "sample_size": sample, "rows": n,
             "embedding_rows": embeddings.rows, "dim": embeddings.dim, "parts": len(embeddings.parts),
-            "kmeans_objective": files.load_json(out.path(OBJECTIVE)), "empty_clusters": empty,
+            "kmeans_objective": objective, "empty_clusters": empty,
             "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max()),
             "median_cluster": float(np.median(sizes)), "rows_per_cluster": n / k})
     print(f"clustered {n} rows{of} (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
