@@ -199,9 +199,10 @@ def main() -> None:
                 for j in todo]
         unsorted = sum(not scored.sorted for scored in pool.run(dedup.score_cluster, jobs, "score"))
         cli.stage("scored")
+        sizes = np.array([c.rows for c in clusters], dtype=np.int64)
+        total = int(sizes.sum())
         if args.remove_fraction is not None:  # the eps that removes that fraction, known now that all are scored
-            fraction_eps, removing = dedup.eps_removing(out.staging, len(clusters), args.remove_fraction,
-                                                        int(sum(c.rows for c in clusters)))
+            fraction_eps, removing = dedup.eps_removing(out.staging, len(clusters), args.remove_fraction, total)
             eps_list = merged_eps([fraction_eps], eps_list)
             out.add_output(dedup.eps_folder(fraction_eps))
             cli.log.info(f"--remove-fraction {args.remove_fraction:g}: {removing} rows, eps {fraction_eps!r}")
@@ -209,8 +210,7 @@ def main() -> None:
         # 2. Every eps, from the scores: each cluster's part, then gathered in cluster order.
         parts = out.path(PARTS)
         os.makedirs(parts, exist_ok=True)
-        sizes = np.array([c.rows for c in clusters], dtype=np.int64)
-        collected = {eps: selection.KeptKeyCollector(int(sizes.sum())) for eps in eps_list}
+        collected = {eps: selection.KeptKeyCollector(total) for eps in eps_list}
         removed_files = {}
         for eps in eps_list:
             os.makedirs(out.path(dedup.eps_folder(eps)), exist_ok=True)
@@ -233,7 +233,6 @@ def main() -> None:
         del collected
 
         # 3. The report.
-        total = int(sizes.sum())
         dedup.write_stats(out.path(dedup.STATS_FILE), eps_list, total, removed)
         dedup.write_curve(out.path(dedup.CURVE_FILE), curve, total)
         dedup.write_cluster_stats(out.path(dedup.CLUSTER_STATS_FILE), eps_list, sizes, removed)
