@@ -15,7 +15,7 @@ import numpy as np
 
 import dbp_utils as du
 from dbpkit import cli, savedir, tasks
-from dbpkit.clusters import save_scores, scan_clusters
+from dbpkit.clusters import PARSER_MODULES, save_scores, scan_clusters
 
 
 def parse_args():
@@ -36,7 +36,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     workers = cli.num_workers(args.workers)
-    pool = tasks.TaskPool(workers)
+    pool = tasks.TaskPool(workers, preload=PARSER_MODULES)
     pool.start()  # the workers' fork server starts importing while this process checks the inputs
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     out = args.avg_distance_to_cent_save_path

@@ -34,7 +34,7 @@ import numpy as np
 import dbp_utils as du
 import dbpkit
 from dbpkit import cli, dedup, files, kmeans, layouts, savedir, selection, tasks
-from dbpkit.clusters import find_centroids, scan_clusters
+from dbpkit.clusters import PARSER_MODULES, find_centroids, scan_clusters
 from dbpkit.errors import UsageError
 
 LAYOUT, PARTS = "embeddings.json", ".parts"  # in the staging folder
@@ -180,7 +180,7 @@ def main() -> None:
                            "--save_folder", resume=run)
 
     # torch imported once, in the fork server, rather than once per worker
-    with save as out, tasks.TaskPool(workers, args.distributor, preload=("torch",)) as pool:
+    with save as out, tasks.TaskPool(workers, args.distributor, preload=("torch", *PARSER_MODULES)) as pool:
         pool.start()  # the workers' fork server imports torch (a second) while this process
         dedup.import_plotting()  # imports matplotlib for similarity.png
         history = ""

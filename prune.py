@@ -26,7 +26,7 @@ import numpy as np
 import dbp_utils as du
 import dbpkit
 from dbpkit import cli, files, keys, prune_report, savedir, selection, tasks, trie
-from dbpkit.clusters import load_cluster_scores, scan_clusters
+from dbpkit.clusters import PARSER_MODULES, load_cluster_scores, scan_clusters
 from dbpkit.errors import MethodError, UsageError
 
 PARTS_DIR = ".parts"  # in the staging folder: each cluster's selection, until it is gathered
@@ -115,7 +115,7 @@ def main() -> None:
     check_args(args)
     workers = cli.num_workers(args.workers)
     run_log = cli.RunLog()
-    pool = tasks.TaskPool(workers)
+    pool = tasks.TaskPool(workers, preload=PARSER_MODULES)
     pool.start()  # the workers' fork server starts importing while this process checks the inputs
 
     # 1. Inputs, checked before anything is written (the distances of the rows read are checked as

@@ -30,6 +30,7 @@ CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
 NAMES_SHOWN = 5  # cluster files named in an error about gaps
 SIDECAR_SUFFIX = ".dbp.json"  # beside d_intra / d_inter .npy files: what they hold
+PARSER_MODULES = ("pyarrow.compute",)  # what parse_floats imports: for the workers of tasks that parse distances
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ def scan_clusters(folder: str | None, k: int | None, folder_flag: str, k_flag: s
 
 def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
     """Distance strings -> float64, refusing text, NaN and infinity with the row named."""
-    try:  # numpy parses bytes twice as fast as str
-        d = (values if values.dtype.kind == "S" else ascii_bytes(values)).astype(np.float64)
+    try:
+        d = parse_floats(values if values.dtype.kind == "S" else ascii_bytes(values))
     except (ValueError, UnicodeError):
         d = np.full(len(values), np.nan)
         for i, v in enumerate(values):
@@ -161,6 +162,26 @@ def parse_distances(values: np.ndarray, path: str, first_row: int = 0) -> np.nda
         raise UsageError(path, f"row {first_row + bad[0]}: distance is {d[bad[0]]}",
                          "the distance column must hold finite distances to the centroid")
     return d
+
+
+def parse_floats(text: np.ndarray) -> np.ndarray:
+    """Decimal strings (fixed-width bytes) -> float64 exactly as float() reads them, or ValueError.
+
+    Arrow's parser rounds correctly, as Python's does, so both give the same bits; on a distance column's
+    plain decimals it is 4x faster than numpy's cast, which calls Python's parser string by string. What
+    Arrow refuses (spaces, underscores, a NUL inside a value, bytes that are not UTF-8) numpy's cast decides.
+    The values go to Arrow and back as buffers: its numpy conversions would import pandas."""
+    import pyarrow as pa  # here: dbp_utils imports this module, and only distance columns need Arrow
+    import pyarrow.compute as pc
+
+    text = np.ascontiguousarray(text)
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(text.dtype.itemsize), len(text),
+                                                 [None, pa.py_buffer(text)])
+    try:  # numpy's strings end at their trailing NULs; a NUL before other bytes stays, and is refused
+        parsed = pc.cast(pc.utf8_rtrim(fixed.cast(pa.string()), characters="\0"), pa.float64())
+    except pa.ArrowException:
+        return text.astype(np.float64)
+    return np.frombuffer(parsed.buffers()[1], np.float64, len(text), parsed.offset * 8).copy()
 
 
 def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:

@@ -5,6 +5,8 @@ import os
 import pickle
 import posixpath
 import random
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -17,6 +19,8 @@ from hypothesis import strategies as st
 import dbp_utils as du
 from dbpkit import trie as trie_module
 from dbpkit.keys import keys_as_utf8
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PATH_CHARS = st.sampled_from(list("ab.-/1é_"))
 paths = st.text(PATH_CHARS, min_size=1, max_size=12)
@@ -82,6 +86,64 @@ def test_distances_parse_as_python_floats(values, as_bytes):
 
     text = np.array([repr(v) for v in values], dtype="S" if as_bytes else "U") if values else np.zeros(0, "U1")
     assert parse_distances(text, "cluster_0.npy").tolist() == [float(repr(v)) for v in values]
+
+
+def float32_text(value: float) -> str:
+    """How a float32 distance prints (values beyond float32's range as they are)."""
+    return str(np.float32(value)) if abs(value) <= float(np.finfo(np.float32).max) else repr(value)
+
+
+FLOAT_FORMATS = (repr, "%.17g".__mod__, "%.6f".__mod__, "%.25e".__mod__, float32_text, "%.3g".__mod__)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=20), st.sampled_from(FLOAT_FORMATS))
+def test_distance_parser_gives_pythons_bits(values, fmt):
+    """Arrow parses the column; Python's float() of each string is the reference, bit for bit."""
+    from dbpkit.clusters import parse_floats
+
+    text = [fmt(v) for v in values]
+    got = parse_floats(np.array([t.encode() for t in text], dtype="S") if text else np.zeros(0, "S1"))
+    assert got.dtype == np.float64 and got.flags.writeable
+    assert got.view(np.int64).tolist() == np.array([float(t) for t in text], dtype=np.float64).view(np.int64).tolist()
+
+
+def test_distance_parser_on_every_kind_of_double():
+    """Random bit patterns (subnormals, extremes, every exponent), written the ways files write them."""
+    from dbpkit.clusters import parse_floats
+
+    rng = np.random.default_rng(7)
+    values = np.frombuffer(rng.bytes(8 * 40_000), np.float64)
+    values = np.concatenate([values[np.isfinite(values)], rng.random(20_000), rng.random(20_000).astype(np.float32)])
+    for fmt in FLOAT_FORMATS[:4]:
+        text = [fmt(float(v)) for v in values]
+        expected = np.array([float(t) for t in text]).view(np.int64)
+        assert np.array_equal(parse_floats(np.array(text, dtype="S")).view(np.int64), expected), fmt
+
+
+def test_distance_parser_reads_what_numpy_reads_and_refuses_the_rest():
+    """What Arrow refuses goes to numpy's cast: spaces, underscores and padding are read as float() reads them; a
+    NUL inside a value, an empty value, text or bytes that are not UTF-8 are refused, with the row named."""
+    from dbpkit.clusters import parse_distances, parse_floats
+
+    readable = [b" 1.5", b"1_0", b"2.5\t", b"+.5", b"1e-3", b"7"]
+    assert parse_floats(np.array(readable)).tolist() == [1.5, 10.0, 2.5, 0.5, 0.001, 7.0]
+    padded = np.array([b"0.25", b"0.125"], dtype="S8")  # the NULs after each value are numpy's padding
+    assert parse_floats(padded).tolist() == [0.25, 0.125]
+    assert parse_floats(padded[1:]).tolist() == [0.125]  # a view that starts inside the buffer
+    for bad in (b"1.5\x00x", b"\x001", b"", b"abc", b"\xff1", b"1.5.2"):
+        with pytest.raises(ValueError):
+            parse_floats(np.array([b"0.5", b"0.75", bad]))
+        with pytest.raises(du.UsageError, match=r"cluster_3\.npy: row 12: distance .* is not a number"):
+            parse_distances(np.array([b"0.5", b"0.75", bad]), "cluster_3.npy", first_row=10)
+
+
+def test_parsing_distances_leaves_pandas_unimported():
+    """Arrow's numpy conversions import pandas (0.16 s and ~45 MB in every worker); the parser goes around them."""
+    code = ("import sys, numpy as np; from dbpkit.clusters import parse_distances; "
+            "assert parse_distances(np.array(['0.5', '1.25']), 'c').tolist() == [0.5, 1.25]; "
+            "assert 'pyarrow' in sys.modules and 'pandas' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @settings(max_examples=500, deadline=None)
@@ -188,3 +250,4 @@ def test_kept_key_collector_sorts_dedupes_and_widens():
     for part in ([b"b/2", b"a/1"], [b"c/333333", b"a/1"], [], [b"b/10", b"a/0", b"z"]):
         collector.add(np.array(sorted(part), dtype=f"S{max([len(p) for p in part] + [1])}"))
     assert collector.sorted_unique().tolist() == sorted({b"a/0", b"a/1", b"b/10", b"b/2", b"c/333333", b"z"})
+
