@@ -229,7 +229,8 @@ def main() -> None:
                 f.close()
         os.rmdir(parts)
         for eps in eps_list:
-            np.save(out.path(os.path.join(dedup.eps_folder(eps), dedup.KEPT_KEYS_FILE)), collected[eps].sorted_unique())
+            kept_keys = out.path(os.path.join(dedup.eps_folder(eps), dedup.KEPT_KEYS_FILE))
+            np.save(kept_keys, collected[eps].sorted_unique(workers))
         del collected
 
         # 3. The report.

@@ -168,7 +168,7 @@ def main() -> None:
                 if not kept.ids_match:
                     misnamed.append(cluster.path)
         os.rmdir(parts)
-        kept_keys = collected.sorted_unique()
+        kept_keys = collected.sorted_unique(workers)
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if args.datacomp_subset:
             np.save(out.path(du.DATACOMP_FILE), keys.datacomp_subset(kept_keys))

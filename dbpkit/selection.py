@@ -17,6 +17,8 @@ from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 if TYPE_CHECKING:
     from dbpkit.tasks import TaskPool
 
+MIN_PIECE_KEYS = 1 << 16  # kept keys sorted by one thread at least (fewer: not worth a thread)
+
 
 def kept_rows(rows: int, quota: int, which: str, descending: bool, seed: int, cluster_id: int) -> slice | np.ndarray:
     """Which rows of a sorted cluster file to keep: a prefix/suffix for hard/easy, a seeded sample for random."""
@@ -114,9 +116,19 @@ class KeptKeyCollector:
         self.keys[self.count:self.count + len(part)] = part
         self.count += len(part)
 
-    def sorted_unique(self) -> np.ndarray:
-        """kept_keys.npy: sorted, each key once."""
+    def sorted_unique(self, threads: int = 1) -> np.ndarray:
+        """kept_keys.npy: sorted, each key once. numpy's sort lets go of the GIL, so `threads` threads each sort
+        a piece first; the last sort then only merges the pieces (timsort, in place, merges sorted runs)."""
         keys = self.keys[:self.count]
-        keys.sort(kind="stable")  # in place; timsort merges the per-cluster sorted runs
+        pieces = np.array_split(keys, max(1, min(threads, len(keys) // MIN_PIECE_KEYS)))
+        if len(pieces) > 1:
+            from concurrent.futures import ThreadPoolExecutor  # here: the loader API (dbp_utils) imports this module
+
+            with ThreadPoolExecutor(len(pieces) - 1) as helpers:
+                sorting = [helpers.submit(piece.sort, kind="stable") for piece in pieces[1:]]
+                pieces[0].sort(kind="stable")
+                for piece in sorting:
+                    piece.result()
+        keys.sort(kind="stable")
         repeats = keys[1:] == keys[:-1]
         return keys[np.concatenate(([True], ~repeats))] if repeats.any() else keys

@@ -251,3 +251,19 @@ def test_kept_key_collector_sorts_dedupes_and_widens():
         collector.add(np.array(sorted(part), dtype=f"S{max([len(p) for p in part] + [1])}"))
     assert collector.sorted_unique().tolist() == sorted({b"a/0", b"a/1", b"b/10", b"b/2", b"c/333333", b"z"})
 
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_kept_key_collector_sorts_in_threads(threads):
+    """Pieces sorted by threads, then merged: the same keys as sorting them all at once, repeats across pieces
+    included."""
+    from dbpkit import selection
+
+    rng = random.Random(threads)
+    parts = [sorted(f"{rng.randrange(40):02d}/{rng.randrange(10 ** rng.randrange(1, 4))}".encode()
+                    for _ in range(rng.randrange(0, 30))) for _ in range(25)]
+    collector = du.KeptKeyCollector(sum(len(p) for p in parts))
+    for part in parts:
+        collector.add(np.array(part, dtype=f"S{max([len(k) for k in part] + [1])}"))
+    with mock.patch.object(selection, "MIN_PIECE_KEYS", 5):
+        got = collector.sorted_unique(threads).tolist()
+    assert got == sorted({k for part in parts for k in part})
