@@ -12,7 +12,7 @@ import numpy as np
 import pygtrie
 
 from dbpkit.errors import UsageError
-from dbpkit.keys import byte_matrix
+from dbpkit.keys import as_text, byte_matrix
 
 # prune.py's outputs; params.json is written last and marks a run as complete.
 TRIE_FILE = "kept_keys_trie.pkl"
@@ -113,7 +113,7 @@ def _trie_commands(keys: np.ndarray) -> Iterator[list]:
         cut = np.strings.rfind(block, separator) + 1
         folders = np.strings.slice(block, 0, cut)
         try:
-            leaves = [leaf.decode("utf-8") for leaf in np.strings.slice(block, cut, np.strings.str_len(block)).tolist()]
+            leaves = as_text(np.strings.slice(block, cut, np.strings.str_len(block))).tolist()
             heads = np.flatnonzero(np.concatenate([[folders[0] != previous_folder], folders[1:] != folders[:-1]]))
             folder_texts = {h: folders[h].decode("utf-8") for h in heads.tolist()}
         except UnicodeDecodeError as e:
