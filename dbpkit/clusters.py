@@ -30,6 +30,7 @@ CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
 NAMES_SHOWN = 5  # cluster files named in an error about gaps
 SIDECAR_SUFFIX = ".dbp.json"  # beside d_intra / d_inter .npy files: what they hold
+ARROW_MIN_VALUES = 64  # fewer distances are parsed by numpy: Arrow's four calls cost more than it saves there
 PARSER_MODULES = ("pyarrow.compute",)  # what parse_floats imports: for the workers of tasks that parse distances
 
 
@@ -171,6 +172,8 @@ def parse_floats(text: np.ndarray) -> np.ndarray:
     plain decimals it is 4x faster than numpy's cast, which calls Python's parser string by string. What
     Arrow refuses (spaces, underscores, a NUL inside a value, bytes that are not UTF-8) numpy's cast decides.
     The values go to Arrow and back as buffers: its numpy conversions would import pandas."""
+    if len(text) < ARROW_MIN_VALUES:
+        return text.astype(np.float64)
     import pyarrow as pa  # here: dbp_utils imports this module, and only distance columns need Arrow
     import pyarrow.compute as pc
 
