@@ -33,7 +33,7 @@ def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
     if keys.dtype.kind == "S":
         utf8 = np.ascontiguousarray(keys)
         chars = byte_matrix(utf8)
-        for row in np.flatnonzero((chars >= 128).any(axis=1)):  # only keys that are not ASCII need decoding
+        for row in _rows_where(chars >= 128):  # only keys that are not ASCII need decoding
             try:
                 utf8[row].decode("utf-8")
             except UnicodeDecodeError as e:
@@ -51,12 +51,12 @@ def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
                                  "surrogate, as from a file name that is not UTF-8)",
                                  "write the keys as UTF-8 text or bytes") from None
         chars = byte_matrix(utf8)
-    broken = np.flatnonzero((chars == ord("\n")).any(axis=1))
+    broken = _rows_where(chars == ord("\n"))
     if len(broken):
         text = utf8[broken[0]].decode("utf-8", "replace")
         raise UsageError(path, f"row {first_row + broken[0]}: key {text!r} holds a line break",
                          "keys are one per line in kept_paths.txt; rename the sample")
-    nul = np.flatnonzero(_inner_nul(utf8, chars))
+    nul = _inner_nul(chars)
     if len(nul):
         text = chars[nul[0]].tobytes().rstrip(b"\0").decode("utf-8", "replace")
         raise UsageError(path, f"row {first_row + nul[0]}: key {text!r} holds a NUL character",
@@ -69,10 +69,17 @@ def byte_matrix(strings: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)
 
 
-def _inner_nul(utf8: np.ndarray, chars: np.ndarray) -> np.ndarray:
-    """Per key of a fixed-width bytes array: whether a NUL comes before its last other byte (numpy's length of
-    a key stops only at its trailing NULs)."""
-    return (chars != 0).sum(axis=1) != np.strings.str_len(utf8)
+def _rows_where(hit: np.ndarray) -> np.ndarray:
+    """The rows of a boolean matrix holding a True (the whole matrix is looked at first: nearly always none)."""
+    return np.flatnonzero(hit.any(axis=1)) if hit.any() else np.zeros(0, np.intp)
+
+
+def _inner_nul(chars: np.ndarray) -> np.ndarray:
+    """The rows of a fixed-width bytes matrix with a NUL before another byte (numpy's length of a key stops only
+    at its trailing NULs): a byte after a NUL that does not start a row, found in the flat bytes (one pass)."""
+    nul = chars.ravel() == 0
+    after = np.flatnonzero(nul[:-1] & ~nul[1:]) + 1
+    return np.unique(after[after % chars.shape[1] != 0] // chars.shape[1])
 
 
 def _encodable(text: str) -> bool:

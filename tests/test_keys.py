@@ -141,9 +141,25 @@ def test_distance_parser_reads_what_numpy_reads_and_refuses_the_rest():
 def test_parsing_distances_leaves_pandas_unimported():
     """Arrow's numpy conversions import pandas (0.16 s and ~45 MB in every worker); the parser goes around them."""
     code = ("import sys, numpy as np; from dbpkit.clusters import parse_distances; "
-            "assert parse_distances(np.array(['0.5', '1.25']), 'c').tolist() == [0.5, 1.25]; "
+            "assert parse_distances(np.array(['0.5', '1.25'] * 100), 'c').tolist() == [0.5, 1.25] * 100; "
             "assert 'pyarrow' in sys.modules and 'pandas' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\0"), max_size=6), min_size=1,
+                max_size=12), st.integers(0, 11), st.sampled_from(["\n", "\0"]), st.integers(0, 6))
+def test_keys_with_a_line_break_or_inner_nul_are_refused_at_their_first_row(values, row, bad, at):
+    """The first row whose key holds a line break, or a NUL before its last other byte (numpy's fixed-width bytes
+    drop only trailing NULs), is the row named; keys without either pass unchanged."""
+    clean = np.array([v.encode() for v in values], dtype=f"S{max(1, max(len(v.encode()) for v in values))}")
+    assert keys_as_utf8(clean, "k.npy").tolist() == clean.tolist()
+    row = row % len(values)
+    values[row] = values[row][:at] + bad + values[row][at:] + ("x" if bad == "\0" else "")
+    values = [v.encode() for v in values]
+    expected = next(i for i, v in enumerate(values) if b"\n" in v or b"\0" in v.rstrip(b"\0"))
+    with pytest.raises(du.UsageError, match=f"k.npy: row {expected + 3}: key .* holds a "):
+        keys_as_utf8(np.array(values), "k.npy", first_row=3)
 
 
 @settings(max_examples=500, deadline=None)
@@ -243,6 +259,18 @@ def test_trie_order_checks_across_blocks(monkeypatch):
     assert du.trie_order(keys).tolist() == [b"0", b"a/x", b"a-b/x", b"z"]
     in_order = np.array([b"00001/1", b"00001/2", b"00002/1", b"00003/0"])
     assert du.trie_order(in_order) is in_order
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.text(st.sampled_from(["/", "0", "1", "a", "-", ".", " ", "\x01", "é"]), min_size=1, max_size=6),
+               max_size=25), st.integers(1, 4))
+def test_trie_order_is_component_order(values, chunk):
+    """Sorted keys come back in the order of their '/'-separated components (the definition, by Python's sort):
+    keys with bytes below '/' ('-', '.', ' ', 0x01) and keys without any, a few keys to a block."""
+    keys = sorted(v.encode() for v in values)
+    with mock.patch.object(trie_module, "TRIE_CHUNK_KEYS", chunk):
+        got = du.trie_order(np.array(keys, dtype=f"S{max([len(k) for k in keys] + [1])}"))
+    assert got.tolist() == sorted(keys, key=lambda k: k.split(b"/"))
 
 
 def test_kept_key_collector_sorts_dedupes_and_widens():
