@@ -40,7 +40,13 @@ def trie_order(keys: np.ndarray) -> np.ndarray:
         chars = byte_matrix(block)
         return np.where(chars == ord(TRIE_SEPARATOR), np.uint8(1), chars).view(keys.dtype).ravel()
 
-    if any((byte_matrix(keys[i:i + TRIE_CHUNK_KEYS]) == 1).any() for i in range(0, len(keys), TRIE_CHUNK_KEYS)):
+    below = set()  # the bytes below '/' the keys hold (but the NULs that pad them)
+    for i in range(0, len(keys), TRIE_CHUNK_KEYS):
+        chars = byte_matrix(keys[i:i + TRIE_CHUNK_KEYS])
+        below.update(np.unique(chars[(chars > 0) & (chars < ord(TRIE_SEPARATOR))]).tolist())
+    if not below:  # '/' is the lowest byte already: byte order is component order (LAION's and DataComp's keys)
+        return keys
+    if 1 in below:
         return np.array(sorted(keys.tolist(), key=lambda k: k.split(b"/")), dtype=keys.dtype)
     previous = np.zeros(0, keys.dtype)
     for start in range(0, len(keys), TRIE_CHUNK_KEYS):
