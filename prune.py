@@ -148,11 +148,10 @@ def main() -> None:
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out, pool:
-        # The stats and the plot need only the quotas: a worker draws them while this process writes the trie
-        # (on one core), or, with no trie to write, beside the selection.
-        report_task = (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE), out.path(du.PLOT_FILE), stats, sweep, plan,
-                       target, args.temperature, title)
-        report = pool.submit(prune_report.write_report, report_task) if args.no_trie else None
+        # The stats and the plot need only the quotas: drawn by a worker while the others select.
+        report = pool.submit(prune_report.write_report, (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE),
+                                                         out.path(du.PLOT_FILE), stats, sweep, plan, target,
+                                                         args.temperature, title))
         collected, unsorted, misnamed = selection.KeptKeyCollector(int(plan.quotas.sum())), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
@@ -169,7 +168,6 @@ def main() -> None:
                 if not kept.ids_match:
                     misnamed.append(cluster.path)
         os.rmdir(parts)
-        report = report or pool.submit(prune_report.write_report, report_task)
         kept_keys = collected.sorted_unique(workers)
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if args.datacomp_subset:
