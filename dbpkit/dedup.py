@@ -185,14 +185,22 @@ def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
         keys = np.zeros(0, "S1")
     scores = np.load(os.path.join(out, SCORES_DIR, f"cluster_{j}.npy"))
     matches = np.load(os.path.join(out, MATCHES_DIR, f"cluster_{j}.npy"))
+    # Worked out once for every eps: the stripped keys in sorted order, and the lines of the rows the largest
+    # eps removes (each smaller eps removes a subset of those).
+    stripped = strip_extensions(keys)
+    by_key = np.argsort(stripped, kind="stable")
+    stripped, widths = stripped[by_key], np.strings.str_len(stripped[by_key])
+    candidates = np.flatnonzero(scores > threshold(max(eps_list, default=0)))
+    lines = removed_lines(keys[candidates], keys[matches[candidates]], scores[candidates])
     removed = []
     for eps in eps_list:
         gone = scores > threshold(eps)
         removed.append(int(gone.sum()))
         with open(eps_part(parts, eps, j), "wb") as f:
-            kept = keys[~gone]
-            np.save(f, np.sort(strip_extensions(kept)) if len(kept) else np.zeros(0, "S1"))
-            f.write(removed_lines(keys[gone], keys[matches[gone]], scores[gone]))
+            kept = ~gone[by_key]
+            width = max(1, int(widths[kept].max(initial=0)))  # as narrow as the kept keys alone need
+            np.save(f, stripped[kept].astype(f"S{width}") if kept.any() else np.zeros(0, "S1"))
+            f.write(as_lines(lines[gone[candidates]]))
     curve = len(scores) - np.searchsorted(np.sort(scores), threshold_grid(), side="right")
     distance = np.clip(1 - scores.astype(np.float64), DISTANCE_FLOOR, 1)
     return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0], curve)
@@ -235,13 +243,13 @@ def threshold_grid() -> np.ndarray:
     return np.array([threshold(eps) for eps in EPS_GRID], np.float32)
 
 
-def removed_lines(paths: np.ndarray, duplicated: np.ndarray, scores: np.ndarray) -> bytes:
-    """`path<TAB>the path it duplicates<TAB>similarity` lines."""
+def removed_lines(paths: np.ndarray, duplicated: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Lines of removed_paths.txt, without their newline (as_lines adds it): `path<TAB>the path it
+    duplicates<TAB>similarity`."""
     if len(paths) == 0:
-        return b""
+        return np.zeros(0, "S1")
     similarity = scores.astype(str).astype("S")  # float32's shortest text
-    return as_lines(np.strings.add(np.strings.add(np.strings.add(paths, b"\t"), np.strings.add(duplicated, b"\t")),
-                                   similarity))
+    return np.strings.add(np.strings.add(np.strings.add(paths, b"\t"), np.strings.add(duplicated, b"\t")), similarity)
 
 
 def write_stats(path: str, eps_list: list[float], total: int, removed: np.ndarray) -> None:

@@ -442,3 +442,32 @@ def test_the_histogram_is_of_one_minus_the_score_on_a_log_axis():
     assert left.get_xscale() == "log" and HISTOGRAM_BINS[0] == DISTANCE_FLOOR
     (line,) = [line for line in left.lines if "eps 0.001" in line.get_label()]
     assert line.get_xdata()[0] == pytest.approx(0.001, rel=1e-3)  # the threshold stands at 1 - (1 - eps)
+
+
+def test_every_eps_keeps_and_removes_by_its_own_threshold(tmp_path):
+    """One cluster, several eps in any order: each eps's part holds the stripped keys of the rows it keeps,
+    sorted, no wider than the longest of them (a long key removed at that eps does not widen it), then one
+    line per row it removes, in file order: path, the path it duplicates, the similarity as float32 prints."""
+    from dbpkit import dedup
+    from dbpkit.clusters import read_cluster_header
+
+    paths = ["a/1.jpg", "bb/22.png", "a/333333333333333.jpg", "c/4.jpg", "d/5", "a/6.jpg"]
+    scores = np.array([0.0, 0.995, 0.999, 0.5, 0.95, 0.9999], np.float32)
+    matches = np.array([-1, 0, 1, -1, 3, 2])
+    write_cluster(tmp_path / "cluster_3.npy", [(p, i, "0.5", 3) for i, p in enumerate(paths)])
+    for folder, values in ((dedup.SCORES_DIR, scores), (dedup.MATCHES_DIR, matches)):
+        os.makedirs(tmp_path / folder)
+        np.save(tmp_path / folder / "cluster_3.npy", values)
+    eps_list = [0.01, 0.5, 0.001, 0.06]
+    os.makedirs(tmp_path / "parts")
+    cluster = read_cluster_header(str(tmp_path / "cluster_3.npy"))
+    removed = dedup.select_eps((cluster, 3, str(tmp_path), eps_list, str(tmp_path / "parts")))
+    for eps, count in zip(eps_list, removed.removed):
+        gone = [i for i, s in enumerate(scores) if s > np.float32(1 - eps)]
+        kept = sorted(p.rsplit(".", 1)[0].encode() for i, p in enumerate(paths) if i not in gone)
+        with open(dedup.eps_part(str(tmp_path / "parts"), eps, 3), "rb") as f:
+            keys, lines = np.load(f), f.read().decode()
+        assert count == len(gone)
+        assert keys.tolist() == kept and keys.dtype == np.dtype(f"S{max(len(k) for k in kept)}")
+        assert lines == "".join(f"{paths[i]}\t{paths[matches[i]]}\t{str(scores[i])}\n" for i in gone)
+    assert removed.removed == [3, 4, 1, 4]  # by hand; at eps 0.001, 0.999 is the threshold itself: kept
