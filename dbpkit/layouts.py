@@ -347,9 +347,11 @@ def _mapped(path: str) -> np.ndarray:
 
 
 def subset_rows(work: str, subset: str) -> tuple[int, int]:
-    """Write work/SUBSET_ROWS: the rows whose key (extension stripped) is in the `subset` file (a kept_keys.npy,
-    or a text file of paths or keys). Returns (rows selected, subset keys not among the rows' keys)."""
-    if _is_pickle(subset):  # prune.py's kept_keys_trie.pkl: its keys are the stripped keys
+    """Write work/SUBSET_ROWS: the rows whose key (extension stripped) is in the `subset` file: a kept_keys.npy
+    or kept_keys_trie.pkl, which hold keys (stripped already: stripping `x/y.tar` again would make it `x/y`,
+    another sample's key), or a text file of paths, stripped here. Returns (rows selected, subset keys not
+    among the rows' keys)."""
+    if _is_pickle(subset):  # prune.py's kept_keys_trie.pkl
         trie = load_trie(subset)
         wanted = np.array([key.encode("utf-8") for key in trie.keys()] or [b""])[:len(trie)]
     elif subset.endswith(".npy"):
@@ -360,7 +362,8 @@ def subset_rows(work: str, subset: str) -> tuple[int, int]:
         wanted = keys_as_utf8(np.load(subset), subset)
     else:
         wanted = np.concatenate([np.zeros(0, "S1"), *_text_lines(subset)])
-    wanted = np.unique(strip_extensions(wanted)) if len(wanted) else wanted
+        wanted = strip_extensions(wanted) if len(wanted) else wanted
+    wanted = np.unique(wanted)
     keys = _mapped(os.path.join(work, KEYS_FILE))
     found, selected = np.zeros(len(wanted), bool), []
     for first in range(0, len(keys), CHUNK_ROWS):

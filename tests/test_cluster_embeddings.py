@@ -451,3 +451,24 @@ def test_clusters_figure_marks_the_smallest_median_and_largest_cluster():
     assert marks["smallest"] == 1 and marks["median"] == 40 and marks["largest"] == 900
     assert sorted(v for name, v in marks.items() if name in PAPER_SETTINGS) == sorted(PAPER_SETTINGS.values())
     assert "1 empty, 1 of one row" in ax.get_title() and ax.get_xscale() == "log"
+
+
+@pytest.mark.parametrize("form", ["kept_keys.npy", "kept_keys_trie.pkl", "paths.txt"])
+def test_subset_keys_are_stripped_once(tmp_path, form):
+    """kept_keys.npy and the trie hold keys, stripped already: `s/a.tar` (from s/a.tar.gz) selects that sample, not
+    s/a.png, whose key is `s/a` (stripping it again would swap them); a text file holds paths, stripped once."""
+    import dbp_utils as du
+    from dbpkit import layouts
+
+    paths = ["s/a.tar.gz", "s/a.png", "s/b.jpg", "t/c.d.e.jpg", "t/c.webp"]
+    np.save(tmp_path / layouts.KEYS_FILE, np.array([p.encode() for p in paths]))
+    chosen = [b"s/a.tar", b"t/c.d.e"]  # the keys of rows 0 and 3
+    if form == "kept_keys.npy":
+        np.save(tmp_path / form, np.array(chosen))
+    elif form == "kept_keys_trie.pkl":
+        with open(tmp_path / form, "wb") as f:
+            du.write_trie(f, np.array(chosen))
+    else:
+        (tmp_path / form).write_text("s/a.tar.gz\nt/c.d.e.jpg\n")
+    assert layouts.subset_rows(str(tmp_path), str(tmp_path / form)) == (2, 0)
+    assert np.load(tmp_path / layouts.SUBSET_ROWS).tolist() == [0, 3]
