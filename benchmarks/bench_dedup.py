@@ -176,6 +176,13 @@ def main() -> None:
     print(f"\ndeduplicate.py / SemDeDup's loop: {script['wall_s'] / times['loop_s']:.2f}x;"
           f" / the full-square matmuls: {script['wall_s'] / times['square_s']:.2f}x"
           f" (torch on {times['threads']} threads there)")
+    # What the whole-process ratio holds besides the scoring: torch's import (in the workers' fork server, before
+    # any cluster is scored), which the floor, timed inside its process, does not count.
+    scored = stage_seconds(os.path.join(work, "dedup", "logs.log"), "score started", "scored")
+    torch_import = (measure([sys.executable, "-c", "import torch"])["wall_s"] -
+                    measure([sys.executable, "-c", "pass"])["wall_s"])
+    print(f"of which the scoring stage: {scored:.2f} s ({scored / times['square_s']:.2f}x the full-square matmuls); "
+          f"torch's import alone, which the floor does not count: {torch_import:.2f} s")
     semdedup = np.load(os.path.join(data, "semdedup_scores.npz"))
     worst = max(float(np.abs(np.load(os.path.join(work, "dedup", "scores", f"cluster_{j}.npy")) -
                              semdedup[str(j)]).max()) for j in range(args.clusters))
