@@ -30,6 +30,7 @@ from dbpkit.clusters import PARSER_MODULES, load_cluster_scores, scan_clusters
 from dbpkit.errors import MethodError, UsageError
 
 PARTS_DIR = ".parts"  # in the staging folder: each cluster's selection, until it is gathered
+REPORT_AFTER_KEYS = 1_000_000  # kept keys whose trie takes about as long to write as the report to draw
 METHOD_FLAGS = {  # what the method refused -> the flag that set it, and what to do
     "density": ("--density", "recompute d_intra and d_inter from the cluster files"),
     "target": ("--prune-ratio", "lower --prune-ratio or fix --total-dataset-size"),
@@ -148,10 +149,13 @@ def main() -> None:
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
     with save_dir as out, pool:
-        # The stats and the plot need only the quotas: drawn by a worker while the others select.
-        report = pool.submit(prune_report.write_report, (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE),
-                                                         out.path(du.PLOT_FILE), stats, sweep, plan, target,
-                                                         args.temperature, title))
+        # The stats and the plot need only the quotas. A worker draws them beside the selection, or, when there
+        # is a trie of a million keys or more to write (as long as the drawing takes), while this process
+        # writes it on one core: then the drawing does not take a core from the selection.
+        report_task = (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE), out.path(du.PLOT_FILE), stats, sweep, plan,
+                       target, args.temperature, title)
+        draw_after = not args.no_trie and plan.quotas.sum() >= REPORT_AFTER_KEYS
+        report = None if draw_after else pool.submit(prune_report.write_report, report_task)
         collected, unsorted, misnamed = selection.KeptKeyCollector(int(plan.quotas.sum())), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
@@ -168,6 +172,7 @@ def main() -> None:
                 if not kept.ids_match:
                     misnamed.append(cluster.path)
         os.rmdir(parts)
+        report = report or pool.submit(prune_report.write_report, report_task)
         kept_keys = collected.sorted_unique(workers)
         np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if args.datacomp_subset:

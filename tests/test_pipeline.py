@@ -333,3 +333,26 @@ def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temp
     renderer = FigureCanvasAgg(figure).get_renderer()
     figure.draw(renderer)
     assert all(ax.yaxis.label.get_window_extent(renderer).x0 >= 0 for ax in figure.axes)
+
+
+def test_the_report_drawn_while_the_trie_is_written_is_the_same(desc_str, scored, tmp_path):
+    """From a million kept keys the report is drawn while the trie is written, not beside the selection: the
+    same outputs, byte for byte (here with the threshold lowered to every run's size)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = prune(desc_str, scored(desc_str), tmp_path / "beside", "--prune-ratio", 0.3)
+    assert r.returncode == 0, r.stderr
+    dintra, dinter = scored(desc_str)
+    args = ["prune.py", "--num-centroids", desc_str["k"], "--mean_centroid_distances_save_path", dinter,
+            "--avg_distance_to_cent_save_path", dintra, "--sorted-clusters-path", desc_str["sorted"],
+            "--total-dataset-size", len(desc_str["x"]), "--save-dir", tmp_path / "after", "--prune-ratio", 0.3,
+            "--workers", 2]
+    code = f"import sys, prune; prune.REPORT_AFTER_KEYS = 1; sys.argv = {[str(a) for a in args]!r}; prune.run()"
+    after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert after.returncode == 0, after.stderr
+    for name in OUTPUTS:
+        if name not in ("params.json", "logs.log") and (tmp_path / "beside" / name).exists():
+            assert (tmp_path / "after" / name).read_bytes() == (tmp_path / "beside" / name).read_bytes(), name
