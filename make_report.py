@@ -242,7 +242,8 @@ def main() -> None:
 
 
 def pair_views(pairs, found, missing: str) -> list[dict]:
-    return [{"similarity": p.similarity, "removed": thumb(p.removed, "removed", found, missing, note=p.similarity),
+    """The pairs of dedup.html: the similarity is shown once, beside the two thumbnails (not under one as well)."""
+    return [{"similarity": p.similarity, "removed": thumb(p.removed, "removed", found, missing),
              "duplicate": thumb(p.duplicate_of, "duplicate-of", found, missing)} for p in pairs]
 
 

@@ -31,7 +31,7 @@ class Thumb:
     key: str
     role: str  # kept, pruned, removed, duplicate-of
     cluster: int | None = None
-    note: str = ""  # its distance to the centroid, or the pair's similarity
+    note: str = ""  # its distance to the centroid
     caption: str | None = None
     url: str | None = None
     image: str | None = None  # the thumbnail's file name under thumbs/

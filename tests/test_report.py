@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -202,6 +203,11 @@ def test_dedup_pairs_are_lines_of_removed_paths_nearest_the_threshold_first(pipe
             assert (removed["data-key"], duplicate["data-key"], pair["similarity"]) in triples
         near = sorted(float(t[2]) for t in triples)[:50]
         assert [float(p["similarity"]) for p in shown[:len(near)]] == near
+    html = (out / "dedup.html").read_text(encoding="utf-8")
+    pairs = re.findall(r'<div class="pair" data-similarity="([^"]*)">(.*?)</div>', html, re.S)
+    assert len(pairs) == len(page.pairs)
+    for similarity, inner in pairs:  # the similarity is read once per pair, not under a thumbnail as well
+        assert re.sub(r"<[^>]*>", " ", inner).split().count(similarity) == 1, inner
     with open(pipeline["dedup"] / "dedup_stats.csv") as f:
         for row in csv.DictReader(f):
             assert f"removed {row['removed']}, kept {row['kept']}" in (out / "dedup.html").read_text()
