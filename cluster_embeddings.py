@@ -167,7 +167,7 @@ def main() -> None:
     save = savedir.SaveDir(args.save_folder, args.overwrite, outputs, marker, "--save_folder", resume=run)
 
     with save as out, tasks.TaskPool(workers, args.distributor) as pool:
-        work, resumed = out.staging, ""
+        work, resumed, from_sweep = out.staging, "", ""
         if out.resumed:
             done = what_was_done(out.staging, k)
             resumed = f" (resumed a stopped run; done before: {done})"
@@ -194,7 +194,12 @@ def main() -> None:
         if ks and not os.path.exists(out.path(K_SWEEP_FILE)):
             x = kmeans.training_sample(embeddings, args.seed, check_k_and_sample(args, n, of, ks[-1], "--k-sweep"),
                                        subset)
-            sweep = du.k_sweep(x, ks, args.niter, args.seed, args.spherical, workers)
+            fits = {}
+            sweep = du.k_sweep(x, ks, args.niter, args.seed, args.spherical, workers, fits)
+            if k == ks[-1]:  # the run's own k-means is this one (the same sample, seed and iterations)
+                files.save_json(out.path(OBJECTIVE), fits[k][1])
+                files.save_npy(out.path(CENTROIDS_FILE), fits[k][0])
+                from_sweep = f"; k-means at k = {k} from the sweep, not trained again"
             cluster_report.k_sweep_figure(sweep).savefig(out.path(K_SWEEP_PLOT), format="png")
             cluster_report.write_sweep(out.path(K_SWEEP_FILE), sweep)
             cli.log.info(f"k sweep on {len(x)} rows: " + ", ".join(
@@ -237,7 +242,7 @@ def main() -> None:
             "single_row_clusters": single, "smallest_cluster": int(sizes.min()), "largest_cluster": int(sizes.max()),
             "median_cluster": float(np.median(sizes)), "rows_per_cluster": n / k})
     print(f"clustered {n} rows{of} (dim {embeddings.dim}, {len(embeddings.parts)} part(s)) into {k} clusters of "
-          f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){resumed}"
+          f"{sizes.min()} to {sizes.max()} rows ({empty} empty, {single} of one row){from_sweep}{resumed}"
           f"{tasks.on(args.distributor)} -> {args.save_folder}")
 
 

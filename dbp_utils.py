@@ -257,13 +257,16 @@ SWEEP_CHUNK = 1 << 13  # sample rows compared with the centroids at a time
 
 
 def k_sweep(x: np.ndarray, ks: list[int], niter: int, seed: int, spherical: bool,
-            threads: int) -> dict[str, np.ndarray]:
+            threads: int, fits: dict | None = None) -> dict[str, np.ndarray]:
     """K_SWEEP_COLUMNS for each k: k-means of the unit rows x at that k (the run's seed and iterations), its
     objective, the sizes of its clusters on x, and the spread (max - min) of d_intra and of d_intra x d_inter
-    over the clusters that hold rows: what DBP's softmax will see (at T, shares spread exp(spread / T))."""
+    over the clusters that hold rows: what DBP's softmax will see (at T, shares spread exp(spread / T)).
+    `fits`, when given, receives each k's (centroids, objective)."""
     rows = []
     for k in ks:
         centroids, objective = fit(x, k, niter, seed, spherical, threads)
+        if fits is not None:
+            fits[k] = centroids, objective
         unit = unit_rows(centroids.astype(np.float64)).astype(np.float32)
         labels, distance = np.empty(len(x), np.int64), np.empty(len(x))
         for start in range(0, len(x), SWEEP_CHUNK):

@@ -440,6 +440,12 @@ def test_k_sweep_gives_faiss_own_objective_at_each_k_and_the_run_goes_on_at_its_
     _, clusters = read_output(tmp_path / "run")
     sizes = np.array([len(c) if c.size else 0 for c in clusters])
     assert record["median_cluster"] == float(np.median(sizes))
+    # The sweep's fit at k = 12 is the run's k-means: not trained twice, the same bytes as a run without a sweep.
+    assert "k-means at k = 12 from the sweep, not trained again" in r.stdout
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 12, "--save_folder", tmp_path / "plain", "--niter", 8)
+    assert r.returncode == 0, r.stderr
+    for name in ["kmeans_centroids.npy", *(f"sorted_clusters/cluster_{j}.npy" for j in range(12))]:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
 
 
 def test_clusters_figure_marks_the_smallest_median_and_largest_cluster():
