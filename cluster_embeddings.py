@@ -201,7 +201,7 @@ def main() -> None:
                 files.save_npy(out.path(CENTROIDS_FILE), fits[k][0])
                 from_sweep = f"; k-means at k = {k} from the sweep, not trained again"
             cluster_report.k_sweep_figure(sweep).savefig(out.path(K_SWEEP_PLOT), format="png")
-            cluster_report.write_sweep(out.path(K_SWEEP_FILE), sweep)
+            files.write_csv(out.path(K_SWEEP_FILE), sweep)
             cli.log.info(f"k sweep on {len(x)} rows: " + ", ".join(
                 f"k={k_} objective {o:.6g}" for k_, o in zip(sweep["k"].tolist(), sweep["objective"].tolist())))
         cli.stage("k sweep done")

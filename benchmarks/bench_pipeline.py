@@ -201,7 +201,7 @@ def time_sweep(dintra: str, dinter: str, sorted_dir: str, keep: float) -> float:
     """Seconds prune.py's temperature sweep takes at its defaults (best of 3), with its CSV written."""
     sys.path.insert(0, ROOT)
     import dbp_utils as du
-    from dbpkit import prune_report
+    from dbpkit import files
     from dbpkit.clusters import scan_clusters
 
     sizes = np.array([c.rows for c in scan_clusters(sorted_dir, None, "", "")])
@@ -210,7 +210,7 @@ def time_sweep(dintra: str, dinter: str, sorted_dir: str, keep: float) -> float:
     for _ in range(3):
         start = time.perf_counter()
         sweep = du.temperature_sweep("dintra*dinter", complexity, sizes, int(keep * sizes.sum()), 0.5, 0.5)
-        prune_report.write_csv(os.devnull, sweep)
+        files.write_csv(os.devnull, sweep)
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -1,12 +1,11 @@
-"""cluster_embeddings.py's report: clusters.png (the cluster sizes of a run, against the paper's settings) and the
-k sweep (k_sweep.csv, k_sweep.png), for choosing k from the data.
+"""cluster_embeddings.py's figures: clusters.png (the cluster sizes of a run, against the paper's settings) and
+k_sweep.png (the k sweep, for choosing k from the data).
 
 matplotlib is imported inside the functions that draw (no pyplot: no GUI backend, and a faster import).
 """
 
 from __future__ import annotations
 
-import csv
 from typing import Any
 
 import numpy as np
@@ -14,14 +13,6 @@ import numpy as np
 # Rows per cluster in the paper's settings: what a run's own figure is read against.
 PAPER_SETTINGS = {"SemDeDup, LAION-440M at k = 50,000": 8_800, "DBP, LAION-DeDup-280M at k = 500": 560_000,
                   "DBP, DataComp-Medium at k = 100": 1_280_000}
-
-
-def write_sweep(path: str, sweep: dict[str, np.ndarray]) -> None:
-    """k_sweep.csv: a row per k (floats as repr: exact)."""
-    with open(path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(sweep)
-        rows.writerows(zip(*(column.tolist() for column in sweep.values())))
 
 
 def write_clusters_figure(task: tuple[str, np.ndarray, float | None]) -> None:

@@ -6,6 +6,7 @@ Light on purpose (the standard library and numpy): the loader API imports it.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -43,6 +44,14 @@ def atomic_open(path: str, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
 def save_json(path: str, value: Any) -> None:
     with atomic_open(path, "w") as f:
         f.write(json.dumps(value, indent=2) + "\n")
+
+
+def write_csv(path: str, columns: dict[str, np.ndarray]) -> None:
+    """Named columns as a CSV table, a row per entry; floats as repr: exact."""
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(columns)
+        rows.writerows(zip(*(column.tolist() for column in columns.values())))
 
 
 def load_json(path: str) -> Any:

@@ -5,10 +5,11 @@ matplotlib is imported inside plot_quotas (no pyplot: no GUI backend, and a fast
 
 from __future__ import annotations
 
-import csv
 from typing import Any
 
 import numpy as np
+
+from dbpkit.files import write_csv
 
 STATS_FILE = "cluster_stats.csv"
 PLOT_FILE = "quotas.png"
@@ -33,14 +34,6 @@ def write_report(task: tuple) -> None:
     write_csv(sweep_path, sweep)
     with open(plot_path, "wb") as f:
         quotas_figure(table, sweep, plan, target, temperature, title).savefig(f, format="png")
-
-
-def write_csv(path: str, columns: dict[str, np.ndarray]) -> None:
-    """Named columns, a row per entry; floats as repr: exact."""
-    with open(path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(columns)
-        rows.writerows(zip(*(column.tolist() for column in columns.values())))
 
 
 def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], plan: Any, target: int,
