@@ -148,28 +148,29 @@ def main() -> None:
              "complexity": complexity, "probability": probs, "target": probs * target, "quota": plan.quotas,
              "kept_fraction": np.divide(plan.quotas, sizes, out=np.full(k, np.nan), where=sizes > 0)}
     title = f"DBP quotas: keep {args.prune_ratio:g}, T={args.temperature:g}, {args.density}"
+    kept = int(plan.quotas.sum())
     with save_dir as out, pool:
         # The stats and the plot need only the quotas. A worker draws them beside the selection, or, when there
         # is a trie of a million keys or more to write (as long as the drawing takes), while this process
         # writes it on one core: then the drawing does not take a core from the selection.
         report_task = (out.path(du.STATS_FILE), out.path(du.SWEEP_FILE), out.path(du.PLOT_FILE), stats, sweep, plan,
                        target, args.temperature, title)
-        draw_after = not args.no_trie and plan.quotas.sum() >= REPORT_AFTER_KEYS
+        draw_after = not args.no_trie and kept >= REPORT_AFTER_KEYS
         report = None if draw_after else pool.submit(prune_report.write_report, report_task)
-        collected, unsorted, misnamed = selection.KeptKeyCollector(int(plan.quotas.sum())), [], []
+        collected, unsorted, misnamed = selection.KeptKeyCollector(kept), [], []
         parts = out.path(PARTS_DIR)
         os.mkdir(parts)
         pruned_file = out.path(du.PRUNED_PATHS_FILE) if args.pruned_paths else os.devnull
         with open(out.path(du.KEPT_PATHS_FILE), "wb") as f, open(pruned_file, "wb") as pruned:
             selections = selection.select_kept(clusters, plan.quotas, args.which_to_keep, args.seed, args.pruned_paths,
                                                parts, pool)
-            for j, (cluster, kept) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
+            for j, (cluster, selected) in enumerate(zip(clusters, selections, strict=True)):  # strict: to the end
                 collected.add(selection.take_part(selection.part_file(parts, j), f))
                 if args.pruned_paths:
                     selection.take_part(selection.part_file(parts, j, pruned=True), pruned, with_keys=False)
-                if not kept.in_order:
+                if not selected.in_order:
                     unsorted.append(cluster.path)
-                if not kept.ids_match:
+                if not selected.ids_match:
                     misnamed.append(cluster.path)
         os.rmdir(parts)
         report = report or pool.submit(prune_report.write_report, report_task)
@@ -183,7 +184,6 @@ def main() -> None:
                 trie.write_trie(f, kept_keys)
         np.save(out.path(du.QUOTAS_FILE), plan.quotas)
         report()
-        kept = int(plan.quotas.sum())
         # Warned only now: a bad input found on the way must end in its error line alone.
         if near_equal:
             doubling = du.temperature_for(2.0, complexity, sizes)

@@ -189,7 +189,8 @@ def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
     # eps removes (each smaller eps removes a subset of those).
     stripped = strip_extensions(keys)
     by_key = np.argsort(stripped, kind="stable")
-    stripped, widths = stripped[by_key], np.strings.str_len(stripped[by_key])
+    stripped = stripped[by_key]
+    widths = np.strings.str_len(stripped)
     candidates = np.flatnonzero(scores > threshold(max(eps_list, default=0)))
     lines = removed_lines(keys[candidates], keys[matches[candidates]], scores[candidates])
     removed = []
