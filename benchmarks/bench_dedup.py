@@ -29,7 +29,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from bench_pipeline import cuda_device, machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
 
-from dbpkit.dedup import BLOCK_ROWS  # noqa: E402
+from dbpkit.dedup import BLOCK_ROWS, STRIP_COLUMNS, strips_match  # noqa: E402
 
 SEMDEDUP = """
 import glob, json, sys, time, numpy as np, torch
@@ -76,14 +76,18 @@ print(json.dumps({"macs_per_s": calls * block * block * dim / (time.perf_counter
 GEMM_SECONDS = 2.0
 
 
-def block_macs(sizes: list[int], dim: int, block: int = BLOCK_ROWS) -> int:
-    """The multiply-adds of deduplicate.py's blocks: per cluster, each block of rows against each block of
-    columns up to the diagonal's."""
+def block_macs(sizes: list[int], dim: int, strips: bool) -> int:
+    """The multiply-adds of deduplicate.py's blocks: per cluster, each block of rows against each earlier block of
+    columns, and its diagonal block (as strips from each one's diagonal down, where a full block is cut so)."""
     total = 0
     for n in sizes:
-        for r0 in range(0, n, block):
-            rows = min(block, n - r0)
-            total += rows * min(r0 + block, n) * dim
+        for r0 in range(0, n, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, n - r0)
+            total += rows * r0 * dim
+            if strips and rows == BLOCK_ROWS:
+                total += sum((BLOCK_ROWS - s) * STRIP_COLUMNS for s in range(0, BLOCK_ROWS, STRIP_COLUMNS)) * dim
+            else:
+                total += rows * rows * dim
     return total
 
 
@@ -102,7 +106,10 @@ def stage_seconds(log: str, first: str, last: str) -> float:
 def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int], dim: int) -> None:
     """The scoring stage's matmul rate against the device's GEMM rate on deduplicate.py's block shape."""
     scored = stage_seconds(os.path.join(run, "logs.log"), "score started", "scored")
-    rate = block_macs(sizes, dim) / scored
+    import torch
+
+    strips = strips_match(BLOCK_ROWS, dim, torch.float16 if device == "cuda" else torch.float32, torch.device(device))
+    rate = block_macs(sizes, dim, strips) / scored
     gemm = __import__("json").loads(measure([sys.executable, "-c", GEMM, device, str(dim), str(BLOCK_ROWS),
                                              str(GEMM_SECONDS)])["stdout"])["macs_per_s"]
     device_rate = gemm * (workers if device == "cpu" else 1)  # the CPU's: a core per worker; a GPU is shared

@@ -16,6 +16,7 @@ Choosing eps then only reads those back.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from dbpkit.layouts import load_embeddings
 from dbpkit.trie import KEPT_KEYS_FILE  # noqa: F401 (each eps_<e>/ holds one, in prune.py's format)
 
 BLOCK_ROWS = 1024  # rows of a block of similarities (and columns): 4 MB of float32
+STRIP_COLUMNS = 256  # a full diagonal block is worked out in strips this wide
 SCORES_DIR, MATCHES_DIR = "scores", "matches"  # per cluster: each row's score, and the row it duplicates
 STATS_FILE = "dedup_stats.csv"  # per eps: kept, removed
 CLUSTER_STATS_FILE = "dedup_cluster_stats.csv"  # per cluster: size, removed at each eps
@@ -71,25 +73,54 @@ def keep_order(rows: int, distances: np.ndarray, which: str, seed: int, cluster_
 def max_earlier_similarity(x, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """For each row i of the unit rows x (a torch tensor, in keep order): max(0, max_{j<i} x_i . x_j), and that j
     (the first of equals; -1 where no similarity is above 0). A block of rows meets each block of earlier
-    rows once: the strict lower triangle, never the whole square. (The GEMM's order of summing depends on
-    the shapes it is given: these blocks' shapes are kept so that the scores stay the same bytes.)"""
-    import torch
-
+    rows once: the strict lower triangle, never the whole square. A full block on the diagonal is worked out
+    as strips of STRIP_COLUMNS columns, each from its own diagonal down: 3/8 fewer multiply-adds there."""
     n = len(x)
     best, match = np.zeros(n, np.float32), np.full(n, -1, np.int64)
-    buffer = torch.empty(min(block, n) ** 2, dtype=x.dtype, device=x.device)  # a block's similarities, reused
+    out = x.new_empty(min(block, n) ** 2)  # a block's similarities, reused
+    strips = block % STRIP_COLUMNS == 0 and n >= block > STRIP_COLUMNS and strips_match(block, x.shape[1], x.dtype,
+                                                                                        x.device)
+
+    def fold(r0: int, r1: int, c0: int, c1: int) -> None:  # rows r0..r1 against columns c0..c1
+        sims = _mm(x[r0:r1], x[c0:c1], out)
+        if c0 == r0:
+            sims[:c1 - c0].tril_(-1)  # j >= i: 0, which never beats the 0 every row starts from
+        value, where = row_max(sims)
+        better = value > best[r0:r1]  # strictly: earlier columns keep their ties
+        best[r0:r1][better] = value[better]
+        match[r0:r1][better] = where[better] + c0
+
     for r0 in range(0, n, block):
         r1 = min(r0 + block, n)
-        for c0 in range(0, r1, block):  # blocks of columns before the rows' end (the last is the diagonal)
-            c1 = min(c0 + block, r1)
-            sims = torch.mm(x[r0:r1], x[c0:c1].T, out=buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
-            if c0 == r0:
-                sims.tril_(-1)  # j >= i: 0, which never beats the 0 every row starts from
-            value, where = row_max(sims)
-            better = value > best[r0:r1]  # strictly: earlier blocks keep their ties
-            best[r0:r1][better] = value[better]
-            match[r0:r1][better] = where[better] + c0
+        for c0 in range(0, r0, block):  # blocks wholly below the diagonal
+            fold(r0, r1, c0, c0 + block)
+        if strips and r1 - r0 == block:
+            for s0 in range(r0, r1, STRIP_COLUMNS):
+                fold(s0, r1, s0, s0 + STRIP_COLUMNS)
+        else:
+            fold(r0, r1, r0, r1)
     return best, match
+
+
+def _mm(rows, columns, out):
+    """rows @ columns.T into the front of the flat buffer `out`."""
+    import torch
+
+    return torch.mm(rows, columns.T, out=out[:len(rows) * len(columns)].view(len(rows), len(columns)))
+
+
+@functools.cache
+def strips_match(block: int, dim: int, dtype, device) -> bool:
+    """Whether this machine's GEMM gives a diagonal block's strips the same bits as the whole block: the order it
+    sums in depends on the shapes it is given, and the scores must not change with the way they are cut.
+    Checked once per process on random rows (that order does not depend on the values); if not, whole
+    blocks."""
+    import torch
+
+    x = torch.randn(block, dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    whole = torch.mm(x, x.T)
+    return all(torch.equal(torch.mm(x[s:], x[s:s + STRIP_COLUMNS].T), whole[s:, s:s + STRIP_COLUMNS])
+               for s in range(0, block, STRIP_COLUMNS))
 
 
 def row_max(sims) -> tuple[np.ndarray, np.ndarray]:

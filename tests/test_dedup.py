@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, error_line, outputs, run_script, start_script, wait_paused
 
+from dbpkit import dedup as scoring
 from dbpkit.dedup import max_earlier_similarity
 
 DEDUP_SCRIPT = "deduplicate.py"
@@ -205,6 +206,40 @@ def test_blocks_of_any_size_give_the_full_matrix_answer():
         scores, matches = max_earlier_similarity(torch.from_numpy(x.astype(np.float32)), block)
         np.testing.assert_allclose(scores, expected, atol=1e-6)
         assert matches[17] == 4 and matches[30] == 4 and matches[0] == -1
+
+
+def whole_blocks(x, block=1024):
+    """The scores as deduplicate.py worked them out before the diagonal blocks were cut into strips: each block
+    of rows against each earlier block of columns and its own whole diagonal block, one GEMM each."""
+    best, match = np.zeros(len(x), np.float32), np.full(len(x), -1)
+    for r0 in range(0, len(x), block):
+        for c0 in range(0, r0 + 1, block):
+            sims = torch.mm(x[r0:r0 + block], x[c0:min(c0 + block, r0 + block)].T).numpy()
+            if c0 == r0:
+                sims = np.tril(sims, -1)
+            for i, row in enumerate(sims):
+                if row.max() > best[r0 + i]:
+                    best[r0 + i], match[r0 + i] = row.max(), c0 + row.argmax()
+    return best, match
+
+
+@pytest.mark.parametrize("rows,dim,offset", [(1024, 256, 0), (2500, 33, 1), (2048, 64, 0), (1100, 768, 3)])
+def test_diagonal_strips_give_the_same_bits_as_whole_blocks(rows, dim, offset, monkeypatch):
+    """Scores are the same bytes as before the strips: the probe's verdict on this machine's GEMM holds for real
+    rows, and the scores taken either way (forced) equal the whole blocks' wherever the probe says so."""
+    rng = np.random.default_rng(rows)
+    x = torch.from_numpy(unit(rng.standard_normal((rows + offset, dim))).astype(np.float32))[offset:]
+    x[rows // 2] = x[7]  # an exact repeat, across blocks
+    expected = whole_blocks(x)
+    scores, matches = max_earlier_similarity(x)
+    assert scores.tobytes() == expected[0].tobytes() and matches.tolist() == expected[1].tolist()
+    probe = scoring.strips_match(1024, dim, x.dtype, x.device)
+    for forced in (True, False):
+        monkeypatch.setattr(scoring, "strips_match", lambda *args, verdict=forced: verdict)
+        scores, matches = max_earlier_similarity(x)
+        same = scores.tobytes() == expected[0].tobytes() and matches.tolist() == expected[1].tolist()
+        assert same if not forced else same == probe
+    assert matches[rows // 2] == 7
 
 
 def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, deduplicated, tmp_path):
