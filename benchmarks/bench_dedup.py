@@ -7,6 +7,7 @@ the page cache, then measures in one run:
   - SemDeDup's semdedup() loop over the same clusters, re-typed from its semdedup.py (the full similarity
     matrix, its diagonal zeroed, its upper triangle copied, the column maxima), imports excluded;
   - torch's full-square X @ X.T of each cluster, in the same process: the GEMM floor of SemDeDup's way;
+    and the same as a whole process (Python, torch's import, each cluster read), to set beside ours, timed whole;
   - the scores: deduplicate.py's against SemDeDup's M, the largest difference;
   - one large cluster alone (memory: never an n x n matrix);
   - the scoring stage's matmul rate (the multiply-adds of its blocks over the stage's time in logs.log)
@@ -53,6 +54,15 @@ for j in range(k):
     square += time.perf_counter() - start
 np.savez(folder + "/semdedup_scores.npz", **{str(j): s for j, s in scores.items()})
 print(json.dumps({"loop_s": loop, "square_s": square, "threads": torch.get_num_threads()}))
+"""
+SQUARE_PROCESS = """
+import sys, numpy as np, torch
+folder, k = sys.argv[1], int(sys.argv[2])
+embs = np.load(folder + "/emb.npy", mmap_mode="r")
+for j in range(k):  # each cluster read as SemDeDup reads it, then its full square
+    cluster = np.load(f"{folder}/sorted_clusters/cluster_{j}.npy")
+    reps = torch.from_numpy(embs[cluster[:, 1].astype("int64")])
+    reps @ reps.T
 """
 GEMM = """
 import json, sys, time, torch
@@ -175,14 +185,18 @@ def main() -> None:
     script = ours(data, os.path.join(work, "dedup"), args.workers)
     theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
     times = __import__("json").loads(theirs["stdout"])
+    square = measure([sys.executable, "-c", SQUARE_PROCESS, data, str(args.clusters)])
     print(f"{'step':52s} {'s':>8s} {'peak RSS MB':>12s} {'tree RSS MB':>12s}")
     print(f"{'deduplicate.py, whole process (imports included)':52s} {script['wall_s']:8.2f} "
           f"{script['peak_rss_mb']:12.0f} {script['tree_rss_mb']:12.0f}")
     print(f"{'SemDeDup semdedup() loop (imports excluded)':52s} {times['loop_s']:8.2f} {theirs['peak_rss_mb']:12.0f}")
     print(f"{'torch X @ X.T per cluster (the same process)':52s} {times['square_s']:8.2f}")
+    print(f"{'the same, whole process (imports, reading included)':52s} {square['wall_s']:8.2f} "
+          f"{square['peak_rss_mb']:12.0f}")
     print(f"\ndeduplicate.py / SemDeDup's loop: {script['wall_s'] / times['loop_s']:.2f}x;"
           f" / the full-square matmuls: {script['wall_s'] / times['square_s']:.2f}x"
-          f" (torch on {times['threads']} threads there)")
+          f" (torch on {times['threads']} threads there); whole process to whole process: "
+          f"{script['wall_s'] / square['wall_s']:.2f}x")
     # What the whole-process ratio holds besides the scoring: torch's import (in the workers' fork server, before
     # any cluster is scored), which the floor, timed inside its process, does not count.
     scored = stage_seconds(os.path.join(work, "dedup", "logs.log"), "score started", "scored")
