@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -170,21 +171,52 @@ def parse_floats(text: np.ndarray) -> np.ndarray:
 
     Arrow's parser rounds correctly, as Python's does, so both give the same bits; on a distance column's
     plain decimals it is 4x faster than numpy's cast, which calls Python's parser string by string. What
-    Arrow refuses (spaces, underscores, a NUL inside a value, bytes that are not UTF-8) numpy's cast decides.
-    The values go to Arrow and back as buffers: its numpy conversions would import pandas."""
+    Arrow refuses (spaces, underscores, a NUL inside a value, bytes that are not UTF-8) numpy's cast decides."""
     if len(text) < ARROW_MIN_VALUES:
         return text.astype(np.float64)
     import pyarrow as pa  # here: dbp_utils imports this module, and only distance columns need Arrow
     import pyarrow.compute as pc
 
+    try:
+        return _from_arrow(pc.cast(_arrow_strings(text), pa.float64()), np.float64)
+    except pa.ArrowException:
+        return text.astype(np.float64)
+
+
+def parse_row_numbers(text: np.ndarray) -> np.ndarray:
+    """Row numbers written as text (fixed-width str or bytes) -> int64 as numpy's cast reads them, or
+    ValueError / OverflowError. Columns of plain digits only (all of them, as SemDeDup writes them) go through
+    Arrow's parser, 3x faster; anything else (a sign, a space, a value past int64) numpy's cast decides."""
+    if len(text) < ARROW_MIN_VALUES:
+        return text.astype(np.int64)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        strings = _arrow_strings(text if text.dtype.kind == "S" else ascii_bytes(text))
+        if pc.all(pc.ascii_is_decimal(strings)).as_py():
+            return _from_arrow(pc.cast(strings, pa.int64()), np.int64)
+    except (pa.ArrowException, UnicodeError):
+        pass
+    return text.astype(np.int64)
+
+
+def _arrow_strings(text: np.ndarray) -> Any:
+    """Fixed-width bytes as an Arrow string array, each ending at its trailing NULs as numpy's do (a NUL before
+    other bytes stays, and no parser accepts it). Handed over as a buffer: Arrow's numpy conversions would
+    import pandas."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     text = np.ascontiguousarray(text)
     fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(text.dtype.itemsize), len(text),
                                                  [None, pa.py_buffer(text)])
-    try:  # numpy's strings end at their trailing NULs; a NUL before other bytes stays, and is refused
-        parsed = pc.cast(pc.utf8_rtrim(fixed.cast(pa.string()), characters="\0"), pa.float64())
-    except pa.ArrowException:
-        return text.astype(np.float64)
-    return np.frombuffer(parsed.buffers()[1], np.float64, len(text), parsed.offset * 8).copy()
+    return pc.utf8_rtrim(fixed.cast(pa.string()), characters="\0")
+
+
+def _from_arrow(values: Any, dtype: type) -> np.ndarray:
+    """An Arrow array of fixed-width numbers (no nulls) as a numpy array of its own."""
+    return np.frombuffer(values.buffers()[1], dtype, len(values), values.offset * np.dtype(dtype).itemsize).copy()
 
 
 def names_cluster(ids: np.ndarray, cluster_id: int) -> bool:

@@ -292,6 +292,10 @@ BAD = [  # (id, change to a copy of the data, extra flags, what the one line say
     ("index-not-a-number", bad_file(2, [("a/1.jpg", "x", 0.5, 2)]), [], "row 0: index 'x' is not a row number"),
     ("duplicate-paths", bad_file(2, [("a/1.jpg", 0, 0.5, 2), ("a/1.jpg", 1, 0.4, 2)]), [],
      "key 'a/1.jpg' appears twice (rows 0 and 1)"),
+    ("index-not-a-number-far-in", bad_file(2, [(f"a/{i}.jpg", -3 if i == 80 else i, 0.5, 2) for i in range(100)]), [],
+     "row 80: index '-3' is not a row number"),  # (100 rows: parsed by Arrow, which hands the column to numpy)
+    ("duplicate-paths-far-apart", bad_file(2, [(f"a/{3 if i == 90 else i}.jpg", i, 0.5, 2) for i in range(100)]), [],
+     "key 'a/3.jpg' appears twice (rows 3 and 90)"),
     ("three-columns", bad_file(2, [("a/1.jpg", 0.5, 2)]), [], "has 3 columns (NeMo Curator 0.x)"),
     ("other-dimension", lambda data, root: np.save(root / "kmeans_centroids.npy", np.ones((7, 3), np.float32)), [],
      "have dimension 8 but the centroids"),

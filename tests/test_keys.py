@@ -121,6 +121,36 @@ def test_distance_parser_on_every_kind_of_double():
         assert np.array_equal(parse_floats(np.array(text, dtype="S")).view(np.int64), expected), fmt
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**63 - 1), min_size=65, max_size=200), st.integers(0, 3), st.booleans())
+def test_row_numbers_are_read_as_int_reads_them(values, zeros, as_str):
+    """A column of plain digits (leading zeros too, up to int64's largest), as str or bytes, read through Arrow."""
+    from dbpkit.clusters import ARROW_MIN_VALUES, parse_row_numbers
+
+    text = ["0" * zeros + str(v) for v in values]
+    column = np.array(text) if as_str else np.array([t.encode() for t in text])
+    got = parse_row_numbers(column[1:])  # a view that starts inside the buffer
+    assert len(column) - 1 >= ARROW_MIN_VALUES and got.dtype == np.int64
+    assert got.tolist() == [int(t) for t in text[1:]]
+
+
+def test_row_numbers_other_than_plain_digits_are_numpys_to_read():
+    """A sign, spaces, underscores, a fraction, non-ASCII digits, an empty value or one past int64 in a long
+    column: read or refused exactly as numpy's cast reads or refuses them."""
+    from dbpkit.clusters import parse_row_numbers
+
+    plain = [str(i) for i in range(100)]
+    for odd in (" 5", "+5", "5 ", "1_0", "-3", "", "x", "1.0", "\u0663", "9223372036854775808"):
+        for column in (np.array(plain + [odd]), np.array([t.encode() for t in plain + [odd]])):
+            outcomes = []
+            for parse in (parse_row_numbers, lambda c: c.astype(np.int64)):
+                try:
+                    outcomes.append(parse(column).tolist())
+                except (ValueError, OverflowError) as e:
+                    outcomes.append(type(e))
+            assert outcomes[0] == outcomes[1], (odd, column.dtype)
+
+
 def test_distance_parser_reads_what_numpy_reads_and_refuses_the_rest():
     """What Arrow refuses goes to numpy's cast: spaces, underscores and padding are read as float() reads them; a
     NUL inside a value, an empty value, text or bytes that are not UTF-8 are refused, with the row named."""
@@ -128,6 +158,8 @@ def test_distance_parser_reads_what_numpy_reads_and_refuses_the_rest():
 
     readable = [b" 1.5", b"1_0", b"2.5\t", b"+.5", b"1e-3", b"7"]
     assert parse_floats(np.array(readable)).tolist() == [1.5, 10.0, 2.5, 0.5, 0.001, 7.0]
+    long = [b"0.5"] * 70  # a column long enough for Arrow, which hands what it refuses to numpy
+    assert parse_floats(np.array(long + readable)).tolist()[-6:] == [1.5, 10.0, 2.5, 0.5, 0.001, 7.0]
     padded = np.array([b"0.25", b"0.125"], dtype="S8")  # the NULs after each value are numpy's padding
     assert parse_floats(padded).tolist() == [0.25, 0.125]
     assert parse_floats(padded[1:]).tolist() == [0.125]  # a view that starts inside the buffer
@@ -136,6 +168,8 @@ def test_distance_parser_reads_what_numpy_reads_and_refuses_the_rest():
             parse_floats(np.array([b"0.5", b"0.75", bad]))
         with pytest.raises(du.UsageError, match=r"cluster_3\.npy: row 12: distance .* is not a number"):
             parse_distances(np.array([b"0.5", b"0.75", bad]), "cluster_3.npy", first_row=10)
+        with pytest.raises(du.UsageError, match=r"cluster_3\.npy: row 80: distance .* is not a number"):
+            parse_distances(np.array(long + [bad]), "cluster_3.npy", first_row=10)
 
 
 def test_parsing_distances_leaves_pandas_unimported():
