@@ -118,6 +118,7 @@ def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int
     scored = stage_seconds(os.path.join(run, "logs.log"), "score started", "scored")
     import torch
 
+    torch.set_num_threads(1)  # as in each worker, where the probe runs
     strips = strips_match(BLOCK_ROWS, dim, torch.float16 if device == "cuda" else torch.float32, torch.device(device))
     rate = block_macs(sizes, dim, strips) / scored
     gemm = __import__("json").loads(measure([sys.executable, "-c", GEMM, device, str(dim), str(BLOCK_ROWS),
