@@ -78,8 +78,8 @@ def max_earlier_similarity(x, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.n
     n = len(x)
     best, match = np.zeros(n, np.float32), np.full(n, -1, np.int64)
     out = x.new_empty(min(block, n) ** 2)  # a block's similarities, reused
-    strips = block % STRIP_COLUMNS == 0 and n >= block > STRIP_COLUMNS and strips_match(block, x.shape[1], x.dtype,
-                                                                                        x.device)
+    can_strip = block % STRIP_COLUMNS == 0 and n >= block > STRIP_COLUMNS  # (tests pass other blocks)
+    strips = can_strip and strips_match(block, x.shape[1], x.dtype, x.device)
 
     def fold(r0: int, r1: int, c0: int, c1: int) -> None:  # rows r0..r1 against columns c0..c1
         sims = _mm(x[r0:r1], x[c0:c1], out)
