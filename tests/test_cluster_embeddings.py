@@ -255,6 +255,15 @@ def set_row(path_name, row, value):
     return change
 
 
+def savez_into(name):
+    """An .npz written under a .npy's name."""
+    def change(root, flags):
+        with open(root / name, "wb") as f:
+            np.savez(f, x=np.ones(3))
+    return change
+
+
+NULL_AT_205 = [None if i == 205 else f"k{i}" for i in range(300)]
 BAD = [  # (id, setup, extra flags, what the one line says)
     ("missing", lambda root: ["--embeddings", root / "nope.npy", "--keys", root / "k.txt"], [], "does not exist"),
     ("no-rows", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.zeros((0, DIM), np.float32))), [],
@@ -310,6 +319,43 @@ BAD = [  # (id, setup, extra flags, what the one line says)
     ("parquet-no-key-column", bad("npy+parquet", lambda r, f: None), ["--key-column", None],
      "--key-column: is required with parquet keys"),
     ("keys-folder", bad("npy+txt", lambda r, f: (r / "keysdir").mkdir()), ["--keys", "keysdir"], "keysdir is a folder"),
+    ("niter-zero", bad("npy+txt", lambda r, f: None), ["--niter", 0], "--niter: 0 is less than 1"),
+    ("sample-below-k", bad("npy+txt", lambda r, f: None), ["--sample-size", 5],
+     "--sample-size: 5 is not between k = 10 and the 300 rows"),
+    ("subset-missing", bad("npy+txt", lambda r, f: None), ["--subset", "gone/kept_keys.npy"],
+     "gone/kept_keys.npy does not exist"),
+    ("subset-folder", bad("npy+txt", lambda r, f: (r / "kept").mkdir()), ["--subset", "kept"], "kept is a folder"),
+    ("subset-2d", bad("npy+txt", lambda r, f: np.save(r / "kept.npy", np.array([[b"a", b"b"]]))),
+     ["--subset", "kept.npy"], "has shape (1, 2) and dtype |S1; expected 1-D keys"),
+    ("embeddings-not-npy", lambda root: [(root / "emb.csv").write_text("1,2\n") and "--embeddings", root / "emb.csv"],
+     [], "emb.csv is not a .npy file"),
+    ("npy-without-keys", bad("npy+txt", lambda r, f: None), ["--keys", None],
+     "--keys: is required with a single .npy of embeddings"),
+    ("embeddings-1d", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.ones(300, np.float32))), [],
+     "has shape (300,); embeddings are (rows, dim)"),
+    ("embeddings-fortran", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.ones((300, DIM), np.float32, "F"))),
+     [], "is stored column by column (Fortran order)"),
+    ("embeddings-npz-named-npy", bad("npy+txt", savez_into("emb.npy")), [],
+     "emb.npy: is not a .npy file (it is a zip of arrays, an .npz)"),
+    ("folder-of-nothing", lambda root: (root / "nothing").mkdir() or ["--embeddings", root / "nothing"], [],
+     "holds no img_emb_<n>.npy and no .npz files"),
+    ("clip-and-datacomp", bad("clip-retrieval", lambda r, f: np.savez(r / "img_emb" / "00000000.npz", l14_img=np.ones(
+        (2, DIM)))), [], "holds both clip-retrieval parts and .npz shards"),
+    ("clip-no-metadata", bad("clip-retrieval", lambda r, f: shutil.rmtree(r / "metadata")), [],
+     "metadata is not a folder"),
+    ("datacomp-no-parquet", bad("datacomp", lambda r, f: os.remove(r / "shards" / "00000000.parquet")), [],
+     "00000000.npz: has no 00000000.parquet beside it"),
+    ("datacomp-damaged-npz", bad("datacomp", lambda r, f: (r / "shards" / "00000000.npz").write_bytes(b"PK broken")),
+     [], "00000000.npz: is not a readable .npz file"),
+    ("keys-missing", bad("npy+txt", lambda r, f: None), ["--keys", "nope.txt"], "nope.txt does not exist"),
+    ("keys-csv", bad("npy+txt", lambda r, f: (r / "keys.csv").write_text("a\n" * 300)), ["--keys", "keys.csv"],
+     "keys.csv is not a .txt, .npy or .parquet file"),
+    ("keys-2d", bad("npy+npy", lambda r, f: np.save(r / "keys.npy", np.array([["a", "b"]] * 150))), [],
+     "has shape (150, 2) and dtype <U1; keys are a 1-D string array"),
+    ("parquet-null-key", bad("npy+parquet", lambda r, f: write_parquet(r / "keys.parquet", sample=NULL_AT_205)), [],
+     "row 205: key is missing (null)"),
+    ("parquet-unreadable", bad("npy+parquet", lambda r, f: (r / "keys.parquet").write_bytes(b"not parquet")), [],
+     "keys.parquet: is not a readable parquet file"),
 ]
 
 
@@ -322,7 +368,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, setup, extra, expect
             at = args.index(flag)
             del args[at:at + 2]
         if value is not None:
-            args += [flag, tmp_path / value if flag == "--keys" else value]
+            args += [flag, tmp_path / value if flag in ("--keys", "--subset") else value]
     r = run_script(CLUSTER_SCRIPT, *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert expect in error_line(r.stderr), r.stderr
