@@ -94,6 +94,20 @@ def add_file(name):
     return lambda root: np.save(root / "save" / "sorted" / name, [("a.jpg", 0, 0.1, 9)])
 
 
+def folder_named(name):
+    def go(root):
+        os.remove(root / "save" / "sorted" / name)
+        os.mkdir(root / "save" / "sorted" / name)
+    return go
+
+
+def npz_named(name):
+    def go(root):
+        with open(root / "save" / "sorted" / name, "wb") as f:
+            np.savez(f, rows=np.array([["a.jpg", "0", "0.5", "1"]]))
+    return go
+
+
 def empty_folder(root):
     shutil.rmtree(root / "save" / "sorted")
     (root / "save" / "sorted").mkdir()
@@ -193,6 +207,11 @@ CASES = [
                                                         for name in ("dintra", "dinter")], {}, "overflows"),
     ("dintra-too-large", (DINTRA_SCRIPT,), save_cluster([(f"a/{i}.jpg", i, 1e308, 1) for i in range(3)]), {},
      "mean distance 1e+308 is too large for d_intra's float32"),
+    ("cluster-is-folder", ALL, folder_named("cluster_1.npy"), {}, "cluster_1.npy: is a folder, not a .npy file"),
+    ("cluster-is-npz", ALL, npz_named("cluster_1.npy"), {},
+     "cluster_1.npy: is not a .npy file (it is a zip of arrays, an .npz)"),
+    ("centroids-text", (DINTER_SCRIPT,), lambda r: np.save(r / "save/kmeans_centroids.npy", np.full((K, DIM), "a")),
+     {}, "has dtype <U1; centroids are numbers"),
 ]
 
 
@@ -253,3 +272,27 @@ def test_device_cuda_without_a_gpu_is_one_line_and_nothing_written(tmp_path, scr
     assert error_line(r.stderr) == ("error: --device: cuda was asked for, but torch sees no CUDA device "
                                     "(pass --device cpu, or run where a GPU is)")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Asked of dbpkit.savedir directly: an empty output flag, and a folder the user may not write to (root may
+    write anywhere, so the system's answer is stood in for)."""
+    from dbpkit import savedir
+
+    with pytest.raises(du.UsageError, match="^--avg_distance_to_cent_save_path: is required"):
+        savedir.check_output_file("", "--avg_distance_to_cent_save_path", False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(du.UsageError, match=f"^--save_folder: {tmp_path} is not writable"):
+        savedir.check_creatable(str(tmp_path / "new" / "out"), "--save_folder")
+
+
+def test_a_cluster_file_cut_short_after_it_was_scanned_is_one_clear_error(tmp_path):
+    """A file that changes between the scan of its header and the read of its rows (rewritten by another job)."""
+    from dbpkit.clusters import scan_clusters
+
+    good_layout(tmp_path)
+    clusters = scan_clusters(str(tmp_path / "save" / "sorted"), K, "--sorted_clusters_path", "--num_clusters")
+    path = tmp_path / "save" / "sorted" / "cluster_2.npy"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(du.UsageError, match=r"cluster_2\.npy: cannot be read \(.*\) \(the file changed or is damaged"):
+        clusters[2].columns(("key",), 0, clusters[2].rows)

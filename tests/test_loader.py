@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -93,6 +94,19 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_of_something_else_or_keys_of_another_form_are_refused(tmp_path):
+    """A plain pickle of another object (safe to load, but no trie), and a kept_keys.npy that is not 1-D bytes."""
+    other = tmp_path / "kept_keys_trie.pkl"
+    other.write_bytes(pickle.dumps({"00000/000000001": 1}))
+    with pytest.raises(du.UsageError, match=r"kept_keys_trie\.pkl: holds a dict, not a pygtrie\.StringTrie"):
+        du.load_trie(str(other))
+    for keys, form in ((np.array(["00000/000000001"]), "<U15 and shape (1,)"), (np.array([[b"a", b"b"]]),
+                                                                                "|S1 and shape (1, 2)")):
+        np.save(tmp_path / "kept_keys.npy", keys)
+        with pytest.raises(du.UsageError, match=re.escape(f"kept_keys.npy: has dtype {form}; expected 1-D bytes")):
+            du.load_kept_keys(str(tmp_path / "kept_keys.npy"))
 
 
 def test_a_trie_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):

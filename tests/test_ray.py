@@ -202,6 +202,16 @@ def test_a_cluster_that_is_not_there_is_one_line_in_bounded_time(data, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("timeout", ["soon", "0", "nan"])
+def test_a_connect_timeout_that_is_no_number_of_seconds_is_one_line(data, tmp_path, timeout):
+    r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
+               "--distributor", "ray", env={**nowhere(os.environ), "DBP_RAY_CONNECT_TIMEOUT": timeout})
+    assert r.returncode == 2, r.stderr
+    assert error_line(r.stderr).startswith(f"error: DBP_RAY_CONNECT_TIMEOUT: {timeout!r} is not a number of seconds "
+                                           "above 0 (set it to the seconds to wait for Ray")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sigterm_while_connecting_ends_the_run(data, tmp_path):
     env = {**nowhere(os.environ), "DBP_RAY_CONNECT_TIMEOUT": "600"}  # (only the signal can end it in time)
     proc = start_script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder",

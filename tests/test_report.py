@@ -340,6 +340,18 @@ def test_bad_input_is_one_line_and_writes_nothing(pipeline, made, tmp_path):
     line = fails(*run, "--dedup-dir", dedup, "--save_folder", out)
     assert line.startswith(f"{dedup / 'eps_0.01' / 'removed_paths.txt'}: line {len(lines)} has 2 tab-separated fields")
     assert not out.exists()
+    # a dedup folder missing an eps folder its table names
+    shutil.rmtree(dedup / "eps_0.01")
+    assert fails(*run, "--dedup-dir", dedup, "--save_folder", out) == \
+        f"--dedup-dir: {dedup} holds no eps_0.01/removed_paths.txt (pass the output folder of a completed " \
+        "deduplicate.py run)"
+    # a prune folder whose params.json is another script's
+    other = tmp_path / "other_run"
+    shutil.copytree(pipeline["run"], other)
+    (other / "params.json").write_text(json.dumps({"num_clusters": 4}))
+    assert fails("--prune-dir", other, "--save_folder", out).startswith(
+        f"--prune-dir: {other / 'params.json'} is not prune.py's")
+    assert not out.exists()
     # the clusters the run read, changed or gone since
     sorted_copy, run_copy = tmp_path / "sorted", tmp_path / "run"
     shutil.copytree(pipeline["sorted"], sorted_copy)
