@@ -170,6 +170,8 @@ NEMO_BAD = [  # (id, change to a valid result folder, extra flags, what the one 
     ("nan-distance", lambda r: rewrite(r / "centroid=4", id=["a", "b"], embeddings=[[1.0] * DIM, [2.0] * DIM],
                                        cosine_dist_to_cent=[0.1, float("nan")]), [],
      "row 1: cosine_dist_to_cent is nan"),
+    ("unreadable-partitions", lambda r: (r / "a_first.parquet").write_bytes(b"not parquet"), [],
+     "cannot be read as parquet partitions"),
     ("damaged-parquet", lambda r: (r / "centroid=2" / "task_1.parquet").write_bytes(b"PAR1 damaged"), [],
      "task_1.parquet: is not a readable parquet file"),
     ("dimension-within-a-cluster", lambda r: write_table(r / "centroid=2" / "task_1.parquet", id=["a", "b"],
