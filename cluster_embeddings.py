@@ -19,7 +19,9 @@ Writes into --save_folder, exactly what SemDeDup writes:
   sorted_clusters/cluster_{j}.npy        (key, row index, cosine distance to the centroid, cluster id)
                                          as a <U (n_j, 4) array, farthest first (--ascending: nearest
                                          first); an empty cluster is np.save(path, [])
-and clustering.json (the flags and figures of the run; written last, it marks the folder complete).
+and beside them clusters.png (the clusters' sizes), logs.log (the command, its warnings and times) and
+clustering.json (the flags and figures of the run; written last, it marks the folder complete). With
+--k-sweep K1 K2 ..., also k_sweep.csv and k_sweep.png (without --num_clusters, only those and logs.log).
 A killed or interrupted run is finished by rerunning the same command; a completed folder is refused
 unless --overwrite.
 
@@ -49,7 +51,7 @@ from dbpkit.errors import UsageError
 
 PARAMS_FILE = kmeans.CLUSTERING_FILE
 SIZES_PLOT, K_SWEEP_FILE, K_SWEEP_PLOT = "clusters.png", "k_sweep.csv", "k_sweep.png"
-OUTPUTS = (CENTROIDS_FILE, kmeans.SORTED_DIR, PARAMS_FILE)
+OUTPUTS = (CENTROIDS_FILE, kmeans.SORTED_DIR, files.LOG_FILE, PARAMS_FILE)
 OBJECTIVE = "objective.json"  # in the staging folder: k-means' objective
 
 
@@ -153,8 +155,9 @@ def main() -> None:
     cli.absolute_paths(args, "embeddings", "keys", "subset", "save_folder", "from_nemo_curator", "centroids_file")
     workers = cli.num_workers(args.workers)
     tasks.check_distributor(args.distributor)
+    run_log = cli.RunLog()
     if args.from_nemo_curator:
-        return convert_nemo_curator(args, workers)
+        return convert_nemo_curator(args, workers, run_log)
     embeddings = layouts.find_embeddings(args.embeddings, args.keys, args.key_column, args.npz_key)
     n, k = embeddings.rows, args.num_clusters
     check_args(args, n)
@@ -162,8 +165,8 @@ def main() -> None:
     ks = sorted(set(args.k_sweep or []))
     sweep_outputs = (K_SWEEP_FILE, K_SWEEP_PLOT) if ks else ()
     # A sweep alone is marked complete by its table; a run by clustering.json.
-    outputs, marker = (sweep_outputs, K_SWEEP_FILE) if k is None else ((*sweep_outputs, SIZES_PLOT, *OUTPUTS),
-                                                                        PARAMS_FILE)
+    outputs, marker = ((*sweep_outputs, files.LOG_FILE), K_SWEEP_FILE) if k is None else \
+        ((*sweep_outputs, SIZES_PLOT, *OUTPUTS), PARAMS_FILE)
     save = savedir.SaveDir(args.save_folder, args.overwrite, outputs, marker, "--save_folder", resume=run)
 
     with save as out, tasks.TaskPool(workers, args.distributor) as pool:
@@ -206,6 +209,7 @@ def main() -> None:
                 f"k={k_} objective {o:.6g}" for k_, o in zip(sweep["k"].tolist(), sweep["objective"].tolist())))
         cli.stage("k sweep done")
         if k is None:
+            write_log(out, run_log)
             return print(f"k sweep of {n} rows{of} at k = {', '.join(map(str, ks))}: "
                          f"{K_SWEEP_FILE}, {K_SWEEP_PLOT}{tasks.on(args.distributor)} -> {args.save_folder}")
         sample = check_k_and_sample(args, n, of)
@@ -233,6 +237,7 @@ def main() -> None:
         if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
+        write_log(out, run_log)
         files.save_json(out.path(PARAMS_FILE), {
             "embeddings": args.embeddings, "keys": args.keys, **run["flags"], "subset": args.subset,
             "distributor": args.distributor,
@@ -257,7 +262,13 @@ def what_was_done(work: str, k: int) -> str:
     return ", ".join(done) or "nothing but the start"
 
 
-def convert_nemo_curator(args, workers: int) -> None:
+def write_log(out: savedir.SaveDir, run_log: cli.RunLog) -> None:
+    """logs.log: the command, its warnings (repeated keys, --subset keys not found, tiny clusters) and times."""
+    with open(out.path(files.LOG_FILE), "w") as f:
+        f.write(run_log.finished())
+
+
+def convert_nemo_curator(args, workers: int, run_log: cli.RunLog) -> None:
     """NeMo Curator 1.x's k-means result as SemDeDup's layout: one pass over each cluster's parquet files."""
     if args.keys:
         raise UsageError("--keys", "is not used with --from-nemo-curator",
@@ -288,6 +299,7 @@ def convert_nemo_curator(args, workers: int) -> None:
             source = os.path.abspath(centroids_file)
         files.save_npy(out.path(CENTROIDS_FILE), centroids.astype(np.float32))
         sizes = np.array([c.rows for c in clusters])
+        write_log(out, run_log)
         files.save_json(out.path(PARAMS_FILE), {
             "from_nemo_curator": results, "id_column": args.id_column, "centroids": source,
             "distributor": args.distributor,

@@ -165,7 +165,8 @@ def test_workers_and_threads_do_not_change_a_byte(tmp_path):
                             "50", "--niter", "5", "--save_folder", save, "--workers", workers],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
         assert r.returncode == 0, r.stderr
-        outputs.append({p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()})
+        outputs.append({p.relative_to(save): p.read_bytes() for p in save.rglob("*")
+                        if p.is_file() and p.name != "logs.log"})  # (the log holds the command line and times)
     assert outputs[0] == outputs[1] == outputs[2]
 
 
@@ -201,6 +202,8 @@ def test_tiny_clusters_are_warned_about(tmp_path):
     single, empty = sizes.count(1), sizes.count(0)
     assert single + empty > 0  # 3 rows a cluster: some are bound to be tiny
     assert f"warning: {single} of 100 clusters hold a single row and {empty} none" in r.stderr
+    log = (tmp_path / "save" / "logs.log").read_text()  # the warning stays with the run
+    assert f"WARNING {single} of 100 clusters hold a single row and {empty} none" in log
     params = json.loads((tmp_path / "save" / "clustering.json").read_text())
     assert params["single_row_clusters"] == single and params["empty_clusters"] == empty
     assert params["key_column"] is None  # a .txt of keys has no column
@@ -213,6 +216,10 @@ def test_completed_folder_is_refused_and_duplicates_are_warned_about(tmp_path):
     r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", tmp_path / "save")
     assert r.returncode == 0, r.stderr
     assert "warning: 1 keys repeat an earlier key" in r.stderr
+    log = (tmp_path / "save" / "logs.log").read_text().splitlines()
+    assert log[0].endswith(f"cluster_embeddings.py {' '.join(map(str, flags))} --num_clusters {K} --save_folder "
+                           f"{tmp_path / 'save'} --workers 2")  # the command as run
+    assert any(" WARNING 1 keys repeat an earlier key" in line for line in log) and "finished after" in log[-1]
     before = (tmp_path / "save" / "kmeans_centroids.npy").read_bytes()
     r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K + 1, "--save_folder", tmp_path / "save")
     assert r.returncode == 2 and "already holds the outputs of a completed run" in r.stderr
@@ -234,7 +241,8 @@ def test_overwrite_replaces_an_output_of_another_kind(tmp_path):
     assert r.returncode == 2 and "already holds" in r.stderr
     r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 4, "--save_folder", save, "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(save)) == ["clustering.json", "clusters.png", "kmeans_centroids.npy", "sorted_clusters"]
+    assert sorted(os.listdir(save)) == ["clustering.json", "clusters.png", "kmeans_centroids.npy", "logs.log",
+                                        "sorted_clusters"]
     assert np.load(save / "kmeans_centroids.npy").shape == (4, DIM) and len(os.listdir(save / "sorted_clusters")) == 4
 
 
@@ -454,7 +462,7 @@ def test_k_sweep_gives_faiss_own_objective_at_each_k_and_the_run_goes_on_at_its_
     ks = [3, 6, 12]
     r = run_script(CLUSTER_SCRIPT, *flags, "--k-sweep", *ks, "--save_folder", tmp_path / "sweep", "--niter", 8)
     assert r.returncode == 0 and "k sweep of 2000 rows at k = 3, 6, 12" in r.stdout, r.stderr
-    assert sorted(os.listdir(tmp_path / "sweep")) == ["k_sweep.csv", "k_sweep.png"]  # only the sweep
+    assert sorted(os.listdir(tmp_path / "sweep")) == ["k_sweep.csv", "k_sweep.png", "logs.log"]  # only the sweep
     with open(tmp_path / "sweep" / "k_sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["k", "objective", "size_min", "size_median", "size_max", "dintra_spread",
