@@ -450,6 +450,13 @@ def test_subset_reads_prunes_trie_as_its_kept_keys_and_a_subset_matching_nothing
     assert f"--subset: none of the 2 keys in {tmp_path / 'other.txt'} is a key of the embeddings" in \
         error_line(r.stderr)
     assert not (tmp_path / "none").exists()
+    # some keys found, two not: the run goes on with those found, and says (and logs) how many were not
+    (tmp_path / "some.txt").write_text("".join(k + "\n" for k in chosen) + "elsewhere/1.jpg\nelsewhere/2.jpg\n")
+    r = run_script(CLUSTER_SCRIPT, *flags, "--subset", tmp_path / "some.txt", "--num_clusters", 4,
+                   "--save_folder", tmp_path / "some")
+    assert r.returncode == 0 and f"clustered {len(chosen)} rows of --subset" in r.stdout, r.stderr
+    said = f"2 keys of --subset {tmp_path / 'some.txt'} are not among the embeddings' keys"
+    assert f"warning: {said}" in r.stderr and f"WARNING {said}" in (tmp_path / "some" / "logs.log").read_text()
 
 
 def test_k_sweep_gives_faiss_own_objective_at_each_k_and_the_run_goes_on_at_its_k(tmp_path):
