@@ -330,11 +330,17 @@ BAD = [  # (id, setup, extra flags, what the one line says)
     ("niter-zero", bad("npy+txt", lambda r, f: None), ["--niter", 0], "--niter: 0 is less than 1"),
     ("sample-below-k", bad("npy+txt", lambda r, f: None), ["--sample-size", 5],
      "--sample-size: 5 is not between k = 10 and the 300 rows"),
+    ("parquet-null-key", bad("npy+parquet", lambda r, f: write_parquet(r / "keys.parquet", sample=NULL_AT_205)), [],
+     "row 205: key is missing (null)"),
     ("subset-missing", bad("npy+txt", lambda r, f: None), ["--subset", "gone/kept_keys.npy"],
      "gone/kept_keys.npy does not exist"),
     ("subset-folder", bad("npy+txt", lambda r, f: (r / "kept").mkdir()), ["--subset", "kept"], "kept is a folder"),
     ("subset-2d", bad("npy+txt", lambda r, f: np.save(r / "kept.npy", np.array([[b"a", b"b"]]))),
      ["--subset", "kept.npy"], "has shape (1, 2) and dtype |S1; expected 1-D keys"),
+]
+
+
+LAYOUT_BAD = [  # (id, setup, extra flags, what the error says): layouts that cannot be read
     ("embeddings-not-npy", lambda root: [(root / "emb.csv").write_text("1,2\n") and "--embeddings", root / "emb.csv"],
      [], "emb.csv is not a .npy file"),
     ("npy-without-keys", bad("npy+txt", lambda r, f: None), ["--keys", None],
@@ -360,8 +366,6 @@ BAD = [  # (id, setup, extra flags, what the one line says)
      "keys.csv is not a .txt, .npy or .parquet file"),
     ("keys-2d", bad("npy+npy", lambda r, f: np.save(r / "keys.npy", np.array([["a", "b"]] * 150))), [],
      "has shape (150, 2) and dtype <U1; keys are a 1-D string array"),
-    ("parquet-null-key", bad("npy+parquet", lambda r, f: write_parquet(r / "keys.parquet", sample=NULL_AT_205)), [],
-     "row 205: key is missing (null)"),
     ("parquet-unreadable", bad("npy+parquet", lambda r, f: (r / "keys.parquet").write_bytes(b"not parquet")), [],
      "keys.parquet: is not a readable parquet file"),
 ]
@@ -539,3 +543,19 @@ def test_subset_keys_are_stripped_once(tmp_path, form):
         (tmp_path / form).write_text("s/a.tar.gz\nt/c.d.e.jpg\n")
     assert layouts.subset_rows(str(tmp_path), str(tmp_path / form)) == (2, 0)
     assert np.load(tmp_path / layouts.SUBSET_ROWS).tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("setup,extra,expect", [pytest.param(s, e, x, id=i) for i, s, e, x in LAYOUT_BAD])
+def test_a_layout_that_cannot_be_read_is_named_with_its_fix(tmp_path, setup, extra, expect):
+    """Asked of the layout reader directly: cluster_embeddings.py turns its UsageError into the one line the
+    cases above read, before it writes anything."""
+    from dbpkit import layouts
+    from dbpkit.errors import UsageError
+
+    flags = dict(zip(*[iter(setup(tmp_path))] * 2))
+    for flag, value in zip(extra[::2], extra[1::2]):
+        flags[flag] = None if value is None else tmp_path / value
+    with pytest.raises(UsageError) as refused:
+        layouts.find_embeddings(str(flags["--embeddings"]), flags.get("--keys") and str(flags["--keys"]),
+                                flags.get("--key-column"), "l14_img")
+    assert expect in str(refused.value)
