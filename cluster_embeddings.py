@@ -209,7 +209,7 @@ def main() -> None:
                 f"k={k_} objective {o:.6g}" for k_, o in zip(sweep["k"].tolist(), sweep["objective"].tolist())))
         cli.stage("k sweep done")
         if k is None:
-            write_log(out, run_log)
+            run_log.write(out.path(files.LOG_FILE))
             return print(f"k sweep of {n} rows{of} at k = {', '.join(map(str, ks))}: "
                          f"{K_SWEEP_FILE}, {K_SWEEP_PLOT}{tasks.on(args.distributor)} -> {args.save_folder}")
         sample = check_k_and_sample(args, n, of)
@@ -237,7 +237,7 @@ def main() -> None:
         if empty + single:  # their d_intra is NaN or near 0: DBP ranks them by almost nothing
             cli.log.warning(f"{single} of {k} clusters hold a single row and {empty} none: k = {k} is large for "
                             f"{n} rows (about {n // k} a cluster); consider a smaller --num_clusters")
-        write_log(out, run_log)
+        run_log.write(out.path(files.LOG_FILE))
         files.save_json(out.path(PARAMS_FILE), {
             "embeddings": args.embeddings, "keys": args.keys, **run["flags"], "subset": args.subset,
             "distributor": args.distributor,
@@ -260,12 +260,6 @@ def what_was_done(work: str, k: int) -> str:
     if written:
         done.append(f"{written} of {k} cluster files")
     return ", ".join(done) or "nothing but the start"
-
-
-def write_log(out: savedir.SaveDir, run_log: cli.RunLog) -> None:
-    """logs.log: the command, its warnings (repeated keys, --subset keys not found, tiny clusters) and times."""
-    with open(out.path(files.LOG_FILE), "w") as f:
-        f.write(run_log.finished())
 
 
 def convert_nemo_curator(args, workers: int, run_log: cli.RunLog) -> None:
@@ -299,7 +293,7 @@ def convert_nemo_curator(args, workers: int, run_log: cli.RunLog) -> None:
             source = os.path.abspath(centroids_file)
         files.save_npy(out.path(CENTROIDS_FILE), centroids.astype(np.float32))
         sizes = np.array([c.rows for c in clusters])
-        write_log(out, run_log)
+        run_log.write(out.path(files.LOG_FILE))
         files.save_json(out.path(PARAMS_FILE), {
             "from_nemo_curator": results, "id_column": args.id_column, "centroids": source,
             "distributor": args.distributor,

@@ -113,8 +113,7 @@ def main() -> None:
         shutil.rmtree(out.path(shards.FAILED_DIR))
         shutil.rmtree(out.path(shards.SOURCES_DIR))
         cli.log.info(f"{len(urls)} shards ({len(urls) - len(todo)} embedded before), {rows} rows, {failed} failed")
-        with open(out.path(files.LOG_FILE), "w") as f:
-            f.write(run_log.finished())
+        run_log.write(out.path(files.LOG_FILE))
         pattern = os.path.abspath(args.shards) if is_local(args.shards) else args.shards
         files.save_json(out.path(files.PARAMS_FILE), {**described, "shards": pattern, "shard_count": len(urls),
                                                       "output_folder": output, "batch_size": args.batch_size,

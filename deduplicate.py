@@ -244,8 +244,7 @@ def main() -> None:
         summary = ", ".join(f"eps {eps:g} removes {gone} ({gone / max(total, 1):.1%})"
                             for eps, gone in zip(eps_list, removed.sum(axis=0).tolist()))
         cli.log.info(f"k={len(clusters)} rows={total} scored={len(todo)} reused={len(clusters) - len(todo)}: {summary}")
-        with open(out.path(files.LOG_FILE), "w") as f:
-            f.write(history + run_log.finished())
+        run_log.write(out.path(files.LOG_FILE), history)
         params = {name: value for name, value in sorted(vars(args).items()) if name not in ("workers", "debug")}
         params.update(embeddings=source, eps=eps_list, num_clusters=len(clusters), rows=total, dim=embeddings.dim,
                       removed={f"{eps:g}": int(gone) for eps, gone in zip(eps_list, removed.sum(axis=0))},

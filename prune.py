@@ -207,8 +207,7 @@ def main() -> None:
                             "in two clusters, or the same name with another extension; the key sets hold each once")
         extremes = prune_report.pruning_extremes(sizes, plan.quotas)
         cli.log.info(f"kept {kept} samples, {len(kept_keys)} unique keys; {extremes}")
-        with open(out.path(du.LOG_FILE), "w") as f:
-            f.write(run_log.finished())
+        run_log.write(out.path(du.LOG_FILE))
         run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
         params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
         for name in PATH_FLAGS:  # absolute: the run can be moved or shared

@@ -190,6 +190,11 @@ class RunLog:
         log.info(f"finished after {time.monotonic() - self.started:.1f} s")
         return self.text.getvalue()
 
+    def write(self, path: str, earlier: str = "") -> None:
+        """logs.log at `path`: the `earlier` runs' log (a rerun's goes on from it), then this one's, finished."""
+        with open(path, "w") as f:
+            f.write(earlier + self.finished())
+
 
 class _Bar(tqdm):
     """A tqdm bar whose every step is a safe point."""

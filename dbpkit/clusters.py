@@ -31,8 +31,8 @@ CENTROIDS_FILE = "kmeans_centroids.npy"
 CHUNK_ROWS = 1 << 15  # rows read at a time (~16 MB), so a 560K-row cluster never sits in memory whole
 NAMES_SHOWN = 5  # cluster files named in an error about gaps
 SIDECAR_SUFFIX = ".dbp.json"  # beside d_intra / d_inter .npy files: what they hold
-ARROW_MIN_VALUES = 64  # fewer distances are parsed by numpy: Arrow's four calls cost more than it saves there
-PARSER_MODULES = ("pyarrow.compute",)  # what parse_floats imports: for the workers of tasks that parse distances
+ARROW_MIN_VALUES = 64  # shorter columns are parsed by numpy: Arrow's four calls cost more than they save there
+PARSER_MODULES = ("pyarrow.compute",)  # what the parsers import: for the workers of tasks that parse columns
 
 
 @dataclass(frozen=True)
@@ -172,33 +172,31 @@ def parse_floats(text: np.ndarray) -> np.ndarray:
     Arrow's parser rounds correctly, as Python's does, so both give the same bits; on a distance column's
     plain decimals it is 4x faster than numpy's cast, which calls Python's parser string by string. What
     Arrow refuses (spaces, underscores, a NUL inside a value, bytes that are not UTF-8) numpy's cast decides."""
-    if len(text) < ARROW_MIN_VALUES:
-        return text.astype(np.float64)
-    import pyarrow as pa  # here: dbp_utils imports this module, and only distance columns need Arrow
-    import pyarrow.compute as pc
-
-    try:
-        return _from_arrow(pc.cast(_arrow_strings(text), pa.float64()), np.float64)
-    except pa.ArrowException:
-        return text.astype(np.float64)
+    return _parse(text, np.float64)
 
 
 def parse_row_numbers(text: np.ndarray) -> np.ndarray:
     """Row numbers written as text (fixed-width str or bytes) -> int64 as numpy's cast reads them, or
     ValueError / OverflowError. Columns of plain digits only (all of them, as SemDeDup writes them) go through
     Arrow's parser, 3x faster; anything else (a sign, a space, a value past int64) numpy's cast decides."""
+    return _parse(text, np.int64, digits_only=True)
+
+
+def _parse(text: np.ndarray, dtype: type, digits_only: bool = False) -> np.ndarray:
+    """numpy's cast of fixed-width text to `dtype`, by Arrow where Arrow reads the same values (and, with
+    `digits_only`, where every value is plain digits); numpy's own cast for the rest, and for short columns."""
     if len(text) < ARROW_MIN_VALUES:
-        return text.astype(np.int64)
-    import pyarrow as pa
+        return text.astype(dtype)
+    import pyarrow as pa  # here: dbp_utils imports this module, and only cluster columns need Arrow
     import pyarrow.compute as pc
 
     try:
         strings = _arrow_strings(text if text.dtype.kind == "S" else ascii_bytes(text))
-        if pc.all(pc.ascii_is_decimal(strings)).as_py():
-            return _from_arrow(pc.cast(strings, pa.int64()), np.int64)
+        if not digits_only or pc.all(pc.ascii_is_decimal(strings)).as_py():
+            return _from_arrow(pc.cast(strings, pa.from_numpy_dtype(dtype)), dtype)
     except (pa.ArrowException, UnicodeError):
         pass
-    return text.astype(np.int64)
+    return text.astype(dtype)
 
 
 def _arrow_strings(text: np.ndarray) -> Any:
