@@ -39,6 +39,12 @@ def run_script(script: str, *args, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
+def write_npz_as(path) -> None:
+    """An .npz (a zip of arrays) written under a .npy's name, as np.savez into an open file writes it."""
+    with open(path, "wb") as f:
+        np.savez(f, rows=np.array([["a.jpg", "0", "0.5", "1"]]))
+
+
 def outputs(folder) -> dict:
     """{file: bytes} of a run's outputs, but for its log and params (the command line, the times)."""
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")

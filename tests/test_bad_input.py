@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, error_line, run_script
+from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, error_line, run_script, write_npz_as
 
 import dbp_utils as du
 
@@ -98,13 +98,6 @@ def folder_named(name):
     def go(root):
         os.remove(root / "save" / "sorted" / name)
         os.mkdir(root / "save" / "sorted" / name)
-    return go
-
-
-def npz_named(name):
-    def go(root):
-        with open(root / "save" / "sorted" / name, "wb") as f:
-            np.savez(f, rows=np.array([["a.jpg", "0", "0.5", "1"]]))
     return go
 
 
@@ -208,7 +201,7 @@ CASES = [
     ("dintra-too-large", (DINTRA_SCRIPT,), save_cluster([(f"a/{i}.jpg", i, 1e308, 1) for i in range(3)]), {},
      "mean distance 1e+308 is too large for d_intra's float32"),
     ("cluster-is-folder", ALL, folder_named("cluster_1.npy"), {}, "cluster_1.npy: is a folder, not a .npy file"),
-    ("cluster-is-npz", ALL, npz_named("cluster_1.npy"), {},
+    ("cluster-is-npz", ALL, lambda r: write_npz_as(r / "save" / "sorted" / "cluster_1.npy"), {},
      "cluster_1.npy: is not a .npy file (it is a zip of arrays, an .npz)"),
     ("centroids-text", (DINTER_SCRIPT,), lambda r: np.save(r / "save/kmeans_centroids.npy", np.full((K, DIM), "a")),
      {}, "has dtype <U1; centroids are numbers"),

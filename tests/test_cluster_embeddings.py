@@ -19,6 +19,7 @@ from conftest import (
     run_script,
     start_script,
     wait_paused,
+    write_npz_as,
 )
 
 N, DIM, K = 3000, 16, 12
@@ -263,14 +264,6 @@ def set_row(path_name, row, value):
     return change
 
 
-def savez_into(name):
-    """An .npz written under a .npy's name."""
-    def change(root, flags):
-        with open(root / name, "wb") as f:
-            np.savez(f, x=np.ones(3))
-    return change
-
-
 NULL_AT_205 = [None if i == 205 else f"k{i}" for i in range(300)]
 BAD = [  # (id, setup, extra flags, what the one line says)
     ("missing", lambda root: ["--embeddings", root / "nope.npy", "--keys", root / "k.txt"], [], "does not exist"),
@@ -349,7 +342,7 @@ LAYOUT_BAD = [  # (id, setup, extra flags, what the error says): layouts that ca
      "has shape (300,); embeddings are (rows, dim)"),
     ("embeddings-fortran", bad("npy+txt", lambda r, f: np.save(r / "emb.npy", np.ones((300, DIM), np.float32, "F"))),
      [], "is stored column by column (Fortran order)"),
-    ("embeddings-npz-named-npy", bad("npy+txt", savez_into("emb.npy")), [],
+    ("embeddings-npz-named-npy", bad("npy+txt", lambda r, f: write_npz_as(r / "emb.npy")), [],
      "emb.npy: is not a .npy file (it is a zip of arrays, an .npz)"),
     ("folder-of-nothing", lambda root: (root / "nothing").mkdir() or ["--embeddings", root / "nothing"], [],
      "holds no img_emb_<n>.npy and no .npz files"),
