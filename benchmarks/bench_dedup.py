@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -101,8 +102,8 @@ def block_macs(sizes: list[int], dim: int, strips: bool) -> int:
     return total
 
 
-def stage_seconds(log: str, first: str, last: str) -> float:
-    """Seconds between two stages in a run's logs.log."""
+def stage_times(log: str) -> dict[str, float]:
+    """When the run reached each stage, from its logs.log (seconds since the epoch)."""
     import datetime
 
     times = {}
@@ -110,6 +111,12 @@ def stage_seconds(log: str, first: str, last: str) -> float:
         if " INFO stage: " in line:
             stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             times[line.split(" INFO stage: ", 1)[1].strip()] = stamp.timestamp()
+    return times
+
+
+def stage_seconds(log: str, first: str, last: str) -> float:
+    """Seconds between two stages in a run's logs.log."""
+    times = stage_times(log)
     return times[last] - times[first]
 
 
@@ -159,10 +166,13 @@ def generate(folder: str, clusters: int, rows: int, dim: int, seed: int) -> None
 
 
 def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
-    return measure([sys.executable, os.path.join(ROOT, "deduplicate.py"), "--sorted_clusters_path",
-                    os.path.join(folder, "sorted_clusters"), "--embeddings", os.path.join(folder, "emb.npy"),
-                    "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers),
-                    "--device", device])
+    """deduplicate.py measured as a whole process; "launched" is when it was started (seconds since the epoch, as
+    its logs.log stamps its stages)."""
+    launched = time.time()
+    return {"launched": launched, **measure(
+        [sys.executable, os.path.join(ROOT, "deduplicate.py"), "--sorted_clusters_path",
+         os.path.join(folder, "sorted_clusters"), "--embeddings", os.path.join(folder, "emb.npy"),
+         "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers), "--device", device])}
 
 
 def main() -> None:
@@ -198,13 +208,19 @@ def main() -> None:
           f" / the full-square matmuls: {script['wall_s'] / times['square_s']:.2f}x"
           f" (torch on {times['threads']} threads there); whole process to whole process: "
           f"{script['wall_s'] / square['wall_s']:.2f}x")
-    # What the whole-process ratio holds besides the scoring: torch's import (in the workers' fork server, before
-    # any cluster is scored), which the floor, timed inside its process, does not count.
-    scored = stage_seconds(os.path.join(work, "dedup", "logs.log"), "score started", "scored")
+    # Where the whole process's time went. Before the first cluster: Python, the imports, and torch's import in
+    # the workers' fork server (the floor, timed inside its process, counts none of it). After the last:
+    # the selection at each eps, the report (similarity.png) and the process's exit.
+    stages = stage_times(os.path.join(work, "dedup", "logs.log"))
+    before = stages["score started"] - script["launched"]
+    scored = stages["scored"] - stages["score started"]
+    after = script["wall_s"] - before - scored
     torch_import = (measure([sys.executable, "-c", "import torch"])["wall_s"] -
                     measure([sys.executable, "-c", "pass"])["wall_s"])
-    print(f"of which the scoring stage: {scored:.2f} s ({scored / times['square_s']:.2f}x the full-square matmuls); "
-          f"torch's import alone, which the floor does not count: {torch_import:.2f} s")
+    print(f"where deduplicate.py's {script['wall_s']:.2f} s went: {before:.2f} s until the workers took the first "
+          f"cluster (torch's import alone: {torch_import:.2f} s), {scored:.2f} s scoring "
+          f"({scored / times['square_s']:.2f}x the full-square matmuls), {after:.2f} s selecting, drawing the "
+          "report and exiting")
     semdedup = np.load(os.path.join(data, "semdedup_scores.npz"))
     worst = max(float(np.abs(np.load(os.path.join(work, "dedup", "scores", f"cluster_{j}.npy")) -
                              semdedup[str(j)]).max()) for j in range(args.clusters))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -120,6 +121,10 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
         check_stop()  # a signal that came after the last safe point: the outputs are whole, but say so
+        # The run is over and its outputs are closed: the interpreter's exit need not search every object
+        # left for reference cycles (0.1 s with matplotlib loaded, 0.25 s with torch). The atexit hooks, the
+        # flushing of stdout and stderr and the freeing of everything not in a cycle are unchanged.
+        gc.freeze()
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C): {STOPPED}", SIGNAL_EXIT + signal.SIGINT)
     except Terminated:
