@@ -30,7 +30,6 @@ from dbpkit.keys import _parquet_file, _text_lines, keys_as_utf8, read_keys, str
 from dbpkit.trie import load_trie
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
-WINDOW_BYTES = 64 << 20  # a sample's rows are read through mappings of at most this much of a file
 CLIP_EMBEDDINGS = re.compile(r"(?:img|text)_emb_(\d+)\.npy")
 CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
 # Work files, kept in the save folder's staging area until the run is published.
@@ -68,21 +67,26 @@ class Part:
                 count = min(CHUNK_ROWS, stop - first)
                 yield first, np.fromfile(f, self.dtype, count * self.dim).reshape(count, self.dim).astype(np.float32)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """The float32 rows at the given sorted indices, through short-lived mappings of a window at a time."""
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The float32 rows at the given indices (in their order), into `out` if given. Each run of consecutive rows
+        is read straight into place with one read: a cluster's rows lie scattered over a web-scale file, and a
+        mapping of the file would cost a page fault or more per row (3x the read, and its pages counted as this
+        process's)."""
+        out = np.empty((len(rows), self.dim), np.float32) if out is None else out
         if self.offset is None:
-            return self._npz_array()[rows].astype(np.float32)
-        out = np.empty((len(rows), self.dim), np.float32)
+            out[:] = self._npz_array()[rows]
+            return out
+        raw = out if self.dtype == out.dtype and out.flags.c_contiguous else np.empty((len(rows), self.dim), self.dtype)
         row_bytes = self.dim * self.dtype.itemsize
-        per_window = max(1, WINDOW_BYTES // row_bytes)
-        bounds = np.searchsorted(rows, np.arange(0, self.rows + per_window, per_window))
-        for w, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if a < b:
-                first = w * per_window
-                window = np.memmap(self.path, self.dtype, "r", self.offset + first * row_bytes,
-                                   (min(per_window, self.rows - first), self.dim))
-                out[a:b] = window[rows[a:b] - first]
-                del window  # unmapped: its pages stop counting as ours
+        buffer = memoryview(raw.reshape(-1).view(np.uint8))
+        ends = [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)] if len(rows) else []  # of each run
+        with open(self.path, "rb", buffering=0) as f:
+            a = 0
+            for b in ends:
+                read_exactly(f, self.offset + int(rows[a]) * row_bytes, buffer[a * row_bytes:b * row_bytes], self.path)
+                a = b
+        if raw is not out:
+            out[:] = raw
         return out
 
     def _npz_array(self) -> np.ndarray:
@@ -115,15 +119,18 @@ class Embeddings:
         return np.cumsum([0] + [p.rows for p in self.parts])
 
     def unit_rows_at(self, rows: np.ndarray) -> np.ndarray:
-        """The rows at sorted indices of the whole, checked and L2-normalised."""
+        """The rows at sorted indices of the whole, checked and L2-normalised: read part by part, normalised in
+        one pass (a cluster of LAION's has a row or two in each of thousands of parts)."""
         starts = self.starts()
         bounds = np.searchsorted(rows, starts)
-        pieces = []
-        for part, start, a, b in zip(self.parts, starts, bounds[:-1], bounds[1:]):
-            if a < b:
-                local = rows[a:b] - start
-                pieces.append(checked_unit(part.take(local), part.path, local))
-        return np.concatenate(pieces)
+        pieces = [(part, rows[a:b] - start, a, b)
+                  for part, start, a, b in zip(self.parts, starts, bounds[:-1], bounds[1:]) if a < b]
+        x = np.empty((len(rows), self.dim), np.float32)
+        for part, local, a, b in pieces:
+            part.take(local, out=x[a:b])
+        if unit_in_place(x):
+            return x
+        return np.concatenate([checked_unit(x[a:b], part.path, local) for part, local, a, b in pieces])  # (named)
 
     def files(self) -> list[str]:
         return sorted({p.path for p in self.parts} | {p.keys for p in self.parts if p.keys})
@@ -382,13 +389,32 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def read_exactly(f, offset: int, buffer: memoryview, path: str) -> None:
+    """Fill `buffer` from `offset` of the raw file f (a read may return less than asked: past 2 GB, or at the
+    end of a file cut short since its header was read)."""
+    f.seek(offset)
+    while buffer:
+        got = f.readinto(buffer)
+        if not got:
+            raise UsageError(path, "ends before the rows its header promises (it changed during the run)",
+                             "rewrite the file, or point at the one the run was started on")
+        buffer = buffer[got:]
+
+
+def unit_in_place(x: np.ndarray) -> bool:
+    """L2-normalise float32 rows in place if every row is finite and non-zero (the usual case); else leave them."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a norm past float32's range: not the usual case
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.isfinite(norms).all() and norms.all():
+        x /= norms
+        return True
+    return False
+
+
 def checked_unit(x: np.ndarray, path: str, rows: np.ndarray) -> np.ndarray:
     """float32 rows (a copy of ours) L2-normalised in place, refusing non-finite and all-zero rows (named by
     their row in the file at `path`)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # a norm past float32's range is handled below
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.isfinite(norms).all() and norms.all():  # the usual case: every row finite and non-zero
-        x /= norms
+    if unit_in_place(x):
         return x
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):

@@ -1,0 +1,90 @@
+"""Reading rows of the embeddings by index (deduplicate.py's clusters, k-means' sample, --subset): exactly numpy's
+indexing of the whole array, for rows in any order, and a file that changed under the run is one line."""
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbpkit import layouts
+from dbpkit.errors import UsageError
+
+ROWS = 40
+
+
+def part_of(path) -> layouts.Part:
+    if path.suffix == ".npz":  # (a DataComp shard: found in a folder of them)
+        return layouts.Part(str(path), ROWS, 5, np.dtype(np.float32), None, npz_key="l14_img", offset=None)
+    return layouts.find_embeddings(str(path), None, None, "l14_img", with_keys=False).parts[0]
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    """One .npy per dtype users hold (big-endian too), and an .npz, of the same values."""
+    folder = tmp_path_factory.mktemp("take")
+    x = np.random.default_rng(0).standard_normal((ROWS, 5)).astype(np.float32)
+    paths = {}
+    for name, dtype in (("f4", "<f4"), ("f2", "<f2"), ("big", ">f4"), ("f8", "<f8")):
+        paths[name] = folder / f"{name}.npy"
+        np.save(paths[name], x.astype(dtype))
+    paths["npz"] = folder / "x.npz"
+    np.savez(paths["npz"], l14_img=x)
+    return paths
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["f4", "f2", "big", "f8", "npz"]),
+       rows=st.lists(st.integers(0, ROWS - 1), max_size=3 * ROWS) | st.just(list(range(ROWS))))
+def test_take_is_numpys_indexing_for_rows_in_any_order(arrays, kind, rows):
+    """Runs of consecutive rows (the whole file, one row, none), repeats and rows out of order: each row as
+    float32, as numpy's own indexing of the loaded array gives it."""
+    part = part_of(arrays[kind])
+    expected = (np.load(arrays[kind])["l14_img"] if kind == "npz" else np.load(arrays[kind]))[rows].astype(np.float32)
+    got = part.take(np.array(rows, dtype=np.int64))
+    assert got.dtype == np.float32 and got.shape == (len(rows), 5)
+    assert np.array_equal(got, expected)
+    into = np.full((len(rows) + 2, 5), -1, np.float32)  # into the middle of a larger array, as unit_rows_at does
+    assert part.take(np.array(rows, dtype=np.int64), out=into[1:-1]) is not None
+    assert np.array_equal(into[1:-1], expected) and (into[[0, -1]] == -1).all()
+
+
+def test_short_reads_are_read_on_until_the_buffer_is_full():
+    """A read may return less than asked (past 2 GB, a pipe-like file system): the rest is read after it."""
+    class Trickle(io.RawIOBase):  # hands out at most 3 bytes a read
+        def __init__(self, data):
+            self.data, self.at = data, 0
+
+        def readable(self):
+            return True
+
+        def seek(self, offset, whence=0):
+            self.at = offset
+            return offset
+
+        def readinto(self, buffer):
+            piece = self.data[self.at:self.at + min(3, len(buffer))]
+            buffer[:len(piece)] = piece
+            self.at += len(piece)
+            return len(piece)
+
+    data = bytes(range(100))
+    buffer = bytearray(40)
+    layouts.read_exactly(Trickle(data), 17, memoryview(buffer), "x.npy")
+    assert bytes(buffer) == data[17:57]
+
+
+def test_a_file_cut_short_after_its_header_was_read_is_named(tmp_path):
+    """The header promised 40 rows; the file lost its last ones while the run went on: the row past its end is
+    an error naming the file, not a short row of zeros."""
+    path = tmp_path / "emb.npy"
+    np.save(path, np.ones((ROWS, 5), np.float32))
+    part = part_of(path)
+    with open(path, "r+b") as f:
+        f.truncate(part.offset + 38 * 5 * 4 + 7)  # 38 rows and a piece of the 39th
+    assert np.array_equal(part.take(np.array([0, 37])), np.ones((2, 5), np.float32))
+    with pytest.raises(UsageError) as e:
+        part.take(np.array([2, 38]))
+    assert str(e.value).startswith(f"{path}: ends before the rows its header promises")
+
