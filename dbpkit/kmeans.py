@@ -106,15 +106,16 @@ def assign_rows(task: tuple[Part, int, int, str, bool, str, str | None, int]) ->
     index = faiss.IndexFlatIP(part.dim) if spherical else faiss.IndexFlatL2(part.dim)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     directions = unit_rows(centroids.astype(np.float64))
-    if subset is None:
-        chunks = part.chunks(first, stop)
+    if subset is None:  # (the rows of the part each chunk holds, the chunk)
+        chunks = ((np.arange(row, row + len(x)), x) for row, x in part.chunks(first, stop))
     else:
         selected = _mapped(subset)
         local = selected[np.searchsorted(selected, start + first):np.searchsorted(selected, start + stop)] - start
-        chunks = ((local[a], part.take(local[a:a + CHUNK_ROWS])) for a in range(0, len(local), CHUNK_ROWS))
+        row_chunks = (local[a:a + CHUNK_ROWS] for a in range(0, len(local), CHUNK_ROWS))
+        chunks = ((rows, part.take(rows)) for rows in row_chunks)
     pieces = []
-    for row, x in chunks:
-        x = checked_unit(x, part.path, np.arange(row, row + len(x)))
+    for rows, x in chunks:
+        x = checked_unit(x, part.path, rows)
         _, nearest = index.search(x, 1)
         piece = np.empty(len(x), ASSIGNED)
         piece["label"] = nearest[:, 0]

@@ -88,3 +88,20 @@ def test_a_file_cut_short_after_its_header_was_read_is_named(tmp_path):
         part.take(np.array([2, 38]))
     assert str(e.value).startswith(f"{path}: ends before the rows its header promises")
 
+
+def test_a_bad_row_among_the_subsets_rows_is_named_by_its_row_in_the_file(tmp_path):
+    """--subset's rows are read a chunk at a time, every third row here: the NaN at row 123 of the file is named
+    row 123 (it is the subset's 42nd row, the chunk's too)."""
+    from dbpkit import kmeans
+
+    x = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    x[123] = np.nan
+    np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "subset.npy", np.arange(0, 300, 3))
+    np.save(tmp_path / "centroids.npy", np.eye(4, 16, dtype=np.float32))
+    task = (part_of(tmp_path / "emb.npy"), 0, 300, str(tmp_path / "centroids.npy"), True, str(tmp_path / "out.npy"),
+            str(tmp_path / "subset.npy"), 0)
+    with pytest.raises(UsageError) as e:
+        kmeans.assign_rows(task)
+    assert str(e.value).startswith(f"{tmp_path / 'emb.npy'}: row 123: embedding is not finite")
+    assert not (tmp_path / "out.npy").exists()
