@@ -16,6 +16,7 @@ the page cache, then measures in one run:
 
     python benchmarks/bench_dedup.py                               # 60 clusters x 5,000 rows, dim 256
     python benchmarks/bench_dedup.py --large 75000 --large-dim 32   # and one 75k-row cluster
+    python benchmarks/bench_dedup.py --scattered   # each cluster's rows spread over the file, as in LAION's
 """
 
 import argparse
@@ -136,15 +137,18 @@ def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int
           f"{f' ({workers} threads, one per worker)' if device == 'cpu' else ''}: {rate / device_rate:.2f}x")
 
 
-def generate(folder: str, clusters: int, rows: int, dim: int, seed: int) -> None:
+def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scattered: bool = False) -> None:
     """Embeddings in `clusters` groups (a quarter of each group near-repeats an earlier member), already unit
-    length as SemDeDup expects them, and the groups' sorted cluster files, farthest first."""
-    spec = {"clusters": clusters, "rows": rows, "dim": dim, "seed": seed}
+    length as SemDeDup expects them, and the groups' sorted cluster files, farthest first. A group's rows are
+    consecutive in the embeddings file, or, `scattered`, spread over all of it in a random order, as k-means
+    clusters lie in a web-scale dataset."""
+    spec = {"clusters": clusters, "rows": rows, "dim": dim, "seed": seed, **({"scattered": True} if scattered else {})}
     if not needs_generating(folder, spec):
         return
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "sorted_clusters"))
     x = np.lib.format.open_memmap(os.path.join(folder, "emb.npy"), "w+", np.float32, (clusters * rows, dim))
+    where = rng.permutation(clusters * rows) if scattered else np.arange(clusters * rows)  # each member's row
     for j in range(clusters):
         center = rng.standard_normal(dim)
         members = center / np.linalg.norm(center) + rng.standard_normal((rows, dim)) * 0.8 / np.sqrt(dim)
@@ -154,10 +158,10 @@ def generate(folder: str, clusters: int, rows: int, dim: int, seed: int) -> None
         members /= np.linalg.norm(members, axis=1, keepdims=True)
         distance = 1 - members @ (center / np.linalg.norm(center))
         order = np.argsort(-distance)
-        first = j * rows
-        x[first:first + rows] = members
+        at = where[j * rows:(j + 1) * rows]
+        x[at] = members
         np.save(os.path.join(folder, "sorted_clusters", f"cluster_{j}.npy"),
-                [(f"{(first + i) // 10000:05d}/{first + i:09d}.jpg", first + i, float(distance[i]), j) for i in order])
+                [(f"{at[i] // 10000:05d}/{at[i]:09d}.jpg", at[i], float(distance[i]), j) for i in order])
         print(f"\rgenerating: cluster {j + 1}/{clusters}", end="", file=sys.stderr)
     print(file=sys.stderr)
     x.flush()
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=60)
     parser.add_argument("--rows", type=int, default=5000, help="rows per cluster (default: 5000)")
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--scattered", action="store_true",
+                        help="each cluster's rows spread over the whole embeddings file (as in LAION's), not together")
     parser.add_argument("--large", type=int, default=0, help="also one cluster of this many rows (e.g. 75000)")
     parser.add_argument("--large-dim", type=int, default=32)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--workers (default: all cores)")
@@ -188,11 +194,12 @@ def main() -> None:
     args = parser.parse_args()
 
     print(machine())
-    data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}")
-    generate(data, args.clusters, args.rows, args.dim, 0)
+    data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}{'_scattered' * args.scattered}")
+    generate(data, args.clusters, args.rows, args.dim, 0, args.scattered)
     warm_cache(data)
     work = tempfile.mkdtemp(prefix="dbp_bench_dedup_")
-    print(f"data: {args.clusters} clusters x {args.rows:,} rows, dim {args.dim}; --workers {args.workers}\n")
+    print(f"data: {args.clusters} clusters x {args.rows:,} rows, dim {args.dim}"
+          f"{', each spread over the whole file' if args.scattered else ''}; --workers {args.workers}\n")
     script = ours(data, os.path.join(work, "dedup"), args.workers)
     theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
     times = __import__("json").loads(theirs["stdout"])
