@@ -141,6 +141,18 @@ def append_rest(source: Any, out: Any) -> None:
     out.flush()
 
 
+def read_exactly(f, offset: int, buffer: memoryview, path: str) -> None:
+    """Fill `buffer` from `offset` of the raw file f (a read may return less than asked: past 2 GB, or at the
+    end of a file cut short since its header was read)."""
+    f.seek(offset)
+    while buffer:
+        got = f.readinto(buffer)
+        if not got:
+            raise UsageError(path, "ends before the rows its header promises (it changed during the run)",
+                             "rewrite the file, or point at the one the run was started on")
+        buffer = buffer[got:]
+
+
 def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, data offset) of a .npy file, refusing pickles and truncation: what
     np.load(mmap_mode="r") finds out from the header (the mapping itself is dropped unread)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbpkit.errors import UsageError
-from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, save_json, save_npy
+from dbpkit.files import PARTIAL_SUFFIX, read_exactly, read_npy_header, save_json, save_npy
 from dbpkit.keys import _parquet_file, _text_lines, keys_as_utf8, read_keys, strip_extensions
 from dbpkit.trie import load_trie
 
@@ -35,7 +35,6 @@ CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
 # Work files, kept in the save folder's staging area until the run is published.
 KEYS_FILE = "keys.npy"  # every key, in row order, fixed width
 SUBSET_ROWS = "subset_rows.npy"  # with --subset: the rows clustered, sorted; the work files are about them
-HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
 HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
 
 
@@ -387,18 +386,6 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, without overflow or underflow for any finite, non-zero row."""
     x = x / np.abs(x).max(axis=1, keepdims=True)  # the largest entry becomes 1: the norm is in [1, sqrt(dim)]
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def read_exactly(f, offset: int, buffer: memoryview, path: str) -> None:
-    """Fill `buffer` from `offset` of the raw file f (a read may return less than asked: past 2 GB, or at the
-    end of a file cut short since its header was read)."""
-    f.seek(offset)
-    while buffer:
-        got = f.readinto(buffer)
-        if not got:
-            raise UsageError(path, "ends before the rows its header promises (it changed during the run)",
-                             "rewrite the file, or point at the one the run was started on")
-        buffer = buffer[got:]
 
 
 def unit_in_place(x: np.ndarray) -> bool:

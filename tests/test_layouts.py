@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbpkit import layouts
+from dbpkit import files, layouts
 from dbpkit.errors import UsageError
 
 ROWS = 40
@@ -71,7 +71,7 @@ def test_short_reads_are_read_on_until_the_buffer_is_full():
 
     data = bytes(range(100))
     buffer = bytearray(40)
-    layouts.read_exactly(Trickle(data), 17, memoryview(buffer), "x.npy")
+    files.read_exactly(Trickle(data), 17, memoryview(buffer), "x.npy")
     assert bytes(buffer) == data[17:57]
 
 
