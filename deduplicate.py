@@ -164,6 +164,9 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
+    # torch imported once, in the workers' fork server, rather than once per worker; locally it starts now
+    pool = tasks.TaskPool(workers, args.distributor, preload=("torch", *PARSER_MODULES))
+    pool.prepare()  # (a second or more) while this process checks the inputs
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     if three := next((c for c in clusters if c.rows and c.width == 3), None):
         raise UsageError(three.path, "has 3 columns (NeMo Curator 0.x): no row index to find its embeddings by",
@@ -179,9 +182,8 @@ def main() -> None:
     save = savedir.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, files.PARAMS_FILE,
                            "--save_folder", resume=run)
 
-    # torch imported once, in the fork server, rather than once per worker
-    with save as out, tasks.TaskPool(workers, args.distributor, preload=("torch", *PARSER_MODULES)) as pool:
-        pool.start()  # the workers' fork server imports torch (a second) while this process
+    with save as out, pool:
+        pool.start()  # (on Ray: Ray's start-up and the workers' imports) while this process
         dedup.import_plotting()  # imports matplotlib for similarity.png
         history = ""
         if earlier is not None:

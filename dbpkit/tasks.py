@@ -125,6 +125,13 @@ class TaskPool:
                 for _ in range(engine.slots):
                     engine.submit(_import_all, (*_our_modules(package_only=True), *self.preload), {})
 
+    def prepare(self) -> None:
+        """Locally, start the workers' fork server and its imports now, before this process checks its inputs:
+        nothing to undo if a check fails (the fork server ends with this process), and at LAION's scale the
+        checks (thousands of parts) take as long as the imports. On Ray, nothing: connecting waits for start()."""
+        if not self._in_process(2) and self.distributor == "local":
+            _start_fork_server(self.preload)
+
     def _in_process(self, total: int) -> bool:
         return self.distributor == "local" and (self.workers <= 1 or total <= 1)
 
@@ -256,11 +263,16 @@ class LocalEngine:
 
 
 def _start_executor(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecutor:
+    _start_fork_server(preload)
     context = multiprocessing.get_context("forkserver")
-    # The fork server imports numpy, this project's modules the run has imported and `preload`, so that
-    # each worker starts with them (it is given this project's folder on its path for that, which Python
-    # 3.11's fork server does not pass on by itself).
-    context.set_forkserver_preload([*_our_modules(), *preload])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
+
+
+def _start_fork_server(preload: tuple[str, ...]) -> None:
+    """The fork server the workers come from, started once per run. It imports numpy, this project's modules the
+    run has imported and `preload`, so that each worker starts with them (it is given this project's folder on
+    its path for that, which Python 3.11's fork server does not pass on by itself)."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*_our_modules(), *preload])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
@@ -272,7 +284,6 @@ def _start_executor(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecut
         finally:
             signal.signal(signal.SIGINT, handler)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
 
 
 @contextlib.contextmanager

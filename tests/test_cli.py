@@ -118,3 +118,34 @@ def test_the_fork_server_alone_ends_without_the_interpreters_teardown(value, tea
     r = subprocess.run([sys.executable, "-c", FORK_SERVER_END, ROOT], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["variable left: False"] + (["teardown ran"] if teardown else [])
+
+
+PREPARE = """
+import multiprocessing.forkserver, sys
+sys.path.insert(0, sys.argv[1])
+from dbpkit import tasks
+workers, distributor = int(sys.argv[2]), sys.argv[3]
+tasks.TaskPool(workers, distributor).prepare()
+pid = multiprocessing.forkserver._forkserver._forkserver_pid
+print("fork server:", pid is not None)
+if pid is not None:  # the pools of the run come from it, not from another
+    with tasks.TaskPool(workers) as pool:
+        print("results:", list(pool.run(abs, [-1, -2, -3], "probe")))
+    print("the same one:", multiprocessing.forkserver._forkserver._forkserver_pid == pid)
+"""
+
+
+@pytest.mark.parametrize("workers, distributor, started", [(2, "local", True), (1, "local", False), (2, "ray", False)])
+def test_prepare_starts_the_local_workers_fork_server_before_any_pool_runs(workers, distributor, started):
+    """deduplicate.py starts its workers' fork server (torch's import, a second or more) before it checks its
+    inputs; with one worker there is none to start, and on Ray connecting waits for start()."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", PREPARE, ROOT, str(workers), distributor], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == (["fork server: True", "results: [1, 2, 3]", "the same one: True"] if started
+                                     else ["fork server: False"])
