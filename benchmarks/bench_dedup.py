@@ -17,6 +17,7 @@ the page cache, then measures in one run:
     python benchmarks/bench_dedup.py                               # 60 clusters x 5,000 rows, dim 256
     python benchmarks/bench_dedup.py --large 75000 --large-dim 32   # and one 75k-row cluster
     python benchmarks/bench_dedup.py --scattered   # each cluster's rows spread over the file, as in LAION's
+    python benchmarks/bench_dedup.py --scattered --parts 2000   # ... and read from clip-retrieval's parts
 """
 
 import argparse
@@ -137,12 +138,15 @@ def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int
           f"{f' ({workers} threads, one per worker)' if device == 'cpu' else ''}: {rate / device_rate:.2f}x")
 
 
-def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scattered: bool = False) -> None:
+def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scattered: bool = False,
+             parts: int = 0) -> None:
     """Embeddings in `clusters` groups (a quarter of each group near-repeats an earlier member), already unit
     length as SemDeDup expects them, and the groups' sorted cluster files, farthest first. A group's rows are
     consecutive in the embeddings file, or, `scattered`, spread over all of it in a random order, as k-means
-    clusters lie in a web-scale dataset."""
-    spec = {"clusters": clusters, "rows": rows, "dim": dim, "seed": seed, **({"scattered": True} if scattered else {})}
+    clusters lie in a web-scale dataset. With `parts`, the same rows also in clip-retrieval's layout of that
+    many parts (LAION's releases: thousands of them)."""
+    spec = {"clusters": clusters, "rows": rows, "dim": dim, "seed": seed, **({"scattered": True} if scattered else {}),
+            **({"parts": parts} if parts else {})}
     if not needs_generating(folder, spec):
         return
     rng = np.random.default_rng(seed)
@@ -166,16 +170,34 @@ def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scatter
     print(file=sys.stderr)
     x.flush()
     del x
+    if parts:
+        write_parts(folder, parts)
     mark_generated(folder, spec)
 
 
+def write_parts(folder: str, parts: int) -> None:
+    """emb.npy's rows as clip-retrieval writes them: img_emb/img_emb_<n>.npy with metadata/metadata_<n>.parquet."""
+    import pandas as pd
+
+    x = np.load(os.path.join(folder, "emb.npy"), mmap_mode="r")
+    for name in ("img_emb", "metadata"):
+        os.makedirs(os.path.join(folder, name))
+    bounds = np.linspace(0, len(x), parts + 1).astype(int)
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        np.save(os.path.join(folder, "img_emb", f"img_emb_{n}.npy"), x[a:b])
+        keys = [f"{row // 10000:05d}/{row:09d}.jpg" for row in range(a, b)]
+        pd.DataFrame({"image_path": keys}).to_parquet(os.path.join(folder, "metadata", f"metadata_{n}.parquet"))
+
+
 def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
-    """deduplicate.py measured as a whole process; "launched" is when it was started (seconds since the epoch, as
-    its logs.log stamps its stages)."""
+    """deduplicate.py measured as a whole process, on the data's clip-retrieval parts where it has them;
+    "launched" is when it was started (seconds since the epoch, as its logs.log stamps its stages)."""
+    parts = os.path.join(folder, "img_emb")
     launched = time.time()
     return {"launched": launched, **measure(
         [sys.executable, os.path.join(ROOT, "deduplicate.py"), "--sorted_clusters_path",
-         os.path.join(folder, "sorted_clusters"), "--embeddings", os.path.join(folder, "emb.npy"),
+         os.path.join(folder, "sorted_clusters"), "--embeddings",
+         parts if os.path.isdir(parts) else os.path.join(folder, "emb.npy"),
          "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers), "--device", device])}
 
 
@@ -186,6 +208,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--scattered", action="store_true",
                         help="each cluster's rows spread over the whole embeddings file (as in LAION's), not together")
+    parser.add_argument("--parts", type=int, default=0,
+                        help="deduplicate.py reads the rows from this many clip-retrieval parts (LAION's layout)")
     parser.add_argument("--large", type=int, default=0, help="also one cluster of this many rows (e.g. 75000)")
     parser.add_argument("--large-dim", type=int, default=32)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--workers (default: all cores)")
@@ -194,12 +218,14 @@ def main() -> None:
     args = parser.parse_args()
 
     print(machine())
-    data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}{'_scattered' * args.scattered}")
-    generate(data, args.clusters, args.rows, args.dim, 0, args.scattered)
+    data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}{'_scattered' * args.scattered}"
+                                   f"{f'_{args.parts}parts' * bool(args.parts)}")
+    generate(data, args.clusters, args.rows, args.dim, 0, args.scattered, args.parts)
     warm_cache(data)
     work = tempfile.mkdtemp(prefix="dbp_bench_dedup_")
     print(f"data: {args.clusters} clusters x {args.rows:,} rows, dim {args.dim}"
-          f"{', each spread over the whole file' if args.scattered else ''}; --workers {args.workers}\n")
+          f"{', each spread over the whole file' if args.scattered else ''}"
+          f"{f', read from {args.parts} clip-retrieval parts' if args.parts else ''}; --workers {args.workers}\n")
     script = ours(data, os.path.join(work, "dedup"), args.workers)
     theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
     times = __import__("json").loads(theirs["stdout"])
