@@ -119,7 +119,7 @@ class Embeddings:
 
     def unit_rows_at(self, rows: np.ndarray) -> np.ndarray:
         """The rows at sorted indices of the whole, checked and L2-normalised: read part by part, normalised in
-        one pass (a cluster of LAION's has a row or two in each of thousands of parts)."""
+        one pass (a cluster of LAION's has a few rows in each of thousands of parts)."""
         starts = self.starts()
         bounds = np.searchsorted(rows, starts)
         pieces = [(part, rows[a:b] - start, a, b)
