@@ -22,6 +22,11 @@ from dbpkit.errors import UsageError
 PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 PARAMS_FILE, LOG_FILE = "params.json", "logs.log"  # every run's record (written last: it marks the run done), log
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12  # pages of a file hashed for its fingerprint
+WINDOW_BYTES = 64 << 20  # rows close together are read through mappings of at most this much of a file
+SPARSE_BYTES = 64 << 10  # runs of rows further apart than this on average are read instead (a page fault each)
+FEW_RUNS = 32  # or this few runs (a mapping costs as much as about this many reads)
+CUT_SHORT = "ends before the rows its header promises (it changed during the run)"
+REWRITE = "rewrite the file, or point at the one the run was started on"
 
 
 @contextlib.contextmanager
@@ -141,6 +146,50 @@ def append_rest(source: Any, out: Any) -> None:
     out.flush()
 
 
+def read_rows(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], rows: np.ndarray,
+              out: np.ndarray) -> None:
+    """Rows `rows` (sorted) of the array of `shape` and `dtype` at `offset` in the file, into `out` (converted).
+    Rows far apart (a cluster's, over LAION's parts) are read a run of consecutive rows at a time, straight into
+    place; rows close together (a dense sample) through short-lived mappings of a window of the file at a time,
+    where one page fault brings in several (a mapping costs a fault or more per row far apart: 3x the read)."""
+    if not len(rows):
+        return
+    row_bytes = shape[1] * dtype.itemsize
+    ends = [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]  # of each run of consecutive rows
+    if len(ends) <= FEW_RUNS or (int(rows[-1]) - int(rows[0]) + 1) * row_bytes >= len(ends) * SPARSE_BYTES:
+        _read_runs(path, offset, dtype, row_bytes, rows, ends, out)
+    else:
+        _map_windows(path, offset, dtype, shape, rows, out)
+
+
+def _read_runs(path: str, offset: int, dtype: np.dtype, row_bytes: int, rows: np.ndarray, ends: list[int],
+               out: np.ndarray) -> None:
+    raw = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
+    buffer = memoryview(raw.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as f:
+        for a, b in zip([0, *ends[:-1]], ends):
+            read_exactly(f, offset + int(rows[a]) * row_bytes, buffer[a * row_bytes:b * row_bytes], path)
+    if raw is not out:
+        out[:] = raw
+
+
+def _map_windows(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], rows: np.ndarray,
+                 out: np.ndarray) -> None:
+    row_bytes = shape[1] * dtype.itemsize
+    per_window = max(1, WINDOW_BYTES // row_bytes)
+    bounds = np.searchsorted(rows, np.arange(0, shape[0] + per_window, per_window))
+    for w, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a < b:
+            first = w * per_window
+            count = min(per_window, shape[0] - first)
+            try:
+                window = np.memmap(path, dtype, "r", offset + first * row_bytes, (count, shape[1]))
+            except ValueError:  # the mapping would reach past the end of the file
+                raise UsageError(path, CUT_SHORT, REWRITE) from None
+            out[a:b] = window[rows[a:b] - first]
+            del window  # unmapped: its pages stop counting as ours
+
+
 def read_exactly(f, offset: int, buffer: memoryview, path: str) -> None:
     """Fill `buffer` from `offset` of the raw file f (a read may return less than asked: past 2 GB, or at the
     end of a file cut short since its header was read)."""
@@ -148,8 +197,7 @@ def read_exactly(f, offset: int, buffer: memoryview, path: str) -> None:
     while buffer:
         got = f.readinto(buffer)
         if not got:
-            raise UsageError(path, "ends before the rows its header promises (it changed during the run)",
-                             "rewrite the file, or point at the one the run was started on")
+            raise UsageError(path, CUT_SHORT, REWRITE)
         buffer = buffer[got:]
 
 

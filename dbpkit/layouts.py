@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbpkit.errors import UsageError
-from dbpkit.files import PARTIAL_SUFFIX, read_exactly, read_npy_header, save_json, save_npy
+from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, save_json, save_npy
 from dbpkit.keys import _parquet_file, _text_lines, keys_as_utf8, read_keys, strip_extensions
 from dbpkit.trie import load_trie
 
@@ -67,25 +67,12 @@ class Part:
                 yield first, np.fromfile(f, self.dtype, count * self.dim).reshape(count, self.dim).astype(np.float32)
 
     def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The float32 rows at the given indices (in their order), into `out` if given. Each run of consecutive rows
-        is read straight into place with one read: a cluster's rows lie scattered over a web-scale file, and a
-        mapping of the file would cost a page fault or more per row (3x the read, and its pages counted as this
-        process's)."""
+        """The float32 rows at the given sorted indices, into `out` if given (as files.read_rows reads them)."""
         out = np.empty((len(rows), self.dim), np.float32) if out is None else out
         if self.offset is None:
             out[:] = self._npz_array()[rows]
-            return out
-        raw = out if self.dtype == out.dtype and out.flags.c_contiguous else np.empty((len(rows), self.dim), self.dtype)
-        row_bytes = self.dim * self.dtype.itemsize
-        buffer = memoryview(raw.reshape(-1).view(np.uint8))
-        ends = [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)] if len(rows) else []  # of each run
-        with open(self.path, "rb", buffering=0) as f:
-            a = 0
-            for b in ends:
-                read_exactly(f, self.offset + int(rows[a]) * row_bytes, buffer[a * row_bytes:b * row_bytes], self.path)
-                a = b
-        if raw is not out:
-            out[:] = raw
+        else:
+            read_rows(self.path, self.offset, self.dtype, (self.rows, self.dim), rows, out)
         return out
 
     def _npz_array(self) -> np.ndarray:

@@ -21,6 +21,7 @@ from test_cluster_embeddings import embeddings, layout
 
 SMALL = {  # module: {constant: a few rows (or bytes)}; modules that import a constant by name are listed too
     "dbpkit.layouts": {"CHUNK_ROWS": 7},
+    "dbpkit.files": {"WINDOW_BYTES": 200},  # three rows of dim 16 a mapping
     "dbpkit.kmeans": {"CHUNK_ROWS": 7, "ASSIGN_ROWS": 50},
     "dbpkit.clusters": {"CHUNK_ROWS": 5},
     "dbpkit.selection": {"CHUNK_ROWS": 5, "MIN_PIECE_KEYS": 4},

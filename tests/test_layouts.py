@@ -1,5 +1,6 @@
 """Reading rows of the embeddings by index (deduplicate.py's clusters, k-means' sample, --subset): exactly numpy's
-indexing of the whole array, for rows in any order, and a file that changed under the run is one line."""
+indexing of the whole array, whether the rows are read run by run or through mappings, and a file that changed
+under the run is one line."""
 
 import io
 
@@ -34,20 +35,46 @@ def arrays(tmp_path_factory):
     return paths
 
 
+# SPARSE_BYTES 0: every take read run by run; 1 << 40: every take through mappings, of WINDOW_BYTES 7 rows of the
+# f4 file (the windows' boundaries among the rows).
+WAYS = {"runs": {"SPARSE_BYTES": 0}, "windows": {"SPARSE_BYTES": 1 << 40, "WINDOW_BYTES": 7 * 5 * 4}}
+
+
 @settings(max_examples=60, deadline=None)
-@given(kind=st.sampled_from(["f4", "f2", "big", "f8", "npz"]),
-       rows=st.lists(st.integers(0, ROWS - 1), max_size=3 * ROWS) | st.just(list(range(ROWS))))
-def test_take_is_numpys_indexing_for_rows_in_any_order(arrays, kind, rows):
-    """Runs of consecutive rows (the whole file, one row, none), repeats and rows out of order: each row as
-    float32, as numpy's own indexing of the loaded array gives it."""
+@given(kind=st.sampled_from(["f4", "f2", "big", "f8", "npz"]), way=st.sampled_from(sorted(WAYS)),
+       rows=st.lists(st.integers(0, ROWS - 1), max_size=3 * ROWS).map(sorted) | st.just(list(range(ROWS))))
+def test_take_is_numpys_indexing_read_either_way(arrays, kind, way, rows):
+    """Runs of consecutive rows (the whole file, one row, none), repeats, rows far apart: each row as float32,
+    as numpy's own indexing of the loaded array gives it, whichever way they are read."""
     part = part_of(arrays[kind])
     expected = (np.load(arrays[kind])["l14_img"] if kind == "npz" else np.load(arrays[kind]))[rows].astype(np.float32)
-    got = part.take(np.array(rows, dtype=np.int64))
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in WAYS[way].items():
+            patch.setattr(files, name, value)
+        got = part.take(np.array(rows, dtype=np.int64))
+        into = np.full((len(rows) + 2, 5), -1, np.float32)  # into the middle of a larger array, as unit_rows_at does
+        part.take(np.array(rows, dtype=np.int64), out=into[1:-1])
     assert got.dtype == np.float32 and got.shape == (len(rows), 5)
     assert np.array_equal(got, expected)
-    into = np.full((len(rows) + 2, 5), -1, np.float32)  # into the middle of a larger array, as unit_rows_at does
-    assert part.take(np.array(rows, dtype=np.int64), out=into[1:-1]) is not None
     assert np.array_equal(into[1:-1], expected) and (into[[0, -1]] == -1).all()
+
+
+def test_rows_far_apart_or_in_few_runs_are_read_and_many_close_together_mapped(tmp_path, monkeypatch):
+    """The choice between the two ways: how many runs of rows (at most FEW_RUNS, 3 here: read), and their average
+    distance against SPARSE_BYTES (64 KB: 1024 rows of 64 bytes)."""
+    path = tmp_path / "emb.npy"
+    np.save(path, np.zeros((8000, 16), np.float32))
+    part, used = part_of(path), []
+    monkeypatch.setattr(files, "FEW_RUNS", 3)
+    monkeypatch.setattr(files, "_read_runs", lambda *a: used.append("runs"))
+    monkeypatch.setattr(files, "_map_windows", lambda *a: used.append("windows"))
+    for rows in ([0, 1000, 2000, 3000],  # 4 runs over 3001 rows: 750 rows apart on average
+                 [0, 1500, 3000, 3001],  # 3 runs
+                 [0, 2000, 4000, 6000],  # 4 runs over 6001 rows: 1500 apart
+                 [0, 1024, 2048, 4095],  # 4 runs over 4096 rows: 1024 apart, 64 KB exactly
+                 [0, 1024, 2048, 4094]):  # 4 runs over 4095 rows: just under
+        part.take(np.array(rows))
+    assert used == ["windows", "runs", "runs", "runs", "windows"]
 
 
 def test_short_reads_are_read_on_until_the_buffer_is_full():
@@ -75,15 +102,18 @@ def test_short_reads_are_read_on_until_the_buffer_is_full():
     assert bytes(buffer) == data[17:57]
 
 
-def test_a_file_cut_short_after_its_header_was_read_is_named(tmp_path):
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_a_file_cut_short_after_its_header_was_read_is_named(tmp_path, monkeypatch, way):
     """The header promised 40 rows; the file lost its last ones while the run went on: the row past its end is
-    an error naming the file, not a short row of zeros."""
+    an error naming the file, not a short row of zeros (nor a traceback, read either way)."""
+    for name, value in WAYS[way].items():
+        monkeypatch.setattr(files, name, value)
     path = tmp_path / "emb.npy"
     np.save(path, np.ones((ROWS, 5), np.float32))
     part = part_of(path)
     with open(path, "r+b") as f:
         f.truncate(part.offset + 38 * 5 * 4 + 7)  # 38 rows and a piece of the 39th
-    assert np.array_equal(part.take(np.array([0, 37])), np.ones((2, 5), np.float32))
+    assert np.array_equal(part.take(np.array([0, 34])), np.ones((2, 5), np.float32))
     with pytest.raises(UsageError) as e:
         part.take(np.array([2, 38]))
     assert str(e.value).startswith(f"{path}: ends before the rows its header promises")
