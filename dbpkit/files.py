@@ -22,9 +22,12 @@ from dbpkit.errors import UsageError
 PARTIAL_SUFFIX = ".partial"  # a single output file until it is complete
 PARAMS_FILE, LOG_FILE = "params.json", "logs.log"  # every run's record (written last: it marks the run done), log
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12  # pages of a file hashed for its fingerprint
-WINDOW_BYTES = 64 << 20  # rows close together are read through mappings of at most this much of a file
-SPARSE_BYTES = 64 << 10  # runs of rows further apart than this on average are read instead (a page fault each)
-FEW_RUNS = 32  # or this few runs (a mapping costs as much as about this many reads)
+# Rows by index (benchmarks/bench_read.py measures both ways): a read costs about the same wherever its run lies;
+# a mapping costs more to set up, and then a page fault per SPARSE_BYTES of the file it touches (the kernel maps
+# that much around a fault), shared by the runs within it.
+WINDOW_BYTES = 64 << 20  # rows are mapped at most this much of a file at a time
+SPARSE_BYTES = 64 << 10  # runs this far apart on average are read: mapped, each would cost a fault of its own
+FEW_RUNS = 32  # this few runs are read: a mapping costs about as much as this many reads
 CUT_SHORT = "ends before the rows its header promises (it changed during the run)"
 REWRITE = "rewrite the file, or point at the one the run was started on"
 
@@ -149,17 +152,28 @@ def append_rest(source: Any, out: Any) -> None:
 def read_rows(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], rows: np.ndarray,
               out: np.ndarray) -> None:
     """Rows `rows` (sorted) of the array of `shape` and `dtype` at `offset` in the file, into `out` (converted).
-    Rows far apart (a cluster's, over LAION's parts) are read a run of consecutive rows at a time, straight into
-    place; rows close together (a dense sample) through short-lived mappings of a window of the file at a time,
-    where one page fault brings in several (a mapping costs a fault or more per row far apart: 3x the read)."""
+    A few runs of consecutive rows (a cluster's share of one of LAION's parts) or runs far apart are read a run at a
+    time, straight into place; many runs close together (a dense sample) through short-lived mappings of a window
+    of the file at a time, where one page fault brings in several of them."""
     if not len(rows):
         return
     row_bytes = shape[1] * dtype.itemsize
-    ends = [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]  # of each run of consecutive rows
-    if len(ends) <= FEW_RUNS or (int(rows[-1]) - int(rows[0]) + 1) * row_bytes >= len(ends) * SPARSE_BYTES:
+    ends = run_ends(rows)
+    if reads_better(rows, ends, row_bytes):
         _read_runs(path, offset, dtype, row_bytes, rows, ends, out)
     else:
         _map_windows(path, offset, dtype, shape, rows, out)
+
+
+def run_ends(rows: np.ndarray) -> list[int]:
+    """Where each run of consecutive rows ends in `rows` (sorted, not empty)."""
+    return [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+
+
+def reads_better(rows: np.ndarray, ends: list[int], row_bytes: int) -> bool:
+    """Whether reading these runs of rows costs less than mapping them (the constants above say why)."""
+    apart = (int(rows[-1]) - int(rows[0]) + 1) * row_bytes / len(ends)  # bytes from one run to the next
+    return len(ends) <= FEW_RUNS or apart >= SPARSE_BYTES
 
 
 def _read_runs(path: str, offset: int, dtype: np.dtype, row_bytes: int, rows: np.ndarray, ends: list[int],

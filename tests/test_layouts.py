@@ -59,19 +59,19 @@ def test_take_is_numpys_indexing_read_either_way(arrays, kind, way, rows):
     assert np.array_equal(into[1:-1], expected) and (into[[0, -1]] == -1).all()
 
 
-def test_rows_far_apart_or_in_few_runs_are_read_and_many_close_together_mapped(tmp_path, monkeypatch):
-    """The choice between the two ways: how many runs of rows (at most FEW_RUNS, 3 here: read), and their average
-    distance against SPARSE_BYTES (64 KB: 1024 rows of 64 bytes)."""
-    path = tmp_path / "emb.npy"
-    np.save(path, np.zeros((8000, 16), np.float32))
-    part, used = part_of(path), []
+def test_few_runs_or_runs_far_apart_are_read_and_the_others_mapped(tmp_path, monkeypatch):
+    """The choice between the two ways: at most FEW_RUNS runs (3 here) are read; so are more when they lie
+    SPARSE_BYTES (64 KB: 1024 rows of 64 bytes) apart on average."""
+    used = []
     monkeypatch.setattr(files, "FEW_RUNS", 3)
     monkeypatch.setattr(files, "_read_runs", lambda *a: used.append("runs"))
     monkeypatch.setattr(files, "_map_windows", lambda *a: used.append("windows"))
+    np.save(tmp_path / "emb.npy", np.zeros((8000, 16), np.float32))
+    part = part_of(tmp_path / "emb.npy")
     for rows in ([0, 1000, 2000, 3000],  # 4 runs over 3001 rows: 750 rows apart on average
                  [0, 1500, 3000, 3001],  # 3 runs
                  [0, 2000, 4000, 6000],  # 4 runs over 6001 rows: 1500 apart
-                 [0, 1024, 2048, 4095],  # 4 runs over 4096 rows: 1024 apart, 64 KB exactly
+                 [0, 1024, 2048, 4095],  # 4 runs over 4096 rows: 1024 apart, the line exactly
                  [0, 1024, 2048, 4094]):  # 4 runs over 4095 rows: just under
         part.take(np.array(rows))
     assert used == ["windows", "runs", "runs", "runs", "windows"]
