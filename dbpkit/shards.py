@@ -26,7 +26,7 @@ import torch.utils.data
 
 from dbpkit.cli import stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
-from dbpkit.errors import UsageError, WorkerDied
+from dbpkit.errors import Terminated, UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 from dbpkit.tasks import exit_with
@@ -189,6 +189,12 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
             # ending, with this one line
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise WorkerDied(f"an image-decoding worker died, killed from outside ({first_line(e)})") from None
+        raise
+    except (KeyboardInterrupt, Terminated):  # the run stops at a safe point: a SIGTERM to the process group may
+        # have killed a decoding worker still starting (torch sets its own handler before ours ignores it), and
+        # torch's SIGCHLD handler would say so in a traceback as the loader shuts its workers down
+        if workers:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise
     flush()
     dim = embedding_dim(encoder)
