@@ -135,3 +135,28 @@ def test_a_bad_row_among_the_subsets_rows_is_named_by_its_row_in_the_file(tmp_pa
         kmeans.assign_rows(task)
     assert str(e.value).startswith(f"{tmp_path / 'emb.npy'}: row 123: embedding is not finite")
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_rows_of_many_parts_are_normalised_as_each_part_alone(tmp_path):
+    """unit_rows_at normalises the rows of all parts in one pass; a part holding a row whose norm is past float32's
+    range is normalised as before, on its own in float64, and the other parts' rows keep their float32 bits."""
+    rng = np.random.default_rng(2)
+    pieces = [rng.standard_normal((30, 8)).astype(np.float32) for _ in range(3)]
+    pieces[1][4] = 3e38  # its squares overflow float32
+    parts = []
+    for n, x in enumerate(pieces):
+        np.save(tmp_path / f"p{n}.npy", x)
+        parts.append(part_of(tmp_path / f"p{n}.npy"))
+    rows = np.array([1, 2, 5, 33, 34, 40, 61, 89])  # from each part; 34 is the huge row
+    got = layouts.Embeddings(parts).unit_rows_at(rows)
+    whole = np.concatenate(pieces)
+    expected = []
+    for row in rows.tolist():
+        x = whole[row:row + 1]
+        if 30 <= row < 60:  # the part with the huge row: float64 throughout
+            expected.append((x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True))
+                            .astype(np.float32))
+        else:
+            expected.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    assert np.array_equal(got, np.concatenate(expected))
+    assert np.isfinite(got).all() and np.allclose(np.linalg.norm(got.astype(np.float64), axis=1), 1, atol=1e-6)
