@@ -77,17 +77,24 @@ class RayEngine:
         from ray.exceptions import RayError, RayTaskError
 
         try:
-            result = self.ray.get(handle)
+            return self.ray.get(handle)
         except RayTaskError as e:  # the task's own exception (a UsageError, say), without Ray's wrapping
             raise (e.cause if isinstance(e.cause, Exception) else RuntimeError(str(e))) from None
         except RayError as e:  # a worker or node lost past its retries
             raise WorkerDied(f"a Ray task's worker died ({type(e).__name__})") from None
-        self.handles.discard(handle)  # (holding every handle would keep every result in Ray's store)
-        return result
+        finally:
+            self.handles.discard(handle)  # (holding every handle would keep every result in Ray's store)
 
     def stop(self, killed: bool) -> None:
-        if killed:
-            for handle in self.handles:
+        if killed and self.handles:
+            # Only the tasks still running. Ray's core once aborted this process with a stack trace instead of our
+            # line ("Tried to complete task that was not pending", in CI) as a run force-cancelled every task it
+            # had, the one already ended with the error among them: a finished task needs no cancelling.
+            try:
+                _, running = self.ray.wait(list(self.handles), num_returns=len(self.handles), timeout=0)
+            except Exception:  # (Ray in a state where it cannot say: cancel them all)
+                running = list(self.handles)
+            for handle in running:
                 with contextlib.suppress(Exception):
                     self.ray.cancel(handle, force=True)
         self.ray.shutdown()  # and a Ray started for the run stops all its processes
