@@ -202,7 +202,7 @@ def test_a_cluster_that_is_not_there_is_one_line_in_bounded_time(data, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("timeout", ["soon", "nan"])
+@pytest.mark.parametrize("timeout", ["soon", "0", "nan"])
 def test_a_connect_timeout_that_is_no_number_of_seconds_is_one_line(data, tmp_path, timeout):
     r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
                "--distributor", "ray", env={**nowhere(os.environ), "DBP_RAY_CONNECT_TIMEOUT": timeout})
