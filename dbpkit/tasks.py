@@ -129,7 +129,7 @@ class TaskPool:
         """Locally, start the workers' fork server and its imports now, before this process checks its inputs:
         nothing to undo if a check fails (the fork server ends with this process), and at LAION's scale the
         checks (thousands of parts) take as long as the imports. On Ray, nothing: connecting waits for start()."""
-        if not self._in_process(2) and self.distributor == "local":
+        if self.distributor == "local" and self.workers > 1:
             _start_fork_server(self.preload)
 
     def _in_process(self, total: int) -> bool:
