@@ -138,6 +138,11 @@ def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int
           f"{f' ({workers} threads, one per worker)' if device == 'cpu' else ''}: {rate / device_rate:.2f}x")
 
 
+def key_of(row: int) -> str:
+    """The key of the embeddings' row `row`, in the cluster files and in clip-retrieval's metadata alike."""
+    return f"{row // 10000:05d}/{row:09d}.jpg"
+
+
 def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scattered: bool = False,
              parts: int = 0) -> None:
     """Embeddings in `clusters` groups (a quarter of each group near-repeats an earlier member), already unit
@@ -165,7 +170,7 @@ def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scatter
         at = where[j * rows:(j + 1) * rows]
         x[at] = members
         np.save(os.path.join(folder, "sorted_clusters", f"cluster_{j}.npy"),
-                [(f"{at[i] // 10000:05d}/{at[i]:09d}.jpg", at[i], float(distance[i]), j) for i in order])
+                [(key_of(at[i]), at[i], float(distance[i]), j) for i in order])
         print(f"\rgenerating: cluster {j + 1}/{clusters}", end="", file=sys.stderr)
     print(file=sys.stderr)
     x.flush()
@@ -185,8 +190,8 @@ def write_parts(folder: str, parts: int) -> None:
     bounds = np.linspace(0, len(x), parts + 1).astype(int)
     for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         np.save(os.path.join(folder, "img_emb", f"img_emb_{n}.npy"), x[a:b])
-        keys = [f"{row // 10000:05d}/{row:09d}.jpg" for row in range(a, b)]
-        pd.DataFrame({"image_path": keys}).to_parquet(os.path.join(folder, "metadata", f"metadata_{n}.parquet"))
+        keys = pd.DataFrame({"image_path": [key_of(row) for row in range(a, b)]})
+        keys.to_parquet(os.path.join(folder, "metadata", f"metadata_{n}.parquet"))
 
 
 def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
