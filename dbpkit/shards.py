@@ -26,7 +26,7 @@ import torch.utils.data
 
 from dbpkit.cli import stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
-from dbpkit.errors import Terminated, UsageError, WorkerDied
+from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 from dbpkit.tasks import exit_with
@@ -168,7 +168,13 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
             batch.clear()
 
     try:
-        for sample in loader:
+        samples = iter(loader)
+        if workers:  # torch's SIGCHLD handler (set with the first loader's workers) raises wherever this process is
+            # when a worker dies, in a destructor too, where it is a traceback (a SIGTERM to the process group can
+            # kill a worker still starting, before it ignores the signal): without it a dead worker is noticed on
+            # its pipe or by torch's own look at its workers, and ends the run below with one line
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sample in samples:
             if not (keys or failed) and workers:
                 stage("decoding")  # the decoding workers are running (named for fault-injection tests)
             if sample.unreadable:
@@ -185,16 +191,7 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
     except (RuntimeError, ConnectionError, EOFError) as e:  # a decoding worker killed from outside, as torch
         # says it (or as the pipe a sample was coming through says it)
         if workers and (not isinstance(e, RuntimeError) or "DataLoader worker" in str(e)):
-            # torch's SIGCHLD handler would raise the same again as the loader shuts its workers down: the run is
-            # ending, with this one line
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise WorkerDied(f"an image-decoding worker died, killed from outside ({first_line(e)})") from None
-        raise
-    except (KeyboardInterrupt, Terminated):  # the run stops at a safe point: a SIGTERM to the process group may
-        # have killed a decoding worker still starting (torch sets its own handler before ours ignores it), and
-        # torch's SIGCHLD handler would say so in a traceback as the loader shuts its workers down
-        if workers:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise
     flush()
     dim = embedding_dim(encoder)
