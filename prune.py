@@ -113,6 +113,7 @@ def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     args = parse_args()
+    cli.absolute_paths(args, *PATH_FLAGS)  # as params.json names them: the run can be moved or shared
     check_args(args)
     workers = cli.num_workers(args.workers)
     run_log = cli.RunLog()
@@ -210,8 +211,6 @@ def main() -> None:
         run_log.write(out.path(du.LOG_FILE))
         run_control = {"workers", "overwrite", "debug"}  # how the run went, not what it computed
         params = {name: value for name, value in sorted(vars(args).items()) if name not in run_control}
-        for name in PATH_FLAGS:  # absolute: the run can be moved or shared
-            params[name] = params[name] and os.path.abspath(params[name])
         params.update(num_centroids=k, num_clusters=k, total_rows=total_rows, dataset_size=total, target_size=target,
                       min_per_cluster=plan.min_per_cluster, nu=plan.nu, kept_samples=kept,
                       kept_keys=len(kept_keys), p_ratio=spread, near_equal_share=near_equal,

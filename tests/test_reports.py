@@ -69,11 +69,12 @@ def test_existing_score_files_need_overwrite_and_swaps_are_refused(desc_str, tmp
     assert prune(tmp_path / "dintra.npy", tmp_path / "dinter.npy", "stale_sidecar").returncode == 0
 
 
-def test_prune_reports(desc_str, tmp_path):
+def test_prune_reports(desc_str, tmp_path, monkeypatch):
     assert all(r.returncode == 0 for r in run_scores(desc_str, tmp_path))
     sorted_dir = os.path.relpath(desc_str["sorted"], tmp_path)  # paths relative to where it runs
+    monkeypatch.setenv("HOME", str(tmp_path))  # and one from a "~" the shell left alone (quoted, or from a file)
     r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--prune-ratio", 0.3,
-                   "--avg_distance_to_cent_save_path", "dintra.npy", "--mean_centroid_distances_save_path",
+                   "--avg_distance_to_cent_save_path", "~/dintra.npy", "--mean_centroid_distances_save_path",
                    "dinter.npy", "--save-dir", "run", "--pruned-paths", "--total-dataset-size", 3000, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
@@ -83,6 +84,7 @@ def test_prune_reports(desc_str, tmp_path):
     for name in ("sorted_clusters_path", "save_dir", "avg_distance_to_cent_save_path",
                  "mean_centroid_distances_save_path"):
         assert os.path.isabs(params[name]) and os.path.exists(params[name])
+    assert params["avg_distance_to_cent_save_path"] == str(tmp_path / "dintra.npy")
     assert params["num_centroids"] == desc_str["k"] and params["version"] == dbpkit.__version__
 
     kept = (run / "kept_paths.txt").read_text().splitlines()
