@@ -19,6 +19,7 @@ nothing from outside the folder. --inline writes one self-contained index.html i
 (Installed with pip, `dbp-report` is the same command as `python make_report.py`.)
 """
 
+import functools
 import os
 import shutil
 from collections import Counter
@@ -88,6 +89,7 @@ def check_args(args) -> None:
     cli.absolute_paths(args, "prune_dir", "dedup_dir", "save_folder")
 
 
+@functools.cache  # each shown key is looked for (wanted) and then looked up (thumb)
 def stripped(key: str) -> str:
     """A key as a sample is matched: without the extension of its last component."""
     return str(as_text(strip_extensions(np.array([key.encode("utf-8", "surrogateescape")])))[0])
