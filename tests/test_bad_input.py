@@ -27,7 +27,7 @@ def good_layout(root):
     for j in range(K):
         dists = sorted(rng.uniform(0, 1, 5).tolist(), reverse=True)
         np.save(sorted_dir / f"cluster_{j}.npy", [(f"{j:05d}/{j}{i:04d}.jpg", 5 * j + i, d, j)
-                                                   for i, d in enumerate(dists)])
+                                                  for i, d in enumerate(dists)])
     (root / "scores").mkdir()
     np.save(root / "scores" / "dintra.npy", rng.uniform(0, 1, K).astype(np.float32))
     np.save(root / "scores" / "dinter.npy", rng.uniform(0, 1, K).astype(np.float32))
@@ -189,8 +189,9 @@ CASES = [
      "row 0: key 'a/1\\n2.jpg' holds a line break"),
     ("key-nul", (PRUNE_SCRIPT,), save_cluster([("ab\0cd.jpg", 0, 0.5, 1)] + ROWS[1:]), {},
      "row 0: key 'ab\\x00cd.jpg' holds a NUL character"),
-    ("key-bytes-not-utf8", (PRUNE_SCRIPT,), save_cluster(np.array([(b"a/\xff\xfe.jpg", b"0", b"0.5", b"1")] +
-                                                               [tuple(str(v).encode() for v in r) for r in ROWS[1:]])),
+    ("key-bytes-not-utf8", (PRUNE_SCRIPT,),
+     save_cluster(np.array([(b"a/\xff\xfe.jpg", b"0", b"0.5", b"1")]
+                           + [tuple(str(v).encode() for v in r) for r in ROWS[1:]])),
      {}, "row 0: key b'a/\\xff\\xfe.jpg' is not UTF-8"),
     ("save-dir-dangling-link", (PRUNE_SCRIPT,), lambda r: os.symlink(r / "gone", r / "link"),
      {"--save-dir": lambda r: r / "link"}, "is a symbolic link to"),

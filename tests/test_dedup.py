@@ -178,7 +178,7 @@ def test_semdedups_quirks(tmp_path):
     (root / "sorted").mkdir()
     for j, members in enumerate([[0, 1, 2], [3, 4], [5, 6]]):
         write_cluster(root / "sorted" / f"cluster_{j}.npy", [(f"s/{i}.jpg", i, 0.9 - 0.1 * r, j)
-                                                              for r, i in enumerate(members)])
+                                                             for r, i in enumerate(members)])
     for which, expected in (("hard", [0, 0.99, 0.99]), ("easy", [0.99, 0.99, 0])):
         r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", root / "sorted", "--embeddings", root / "emb.npy",
                        "--eps", 0.02, 0.5, 0.50001, "--which-to-keep", which, "--save_folder", root / which)

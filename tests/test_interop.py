@@ -142,13 +142,13 @@ NEMO_BAD = [  # (id, change to a valid result folder, extra flags, what the one 
      "makes k = 100000000000000000001 clusters of only"),
     ("beyond-rows", lambda r: os.rename(r / "centroid=4", r / "centroid=99999"), [], "makes k = 100000 clusters"),
     ("text-distances", lambda r: rewrite(r / "centroid=4", id=["a", "b"], embeddings=[[1.0, 0.0], [0.0, 1.0]],
-                                          cosine_dist_to_cent=["0.1", "0.2"]), [], "not floating-point distances"),
+                                         cosine_dist_to_cent=["0.1", "0.2"]), [], "not floating-point distances"),
     ("list-ids", lambda r: rewrite(r / "centroid=4", id=[["a"], ["b"]], embeddings=[[1.0, 0.0], [0.0, 1.0]],
-                                    cosine_dist_to_cent=[0.1, 0.2]), [], "not text or integer ids"),
+                                   cosine_dist_to_cent=[0.1, 0.2]), [], "not text or integer ids"),
     ("binary-ids-not-utf8", lambda r: rewrite(r / "centroid=4", id=[b"\xff\xfe", b"ok"], cosine_dist_to_cent=[0.1, 0.2],
-                                               embeddings=[[1.0] * DIM, [2.0] * DIM]), [], "is not UTF-8"),
+                                              embeddings=[[1.0] * DIM, [2.0] * DIM]), [], "is not UTF-8"),
     ("other-dimension", lambda r: rewrite(r / "centroid=4", id=["a", "b"], embeddings=[[1.0, 0.0], [0.0, 1.0]],
-                                           cosine_dist_to_cent=[0.1, 0.2]), [], f"dimensions [2, {DIM}]"),
+                                          cosine_dist_to_cent=[0.1, 0.2]), [], f"dimensions [2, {DIM}]"),
     ("zero-d-centroids", lambda r: np.save(r.parent / "kmeans_centroids.npy", np.float32(1)), [],
      "has shape (); centroids are a 2-D"),
     ("centroid-count", lambda r: np.save(r.parent / "kmeans_centroids.npy", np.ones((5, DIM), np.float32)), [],
@@ -240,7 +240,7 @@ def test_datacomp_uids_of_any_case_are_their_numbers():
     """The fast path reads sorted lower-case uids as they are; other cases are sorted and counted once."""
     uids = sorted(f"{(i * 0x9E3779B97F4A7C15) % (1 << 128):032x}" for i in range(500))
     mixed = np.array(sorted([u.encode() for u in uids] + [uids[7].upper().encode(), uids[3][:20].encode()
-                                                               + uids[3][20:].upper().encode()]))
+                                                          + uids[3][20:].upper().encode()]))
     expected = sorted({divmod(int(u, 16), 2**64) for u in uids})
     for keys in (np.array([u.encode() for u in uids]), mixed):
         subset = du.datacomp_subset(keys)

@@ -81,7 +81,7 @@ def test_a_filter_that_could_never_match_is_an_error_not_an_empty_data_set(tmp_p
         du.webdataset_filter(tmp_path / "flat" / source, with_shard=True)
     urls, _ = make_shards(tmp_path)  # nested keys, members named by the bare key
     dataset = wds.WebDataset(urls, shardshuffle=False).select(du.webdataset_filter(tmp_path / source,
-                                                                                    with_shard=False))
+                                                                                   with_shard=False))
     with pytest.raises(ValueError, match="has no '/', but every kept key in .* has one"):
         next(iter(dataset))
 

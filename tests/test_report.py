@@ -573,7 +573,7 @@ def test_inline_is_one_file_with_the_same_content(browser, pipeline, made, tmp_p
     contract = ("data-key", "data-role", "data-cluster", "data-missing")
     assert [{a: t.get(a) for a in contract} for t in inline.thumbs] == [{a: t.get(a) for a in contract} for t in split]
     assert [(p["similarity"], p["eps"]) for p in inline.pairs] == [(p["similarity"], p["eps"])
-                                                                  for p in marked(out / "dedup.html").pairs]
+                                                                   for p in marked(out / "dedup.html").pairs]
     visit = Visit(browser, tmp_path / "inline" / "index.html")
     check_clean(visit, tmp_path / "inline", inline=True)
     assert visit.js("Array.from(document.images).every(i => i.src.startsWith('data:'))")
