@@ -35,6 +35,7 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    cli.absolute_paths(args, "sorted_clusters_path", "avg_distance_to_cent_save_path")
     workers = cli.num_workers(args.workers)
     pool = tasks.TaskPool(workers, preload=PARSER_MODULES)
     pool.start()  # the workers' fork server starts importing while this process checks the inputs

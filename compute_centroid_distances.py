@@ -48,6 +48,7 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    cli.absolute_paths(args, "sorted_clusters_path", "centroids_file", "mean_centroid_distances_save_path")
     workers = cli.num_workers(args.workers)
     if args.num_NNs < 1:
         raise UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")

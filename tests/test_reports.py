@@ -4,6 +4,7 @@ prune's log, params.json, pruned_paths.txt and plot."""
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,11 +38,11 @@ def test_prune_ratio_says_it_is_the_fraction_to_keep(tmp_path):
     assert "--prune-ratio: 30.0 is outside (0, 1] (it is the fraction to keep: 0.3 keeps 30%" in r.stderr
 
 
-def run_scores(data, out, *extra):
+def run_scores(data, out, *extra, cwd=None):
     return [run_script(DINTRA_SCRIPT, "--sorted_clusters_path", data["sorted"], "--avg_distance_to_cent_save_path",
-                       out / "dintra.npy", *extra),
+                       out / "dintra.npy", *extra, cwd=cwd),
             run_script(DINTER_SCRIPT, "--sorted_clusters_path", data["sorted"], "--mean_centroid_distances_save_path",
-                       out / "dinter.npy", *extra)]
+                       out / "dinter.npy", *extra, cwd=cwd)]
 
 
 def test_existing_score_files_need_overwrite_and_swaps_are_refused(desc_str, tmp_path):
@@ -70,9 +71,10 @@ def test_existing_score_files_need_overwrite_and_swaps_are_refused(desc_str, tmp
 
 
 def test_prune_reports(desc_str, tmp_path, monkeypatch):
-    assert all(r.returncode == 0 for r in run_scores(desc_str, tmp_path))
-    sorted_dir = os.path.relpath(desc_str["sorted"], tmp_path)  # paths relative to where it runs
-    monkeypatch.setenv("HOME", str(tmp_path))  # and one from a "~" the shell left alone (quoted, or from a file)
+    monkeypatch.setenv("HOME", str(tmp_path))  # paths from a "~" the shell left alone (quoted, or from a file)
+    (tmp_path / "scores").mkdir()
+    assert all(r.returncode == 0 for r in run_scores(desc_str, Path("~"), cwd=tmp_path / "scores"))
+    sorted_dir = os.path.relpath(desc_str["sorted"], tmp_path)  # and paths relative to where it runs
     r = run_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--prune-ratio", 0.3,
                    "--avg_distance_to_cent_save_path", "~/dintra.npy", "--mean_centroid_distances_save_path",
                    "dinter.npy", "--save-dir", "run", "--pruned-paths", "--total-dataset-size", 3000, cwd=tmp_path)
