@@ -33,7 +33,7 @@ import numpy as np
 import dbpkit
 from dbpkit import cli, files, savedir, tasks
 from dbpkit.errors import Incomplete, UsageError
-from dbpkit.samples import FAILED_FILE, find_shards, is_local
+from dbpkit.samples import FAILED_FILE, find_shards, local_path
 
 FAILED_SHARDS_FILE = "failed_shards.txt"  # shard<TAB>reason: the shards a stopped run could not read
 
@@ -78,11 +78,13 @@ def main() -> None:
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     urls = find_shards(args.shards)
-    output = os.path.abspath(args.output_folder)
+    cli.absolute_paths(args, "output_folder")
+    output = args.output_folder
     from dbpkit import shards  # (torch and transformers: imported once the flags are known to be right)
     from dbpkit.encoder import embedding_dim, load_encoder
 
-    model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model  # (as every node sees it)
+    folder = os.path.expanduser(args.model)
+    model = os.path.abspath(folder) if os.path.isdir(folder) else args.model  # (as every node sees it)
     encoder = load_encoder(model, args.device if args.distributor == "local" else "cpu")
     described = encoder.describe()
     run = {"shards": urls, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
@@ -114,7 +116,7 @@ def main() -> None:
         shutil.rmtree(out.path(shards.SOURCES_DIR))
         cli.log.info(f"{len(urls)} shards ({len(urls) - len(todo)} embedded before), {rows} rows, {failed} failed")
         run_log.write(out.path(files.LOG_FILE))
-        pattern = os.path.abspath(args.shards) if is_local(args.shards) else args.shards
+        pattern = local_path(args.shards)
         files.save_json(out.path(files.PARAMS_FILE), {**described, "shards": pattern, "shard_count": len(urls),
                                                       "output_folder": output, "batch_size": args.batch_size,
                                                       "device": args.device, "fp16": args.fp16,

@@ -27,12 +27,18 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def local_path(url: str) -> str:
+    """A local shard path (or pattern) made absolute, a Ray worker starting in another folder, with ~ expanded:
+    a brace pattern is quoted, and the shell leaves a quoted ~ alone. URLs and pipe: commands as they are."""
+    return os.path.abspath(os.path.expanduser(url)) if is_local(url) else url
+
+
 def find_shards(pattern: str) -> list[str]:
-    """The shards of a webdataset pattern, local ones as absolute paths (a Ray worker starts in another folder);
-    they must exist (a URL or pipe: command is tried when read)."""
+    """The shards of a webdataset pattern, local ones as absolute paths (local_path); they must exist (a URL or
+    pipe: command is tried when read)."""
     from webdataset.shardlists import expand_urls
 
-    urls = [os.path.abspath(s) if is_local(s) else s for s in expand_urls(pattern)]
+    urls = [local_path(s) for s in expand_urls(pattern)]
     local = [s for s in urls if is_local(s)]
     missing = [s for s in local if not os.path.isfile(s)]
     if local and len(missing) == len(urls):
