@@ -61,20 +61,54 @@ def test_take_is_numpys_indexing_read_either_way(arrays, kind, way, rows):
 
 def test_few_runs_or_runs_far_apart_are_read_and_the_others_mapped(tmp_path, monkeypatch):
     """The choice between the two ways: at most FEW_RUNS runs (3 here) are read; so are more when they lie
-    SPARSE_BYTES (64 KB: 1024 rows of 64 bytes) apart on average."""
+    SPARSE_BYTES (line rows of 64 bytes) apart on average."""
     used = []
     monkeypatch.setattr(files, "FEW_RUNS", 3)
     monkeypatch.setattr(files, "_read_runs", lambda *a: used.append("runs"))
     monkeypatch.setattr(files, "_map_windows", lambda *a: used.append("windows"))
     np.save(tmp_path / "emb.npy", np.zeros((8000, 16), np.float32))
     part = part_of(tmp_path / "emb.npy")
-    for rows in ([0, 1000, 2000, 3000],  # 4 runs over 3001 rows: 750 rows apart on average
+    line = files.SPARSE_BYTES // 64
+    for rows in ([0, line // 2, line, 3 * line // 2],  # 4 runs over 1.5 lines of rows: 3/8 of a line apart
                  [0, 1500, 3000, 3001],  # 3 runs
-                 [0, 2000, 4000, 6000],  # 4 runs over 6001 rows: 1500 apart
-                 [0, 1024, 2048, 4095],  # 4 runs over 4096 rows: 1024 apart, the line exactly
-                 [0, 1024, 2048, 4094]):  # 4 runs over 4095 rows: just under
+                 [0, 2 * line, 4 * line, 6 * line],  # 4 runs, 1.5 lines apart
+                 [0, line, 2 * line, 4 * line - 1],  # 4 runs over 4 lines of rows: a line apart exactly
+                 [0, line, 2 * line, 4 * line - 2]):  # just under
         part.take(np.array(rows))
     assert used == ["windows", "runs", "runs", "runs", "windows"]
+
+
+def test_runs_read_one_by_one_are_all_asked_for_first(arrays, monkeypatch):
+    """From disk each run would be a wait of its own: every run's bytes are asked for (posix_fadvise WILLNEED)
+    before the first is read. Where the system has no such call, or refuses it, the rows are read all the same."""
+    events = []
+    reads = files.read_exactly
+    monkeypatch.setattr(files, "SPARSE_BYTES", 0)
+    monkeypatch.setattr(files, "WILL_NEED", "willneed")
+    monkeypatch.setattr(files.os, "posix_fadvise", lambda fd, start, length, advice: events.append(
+        ("ask", start, length, advice)), raising=False)
+    monkeypatch.setattr(files, "read_exactly", lambda f, start, buffer, path: (
+        events.append(("read", start, len(buffer))), reads(f, start, buffer, path)))
+    part = part_of(arrays["f2"])  # float16: 10 bytes a row
+    rows = np.array([3, 4, 5, 9, 20, 21, 39])
+    assert np.array_equal(part.take(rows), np.load(arrays["f2"])[rows].astype(np.float32))
+    start = np.load(arrays["f2"], mmap_mode="r").offset
+    runs = [(start + 3 * 10, 30), (start + 9 * 10, 10), (start + 20 * 10, 20), (start + 39 * 10, 10)]
+    assert events == [("ask", a, n, "willneed") for a, n in runs] + [("read", a, n) for a, n in runs]
+
+    events.clear()
+    monkeypatch.setattr(files, "WILL_NEED", None)  # macOS: no posix_fadvise
+    assert np.array_equal(part.take(rows), np.load(arrays["f2"])[rows].astype(np.float32))
+    assert events == [("read", a, n) for a, n in runs]
+
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    events.clear()
+    monkeypatch.setattr(files, "WILL_NEED", "willneed")
+    monkeypatch.setattr(files.os, "posix_fadvise", refuse, raising=False)
+    assert np.array_equal(part.take(rows), np.load(arrays["f2"])[rows].astype(np.float32))
+    assert events == [("read", a, n) for a, n in runs]
 
 
 def test_short_reads_are_read_on_until_the_buffer_is_full():
