@@ -7,7 +7,12 @@ between, on the file and the page cache): this measures both ways over a grid of
 into a new array and on other rows (the median of REPEATS), and what read_rows' rule (FEW_RUNS, SPARSE_BYTES)
 picks, as a ratio to the better way, in one run.
 
-    python benchmarks/bench_read.py   # 256 MB files of float32 rows at dim 64, 256 and 768 (written once)
+With --cold the file is dropped from the page cache before every read (Linux), as embeddings larger than RAM
+(LAION's) are read from disk, and the runs are also read without being asked for ahead (files.ask_ahead), to show
+what that saves.
+
+    python benchmarks/bench_read.py          # 256 MB files of float32 rows at dim 64, 256 and 768 (written once)
+    python benchmarks/bench_read.py --cold   # the same from disk
 """
 
 import argparse
@@ -47,48 +52,80 @@ def rows_apart(count: int, total: int, seed: list[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
 
 
-def one_point(path: str, apart_kb: int) -> tuple[int, float, float, str]:
+def drop_from_cache(path: str) -> None:
+    """The file's pages out of the page cache (they are clean), so that the next read comes from the disk."""
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_way(way: str, path: str, rows: np.ndarray, out: np.ndarray) -> None:
+    x = np.load(path, mmap_mode="r")
+    shape, dtype, offset = x.shape, x.dtype, x.offset
+    del x
+    with open(path, "rb", buffering=0) as f:
+        if way == "mapped":
+            files._map_windows(f, path, offset, dtype, shape, rows, out)
+            return
+        asked, files.WILL_NEED = files.WILL_NEED, (files.WILL_NEED if way == "runs" else None)
+        try:
+            files._read_runs(f, path, offset, dtype, shape[1] * dtype.itemsize, rows, files.run_ends(rows), out)
+        finally:
+            files.WILL_NEED = asked
+
+
+def one_point(path: str, apart_kb: int, ways: tuple[str, ...], cold: bool) -> tuple[int, dict[str, float], str]:
     """Rows `apart_kb` apart on average in the file: how many, the median seconds of each way over REPEATS draws
     of rows (each into a new array, as every caller reads), and the way read_rows picks."""
     x = np.load(path, mmap_mode="r")
-    shape, dtype, offset = x.shape, x.dtype, x.offset
-    row_bytes = shape[1] * dtype.itemsize
+    shape, row_bytes = x.shape, x.shape[1] * x.dtype.itemsize
+    del x  # (a page this process maps cannot be dropped from the page cache)
     count = min(shape[0], shape[0] * row_bytes // (apart_kb << 10))
-    times = {"runs": [], "mapped": []}
+    times = {way: [] for way in ways}
     for repeat in range(REPEATS):
         rows = rows_apart(count, shape[0], [apart_kb, repeat])
-        for way in times:
+        for way in ways:
             out = np.empty((count, shape[1]), np.float32)
+            if cold:
+                drop_from_cache(path)
             start = time.perf_counter()
-            if way == "runs":
-                files._read_runs(path, offset, dtype, row_bytes, rows, files.run_ends(rows), out)
-            else:
-                files._map_windows(path, offset, dtype, shape, rows, out)
+            read_way(way, path, rows, out)
             times[way].append(time.perf_counter() - start)
+            assert np.array_equal(out, np.load(path, mmap_mode="r")[rows])  # (the mapping gone at once)
     rows = rows_apart(count, shape[0], [apart_kb, 0])
     picked = "runs" if files.reads_better(rows, files.run_ends(rows), row_bytes) else "mapped"
-    return count, float(np.median(times["runs"])), float(np.median(times["mapped"])), picked
+    return count, {way: float(np.median(t)) for way, t in times.items()}, picked
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=int, default=256, help="size of each file (default: 256)")
     parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"))
+    parser.add_argument("--cold", action="store_true", help="drop the file from the page cache before each read")
     args = parser.parse_args()
     print(machine())
-    print(f"{'dim':>4s} {'apart':>7s} {'rows':>8s} {'runs ms':>9s} {'mapped ms':>10s} {'picked':>8s} "
-          f"{'picked / better':>16s}")
-    worst = 1.0
+    if args.cold and not hasattr(os, "posix_fadvise"):
+        print("--cold: this system cannot drop a file from the page cache (no posix_fadvise); skipped")
+        return
+    ways = ("runs", "runs unasked", "mapped") if args.cold else ("runs", "mapped")
+    print(f"page cache: {'dropped before each read' if args.cold else 'warm'}\n")
+    print(f"{'dim':>4s} {'apart':>7s} {'rows':>8s} " + " ".join(f"{way + ' ms':>15s}" for way in ways)
+          + f" {'picked':>8s} {'picked / better':>16s}")
+    worst, unasked = 1.0, []
     for dim in (64, 256, 768):
         path = generate(os.path.join(args.data, f"read_{dim}_{args.megabytes}mb"), dim, args.megabytes)
-        warm_cache(os.path.dirname(path))
+        if not args.cold:
+            warm_cache(os.path.dirname(path))
         for apart_kb in APART_KB:
-            count, runs, mapped, picked = one_point(path, apart_kb)
-            ratio = (runs if picked == "runs" else mapped) / min(runs, mapped)
+            count, times, picked = one_point(path, apart_kb, ways, args.cold)
+            ratio = times[picked] / min(times["runs"], times["mapped"])
             worst = max(worst, ratio)
-            print(f"{dim:4d} {apart_kb:5d}KB {count:8d} {runs * 1e3:9.1f} {mapped * 1e3:10.1f} {picked:>8s} "
-                  f"{ratio:15.2f}x")
+            if args.cold:
+                unasked.append(times["runs unasked"] / times["runs"])
+            print(f"{dim:4d} {apart_kb:5d}KB {count:8d} " + " ".join(f"{times[way] * 1e3:15.1f}" for way in ways)
+                  + f" {picked:>8s} {ratio:15.2f}x")
     print(f"\nread_rows' pick against the better way, worst case over the grid: {worst:.2f}x")
+    if unasked:
+        print(f"runs read without asking ahead / asked ahead: {min(unasked):.2f}x to {max(unasked):.2f}x")
 
 
 if __name__ == "__main__":
