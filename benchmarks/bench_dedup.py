@@ -18,6 +18,12 @@ the page cache, then measures in one run:
     python benchmarks/bench_dedup.py --large 75000 --large-dim 32   # and one 75k-row cluster
     python benchmarks/bench_dedup.py --scattered   # each cluster's rows spread over the file, as in LAION's
     python benchmarks/bench_dedup.py --scattered --parts 2000   # ... and read from clip-retrieval's parts
+    python benchmarks/bench_dedup.py --gaps 40 --cold   # from disk: see below
+
+--gaps G writes G rows into the embeddings file for every clustered one, the others holes of a sparse file (no data,
+no disk space), so that each row a cluster reads is a read of its own from disk, as in embeddings far larger than
+RAM (LAION's); only deduplicate.py is measured then. --cold also measures deduplicate.py with the embeddings dropped
+from the page cache first (Linux), against the warm run.
 """
 
 import argparse
@@ -31,7 +37,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_pipeline import cuda_device, machine, mark_generated, measure, needs_generating, warm_cache  # noqa: E402
+from bench_pipeline import (  # noqa: E402
+    cuda_device,
+    drop_from_cache,
+    machine,
+    mark_generated,
+    measure,
+    needs_generating,
+    warm_cache,
+)
 
 from dbpkit.dedup import BLOCK_ROWS, STRIP_COLUMNS, strips_match  # noqa: E402
 
@@ -144,20 +158,21 @@ def key_of(row: int) -> str:
 
 
 def generate(folder: str, clusters: int, rows: int, dim: int, seed: int, scattered: bool = False,
-             parts: int = 0) -> None:
+             parts: int = 0, gaps: int = 1) -> None:
     """Embeddings in `clusters` groups (a quarter of each group near-repeats an earlier member), already unit
     length as SemDeDup expects them, and the groups' sorted cluster files, farthest first. A group's rows are
     consecutive in the embeddings file, or, `scattered`, spread over all of it in a random order, as k-means
     clusters lie in a web-scale dataset. With `parts`, the same rows also in clip-retrieval's layout of that
-    many parts (LAION's releases: thousands of them)."""
+    many parts (LAION's releases: thousands of them). With `gaps`, every gaps-th row of the file is a member,
+    the rows between them holes."""
     spec = {"clusters": clusters, "rows": rows, "dim": dim, "seed": seed, **({"scattered": True} if scattered else {}),
-            **({"parts": parts} if parts else {})}
+            **({"parts": parts} if parts else {}), **({"gaps": gaps} if gaps > 1 else {})}
     if not needs_generating(folder, spec):
         return
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "sorted_clusters"))
-    x = np.lib.format.open_memmap(os.path.join(folder, "emb.npy"), "w+", np.float32, (clusters * rows, dim))
-    where = rng.permutation(clusters * rows) if scattered else np.arange(clusters * rows)  # each member's row
+    x = np.lib.format.open_memmap(os.path.join(folder, "emb.npy"), "w+", np.float32, (clusters * rows * gaps, dim))
+    where = (rng.permutation(clusters * rows) if scattered else np.arange(clusters * rows)) * gaps  # each member's row
     for j in range(clusters):
         center = rng.standard_normal(dim)
         members = center / np.linalg.norm(center) + rng.standard_normal((rows, dim)) * 0.8 / np.sqrt(dim)
@@ -194,6 +209,15 @@ def write_parts(folder: str, parts: int) -> None:
         keys.to_parquet(os.path.join(folder, "metadata", f"metadata_{n}.parquet"))
 
 
+def warm(folder: str, gaps: int) -> None:
+    """The data into the page cache; of a file with gaps only its members' rows (reading its holes would fill the
+    page cache with zeros)."""
+    if gaps == 1:
+        return warm_cache(folder)
+    warm_cache(os.path.join(folder, "sorted_clusters"))
+    float(np.load(os.path.join(folder, "emb.npy"), mmap_mode="r")[::gaps, 0].sum())
+
+
 def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
     """deduplicate.py measured as a whole process, on the data's clip-retrieval parts where it has them;
     "launched" is when it was started (seconds since the epoch, as its logs.log stamps its stages)."""
@@ -206,6 +230,23 @@ def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
          "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers), "--device", device])}
 
 
+def from_disk(data: str, out: str, workers: int, warm_s: float, warm_scored: float) -> None:
+    """deduplicate.py again, its embeddings dropped from the page cache first: against the warm run."""
+    if not hasattr(os, "posix_fadvise"):
+        print("--cold: this system cannot drop a file from the page cache (no posix_fadvise); skipped")
+        return
+    parts = os.path.join(data, "img_emb")
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+        drop_from_cache(os.path.join(parts, name))
+    drop_from_cache(os.path.join(data, "emb.npy"))
+    cold = ours(data, out, workers)
+    stages = stage_times(os.path.join(out, "logs.log"))
+    scored = stages["scored"] - stages["score started"]
+    print(f"from disk (the embeddings dropped from the page cache first): deduplicate.py {cold['wall_s']:.2f} s, "
+          f"{cold['wall_s'] / warm_s:.2f}x the run above; its scoring stage {scored:.2f} s, "
+          f"{scored / warm_scored:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clusters", type=int, default=60)
@@ -215,23 +256,39 @@ def main() -> None:
                         help="each cluster's rows spread over the whole embeddings file (as in LAION's), not together")
     parser.add_argument("--parts", type=int, default=0,
                         help="deduplicate.py reads the rows from this many clip-retrieval parts (LAION's layout)")
+    parser.add_argument("--gaps", type=int, default=1,
+                        help="G rows in the embeddings file per member, the others holes (see above; implies "
+                             "--scattered)")
+    parser.add_argument("--cold", action="store_true",
+                        help="also run deduplicate.py with the embeddings dropped from the page cache first")
     parser.add_argument("--large", type=int, default=0, help="also one cluster of this many rows (e.g. 75000)")
     parser.add_argument("--large-dim", type=int, default=32)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--workers (default: all cores)")
     parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"),
                         help="folder for the generated data (reused when it matches)")
     args = parser.parse_args()
+    if args.gaps < 1 or (args.gaps > 1 and args.parts):
+        parser.error("--gaps: 1 or more, and not with --parts (the parts would hold the holes as data)")
+    args.scattered |= args.gaps > 1
 
     print(machine())
     data = os.path.join(args.data, f"dedup_{args.clusters}x{args.rows}_{args.dim}{'_scattered' * args.scattered}"
-                                   f"{f'_{args.parts}parts' * bool(args.parts)}")
-    generate(data, args.clusters, args.rows, args.dim, 0, args.scattered, args.parts)
-    warm_cache(data)
+                                   f"{f'_{args.parts}parts' * bool(args.parts)}{f'_gaps{args.gaps}' * (args.gaps > 1)}")
+    generate(data, args.clusters, args.rows, args.dim, 0, args.scattered, args.parts, args.gaps)
+    warm(data, args.gaps)
     work = tempfile.mkdtemp(prefix="dbp_bench_dedup_")
     print(f"data: {args.clusters} clusters x {args.rows:,} rows, dim {args.dim}"
           f"{', each spread over the whole file' if args.scattered else ''}"
-          f"{f', read from {args.parts} clip-retrieval parts' if args.parts else ''}; --workers {args.workers}\n")
+          f"{f', read from {args.parts} clip-retrieval parts' if args.parts else ''}"
+          f"{f', {args.gaps} rows of the file per member' if args.gaps > 1 else ''}; --workers {args.workers}\n")
     script = ours(data, os.path.join(work, "dedup"), args.workers)
+    if args.gaps > 1:  # (the baselines map the whole file: each fault would bring in its holes as pages of zeros)
+        scored = stage_seconds(os.path.join(work, "dedup", "logs.log"), "score started", "scored")
+        print(f"deduplicate.py, whole process: {script['wall_s']:.2f} s, its scoring stage {scored:.2f} s "
+              "(SemDeDup's loop and the matmul floor are not measured with --gaps)")
+        if args.cold:
+            from_disk(data, os.path.join(work, "dedup_cold"), args.workers, script["wall_s"], scored)
+        return
     theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
     times = __import__("json").loads(theirs["stdout"])
     square = measure([sys.executable, "-c", SQUARE_PROCESS, data, str(args.clusters)])
@@ -265,6 +322,8 @@ def main() -> None:
     print(f"largest difference between the two scores (float32, summed in another order): {worst:.2e}\n")
     sizes = [args.rows] * args.clusters
     scoring_rate(data, os.path.join(work, "dedup"), "cpu", args.workers, sizes, args.dim)
+    if args.cold:
+        from_disk(data, os.path.join(work, "dedup_cold"), args.workers, script["wall_s"], scored)
     gpu = cuda_device()
     if gpu is None:
         print("--device cuda: torch sees no CUDA device on this machine; skipped")

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_pipeline import machine, mark_generated, needs_generating, warm_cache  # noqa: E402
+from bench_pipeline import drop_from_cache, machine, mark_generated, needs_generating, warm_cache  # noqa: E402
 
 from dbpkit import files  # noqa: E402
 
@@ -50,12 +50,6 @@ def generate(folder: str, dim: int, megabytes: int) -> str:
 def rows_apart(count: int, total: int, seed: list[int]) -> np.ndarray:
     """`count` sorted rows drawn from `total`."""
     return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
-
-
-def drop_from_cache(path: str) -> None:
-    """The file's pages out of the page cache (they are clean), so that the next read comes from the disk."""
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_way(way: str, path: str, rows: np.ndarray, out: np.ndarray) -> None:
