@@ -240,8 +240,7 @@ def from_disk(data: str, out: str, workers: int, warm_s: float, warm_scored: flo
         drop_from_cache(os.path.join(parts, name))
     drop_from_cache(os.path.join(data, "emb.npy"))
     cold = ours(data, out, workers)
-    stages = stage_times(os.path.join(out, "logs.log"))
-    scored = stages["scored"] - stages["score started"]
+    scored = stage_seconds(os.path.join(out, "logs.log"), "score started", "scored")
     print(f"from disk (the embeddings dropped from the page cache first): deduplicate.py {cold['wall_s']:.2f} s, "
           f"{cold['wall_s'] / warm_s:.2f}x the run above; its scoring stage {scored:.2f} s, "
           f"{scored / warm_scored:.2f}x")
