@@ -157,8 +157,8 @@ def read_rows(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], r
               out: np.ndarray) -> None:
     """Rows `rows` (sorted) of the array of `shape` and `dtype` at `offset` in the file, into `out` (converted).
     A few runs of consecutive rows (a cluster's share of one of LAION's parts) or runs far apart are read a run at a
-    time, straight into place; many runs close together (a dense sample) through short-lived mappings of a window
-    of the file at a time, where one page fault brings in several of them."""
+    time, straight into place, all of them asked of the disk first; many runs close together (a dense sample)
+    through short-lived mappings of a window of the file at a time, where one page fault brings in several of them."""
     if not len(rows):
         return
     row_bytes = shape[1] * dtype.itemsize
