@@ -200,11 +200,12 @@ def _read_runs(f, path: str, offset: int, dtype: np.dtype, row_bytes: int, rows:
     """Each run with a read of its own, all of them asked for first (4096 rows 64 KB apart in a file not in the page
     cache: 0.03 s instead of 0.3 s, benchmarks/bench_read.py --cold)."""
     firsts = np.array([0, *ends[:-1]])
-    ask_ahead(f, offset + rows[firsts].astype(np.int64) * row_bytes, (np.array(ends) - firsts) * row_bytes)
+    starts, lengths = offset + rows[firsts].astype(np.int64) * row_bytes, (np.array(ends) - firsts) * row_bytes
+    ask_ahead(f, starts, lengths)
     raw = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
     buffer = memoryview(raw.reshape(-1).view(np.uint8))
-    for a, b in zip(firsts.tolist(), ends):
-        read_exactly(f, offset + int(rows[a]) * row_bytes, buffer[a * row_bytes:b * row_bytes], path)
+    for start, a, b in zip(starts.tolist(), firsts.tolist(), ends):
+        read_exactly(f, start, buffer[a * row_bytes:b * row_bytes], path)
     if raw is not out:
         out[:] = raw
 
