@@ -52,10 +52,8 @@ def rows_apart(count: int, total: int, seed: list[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
 
 
-def read_way(way: str, path: str, rows: np.ndarray, out: np.ndarray) -> None:
-    x = np.load(path, mmap_mode="r")
-    shape, dtype, offset = x.shape, x.dtype, x.offset
-    del x
+def read_way(way: str, path: str, header: tuple, rows: np.ndarray, out: np.ndarray) -> None:
+    shape, dtype, _, offset = header
     with open(path, "rb", buffering=0) as f:
         if way == "mapped":
             files._map_windows(f, path, offset, dtype, shape, rows, out)
@@ -70,9 +68,8 @@ def read_way(way: str, path: str, rows: np.ndarray, out: np.ndarray) -> None:
 def one_point(path: str, apart_kb: int, ways: tuple[str, ...], cold: bool) -> tuple[int, dict[str, float], str]:
     """Rows `apart_kb` apart on average in the file: how many, the median seconds of each way over REPEATS draws
     of rows (each into a new array, as every caller reads), and the way read_rows picks."""
-    x = np.load(path, mmap_mode="r")
-    shape, row_bytes = x.shape, x.shape[1] * x.dtype.itemsize
-    del x  # (a page this process maps cannot be dropped from the page cache)
+    header = files.read_npy_header(path)  # (no mapping kept: a page this process maps stays in the page cache)
+    shape, row_bytes = header[0], header[0][1] * header[1].itemsize
     count = min(shape[0], shape[0] * row_bytes // (apart_kb << 10))
     times = {way: [] for way in ways}
     for repeat in range(REPEATS):
@@ -82,7 +79,7 @@ def one_point(path: str, apart_kb: int, ways: tuple[str, ...], cold: bool) -> tu
             if cold:
                 drop_from_cache(path)
             start = time.perf_counter()
-            read_way(way, path, rows, out)
+            read_way(way, path, header, rows, out)
             times[way].append(time.perf_counter() - start)
             assert np.array_equal(out, np.load(path, mmap_mode="r")[rows])  # (the mapping gone at once)
     rows = rows_apart(count, shape[0], [apart_kb, 0])
