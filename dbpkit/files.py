@@ -27,8 +27,9 @@ FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12  # pages of a file hashed fo
 # set up, then a page fault per 64 KB of the file it touches (the kernel maps that much around a fault, reading it
 # from disk one fault at a time), shared by the runs within it.
 WINDOW_BYTES = 64 << 20  # rows are mapped at most this much of a file at a time
-# Runs this far apart on average are read. Mapping them is faster from the page cache (up to 2x, milliseconds), but
-# from disk, as embeddings larger than RAM are read, 2-3x slower (tenths of a second per 8,000 rows).
+# Runs this far apart on average are read. Mapping them is faster from the page cache (by milliseconds per 8,000
+# rows: 1.1x to 5x in runs of the benchmark), but from disk, as embeddings larger than RAM are read, 3x slower
+# (tenths of a second).
 SPARSE_BYTES = 32 << 10
 FEW_RUNS = 32  # this few runs are read: a mapping costs about as much as this many reads
 WILL_NEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # (no posix_fadvise on macOS: the rows are read as asked)
