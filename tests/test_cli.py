@@ -2,9 +2,12 @@
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 from dbpkit import cli, errors, tasks
 
@@ -107,11 +110,6 @@ print("variable left:", tasks.FORK_SERVER_VARIABLE in os.environ)
 def test_the_fork_server_alone_ends_without_the_interpreters_teardown(value, teardown):
     """Imported in the fork server (the variable naming the run that started it), dbpkit.tasks makes its end
     skip the teardown (torch's takes 0.3 s); anywhere else, nothing changes. The variable is not passed on."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     env = {k: v for k, v in os.environ.items() if k != tasks.FORK_SERVER_VARIABLE}
     if value is not None:
         env[tasks.FORK_SERVER_VARIABLE] = str(os.getpid()) if value == "parent" else "1"
@@ -139,11 +137,6 @@ if pid is not None:  # the pools of the run come from it, not from another
 def test_prepare_starts_the_local_workers_fork_server_before_any_pool_runs(workers, distributor, started):
     """deduplicate.py starts its workers' fork server (torch's import, a second or more) before it checks its
     inputs; with one worker there is none to start, and on Ray connecting waits for start()."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     r = subprocess.run([sys.executable, "-c", PREPARE, ROOT, str(workers), distributor], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
