@@ -284,6 +284,18 @@ def _start_fork_server(preload: tuple[str, ...]) -> None:
         finally:
             signal.signal(signal.SIGINT, handler)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    atexit.unregister(_end_fork_server)  # (once, however many pools this process starts)
+    atexit.register(_end_fork_server, os.getpid())
+
+
+def _end_fork_server(owner: int) -> None:
+    """At this process's exit: end the fork server it started, at once. Left to itself, it would end only after
+    its imports: a run stopped by a bad input a moment after starting it would leave it importing torch (a second
+    or more of a core) for nothing. Its workers have ended by then, or end with this process (_worker_started)."""
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # (the standard library keeps it there)
+    if pid is not None and os.getpid() == owner:  # (not in a child forked from this process, exiting)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,14 @@
 """The plumbing: tasks keep their order and pass errors on, and a failed bar ends its line."""
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
 
+import filelock
 import pytest
 from conftest import ROOT
 
@@ -142,3 +145,73 @@ def test_prepare_starts_the_local_workers_fork_server_before_any_pool_runs(worke
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == (["fork server: True", "results: [1, 2, 3]", "the same one: True"] if started
                                      else ["fork server: False"])
+
+
+BUSY_IMPORT = """
+import fcntl, os
+held = open(os.environ["DBP_TEST_LOCK"], "w")
+fcntl.flock(held, fcntl.LOCK_EX)  # until this process ends
+open(os.environ["DBP_TEST_LOCK"] + ".importing", "w").close()
+while True:  # an import that never ends (torch's takes a second or more of a core)
+    pass
+"""
+RUN_ENDING_EARLY = """
+import multiprocessing.forkserver, sys
+sys.path.insert(0, sys.argv[1])
+from dbpkit import tasks
+tasks.TaskPool(2, preload=("busy_import",)).prepare()
+print(multiprocessing.forkserver._forkserver._forkserver_pid, flush=True)
+sys.stdin.read()  # until the test has seen the fork server's imports under way, then a bad input, say
+sys.exit(2)
+"""
+
+
+def test_a_run_that_ends_during_the_fork_servers_imports_ends_them(tmp_path):
+    """deduplicate.py starts its workers' fork server before it checks its inputs: a run that stops at a bad input
+    a moment later ends the fork server with it, rather than leaving it to finish importing torch for nothing."""
+    (tmp_path / "busy_import.py").write_text(BUSY_IMPORT)
+    lock = tmp_path / "server.lock"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_LOCK": str(lock)}
+    run = subprocess.Popen([sys.executable, "-c", RUN_ENDING_EARLY, ROOT], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    server = int(run.stdout.readline())
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(f"{lock}.importing"):  # the fork server is in its imports
+            assert run.poll() is None and time.monotonic() < deadline, "the fork server's imports never began"
+            time.sleep(0.01)
+        run.stdin.close()
+        assert run.wait(timeout=60) == 2
+        filelock.FileLock(lock).acquire(timeout=60)  # free once the fork server has ended
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+        run.stdout.close()
+
+
+FORKED_CHILD_EXITS = """
+import multiprocessing.forkserver, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from dbpkit import tasks
+tasks.TaskPool(2).prepare()
+run, server = os.getpid(), multiprocessing.forkserver._forkserver._forkserver_pid
+
+
+def recorded(pid, signum):
+    print("kill", "the fork server" if pid == server else pid, signal.Signals(signum).name, "from",
+          "the run" if os.getpid() == run else "a child", flush=True)
+
+
+os.kill = recorded
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # its exit handlers run, those it inherited from the run included
+os.waitpid(child, 0)
+print("child exited", flush=True)
+"""
+
+
+def test_the_fork_server_is_ended_by_the_run_that_started_it_not_by_a_child_forked_from_it():
+    r = subprocess.run([sys.executable, "-c", FORKED_CHILD_EXITS, ROOT], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["child exited", "kill the fork server SIGTERM from the run"]
