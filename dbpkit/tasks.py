@@ -23,14 +23,18 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import pickle
 import select
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any
 
 from dbpkit.cli import check_stop, progress, stage
@@ -46,6 +50,9 @@ PROJECT = os.path.dirname(PACKAGE)  # the scripts and dbp_utils.py beside it (a 
 DISTRIBUTORS = ("local", "ray")
 EXIT_POLL = 0.5  # seconds between looks at the run's process where the system cannot say when it ends
 FORK_SERVER_VARIABLE = "DBP_FORK_SERVER"  # set to the run's pid for the fork server it starts
+# A result's pickle at most this long goes back through the pipe itself: with the executor's own wrapping (a
+# few hundred bytes), within what the system writes to a pipe at once (4096 on Linux, 512 on macOS)
+IN_PIPE_BYTES = select.PIPE_BUF // 2
 
 # The fork server imports this module (see _start_executor). When the run ends, so does the fork server, which
 # then skips the interpreter's teardown: it holds no output of ours, and torch's teardown alone takes 0.3 s,
@@ -225,17 +232,21 @@ def _batches(tasks: Iterable[Any], size: int) -> Iterator[list]:
 
 
 class LocalEngine:
-    """Tasks in a ProcessPoolExecutor. Results are small (tasks write their outputs to files), so a worker
-    killed mid-task breaks the pool at once instead of leaving half a message in a pipe."""
+    """Tasks in a ProcessPoolExecutor. Its workers hand their results back through one pipe, and a worker killed
+    mid-message (by the run stopping, or by the system) would leave half of one in it, for which the executor's
+    reader then waits without end (CPython 3.11 to 3.13). So only what the system writes to a pipe at once
+    (PIPE_BUF bytes) goes through it; a larger result goes through a file of the pool's own folder, its name
+    through the pipe."""
 
     def __init__(self, workers: int, preload: tuple[str, ...]):
         self.slots = workers
         self.others = set(multiprocessing.active_children())  # children not of this pool (a caller's own)
+        self.folder = tempfile.mkdtemp(prefix="dbp_results_")
         self.executor = _start_executor(workers, preload)
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
         try:
-            return self.executor.submit(run_task, func, task)
+            return self.executor.submit(_handed_back, self.folder, func, task)
         except BrokenProcessPool:
             raise WorkerDied from None
 
@@ -247,9 +258,10 @@ class LocalEngine:
 
     def result(self, future: Any) -> Any:
         try:
-            return future.result()
+            result = future.result()
         except BrokenProcessPool:
             raise WorkerDied from None
+        return result.result if isinstance(result, InFile) else result
 
     def stop(self, killed: bool) -> None:
         if killed:  # stop at once, mid-task: the run is over
@@ -260,6 +272,33 @@ class LocalEngine:
                 for process in set(multiprocessing.active_children()) - self.others:
                     process.kill()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.folder, ignore_errors=True)  # (results not taken: the run stopped)
+
+
+@dataclass
+class InFile:
+    """A task's result, pickled into a file: what goes through the pipe in its place."""
+
+    path: str
+
+    @functools.cached_property
+    def result(self) -> Any:  # (read once: a run asks again for the results it looked through for failures)
+        with open(self.path, "rb") as f:
+            result = pickle.load(f)
+        os.remove(self.path)
+        return result
+
+
+def _handed_back(folder: str, func: Callable[[Any], Any], task: Any) -> Any:
+    """In a worker: the task's result, as it goes back through the pipe (see LocalEngine)."""
+    result = run_task(func, task)
+    pickled = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+    if len(pickled) <= IN_PIPE_BYTES:
+        return result
+    fd, path = tempfile.mkstemp(suffix=".pickle", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pickled)
+    return InFile(path)
 
 
 def _start_executor(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecutor:

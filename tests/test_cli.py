@@ -10,7 +10,7 @@ import time
 
 import filelock
 import pytest
-from conftest import ROOT
+from conftest import DEADLINE, ROOT, process_state, wait_until
 
 from dbpkit import cli, errors, tasks
 
@@ -89,6 +89,79 @@ def test_a_failed_run_kills_its_workers_mid_task_and_no_other_child(tmp_path):
     for pid in [int(name) for name in os.listdir(tmp_path)]:  # killed, and reaped by the pool's shutdown
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def sized(n: int) -> bytes:
+    if n == 13:
+        raise errors.UsageError("item 13", "is unlucky", "skip it")
+    return (b"0123456789" * (n // 10 + 1))[:n]
+
+
+def test_results_of_any_size_come_back_whole_and_leave_no_file_behind():
+    """Results past what a pipe takes at once come back through files of the pool's folder: each read once and
+    removed, the folder removed with the pool, also when the run fails."""
+    sizes = [0, 10, tasks.IN_PIPE_BYTES, tasks.IN_PIPE_BYTES + 1, 3_000_000, 7]
+    with tasks.TaskPool(2) as pool:
+        assert list(pool.run(sized, sizes, "sizes")) == [sized(n) for n in sizes]
+        folder = pool.engine.folder
+        assert os.listdir(folder) == []
+    assert not os.path.exists(folder)
+    pool = tasks.TaskPool(2)
+    with pytest.raises(errors.UsageError, match="item 13"):
+        with pool:
+            list(pool.run(sized, [3_000_000, 13, 3_000_000], "sizes"))
+    assert not os.path.exists(pool.engine.folder)
+
+
+LARGE_RESULT = """
+import os, time
+FOLDER = os.environ["DBP_TEST_FOLDER"]
+
+
+def large_once_let_go(number):
+    if number == 0:
+        return "small"
+    while not os.path.exists(os.path.join(FOLDER, "go")):  # (the test stops the run's process first)
+        time.sleep(0.01)
+    result = b"x" * 4_000_000  # ~60 times what a pipe holds
+    with open(os.path.join(FOLDER, "returning"), "w") as f:
+        f.write(str(os.getpid()))
+    return result
+"""
+RUN_LARGE_RESULT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from dbpkit import tasks
+from large_result import large_once_let_go
+with tasks.TaskPool(2) as pool:
+    for n, result in enumerate(pool.run(large_once_let_go, [0, 1], "handing back")):
+        print(n, len(result), flush=True)
+"""
+
+
+def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_path):
+    """A worker hands back a result of 4 MB while the run's process is stopped (nothing reads the pipe), then is
+    killed: the run still gets the whole result and ends (half of it in the pipe, the executor's reader would
+    wait for the rest without end)."""
+    (tmp_path / "large_result.py").write_text(LARGE_RESULT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path)}
+    run = subprocess.Popen([sys.executable, "-c", RUN_LARGE_RESULT, ROOT], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "0 5\n"
+        os.kill(run.pid, signal.SIGSTOP)
+        (tmp_path / "go").touch()
+        wait_until(lambda: (tmp_path / "returning").exists() and (tmp_path / "returning").read_text())
+        worker = int((tmp_path / "returning").read_text())
+        wait_until(lambda: process_state(worker) == "S")  # blocked handing it back, or done and waiting
+        os.kill(worker, signal.SIGKILL)
+        os.kill(run.pid, signal.SIGCONT)
+        out, err = run.communicate(timeout=DEADLINE)
+        assert run.returncode == 0, err
+        assert out == "1 4000000\n"
+    finally:
+        run.kill()
+        run.wait()
 
 
 def test_a_failed_bar_ends_its_line_in_a_log_file(monkeypatch, capsys):
