@@ -43,7 +43,7 @@ from dbpkit.report_html import (
     cluster_page,
     write_report,
 )
-from dbpkit.samples import find_shards
+from dbpkit.samples import READER_MODULES, find_shards
 from dbpkit.thumbs import THUMBS_DIR, Found, gather_shard, thumb_name
 from dbpkit.trie import KEPT_KEYS_FILE
 
@@ -156,6 +156,12 @@ def main() -> None:
     args = parse_args()
     check_args(args)
     workers = cli.num_workers(args.workers)
+    # The shards are read with webdataset, whose import imports torch (a second or more): once, in the workers'
+    # fork server, started now so that it imports while this process checks the inputs (this one needs
+    # webdataset for the shard pattern too: both at once, on two cores).
+    pool = tasks.TaskPool(workers, args.distributor, preload=READER_MODULES)
+    if args.shards:
+        pool.prepare()
 
     # 1. Inputs, checked before anything is written.
     run = report_data.load_prune_run(args.prune_dir)
@@ -183,7 +189,7 @@ def main() -> None:
         os.mkdir(thumbs)
         found, unreadable = None, []
         if urls:
-            with tasks.TaskPool(workers, args.distributor) as pool:
+            with pool:
                 found, unreadable = gather_images(urls, wanted, args.thumb_size, thumbs, pool)
         missing = NOT_FOUND if urls else NO_SHARDS
         if unreadable:

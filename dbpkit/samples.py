@@ -19,6 +19,7 @@ from dbpkit.errors import UsageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # webdataset shards; the file name without it is the shard
+READER_MODULES = ("webdataset.tariterators",)  # what reading a shard imports (torch too): for the workers
 FAILED_FILE = "failed.txt"  # compute_embeddings.py's: shard<TAB>key<TAB>reason, the samples without an embedding
 
 
