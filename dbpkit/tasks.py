@@ -234,9 +234,9 @@ def _batches(tasks: Iterable[Any], size: int) -> Iterator[list]:
 class LocalEngine:
     """Tasks in a ProcessPoolExecutor. Its workers hand their results back through one pipe, and a worker killed
     mid-message (by the run stopping, or by the system) would leave half of one in it, for which the executor's
-    reader then waits without end (CPython 3.11 to 3.13). So only what the system writes to a pipe at once
-    (PIPE_BUF bytes) goes through it; a larger result goes through a file of the pool's own folder, its name
-    through the pipe."""
+    reader then waits without end (CPython 3.11's does: the main process holds the pipe's other end, so it never
+    closes). So only what the system writes to a pipe at once (PIPE_BUF bytes) goes through it; a larger result
+    goes through a file of the pool's own folder, its name through the pipe."""
 
     def __init__(self, workers: int, preload: tuple[str, ...]):
         self.slots = workers
