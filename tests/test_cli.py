@@ -121,6 +121,7 @@ FOLDER = os.environ["DBP_TEST_FOLDER"]
 def large_once_let_go(number):
     if number == 0:
         return "small"
+    open(os.path.join(FOLDER, "started"), "w").close()  # in a worker: the run's process may stop now
     while not os.path.exists(os.path.join(FOLDER, "go")):  # (the test stops the run's process first)
         time.sleep(0.01)
     result = b"x" * 4_000_000  # ~60 times what a pipe holds
@@ -149,6 +150,7 @@ def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_pat
                            stderr=subprocess.PIPE, text=True)
     try:
         assert run.stdout.readline() == "0 5\n"
+        wait_until(lambda: (tmp_path / "started").exists(), run, "the large result's task")
         os.kill(run.pid, signal.SIGSTOP)
         (tmp_path / "go").touch()
         wait_until(lambda: (tmp_path / "returning").exists() and (tmp_path / "returning").read_text())
@@ -249,10 +251,7 @@ def test_a_run_that_ends_during_the_fork_servers_imports_ends_them(tmp_path):
                            stdout=subprocess.PIPE, text=True)
     server = int(run.stdout.readline())
     try:
-        deadline = time.monotonic() + 120
-        while not os.path.exists(f"{lock}.importing"):  # the fork server is in its imports
-            assert run.poll() is None and time.monotonic() < deadline, "the fork server's imports never began"
-            time.sleep(0.01)
+        wait_until(lambda: os.path.exists(f"{lock}.importing"), run, "the fork server's imports")
         run.stdin.close()
         assert run.wait(timeout=60) == 2
         filelock.FileLock(lock).acquire(timeout=60)  # free once the fork server has ended
