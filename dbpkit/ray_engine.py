@@ -24,7 +24,7 @@ import dbpkit
 from dbpkit.cli import check_stop, log, stage
 from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.faults import passed_on
-from dbpkit.tasks import PROJECT, STOP_POLL, _environment, run_task
+from dbpkit.tasks import PROJECT, STOP_POLL, environment, run_task
 
 RAY_RETRIES = 3  # times Ray runs a task again whose worker died
 RAY_EXTRA = "pip install 'density-based-pruning[ray]'"
@@ -127,7 +127,7 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
 
     where = f"the cluster at RAY_ADDRESS={address}" if address else "a Ray for this run"
     thread = threading.Thread(target=init, name="ray-connect", daemon=True)  # (abandoned if it never returns)
-    with _environment(PYTHONPATH=PROJECT) if not address else contextlib.nullcontext(), _stderr_aside(outcome) as said:
+    with environment(PYTHONPATH=PROJECT) if not address else contextlib.nullcontext(), _stderr_aside(outcome) as said:
         thread.start()
         stage("ray connecting")
         deadline = time.monotonic() + timeout

@@ -28,8 +28,8 @@ from dbpkit.cli import stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
 from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
+from dbpkit.local_engine import exit_with
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
-from dbpkit.tasks import exit_with
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
 FAILED_DIR, SOURCES_DIR = "failed", "sources"  # per part while the run is staged: its failures, its shard's fingerprint

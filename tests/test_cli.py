@@ -12,7 +12,7 @@ import filelock
 import pytest
 from conftest import DEADLINE, ROOT, process_state, wait_until
 
-from dbpkit import cli, errors, tasks
+from dbpkit import cli, errors, local_engine, tasks
 
 
 def square_or_fail(x):
@@ -100,7 +100,7 @@ def sized(n: int) -> bytes:
 def test_results_of_any_size_come_back_whole_and_leave_no_file_behind():
     """Results past what a pipe takes at once come back through files of the pool's folder: each read once and
     removed, the folder removed with the pool, also when the run fails."""
-    sizes = [0, 10, tasks.IN_PIPE_BYTES, tasks.IN_PIPE_BYTES + 1, 3_000_000, 7]
+    sizes = [0, 10, local_engine.IN_PIPE_BYTES, local_engine.IN_PIPE_BYTES + 1, 3_000_000, 7]
     with tasks.TaskPool(2) as pool:
         assert list(pool.run(sized, sizes, "sizes")) == [sized(n) for n in sizes]
         folder = pool.engine.folder
@@ -179,18 +179,18 @@ FORK_SERVER_END = """
 import atexit, os, sys
 sys.path.insert(0, sys.argv[1])
 atexit.register(print, "teardown ran")  # registered first: runs last, unless the interpreter ends before it
-from dbpkit import tasks
-print("variable left:", tasks.FORK_SERVER_VARIABLE in os.environ)
+from dbpkit import local_engine
+print("variable left:", local_engine.FORK_SERVER_VARIABLE in os.environ)
 """
 
 
 @pytest.mark.parametrize("value, teardown", [("parent", False), ("other", True), (None, True)])
 def test_the_fork_server_alone_ends_without_the_interpreters_teardown(value, teardown):
-    """Imported in the fork server (the variable naming the run that started it), dbpkit.tasks makes its end
+    """Imported in the fork server (the variable naming the run that started it), dbpkit.local_engine makes its end
     skip the teardown (torch's takes 0.3 s); anywhere else, nothing changes. The variable is not passed on."""
-    env = {k: v for k, v in os.environ.items() if k != tasks.FORK_SERVER_VARIABLE}
+    env = {k: v for k, v in os.environ.items() if k != local_engine.FORK_SERVER_VARIABLE}
     if value is not None:
-        env[tasks.FORK_SERVER_VARIABLE] = str(os.getpid()) if value == "parent" else "1"
+        env[local_engine.FORK_SERVER_VARIABLE] = str(os.getpid()) if value == "parent" else "1"
     r = subprocess.run([sys.executable, "-c", FORK_SERVER_END, ROOT], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["variable left: False"] + (["teardown ran"] if teardown else [])

@@ -59,7 +59,7 @@ for name in ("pidfd_open", "copy_file_range"):
 if hasattr(select, "kqueue"):
     delattr(select, "kqueue")
 sys.path.insert(0, sys.argv[1])
-from dbpkit import files, tasks
+from dbpkit import files, local_engine
 
 # append_rest through shutil
 with open(sys.argv[2], "wb") as f:
@@ -74,7 +74,7 @@ watched = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"
 pid = os.fork()
 if pid == 0:
     watched.stdin.close()   # (the fork's copy of the pipe: only the parent's keeps the watched process going)
-    tasks.exit_with(watched.pid)
+    local_engine.exit_with(watched.pid)
     time.sleep(600)   # ended by the watch, never by this
     os._exit(3)
 watched.stdin.close()   # the watched process ends
