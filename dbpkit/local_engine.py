@@ -4,8 +4,8 @@ processes come from a fork server.
 The fork server is a fresh process, started with Ctrl-C ignored (which every worker inherits), that imports
 what the tasks need once (torch: a second or more) and forks each worker from there: no thread or lock of the
 run is copied into them. Workers end the moment the run's process ends, however it ends, and the fork server
-with it. Results come back through the executor's pipe only when one write carries them
-whole; larger ones through files (see LocalEngine).
+with it. Results and exceptions come back through the executor's pipe only when one write carries them whole;
+larger ones through files (see LocalEngine).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -51,7 +52,8 @@ class LocalEngine:
     mid-message (by the run stopping, or by the system) would leave half of one in it, for which the executor's
     reader then waits without end (CPython 3.11's does: the main process holds the pipe's other end, so it never
     closes). So only what the system writes to a pipe at once (PIPE_BUF bytes) goes through it; a larger result
-    goes through a file of the pool's own folder, its name through the pipe."""
+    goes through a file of the pool's own folder, its name through the pipe. A task's exception goes back the same
+    way, as a result (the executor would send it with its traceback, whatever their length)."""
 
     def __init__(self, workers: int, preload: tuple[str, ...]):
         self.slots = workers
@@ -76,7 +78,10 @@ class LocalEngine:
             result = future.result()
         except BrokenProcessPool:
             raise WorkerDied from None
-        return result.result if isinstance(result, InFile) else result
+        result = result.result if isinstance(result, InFile) else result
+        if isinstance(result, Raised):
+            raise result.error from WorkerTraceback(result.trace)
+        return result
 
     def stop(self, killed: bool) -> None:
         if killed:  # stop at once, mid-task: the run is over
@@ -104,9 +109,24 @@ class InFile:
         return result
 
 
+@dataclass
+class Raised:
+    """A task's exception, handed back as a result: raised again in the run, the worker's traceback as its cause."""
+
+    error: Exception
+    trace: str
+
+
+class WorkerTraceback(Exception):
+    """Where in a worker a task's exception was raised (shown with --debug)."""
+
+
 def _handed_back(folder: str, func: Callable[[Any], Any], task: Any) -> Any:
-    """In a worker: the task's result, as it goes back through the pipe (see LocalEngine)."""
-    result = run_task(func, task)
+    """In a worker: the task's result or exception, as it goes back through the pipe (see LocalEngine)."""
+    try:
+        result = run_task(func, task)
+    except Exception as e:
+        result = Raised(e, "".join(traceback.format_exception(e)))
     pickled = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
     if len(pickled) <= IN_PIPE_BYTES:
         return result

@@ -127,6 +127,8 @@ def large_once_let_go(number):
     result = b"x" * 4_000_000  # ~60 times what a pipe holds
     with open(os.path.join(FOLDER, "returning"), "w") as f:
         f.write(str(os.getpid()))
+    if os.environ["DBP_TEST_RAISE"]:  # an exception as large, raised at the same point
+        raise ValueError(result)
     return result
 """
 RUN_LARGE_RESULT = """
@@ -134,18 +136,23 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from dbpkit import tasks
 from large_result import large_once_let_go
-with tasks.TaskPool(2) as pool:
-    for n, result in enumerate(pool.run(large_once_let_go, [0, 1], "handing back")):
-        print(n, len(result), flush=True)
+try:
+    with tasks.TaskPool(2) as pool:
+        for n, result in enumerate(pool.run(large_once_let_go, [0, 1], "handing back")):
+            print(n, len(result), flush=True)
+except ValueError as e:
+    print("raised", len(e.args[0]), type(e.__cause__).__name__, "large_once_let_go" in str(e.__cause__))
 """
 
 
-def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_path):
-    """A worker hands back a result of 4 MB while the run's process is stopped (nothing reads the pipe), then is
-    killed: the run still gets the whole result and ends (half of it in the pipe, the executor's reader would
-    wait for the rest without end)."""
+@pytest.mark.parametrize("raised", [False, True])
+def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_path, raised):
+    """A worker hands back a result (or an exception) of 4 MB while the run's process is stopped (nothing reads
+    the pipe), then is killed: the run still gets the whole of it and ends (half of it in the pipe, the
+    executor's reader would wait for the rest without end). The exception comes with the worker's traceback."""
     (tmp_path / "large_result.py").write_text(LARGE_RESULT)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path),
+           "DBP_TEST_RAISE": "1" if raised else ""}
     run = subprocess.Popen([sys.executable, "-c", RUN_LARGE_RESULT, ROOT], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
@@ -160,7 +167,7 @@ def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_pat
         os.kill(run.pid, signal.SIGCONT)
         out, err = run.communicate(timeout=DEADLINE)
         assert run.returncode == 0, err
-        assert out == "1 4000000\n"
+        assert out == ("raised 4000000 WorkerTraceback True\n" if raised else "1 4000000\n")
     finally:
         run.kill()
         run.wait()
