@@ -59,7 +59,7 @@ class LocalEngine:
         self.slots = workers
         self.others = set(multiprocessing.active_children())  # children not of this pool (a caller's own)
         self.folder = tempfile.mkdtemp(prefix="dbp_results_")
-        self.executor = _start_executor(workers, preload)
+        self.executor = _start_executor(workers, preload, self.folder)
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
         try:
@@ -136,10 +136,11 @@ def _handed_back(folder: str, func: Callable[[Any], Any], task: Any) -> Any:
     return InFile(path)
 
 
-def _start_executor(workers: int, preload: tuple[str, ...]) -> ProcessPoolExecutor:
+def _start_executor(workers: int, preload: tuple[str, ...], folder: str) -> ProcessPoolExecutor:
     start_fork_server(preload)
     context = multiprocessing.get_context("forkserver")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
+                               initargs=(os.getpid(), folder))
 
 
 def start_fork_server(preload: tuple[str, ...]) -> None:
@@ -172,21 +173,23 @@ def _end_fork_server(owner: int) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def _worker_started(run: int) -> None:
+def _worker_started(run: int, folder: str) -> None:
     """In each worker: end the moment the run's process ends, however it ends (SIGKILL included), so that no
-    worker outlives a killed run. (Its parent is the fork server, which itself lives as long as any worker
-    holds its pipe, so the parent's death is no signal: the run's is.)"""
-    exit_with(run)
+    worker outlives a killed run; the pool's results folder goes with them (the run, killed, could not remove
+    it). (Its parent is the fork server, which itself lives as long as any worker holds its pipe, so the
+    parent's death is no signal: the run's is.)"""
+    exit_with(run, remove=folder)
 
 
-def exit_with(run: int) -> None:
-    """End this process the moment process `run` ends: a thread waits on a pidfd (Linux) or a kqueue process
-    event (macOS, BSD), else looks every EXIT_POLL seconds whether it is still there."""
+def exit_with(run: int, remove: str | None = None) -> None:
+    """End this process the moment process `run` ends, removing the folder `remove` first: a thread waits on a
+    pidfd (Linux) or a kqueue process event (macOS, BSD), else looks every EXIT_POLL seconds whether it is
+    still there."""
     if hasattr(os, "pidfd_open"):
         try:
             ended = os.pidfd_open(run)  # readable once the process has ended
         except ProcessLookupError:  # already gone
-            os._exit(1)
+            _exit_after(lambda: None, remove)
         wait = functools.partial(select.select, [ended], [], [])
     elif hasattr(select, "kqueue"):
         queue = select.kqueue()
@@ -194,11 +197,11 @@ def exit_with(run: int) -> None:
         try:
             queue.control([watch], 0)
         except ProcessLookupError:
-            os._exit(1)
+            _exit_after(lambda: None, remove)
         wait = functools.partial(queue.control, None, 1)
     else:
         wait = functools.partial(_poll_until_gone, run)
-    threading.Thread(target=_exit_after, args=(wait,), daemon=True).start()
+    threading.Thread(target=_exit_after, args=(wait, remove), daemon=True).start()
 
 
 def _poll_until_gone(run: int) -> None:
@@ -212,6 +215,8 @@ def _poll_until_gone(run: int) -> None:
         time.sleep(EXIT_POLL)
 
 
-def _exit_after(wait: Callable[[], Any]) -> None:
+def _exit_after(wait: Callable[[], Any], remove: str | None) -> None:
     wait()
+    if remove is not None:  # (every worker tries: whichever comes first removes it)
+        shutil.rmtree(remove, ignore_errors=True)
     os._exit(1)

@@ -10,7 +10,7 @@ import time
 
 import filelock
 import pytest
-from conftest import DEADLINE, ROOT, process_state, wait_until
+from conftest import DEADLINE, ROOT, descendants, process_state, wait_until
 
 from dbpkit import cli, errors, local_engine, tasks
 
@@ -168,6 +168,42 @@ def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_pat
         out, err = run.communicate(timeout=DEADLINE)
         assert run.returncode == 0, err
         assert out == ("raised 4000000 WorkerTraceback True\n" if raised else "1 4000000\n")
+    finally:
+        run.kill()
+        run.wait()
+
+
+RUN_KILLED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from dbpkit import tasks
+from large_result import large_once_let_go
+with tasks.TaskPool(2) as pool:
+    for result in pool.run(large_once_let_go, [0, 1], "handing back"):
+        print(pool.engine.folder, flush=True)
+"""
+
+
+def test_a_killed_runs_results_folder_goes_with_its_workers(tmp_path):
+    """The run is killed (SIGKILL: nothing of it runs) while a result of 4 MB waits in the pool's folder for it:
+    its workers, ending with it, remove the folder."""
+    (tmp_path / "large_result.py").write_text(LARGE_RESULT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path), "DBP_TEST_RAISE": ""}
+    run = subprocess.Popen([sys.executable, "-c", RUN_KILLED, ROOT], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        folder = run.stdout.readline().strip()
+        assert os.path.isdir(folder), folder
+        wait_until(lambda: (tmp_path / "started").exists(), run, "the large result's task")
+        os.kill(run.pid, signal.SIGSTOP)  # (it takes no result from now on)
+        workers = descendants(run.pid)
+        (tmp_path / "go").touch()
+        wait_until(lambda: (tmp_path / "returning").exists() and (tmp_path / "returning").read_text())
+        worker = int((tmp_path / "returning").read_text())
+        wait_until(lambda: os.listdir(folder) and process_state(worker) == "S")  # handed back, waiting for more
+        os.kill(run.pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(folder), what="the results folder removed")
+        wait_until(lambda: not any(process_state(pid) not in (None, "Z") for pid in workers), what="the workers' end")
     finally:
         run.kill()
         run.wait()
