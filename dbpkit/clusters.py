@@ -59,6 +59,8 @@ class ClusterFile:
         try:
             rows = np.memmap(self.path, self.dtype, "r", self.offset + start * self.width * self.dtype.itemsize,
                              (stop - start, self.width))
+        except FileNotFoundError:  # gone since the run looked, or on Ray not on this node's storage: said so
+            raise
         except (OSError, ValueError) as e:
             raise UsageError(self.path, f"cannot be read ({e})", "the file changed or is damaged; rewrite it") from None
         values = [rows[:, c].copy() for c in cols]

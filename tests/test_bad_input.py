@@ -281,7 +281,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
 
 
 def test_a_cluster_file_cut_short_after_it_was_scanned_is_one_clear_error(tmp_path):
-    """A file that changes between the scan of its header and the read of its rows (rewritten by another job)."""
+    """A file that changes between the scan of its header and the read of its rows (rewritten by another job), or
+    goes."""
     from dbpkit.clusters import scan_clusters
 
     good_layout(tmp_path)
@@ -290,3 +291,8 @@ def test_a_cluster_file_cut_short_after_it_was_scanned_is_one_clear_error(tmp_pa
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(du.UsageError, match=r"cluster_2\.npy: cannot be read \(.*\) \(the file changed or is damaged"):
         clusters[2].columns(("key",), 0, clusters[2].rows)
+    # One removed since: the system's error, naming the file (on Ray, a task says its node cannot see it)
+    (tmp_path / "save" / "sorted" / "cluster_3.npy").unlink()
+    with pytest.raises(FileNotFoundError) as gone:
+        clusters[3].columns(("key",), 0, clusters[3].rows)
+    assert gone.value.filename == str(tmp_path / "save" / "sorted" / "cluster_3.npy")

@@ -1,5 +1,6 @@
-"""--distributor ray, on a real local Ray: the same bytes as a local run, a killed task worker retried, no Ray
-process left behind by a run that started its own, and the line that says how to install Ray."""
+"""--distributor ray, on a real local Ray: the same bytes as a local run, a killed task worker retried, an input
+a node cannot see named, no Ray process left behind by a run that started its own, and the line that says how to
+install Ray."""
 
 import os
 import signal
@@ -159,6 +160,30 @@ def test_a_killed_task_worker_is_run_again_to_the_same_output(cluster, data, ded
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert outputs(tmp_path / "run") == dedup_local
+
+
+def test_an_input_a_node_cannot_see_is_one_line_naming_it_and_the_node(cluster, data, tmp_path):
+    """A task that finds no file where the driver saw one (storage its node does not share): one line naming the
+    file and the node, nothing published. The files go while the first scoring task is stopped."""
+    import shutil
+    import socket
+
+    sorted_dir = tmp_path / "sorted_clusters"
+    shutil.copytree(data["dedup"]["sorted"], sorted_dir)
+    marker = tmp_path / "paused"
+    proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", sorted_dir, "--embeddings", data["dedup"]["emb"],
+                        "--eps", *EPS, "--distributor", "ray", "--save_folder", tmp_path / "run",
+                        env={**cluster, "DBP_PAUSE_AT": f"task score_cluster {marker}"})
+    wait_until(lambda: marker.exists() and marker.read_text(), proc, "a scoring task to stop itself")
+    shutil.rmtree(sorted_dir)
+    os.kill(int(marker.read_text()), signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    line = error_line(err)
+    assert line.startswith(f"error: {sorted_dir}{os.sep}cluster_") and \
+        f".npy: is not visible on node {socket.gethostname()} (put the inputs and the output folder on storage " \
+        "every node sees" in line, line
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_ray_started_for_the_run_leaves_no_process_behind(data, tmp_path):
