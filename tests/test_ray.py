@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLUSTER_SCRIPT, ROOT, error_line, outputs, start_script, wait_paused, wait_until
+from conftest import CLUSTER_SCRIPT, ROOT, error_line, outputs, process_state, start_script, wait_paused, wait_until
 from test_dedup import DEDUP_SCRIPT, EPS, make_data
 from test_embed import EMBED_SCRIPT, make_toy_images
 
@@ -175,8 +175,10 @@ def test_an_input_a_node_cannot_see_is_one_line_naming_it_and_the_node(cluster, 
                         "--eps", *EPS, "--distributor", "ray", "--save_folder", tmp_path / "run",
                         env={**cluster, "DBP_PAUSE_AT": f"task score_cluster {marker}"})
     wait_until(lambda: marker.exists() and marker.read_text(), proc, "a scoring task to stop itself")
+    worker = int(marker.read_text())
+    wait_until(lambda: process_state(worker) == "T", proc, "the task's worker stopped")  # (else it would miss SIGCONT)
     shutil.rmtree(sorted_dir)
-    os.kill(int(marker.read_text()), signal.SIGCONT)
+    os.kill(worker, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     line = error_line(err)
