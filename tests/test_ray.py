@@ -229,6 +229,16 @@ def test_a_cluster_that_is_not_there_is_one_line_in_bounded_time(data, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_an_address_ray_refuses_is_one_line_with_its_reason(data, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "localhost:notaport", "DBP_RAY_CONNECT_TIMEOUT": "600"}  # (not the deadline)
+    r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
+               "--distributor", "ray", env=env)
+    assert r.returncode == 2, r.stderr
+    assert error_line(r.stderr).startswith("error: --distributor: ray cannot reach the cluster at "
+                                           "RAY_ADDRESS=localhost:notaport (ValueError: "), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("timeout", ["soon", "0", "nan"])
 def test_a_connect_timeout_that_is_no_number_of_seconds_is_one_line(data, tmp_path, timeout):
     r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
