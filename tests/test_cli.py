@@ -145,24 +145,36 @@ except ValueError as e:
 """
 
 
+def start_large_result(tmp_path, script: str, raised: bool = False) -> subprocess.Popen:
+    """A run of `script`, whose second task (large_once_let_go) waits for hand_back_while_stopped."""
+    (tmp_path / "large_result.py").write_text(LARGE_RESULT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path),
+           "DBP_TEST_RAISE": "1" if raised else ""}
+    return subprocess.Popen([sys.executable, "-c", script, ROOT], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def hand_back_while_stopped(tmp_path, run: subprocess.Popen) -> int:
+    """Stop the run's process once the large task has started in a worker, then let the task return: the worker's
+    pid, once it is blocked handing its result back or done and waiting for more."""
+    wait_until(lambda: (tmp_path / "started").exists(), run, "the large result's task")
+    os.kill(run.pid, signal.SIGSTOP)  # (it takes no result from now on)
+    (tmp_path / "go").touch()
+    wait_until(lambda: (tmp_path / "returning").exists() and (tmp_path / "returning").read_text())
+    worker = int((tmp_path / "returning").read_text())
+    wait_until(lambda: process_state(worker) == "S")
+    return worker
+
+
 @pytest.mark.parametrize("raised", [False, True])
 def test_a_worker_killed_after_handing_back_a_large_result_hangs_nothing(tmp_path, raised):
     """A worker hands back a result (or an exception) of 4 MB while the run's process is stopped (nothing reads
     the pipe), then is killed: the run still gets the whole of it and ends (half of it in the pipe, the
     executor's reader would wait for the rest without end). The exception comes with the worker's traceback."""
-    (tmp_path / "large_result.py").write_text(LARGE_RESULT)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path),
-           "DBP_TEST_RAISE": "1" if raised else ""}
-    run = subprocess.Popen([sys.executable, "-c", RUN_LARGE_RESULT, ROOT], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = start_large_result(tmp_path, RUN_LARGE_RESULT, raised)
     try:
         assert run.stdout.readline() == "0 5\n"
-        wait_until(lambda: (tmp_path / "started").exists(), run, "the large result's task")
-        os.kill(run.pid, signal.SIGSTOP)
-        (tmp_path / "go").touch()
-        wait_until(lambda: (tmp_path / "returning").exists() and (tmp_path / "returning").read_text())
-        worker = int((tmp_path / "returning").read_text())
-        wait_until(lambda: process_state(worker) == "S")  # blocked handing it back, or done and waiting
+        worker = hand_back_while_stopped(tmp_path, run)
         os.kill(worker, signal.SIGKILL)
         os.kill(run.pid, signal.SIGCONT)
         out, err = run.communicate(timeout=DEADLINE)
@@ -187,19 +199,12 @@ with tasks.TaskPool(2) as pool:
 def test_a_killed_runs_results_folder_goes_with_its_workers(tmp_path):
     """The run is killed (SIGKILL: nothing of it runs) while a result of 4 MB waits in the pool's folder for it:
     its workers, ending with it, remove the folder."""
-    (tmp_path / "large_result.py").write_text(LARGE_RESULT)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DBP_TEST_FOLDER": str(tmp_path), "DBP_TEST_RAISE": ""}
-    run = subprocess.Popen([sys.executable, "-c", RUN_KILLED, ROOT], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = start_large_result(tmp_path, RUN_KILLED)
     try:
         folder = run.stdout.readline().strip()
         assert os.path.isdir(folder), folder
-        wait_until(lambda: (tmp_path / "started").exists(), run, "the large result's task")
-        os.kill(run.pid, signal.SIGSTOP)  # (it takes no result from now on)
+        worker = hand_back_while_stopped(tmp_path, run)
         workers = descendants(run.pid)
-        (tmp_path / "go").touch()
-        wait_until(lambda: (tmp_path / "returning").exists() and (tmp_path / "returning").read_text())
-        worker = int((tmp_path / "returning").read_text())
         wait_until(lambda: os.listdir(folder) and process_state(worker) == "S")  # handed back, waiting for more
         os.kill(run.pid, signal.SIGKILL)
         wait_until(lambda: not os.path.exists(folder), what="the results folder removed")
