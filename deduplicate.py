@@ -28,6 +28,7 @@ A stopped run is finished by rerunning it; one run at a time.
 """
 
 import os
+import shutil
 
 import numpy as np
 
@@ -211,7 +212,8 @@ def main() -> None:
 
         # 2. Every eps, from the scores: each cluster's part, then gathered in cluster order.
         parts = out.path(PARTS)
-        os.makedirs(parts, exist_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)  # a killed run's parts, of its eps: never reused
+        os.makedirs(parts)
         collected = {eps: selection.KeptKeyCollector(total) for eps in eps_list}
         removed_files = {}
         for eps in eps_list:

@@ -278,6 +278,25 @@ def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
     assert outputs(tmp_path / "d") == outputs(expected)
 
 
+def test_a_run_killed_while_selecting_is_finished_by_a_rerun_with_other_eps(data, tmp_path):
+    """The killed run leaves its selection's part files (one per cluster and eps) in the staging folder; the rerun,
+    with other eps, goes on from the scores and writes only its own eps, as a fresh run with those eps does."""
+    proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                        "--eps", *EPS, "--save_folder", tmp_path / "d", "--workers", 2, pause="select under way")
+    wait_paused(proc, "select under way")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert os.listdir(tmp_path / "d" / ".dbp_staging" / ".parts")  # what the rerun must not trip over
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
+                   "--save_folder", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    assert f"scores reused for {len(SIZES)} clusters" in r.stdout
+    fresh = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                       "--eps", 0.3, "--save_folder", tmp_path / "fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    assert outputs(tmp_path / "d") == outputs(tmp_path / "fresh")
+
+
 def bad_file(j, rows):
     return lambda data, root: write_cluster(root / "sorted" / f"cluster_{j}.npy", rows)
 
