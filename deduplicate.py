@@ -195,12 +195,24 @@ def main() -> None:
         embeddings.save(out.path(LAYOUT))
 
         # 1. Scores, for the clusters not scored yet, the largest first (one huge cluster does not finish last).
+        #    Each task also writes its cluster's part file for every eps, from the keys it read: one read per file.
         done = set(os.listdir(out.path(dedup.MATCHES_DIR))) & set(os.listdir(out.path(dedup.SCORES_DIR)))
         todo = sorted((j for j, c in enumerate(clusters) if f"cluster_{j}.npy" not in done),
                       key=lambda j: -clusters[j].rows)
-        jobs = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device)
-                for j in todo]
-        unsorted = sum(not scored.sorted for scored in pool.run(dedup.score_cluster, jobs, "score"))
+        parts = out.path(PARTS)
+        shutil.rmtree(parts, ignore_errors=True)  # a killed run's parts, of its eps: never reused
+        os.makedirs(parts)
+        scored_eps = eps_list
+        jobs = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device, scored_eps,
+                 parts) for j in todo]
+        counts = {eps: np.zeros(len(clusters), np.int64) for eps in eps_list}  # rows removed, per eps and cluster
+        histogram, curve = np.zeros(len(dedup.HISTOGRAM_BINS) - 1, np.int64), np.zeros(len(dedup.EPS_GRID), np.int64)
+        unsorted = 0
+        for j, scored in zip(todo, pool.run(dedup.score_cluster, jobs, "score"), strict=True):
+            unsorted += not scored.sorted
+            for eps, gone in zip(scored_eps, scored.removed.removed, strict=True):
+                counts[eps][j] = gone
+            histogram, curve = histogram + scored.removed.histogram, curve + scored.removed.curve
         cli.stage("scored")
         sizes = np.array([c.rows for c in clusters], dtype=np.int64)
         total = int(sizes.sum())
@@ -210,28 +222,34 @@ def main() -> None:
             out.add_output(dedup.eps_folder(fraction_eps))
             cli.log.info(f"--remove-fraction {args.remove_fraction:g}: {removing} rows, eps {fraction_eps!r}")
 
-        # 2. Every eps, from the scores: each cluster's part, then gathered in cluster order.
-        parts = out.path(PARTS)
-        shutil.rmtree(parts, ignore_errors=True)  # a killed run's parts, of its eps: never reused
-        os.makedirs(parts)
+        # 2. Every eps: the parts not written yet (clusters scored by an earlier run, an eps known only now), from
+        #    the scores; then all of them gathered in cluster order.
+        late, scored_now = [eps for eps in eps_list if eps not in scored_eps], set(todo)
+        counts.update({eps: np.zeros(len(clusters), np.int64) for eps in late})
+        wanted = [late if j in scored_now else eps_list for j in range(len(clusters))]
+        jobs = [(c, j, out.staging, wanted[j], parts) for j, c in enumerate(clusters) if wanted[j]]
         collected = {eps: selection.KeptKeyCollector(total) for eps in eps_list}
         removed_files = {}
         for eps in eps_list:
             os.makedirs(out.path(dedup.eps_folder(eps)), exist_ok=True)
             removed_files[eps] = open(out.path(os.path.join(dedup.eps_folder(eps), dedup.REMOVED_FILE)), "wb")
-        jobs = [(c, j, out.staging, eps_list, parts) for j, c in enumerate(clusters)]
-        removed = np.zeros((len(clusters), len(eps_list)), np.int64)
-        histogram, curve = 0, 0
         try:
-            for j, selected in enumerate(pool.run(dedup.select_eps, jobs, "select")):
-                removed[j] = selected.removed
-                histogram, curve = histogram + selected.histogram, curve + selected.curve
+            selections = pool.run(dedup.select_eps, jobs, "select")
+            for j in range(len(clusters)):
+                if wanted[j]:
+                    selected = next(selections)
+                    for eps, gone in zip(wanted[j], selected.removed, strict=True):
+                        counts[eps][j] = gone
+                    if j not in scored_now:
+                        histogram, curve = histogram + selected.histogram, curve + selected.curve
                 for eps in eps_list:
                     collected[eps].add(selection.take_part(dedup.eps_part(parts, eps, j), removed_files[eps]))
+            next(selections, None)  # (the run ends: its bar closes)
         finally:
             for f in removed_files.values():
                 f.close()
         os.rmdir(parts)
+        removed = np.stack([counts[eps] for eps in eps_list], axis=1)  # (clusters, eps)
         for eps in eps_list:
             kept_keys = out.path(os.path.join(dedup.eps_folder(eps), dedup.KEPT_KEYS_FILE))
             np.save(kept_keys, collected[eps].sorted_unique(workers))

@@ -133,18 +133,31 @@ def row_max(sims) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class Removed:
+    """One cluster at every eps: how many rows each removes, and the scores' histogram and curve (int32: a
+    cluster's counts; so small a result goes back through the pool's pipe, not a file)."""
+
+    removed: list[int]
+    histogram: np.ndarray  # of 1 - the scores, over HISTOGRAM_BINS
+    curve: np.ndarray  # rows removed at each eps of EPS_GRID
+
+
+@dataclass(frozen=True)
 class Scored:
-    """What scoring one cluster noticed (its scores are in its files)."""
+    """What scoring one cluster noticed (its scores are in its files), and what each eps removes of it."""
 
     rows: int
     sorted: bool
+    removed: Removed
 
 
-def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str]) -> Scored:
-    """Score one cluster and write SCORES_DIR/cluster_<j>.npy and MATCHES_DIR/cluster_<j>.npy into `out`."""
+def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str, list[float], str]) -> Scored:
+    """Score one cluster and write SCORES_DIR/cluster_<j>.npy and MATCHES_DIR/cluster_<j>.npy into `out`, and
+    its part file for each eps into `parts` (as select_eps does, from the keys already read: each cluster file
+    is read once)."""
     import torch
 
-    cluster, j, embeddings_file, out, which, seed, device = task
+    cluster, j, embeddings_file, out, which, seed, device, eps_list, parts = task
     torch.set_num_threads(1)  # the clusters are the parallelism, and one thread sums the same way every time
     keys, indices, distances = read_cluster(cluster)
     embeddings = load_embeddings(embeddings_file)
@@ -164,10 +177,11 @@ def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str]) -> Sco
         best, earlier = max_earlier_similarity(x)
         scores[order] = best
         matches[order] = np.where(earlier >= 0, order[np.maximum(earlier, 0)], -1)  # as rows of the file
+    removed = select_rows(keys, scores, matches, j, eps_list, parts)
     for folder, values in ((SCORES_DIR, scores), (MATCHES_DIR, matches)):  # the matches file marks it done
         with atomic_open(os.path.join(out, folder, f"cluster_{j}.npy")) as f:
             np.save(f, values)
-    return Scored(cluster.rows, in_order)
+    return Scored(cluster.rows, in_order, removed)
 
 
 def read_cluster(cluster: ClusterFile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,22 +207,12 @@ def read_cluster(cluster: ClusterFile) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return keys, indices, parse_distances(distances, cluster.path)
 
 
-@dataclass(frozen=True)
-class Removed:
-    """One cluster at every eps: how many rows each removes, and the scores' histogram and curve."""
-
-    removed: list[int]
-    histogram: np.ndarray  # of 1 - the scores, over HISTOGRAM_BINS
-    curve: np.ndarray  # rows removed at each eps of EPS_GRID
-
-
 def eps_part(parts: str, eps: float, cluster_id: int) -> str:
     return os.path.join(parts, f"{eps_folder(eps)}_{cluster_id}")
 
 
 def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
-    """For one cluster and every eps, write a part file: its kept keys (stripped, sorted; a .npy) followed by its
-    removed paths as lines of removed_paths.txt (path, the path it duplicates, the similarity)."""
+    """select_rows for a cluster scored earlier: its keys read again, its scores and matches from `out`."""
     cluster, j, out, eps_list, parts = task
     if cluster.rows:
         (keys,) = cluster.columns(("key",), 0, cluster.rows)
@@ -217,6 +221,13 @@ def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
         keys = np.zeros(0, "S1")
     scores = np.load(os.path.join(out, SCORES_DIR, f"cluster_{j}.npy"))
     matches = np.load(os.path.join(out, MATCHES_DIR, f"cluster_{j}.npy"))
+    return select_rows(keys, scores, matches, j, eps_list, parts)
+
+
+def select_rows(keys: np.ndarray, scores: np.ndarray, matches: np.ndarray, j: int, eps_list: list[float],
+                parts: str) -> Removed:
+    """For cluster j and every eps, write a part file: its kept keys (stripped, sorted; a .npy) followed by its
+    removed paths as lines of removed_paths.txt (path, the path it duplicates, the similarity)."""
     # Worked out once for every eps: the stripped keys in sorted order, and the lines of the rows the largest
     # eps removes (each smaller eps removes a subset of those).
     stripped = strip_extensions(keys)
@@ -236,7 +247,7 @@ def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
             f.write(as_lines(lines[gone[candidates]]))
     curve = len(scores) - np.searchsorted(np.sort(scores), threshold_grid(), side="right")
     distance = np.clip(1 - scores.astype(np.float64), DISTANCE_FLOOR, 1)
-    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0], curve)
+    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0].astype(np.int32), curve.astype(np.int32))
 
 
 def eps_removing(out: str, count: int, fraction: float, rows: int) -> tuple[float, int]:

@@ -278,15 +278,17 @@ def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
     assert outputs(tmp_path / "d") == outputs(expected)
 
 
-def test_a_run_killed_while_selecting_is_finished_by_a_rerun_with_other_eps(data, tmp_path):
-    """The killed run leaves its selection's part files (one per cluster and eps) in the staging folder; the rerun,
-    with other eps, goes on from the scores and writes only its own eps, as a fresh run with those eps does."""
+def test_a_run_killed_before_its_parts_are_gathered_is_finished_by_a_rerun_with_other_eps(data, tmp_path):
+    """The killed run leaves the part files its scoring tasks wrote (one per cluster and eps) in the staging folder;
+    the rerun, with other eps, goes on from the scores and writes only its own eps, as a fresh run with those eps
+    does."""
     proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
-                        "--eps", *EPS, "--save_folder", tmp_path / "d", "--workers", 2, pause="select under way")
-    wait_paused(proc, "select under way")
+                        "--eps", *EPS, "--save_folder", tmp_path / "d", "--workers", 2, pause="scored")
+    wait_paused(proc, "scored")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    assert os.listdir(tmp_path / "d" / ".dbp_staging" / ".parts")  # what the rerun must not trip over
+    parts = os.listdir(tmp_path / "d" / ".dbp_staging" / ".parts")  # what the rerun must not trip over
+    assert sorted(parts) == sorted(f"eps_{eps:g}_{j}" for eps in EPS for j in range(len(SIZES)))
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
                    "--save_folder", tmp_path / "d")
     assert r.returncode == 0, r.stderr
@@ -419,6 +421,38 @@ def test_missing_scores_are_computed_again(data, deduplicated, tmp_path):
     assert outputs(out) == expected
     log = (out / "logs.log").read_text()
     assert log.count("density-based-pruning") == 3  # the first run's log, and each rerun's after it
+
+
+def test_a_rerun_mixing_reused_and_new_scores_and_a_late_eps_writes_what_fresh_runs_write(data, deduplicated,
+                                                                                          tmp_path):
+    """Every way a cluster's part file comes about in one run: cluster 4 is scored again (its scoring task writes
+    its parts at the earlier run's eps), the others' scores are reused (their parts written from the scores), and
+    --remove-fraction adds an eps once all are scored (everyone's part for it written from the scores). Each eps
+    folder holds what a fresh run of that eps alone writes."""
+    import shutil
+
+    out = tmp_path / "d"
+    shutil.copytree(deduplicated("hard")[0], out)
+    os.remove(out / "matches" / "cluster_4.npy")
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--remove-fraction", 0.15, "--save_folder", out)
+    assert r.returncode == 0, r.stderr
+    assert f"scores reused for {len(SIZES) - 1} clusters" in r.stdout
+    fraction = tmp_path / "fraction"
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--remove-fraction", 0.15, "--save_folder", fraction)
+    assert r.returncode == 0, r.stderr
+    fraction_eps = json.loads((fraction / "params.json").read_text())["eps"]
+    assert json.loads((out / "params.json").read_text())["eps"] == sorted(EPS + fraction_eps)
+    for fresh in (deduplicated("hard")[0], fraction):
+        for path, content in outputs(fresh).items():
+            if path.parts[0].startswith("eps_") or path.parts[0] in ("scores", "matches", "eps_curve.csv"):
+                assert (out / path).read_bytes() == content, path
+        stats = list(csv_rows(out / "dedup_stats.csv"))
+        assert all(row in stats for row in csv_rows(fresh / "dedup_stats.csv"))  # its eps's rows, among the others
+        for row, fresh_row in zip(csv_rows(out / "dedup_cluster_stats.csv"),
+                                  csv_rows(fresh / "dedup_cluster_stats.csv"), strict=True):
+            assert fresh_row.items() <= row.items()  # each cluster's size and what its eps remove of it
 
 
 def test_a_new_eps_past_the_6th_digit_replaces_the_earlier_one(data, deduplicated, tmp_path):
