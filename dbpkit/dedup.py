@@ -29,7 +29,7 @@ from dbpkit.clusters import ClusterFile, parse_distances, parse_row_numbers
 from dbpkit.errors import UsageError
 from dbpkit.files import atomic_open
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
-from dbpkit.layouts import load_embeddings
+from dbpkit.layouts import Embeddings, load_embeddings
 from dbpkit.trie import KEPT_KEYS_FILE  # noqa: F401 (each eps_<e>/ holds one, in prune.py's format)
 
 BLOCK_ROWS = 1024  # rows of a block of similarities (and columns): 4 MB of float32
@@ -168,13 +168,8 @@ def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str, list[fl
     order, in_order = keep_order(cluster.rows, distances, which, seed, j)
     scores = np.zeros(cluster.rows, np.float32)
     matches = np.full(cluster.rows, -1, np.int64)
-    if cluster.rows > 1:
-        wanted = indices[order]
-        unique, position = np.unique(wanted, return_inverse=True)  # read in file order, each row once
-        x = torch.from_numpy(embeddings.unit_rows_at(unique)[position])
-        if device == "cuda":  # half precision: see the README on rounding near the threshold
-            x = x.to("cuda", torch.float16)
-        best, earlier = max_earlier_similarity(x)
+    if cluster.rows > 1:  # (the rows are freed before the selection below)
+        best, earlier = max_earlier_similarity(unit_rows(embeddings, indices[order], device))
         scores[order] = best
         matches[order] = np.where(earlier >= 0, order[np.maximum(earlier, 0)], -1)  # as rows of the file
     removed = select_rows(keys, scores, matches, j, eps_list, parts)
@@ -182,6 +177,18 @@ def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str, list[fl
         with atomic_open(os.path.join(out, folder, f"cluster_{j}.npy")) as f:
             np.save(f, values)
     return Scored(cluster.rows, in_order, removed)
+
+
+def unit_rows(embeddings: Embeddings, rows: np.ndarray, device: str):
+    """The unit embeddings at `rows`, in that order, as a torch tensor on `device` (each row read once, in the
+    file's order)."""
+    import torch
+
+    unique, position = np.unique(rows, return_inverse=True)
+    x = torch.from_numpy(embeddings.unit_rows_at(unique)[position])
+    if device == "cuda":  # half precision: see the README on rounding near the threshold
+        x = x.to("cuda", torch.float16)
+    return x
 
 
 def read_cluster(cluster: ClusterFile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
