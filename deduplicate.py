@@ -210,9 +210,9 @@ def main() -> None:
         unsorted = 0
         for j, scored in zip(todo, pool.run(dedup.score_cluster, jobs, "score"), strict=True):
             unsorted += not scored.sorted
-            for eps, gone in zip(scored_eps, scored.removed.removed, strict=True):
+            for eps, gone in zip(scored_eps, scored.selection.removed, strict=True):
                 counts[eps][j] = gone
-            histogram, curve = histogram + scored.removed.histogram, curve + scored.removed.curve
+            histogram, curve = histogram + scored.selection.histogram, curve + scored.selection.curve
         cli.stage("scored")
         sizes = np.array([c.rows for c in clusters], dtype=np.int64)
         total = int(sizes.sum())

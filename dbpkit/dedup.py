@@ -148,7 +148,7 @@ class Scored:
 
     rows: int
     sorted: bool
-    removed: Removed
+    selection: Removed
 
 
 def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str, list[float], str]) -> Scored:
