@@ -3,7 +3,7 @@
 Generates SemDeDup-style sorted clusters and the embeddings they index (reused when already there), warms
 the page cache, then measures in one run:
   - deduplicate.py as a whole process (Python, imports and all): wall time, peak RSS of the largest process
-    and of the process tree;
+    and of the process tree; in a second run, not timed, the tree's PSS (shared pages counted once);
   - SemDeDup's semdedup() loop over the same clusters, re-typed from its semdedup.py (the full similarity
     matrix, its diagonal zeroed, its upper triangle copied, the column maxima), imports excluded;
   - torch's full-square X @ X.T of each cluster, in the same process: the GEMM floor of SemDeDup's way;
@@ -218,16 +218,18 @@ def warm(folder: str, gaps: int) -> None:
     float(np.load(os.path.join(folder, "emb.npy"), mmap_mode="r")[::gaps, 0].sum())
 
 
-def ours(folder: str, out: str, workers: int, device: str = "cpu") -> dict:
+def ours(folder: str, out: str, workers: int, device: str = "cpu", pss: bool = False) -> dict:
     """deduplicate.py measured as a whole process, on the data's clip-retrieval parts where it has them;
-    "launched" is when it was started (seconds since the epoch, as its logs.log stamps its stages)."""
+    "launched" is when it was started (seconds since the epoch, as its logs.log stamps its stages). With `pss`,
+    the memory of its process tree too, shared pages counted once (a run that is not timed)."""
     parts = os.path.join(folder, "img_emb")
     launched = time.time()
     return {"launched": launched, **measure(
         [sys.executable, os.path.join(ROOT, "deduplicate.py"), "--sorted_clusters_path",
          os.path.join(folder, "sorted_clusters"), "--embeddings",
          parts if os.path.isdir(parts) else os.path.join(folder, "emb.npy"),
-         "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers), "--device", device])}
+         "--eps", "0.01", "0.05", "0.1", "--save_folder", out, "--workers", str(workers), "--device", device],
+        pss)}
 
 
 def from_disk(data: str, out: str, workers: int, warm_s: float, warm_scored: float) -> None:
@@ -315,6 +317,10 @@ def main() -> None:
           f"cluster (torch's import alone: {torch_import:.2f} s), {scored:.2f} s scoring "
           f"({scored / times['square_s']:.2f}x the full-square matmuls), {after:.2f} s selecting, drawing the "
           "report and exiting")
+    shared = ours(data, os.path.join(work, "dedup_memory"), args.workers, pss=True)
+    print(f"deduplicate.py's process tree, each page shared among its processes counted once (PSS; in a run of its "
+          f"own, not timed): {shared['tree_pss_mb']:.0f} MB at its peak (summed RSS, counting each once per process "
+          f"that maps it: {shared['tree_rss_mb']:.0f} MB)")
     semdedup = np.load(os.path.join(data, "semdedup_scores.npz"))
     worst = max(float(np.abs(np.load(os.path.join(work, "dedup", "scores", f"cluster_{j}.npy")) -
                              semdedup[str(j)]).max()) for j in range(args.clusters))
@@ -335,10 +341,11 @@ def main() -> None:
         large = os.path.join(args.data, f"dedup_1x{args.large}_{args.large_dim}")
         generate(large, 1, args.large, args.large_dim, 1)
         warm_cache(large)
-        one = ours(large, os.path.join(work, "large"), args.workers)
-        print(f"\none cluster of {args.large:,} rows, dim {args.large_dim}: {one['wall_s']:.2f} s, peak RSS "
-              f"{one['peak_rss_mb']:.0f} MB (largest process), {one['tree_rss_mb']:.0f} MB (tree); its full matrix "
-              f"alone would be {args.large ** 2 * 4 / 2**30:.1f} GiB")
+        one = ours(large, os.path.join(work, "large"), args.workers, pss=True)
+        print(f"\none cluster of {args.large:,} rows, dim {args.large_dim}: {one['wall_s']:.2f} s (memory sampled "
+              f"as it ran), peak RSS {one['peak_rss_mb']:.0f} MB (largest process), the tree's "
+              f"{one['tree_pss_mb']:.0f} MB (PSS; {one['tree_rss_mb']:.0f} MB summed RSS); its full matrix alone "
+              f"would be {args.large ** 2 * 4 / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":
