@@ -29,6 +29,7 @@ A stopped run is finished by rerunning it; one run at a time.
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -150,6 +151,26 @@ def merged_eps(new: list[float], earlier: list[float]) -> list[float]:
     return sorted(named.values())
 
 
+def in_cluster_order(pool: tasks.TaskPool, jobs: list, count: int) -> Iterator[tuple[int, dedup.Removed | None]]:
+    """(j, the selection a select_eps task made of it, or None: its scoring task made it) for clusters 0 .. count-1,
+    as the tasks finish: under the tasks' progress bar, or, with none to run (a fresh run), under one of the
+    caller's gathering."""
+    if not jobs:
+        with cli.progress(count, "gather") as bar:
+            for j in range(count):
+                yield j, None
+                bar.update()
+        return
+    selections = zip((job[1] for job in jobs), pool.run(dedup.select_eps, jobs, "select"), strict=True)
+    selected_j, selected = next(selections)
+    for j in range(count):
+        if j != selected_j:
+            yield j, None
+            continue
+        yield j, selected
+        selected_j, selected = next(selections, (count, None))  # (after the last: the run ends, its bar closes)
+
+
 def earlier_outputs(save_folder: str) -> list[str]:
     """The eps_<e> folders already in save_folder: outputs of an earlier run, replaced when this one publishes."""
     if not os.path.isdir(save_folder):
@@ -234,17 +255,14 @@ def main() -> None:
             os.makedirs(out.path(dedup.eps_folder(eps)), exist_ok=True)
             removed_files[eps] = open(out.path(os.path.join(dedup.eps_folder(eps), dedup.REMOVED_FILE)), "wb")
         try:
-            selections = pool.run(dedup.select_eps, jobs, "select")
-            for j in range(len(clusters)):
-                if wanted[j]:
-                    selected = next(selections)
+            for j, selected in in_cluster_order(pool, jobs, len(clusters)):
+                if selected is not None:
                     for eps, gone in zip(wanted[j], selected.removed, strict=True):
                         counts[eps][j] = gone
                     if j not in scored_now:
                         histogram, curve = histogram + selected.histogram, curve + selected.curve
                 for eps in eps_list:
                     collected[eps].add(selection.take_part(dedup.eps_part(parts, eps, j), removed_files[eps]))
-            next(selections, None)  # (the run ends: its bar closes)
         finally:
             for f in removed_files.values():
                 f.close()

@@ -299,6 +299,22 @@ def test_a_run_killed_before_its_parts_are_gathered_is_finished_by_a_rerun_with_
     assert outputs(tmp_path / "d") == outputs(tmp_path / "fresh")
 
 
+def test_every_stage_has_its_progress_bar(data, tmp_path):
+    """A fresh run scores (and selects as it scores), then gathers the selections; a rerun with a new eps
+    selects from the scores it reuses. Each under a bar of its own (drawn at once here: TQDM_DELAY=0)."""
+    def bars(*extra):
+        proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                            "--save_folder", tmp_path / "d", "--workers", 2, *extra, env={"TQDM_DELAY": "0"})
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return {line.split(":")[0].strip("\r") for line in err.splitlines() if ":" in line}
+
+    fresh = bars("--eps", *EPS)
+    assert {"score", "gather"} <= fresh and "select" not in fresh
+    rerun = bars("--eps", 0.3)
+    assert "select" in rerun and "gather" not in rerun  # (its score bar counts no cluster)
+
+
 def bad_file(j, rows):
     return lambda data, root: write_cluster(root / "sorted" / f"cluster_{j}.npy", rows)
 
