@@ -223,7 +223,7 @@ def main() -> None:
         parts = out.path(PARTS)
         shutil.rmtree(parts, ignore_errors=True)  # a killed run's parts, of its eps: never reused
         os.makedirs(parts)
-        scored_eps = eps_list
+        scored_eps = eps_list  # (the eps the scoring tasks select at; --remove-fraction adds one after them)
         jobs = [(clusters[j], j, out.path(LAYOUT), out.staging, args.which_to_keep, args.seed, args.device, scored_eps,
                  parts) for j in todo]
         counts = {eps: np.zeros(len(clusters), np.int64) for eps in eps_list}  # rows removed, per eps and cluster
