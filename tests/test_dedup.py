@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, error_line, outputs, run_script, start_script, wait_paused
+from conftest import DEADLINE, ROOT, error_line, outputs, run_script, start_script, wait_paused
 
 from dbpkit import dedup as scoring
 from dbpkit.dedup import max_earlier_similarity
@@ -297,6 +297,34 @@ def test_a_run_killed_before_its_parts_are_gathered_is_finished_by_a_rerun_with_
                        "--eps", 0.3, "--save_folder", tmp_path / "fresh")
     assert fresh.returncode == 0, fresh.stderr
     assert outputs(tmp_path / "d") == outputs(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("stage,fault", [("score under way", "ctrl-c"), ("scored", "ctrl-c"), ("scored", "sigterm")])
+def test_an_interrupted_run_ends_in_one_line_and_its_rerun_goes_on_from_its_scores(data, deduplicated, tmp_path,
+                                                                                   stage, fault):
+    """Ctrl-C (to the run and its workers, as a terminal sends it) or SIGTERM (to the run) while it scores, or
+    once every cluster is scored and selected, before the selections are gathered: one line, nothing published,
+    the scores kept for the rerun, which writes what an uninterrupted run writes."""
+    expected = outputs(deduplicated("hard")[0])
+    out = tmp_path / "d"
+    proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                        "--eps", *EPS, "--save_folder", out, "--workers", 2, pause=stage)
+    wait_paused(proc, stage)
+    if fault == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=DEADLINE)
+    status, message = (130, "interrupted (Ctrl-C)") if fault == "ctrl-c" else (143, "terminated (SIGTERM)")
+    assert proc.returncode == status and message in error_line(err), err
+    assert not (out / "params.json").exists() and not any((out / p).exists() for p in ("scores", "eps_0.01"))
+    matches = os.listdir(out / ".dbp_staging" / "matches")
+    scored = sum(not name.startswith(".") for name in matches)  # (not a .partial file of a worker stopped mid-write)
+    assert scored == len(SIZES) if stage == "scored" else scored >= 1
+    r = dedup(data, out)
+    assert f"scores reused for {scored} clusters" in r.stdout
+    assert outputs(out) == expected
 
 
 def test_every_stage_has_its_progress_bar(data, tmp_path):
