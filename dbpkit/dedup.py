@@ -134,8 +134,8 @@ def row_max(sims) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Removed:
-    """One cluster at every eps: how many rows each removes, and the scores' histogram and curve (int32: a
-    cluster's counts; so small a result goes back through the pool's pipe, not a file)."""
+    """One cluster at every eps: how many rows each removes, and the scores' histogram and curve (int32 below 2^31
+    rows: so small a result goes back through the pool's pipe, not a file)."""
 
     removed: list[int]
     histogram: np.ndarray  # of 1 - the scores, over HISTOGRAM_BINS
@@ -254,7 +254,8 @@ def select_rows(keys: np.ndarray, scores: np.ndarray, matches: np.ndarray, j: in
             f.write(as_lines(lines[gone[candidates]]))
     curve = len(scores) - np.searchsorted(np.sort(scores), threshold_grid(), side="right")
     distance = np.clip(1 - scores.astype(np.float64), DISTANCE_FLOOR, 1)
-    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0].astype(np.int32), curve.astype(np.int32))
+    counts = np.int32 if len(scores) <= np.iinfo(np.int32).max else np.int64  # (no count of a cluster wraps)
+    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0].astype(counts), curve.astype(counts))
 
 
 def eps_removing(out: str, count: int, fraction: float, rows: int) -> tuple[float, int]:
