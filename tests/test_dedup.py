@@ -333,7 +333,7 @@ def test_every_stage_has_its_progress_bar(data, tmp_path):
     def bars(*extra):
         proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
                             "--save_folder", tmp_path / "d", "--workers", 2, *extra, env={"TQDM_DELAY": "0"})
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=DEADLINE)
         assert proc.returncode == 0, err
         return {line.split(":")[0].strip("\r") for line in err.splitlines() if ":" in line}
 
