@@ -274,6 +274,7 @@ def main() -> None:
         del collected
 
         # 3. The report.
+        cli.stage("writing the report")
         dedup.write_stats(out.path(dedup.STATS_FILE), eps_list, total, removed)
         dedup.write_curve(out.path(dedup.CURVE_FILE), curve, total)
         dedup.write_cluster_stats(out.path(dedup.CLUSTER_STATS_FILE), eps_list, sizes, removed)

@@ -306,18 +306,19 @@ def main() -> None:
           f"{script['wall_s'] / square['wall_s']:.2f}x")
     # Where the whole process's time went. Before the first cluster: Python, the imports, and torch's import in
     # the workers' fork server (the floor, timed inside its process, counts none of it). After the last:
-    # gathering each cluster's selection at every eps (its scoring task made them), the report (similarity.png)
-    # and the process's exit.
+    # gathering each cluster's selection at every eps (its scoring task made them) into the kept keys, then the
+    # report (similarity.png, drawn by matplotlib) and the process's exit.
     stages = stage_times(os.path.join(work, "dedup", "logs.log"))
     before = stages["score started"] - script["launched"]
     scored = stages["scored"] - stages["score started"]
-    after = script["wall_s"] - before - scored
+    gathered = stages["writing the report"] - stages["scored"]
+    report = script["wall_s"] - before - scored - gathered
     torch_import = (measure([sys.executable, "-c", "import torch"])["wall_s"] -
                     measure([sys.executable, "-c", "pass"])["wall_s"])
     print(f"where deduplicate.py's {script['wall_s']:.2f} s went: {before:.2f} s until the workers took the first "
           f"cluster (torch's import alone: {torch_import:.2f} s), {scored:.2f} s scoring "
-          f"({scored / times['square_s']:.2f}x the full-square matmuls), {after:.2f} s gathering the "
-          "selections, drawing the report and exiting")
+          f"({scored / times['square_s']:.2f}x the full-square matmuls), {gathered:.2f} s gathering the "
+          f"selections into the kept keys, {report:.2f} s writing the report (similarity.png) and exiting")
     shared = ours(data, os.path.join(work, "dedup_memory"), args.workers, pss=True)
     print(f"deduplicate.py's process tree, each page shared among its processes counted once (PSS; in a run of its "
           f"own, not timed): {shared['tree_pss_mb']:.0f} MB at its peak (summed RSS, counting each once per process "
