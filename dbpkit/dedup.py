@@ -233,8 +233,20 @@ def select_eps(task: tuple[ClusterFile, int, str, list[float], str]) -> Removed:
 
 def select_rows(keys: np.ndarray, scores: np.ndarray, matches: np.ndarray, j: int, eps_list: list[float],
                 parts: str) -> Removed:
+    """Cluster j's part file at every eps (write_parts; none when the eps are not known yet, as for scoring tasks
+    before --remove-fraction's), and the histogram and curve of its scores."""
+    removed = write_parts(keys, scores, matches, j, eps_list, parts) if eps_list else []
+    curve = len(scores) - np.searchsorted(np.sort(scores), threshold_grid(), side="right")
+    distance = np.clip(1 - scores.astype(np.float64), DISTANCE_FLOOR, 1)
+    counts = np.int32 if len(scores) <= np.iinfo(np.int32).max else np.int64  # (no count of a cluster wraps)
+    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0].astype(counts), curve.astype(counts))
+
+
+def write_parts(keys: np.ndarray, scores: np.ndarray, matches: np.ndarray, j: int, eps_list: list[float],
+                parts: str) -> list[int]:
     """For cluster j and every eps, write a part file: its kept keys (stripped, sorted; a .npy) followed by its
-    removed paths as lines of removed_paths.txt (path, the path it duplicates, the similarity)."""
+    removed paths as lines of removed_paths.txt (path, the path it duplicates, the similarity). Returns how many
+    rows each eps removes."""
     # Worked out once for every eps: the stripped keys in sorted order, and the lines of the rows the largest
     # eps removes (each smaller eps removes a subset of those).
     stripped = strip_extensions(keys)
@@ -252,10 +264,7 @@ def select_rows(keys: np.ndarray, scores: np.ndarray, matches: np.ndarray, j: in
             width = max(1, int(widths[kept].max(initial=0)))  # as narrow as the kept keys alone need
             np.save(f, stripped[kept].astype(f"S{width}") if kept.any() else np.zeros(0, "S1"))
             f.write(as_lines(lines[gone[candidates]]))
-    curve = len(scores) - np.searchsorted(np.sort(scores), threshold_grid(), side="right")
-    distance = np.clip(1 - scores.astype(np.float64), DISTANCE_FLOOR, 1)
-    counts = np.int32 if len(scores) <= np.iinfo(np.int32).max else np.int64  # (no count of a cluster wraps)
-    return Removed(removed, np.histogram(distance, HISTOGRAM_BINS)[0].astype(counts), curve.astype(counts))
+    return removed
 
 
 def eps_removing(out: str, count: int, fraction: float, rows: int) -> tuple[float, int]:
