@@ -6,8 +6,10 @@ the page cache, then measures in one run:
     and of the process tree; in a second run, not timed, the tree's PSS (shared pages counted once);
   - SemDeDup's semdedup() loop over the same clusters, re-typed from its semdedup.py (the full similarity
     matrix, its diagonal zeroed, its upper triangle copied, the column maxima), imports excluded;
-  - torch's full-square X @ X.T of each cluster, in the same process: the GEMM floor of SemDeDup's way;
-    and the same as a whole process (Python, torch's import, each cluster read), to set beside ours, timed whole;
+  - torch's full-square X @ X.T of each cluster, the matmuls timed inside their process: the GEMM floor of
+    SemDeDup's way; and that process whole (Python, torch's import, each cluster read), to set beside ours;
+  - deduplicate.py and that process run in turn, --repeats times each (this machine's speed drifts by a tenth
+    from one minute to the next): the median of each side, and the ratio of each pair run one after the other;
   - the scores: deduplicate.py's against SemDeDup's M, the largest difference;
   - one large cluster alone (memory: never an n x n matrix);
   - the scoring stage's matmul rate (the multiply-adds of its blocks over the stage's time in logs.log)
@@ -47,13 +49,14 @@ from bench_pipeline import (  # noqa: E402
     warm_cache,
 )
 
+from dbpkit.clusters import PARSER_MODULES  # noqa: E402
 from dbpkit.dedup import BLOCK_ROWS, STRIP_COLUMNS, strips_match  # noqa: E402
 
 SEMDEDUP = """
 import glob, json, sys, time, numpy as np, torch
 folder, k = sys.argv[1], int(sys.argv[2])
 embs = np.load(folder + "/emb.npy", mmap_mode="r")
-loop = square = 0.0
+loop = 0.0
 scores = {}
 for j in range(k):
     cluster = np.load(f"{folder}/sorted_clusters/cluster_{j}.npy")
@@ -66,20 +69,36 @@ for j in range(k):
     m = torch.max(upper, dim=0)[0]
     loop += time.perf_counter() - start
     scores[j] = m.numpy()
+np.savez(folder + "/semdedup_scores.npz", **{str(j): s for j, s in scores.items()})
+print(json.dumps({"loop_s": loop}))
+"""
+SQUARE_PROCESS = """
+import json, sys, time, numpy as np, torch
+folder, k = sys.argv[1], int(sys.argv[2])
+embs = np.load(folder + "/emb.npy", mmap_mode="r")
+square = 0.0
+for j in range(k):  # each cluster read as SemDeDup reads it, then its full square (timed alone)
+    cluster = np.load(f"{folder}/sorted_clusters/cluster_{j}.npy")
+    reps = torch.from_numpy(embs[cluster[:, 1].astype("int64")])
     start = time.perf_counter()
     reps @ reps.T
     square += time.perf_counter() - start
-np.savez(folder + "/semdedup_scores.npz", **{str(j): s for j, s in scores.items()})
-print(json.dumps({"loop_s": loop, "square_s": square, "threads": torch.get_num_threads()}))
+print(json.dumps({"square_s": square, "threads": torch.get_num_threads()}))
 """
-SQUARE_PROCESS = """
-import sys, numpy as np, torch
-folder, k = sys.argv[1], int(sys.argv[2])
-embs = np.load(folder + "/emb.npy", mmap_mode="r")
-for j in range(k):  # each cluster read as SemDeDup reads it, then its full square
-    cluster = np.load(f"{folder}/sorted_clusters/cluster_{j}.npy")
-    reps = torch.from_numpy(embs[cluster[:, 1].astype("int64")])
-    reps @ reps.T
+# The workers' fork server's imports, timed as it pays them: inside the process (one that imports torch and then
+# exits also pays torch's teardown, ~0.3 s, which the fork server skips). Besides torch: numpy, this project's
+# modules that deduplicate.py imports, and the parsers' Arrow.
+FORK_SERVER_IMPORTS = """
+import importlib, json, sys, time
+sys.path.insert(0, sys.argv[1])
+start = time.perf_counter()
+import numpy, deduplicate
+ours = time.perf_counter()
+import torch
+torch_s = time.perf_counter() - ours
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+print(json.dumps({"total_s": time.perf_counter() - start, "torch_s": torch_s}))
 """
 GEMM = """
 import json, sys, time, torch
@@ -116,6 +135,11 @@ def block_macs(sizes: list[int], dim: int, strips: bool) -> int:
             else:
                 total += rows * rows * dim
     return total
+
+
+def median(runs: list[dict], by: str) -> dict:
+    """The run whose `by` is the median of the runs' (of an even number, the upper one)."""
+    return sorted(runs, key=lambda run: run[by])[len(runs) // 2]
 
 
 def stage_times(log: str) -> dict[str, float]:
@@ -265,6 +289,8 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=0, help="also one cluster of this many rows (e.g. 75000)")
     parser.add_argument("--large-dim", type=int, default=32)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="--workers (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of deduplicate.py and of the full squares, in turn (default: 3)")
     parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"),
                         help="folder for the generated data (reused when it matches)")
     args = parser.parse_args()
@@ -282,53 +308,65 @@ def main() -> None:
           f"{', each spread over the whole file' if args.scattered else ''}"
           f"{f', read from {args.parts} clip-retrieval parts' if args.parts else ''}"
           f"{f', {args.gaps} rows of the file per member' if args.gaps > 1 else ''}; --workers {args.workers}\n")
-    script = ours(data, os.path.join(work, "dedup"), args.workers)
     if args.gaps > 1:  # (the baselines map the whole file: each fault would bring in its holes as pages of zeros)
+        script = ours(data, os.path.join(work, "dedup"), args.workers)
         scored = stage_seconds(os.path.join(work, "dedup", "logs.log"), "score started", "scored")
         print(f"deduplicate.py, whole process: {script['wall_s']:.2f} s, its scoring stage {scored:.2f} s "
               "(SemDeDup's loop and the matmul floor are not measured with --gaps)")
         if args.cold:
             from_disk(data, os.path.join(work, "dedup_cold"), args.workers, script["wall_s"], scored)
         return
+    # deduplicate.py and the full squares in turn, --repeats times each (this machine's speed drifts by a tenth
+    # from one minute to the next): the median of each side, and the ratio of each pair run together
+    runs, squares = [], []
+    for i in range(args.repeats):
+        runs.append({**ours(data, os.path.join(work, f"dedup_{i}"), args.workers), "folder": f"dedup_{i}"})
+        square = measure([sys.executable, "-c", SQUARE_PROCESS, data, str(args.clusters)])
+        squares.append({**square, **__import__("json").loads(square["stdout"])})
+    script, square = median(runs, "wall_s"), median(squares, "wall_s")
+    floor = median(squares, "square_s")["square_s"]
+    pairs = sorted(run["wall_s"] / sq["square_s"] for run, sq in zip(runs, squares))
     theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
     times = __import__("json").loads(theirs["stdout"])
-    square = measure([sys.executable, "-c", SQUARE_PROCESS, data, str(args.clusters)])
-    print(f"{'step':52s} {'s':>8s} {'peak RSS MB':>12s} {'tree RSS MB':>12s}")
+    print(f"{'step (the median of ' + str(args.repeats) + ' runs where repeated)':52s} {'s':>8s} {'peak RSS MB':>12s} "
+          f"{'tree RSS MB':>12s}")
     print(f"{'deduplicate.py, whole process (imports included)':52s} {script['wall_s']:8.2f} "
           f"{script['peak_rss_mb']:12.0f} {script['tree_rss_mb']:12.0f}")
-    print(f"{'SemDeDup semdedup() loop (imports excluded)':52s} {times['loop_s']:8.2f} {theirs['peak_rss_mb']:12.0f}")
-    print(f"{'torch X @ X.T per cluster (the same process)':52s} {times['square_s']:8.2f}")
+    print(f"{'SemDeDup semdedup() loop (imports excluded; once)':52s} {times['loop_s']:8.2f} "
+          f"{theirs['peak_rss_mb']:12.0f}")
+    print(f"{'torch X @ X.T per cluster (timed inside its process)':52s} {floor:8.2f}")
     print(f"{'the same, whole process (imports, reading included)':52s} {square['wall_s']:8.2f} "
           f"{square['peak_rss_mb']:12.0f}")
     print(f"\ndeduplicate.py / SemDeDup's loop: {script['wall_s'] / times['loop_s']:.2f}x;"
-          f" / the full-square matmuls: {script['wall_s'] / times['square_s']:.2f}x"
-          f" (torch on {times['threads']} threads there); whole process to whole process: "
-          f"{script['wall_s'] / square['wall_s']:.2f}x")
-    # Where the whole process's time went. Before the first cluster: Python, the imports, and torch's import in
+          f" / the full-square matmuls: {script['wall_s'] / floor:.2f}x (each pair run together: "
+          f"{' '.join(f'{r:.2f}x' for r in pairs)}; torch on {square['threads']} threads there); whole process to "
+          f"whole process: {script['wall_s'] / square['wall_s']:.2f}x")
+    # Where the median run's time went. Before the first cluster: Python, the imports, and torch's import in
     # the workers' fork server (the floor, timed inside its process, counts none of it). After the last:
     # gathering each cluster's selection at every eps (its scoring task made them) into the kept keys, then the
     # report (similarity.png, drawn by matplotlib) and the process's exit.
-    stages = stage_times(os.path.join(work, "dedup", "logs.log"))
+    stages = stage_times(os.path.join(work, script["folder"], "logs.log"))
     before = stages["score started"] - script["launched"]
     scored = stages["scored"] - stages["score started"]
     gathered = stages["writing the report"] - stages["scored"]
     report = script["wall_s"] - before - scored - gathered
-    torch_import = (measure([sys.executable, "-c", "import torch"])["wall_s"] -
-                    measure([sys.executable, "-c", "pass"])["wall_s"])
-    print(f"where deduplicate.py's {script['wall_s']:.2f} s went: {before:.2f} s until the workers took the first "
-          f"cluster (torch's import alone: {torch_import:.2f} s), {scored:.2f} s scoring "
-          f"({scored / times['square_s']:.2f}x the full-square matmuls), {gathered:.2f} s gathering the "
-          f"selections into the kept keys, {report:.2f} s writing the report (similarity.png) and exiting")
+    imports = __import__("json").loads(measure([sys.executable, "-c", FORK_SERVER_IMPORTS, ROOT,
+                                                *PARSER_MODULES])["stdout"])
+    print(f"where its {script['wall_s']:.2f} s went: {before:.2f} s until the workers took the first cluster "
+          f"(the workers' fork server's imports: {imports['total_s']:.2f} s, torch's {imports['torch_s']:.2f} s "
+          f"of it), {scored:.2f} s scoring ({scored / floor:.2f}x the "
+          f"full-square matmuls), {gathered:.2f} s gathering the selections into the kept keys, {report:.2f} s "
+          f"writing the report (similarity.png) and exiting")
     shared = ours(data, os.path.join(work, "dedup_memory"), args.workers, pss=True)
     print(f"deduplicate.py's process tree, each page shared among its processes counted once (PSS; in a run of its "
           f"own, not timed): {shared['tree_pss_mb']:.0f} MB at its peak (summed RSS, counting each once per process "
           f"that maps it: {shared['tree_rss_mb']:.0f} MB)")
     semdedup = np.load(os.path.join(data, "semdedup_scores.npz"))
-    worst = max(float(np.abs(np.load(os.path.join(work, "dedup", "scores", f"cluster_{j}.npy")) -
+    worst = max(float(np.abs(np.load(os.path.join(work, script["folder"], "scores", f"cluster_{j}.npy")) -
                              semdedup[str(j)]).max()) for j in range(args.clusters))
     print(f"largest difference between the two scores (float32, summed in another order): {worst:.2e}\n")
     sizes = [args.rows] * args.clusters
-    scoring_rate(data, os.path.join(work, "dedup"), "cpu", args.workers, sizes, args.dim)
+    scoring_rate(data, os.path.join(work, script["folder"]), "cpu", args.workers, sizes, args.dim)
     if args.cold:
         from_disk(data, os.path.join(work, "dedup_cold"), args.workers, script["wall_s"], scored)
     gpu = cuda_device()
