@@ -32,6 +32,7 @@ WINDOW_BYTES = 64 << 20  # rows are mapped at most this much of a file at a time
 # (tenths of a second).
 SPARSE_BYTES = 32 << 10
 FEW_RUNS = 32  # this few runs are read: a mapping costs about as much as this many reads
+FEW_ROWS = 64  # runs among this few rows are found by a loop (numpy's calls cost more on so few)
 WILL_NEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # (no posix_fadvise on macOS: the rows are read as asked)
 CUT_SHORT = "ends before the rows its header promises (it changed during the run)"
 REWRITE = "rewrite the file, or point at the one the run was started on"
@@ -173,6 +174,9 @@ def read_rows(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], r
 
 def run_ends(rows: np.ndarray) -> list[int]:
     """Where each run of consecutive rows ends in `rows` (sorted, not empty)."""
+    if len(rows) <= FEW_ROWS:  # (a loop: numpy's calls would cost more than the work)
+        values = rows.tolist()
+        return [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1] + [len(values)]
     return [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
 
 
@@ -182,15 +186,15 @@ def reads_better(rows: np.ndarray, ends: list[int], row_bytes: int) -> bool:
     return len(ends) <= FEW_RUNS or apart >= SPARSE_BYTES
 
 
-def ask_ahead(f, starts: np.ndarray, lengths: np.ndarray) -> None:
-    """Tell the kernel every range of the file about to be read (int64 byte offsets and lengths), before the first
+def ask_ahead(f, starts: list[int], lengths: list[int]) -> None:
+    """Tell the kernel every range of the file about to be read (byte offsets and lengths), before the first
     is read: from a disk (embeddings larger than the page cache, as LAION's are) they then arrive in one batch of
     requests instead of one wait each. A range already in the page cache costs a system call. Only a hint: where
     the system has none, or refuses it, the rows are read as asked."""
     if WILL_NEED is None:
         return
     try:
-        for start, length in zip(starts.tolist(), lengths.tolist()):
+        for start, length in zip(starts, lengths):
             os.posix_fadvise(f.fileno(), start, length, WILL_NEED)
     except OSError:
         pass
@@ -200,12 +204,15 @@ def _read_runs(f, path: str, offset: int, dtype: np.dtype, row_bytes: int, rows:
                out: np.ndarray) -> None:
     """Each run with a read of its own, all of them asked for first (4096 rows 64 KB apart in a file not in the page
     cache: 0.03 s instead of 0.3 s, benchmarks/bench_read.py --cold)."""
-    firsts = np.array([0, *ends[:-1]])
-    starts, lengths = offset + rows[firsts].astype(np.int64) * row_bytes, (np.array(ends) - firsts) * row_bytes
+    # In Python's integers: a cluster has a few rows in each of LAION's thousands of parts, and numpy's calls on so
+    # few would cost more than the reads.
+    firsts = [0, *ends[:-1]]
+    starts = [offset + row * row_bytes for row in rows[firsts].tolist()]
+    lengths = [(b - a) * row_bytes for a, b in zip(firsts, ends)]
     ask_ahead(f, starts, lengths)
     raw = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
     buffer = memoryview(raw.reshape(-1).view(np.uint8))
-    for start, a, b in zip(starts.tolist(), firsts.tolist(), ends):
+    for start, a, b in zip(starts, firsts, ends):
         read_exactly(f, start, buffer[a * row_bytes:b * row_bytes], path)
     if raw is not out:
         out[:] = raw

@@ -3,6 +3,7 @@ indexing of the whole array, whether the rows are read run by run or through map
 under the run is one line."""
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -57,6 +58,15 @@ def test_take_is_numpys_indexing_read_either_way(arrays, kind, way, rows):
     assert got.dtype == np.float32 and got.shape == (len(rows), 5)
     assert np.array_equal(got, expected)
     assert np.array_equal(into[1:-1], expected) and (into[[0, -1]] == -1).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.integers(0, 300), min_size=1, max_size=3 * files.FEW_ROWS).map(sorted))
+def test_runs_are_found_alike_among_few_rows_and_many(rows):
+    """run_ends, by a loop among FEW_ROWS rows or fewer and by numpy among more: a run is rows whose value less
+    their position is one number (itertools.groupby on it), a repeated row starting a new run."""
+    positions = [len(list(group)) for _, group in itertools.groupby(r - i for i, r in enumerate(rows))]
+    assert files.run_ends(np.array(rows, dtype=np.int64)) == list(itertools.accumulate(positions))
 
 
 def test_few_runs_or_runs_far_apart_are_read_and_the_others_mapped(tmp_path, monkeypatch):
