@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbpkit.errors import WorkerDied
-from dbpkit.tasks import PROJECT, environment, our_modules, run_task
+from dbpkit.tasks import environment, our_modules, run_task, search_path
 
 EXIT_POLL = 0.5  # seconds between looks at the run's process where the system cannot say when it ends
 FORK_SERVER_VARIABLE = "DBP_FORK_SERVER"  # set to the run's pid for the fork server it starts
@@ -145,14 +145,16 @@ def _start_executor(workers: int, preload: tuple[str, ...], folder: str) -> Proc
 
 def start_fork_server(preload: tuple[str, ...]) -> None:
     """The fork server the workers come from, started once per run. It imports numpy, this project's modules the
-    run has imported and `preload`, so that each worker starts with them (it is given this project's folder on
-    its path for that, which Python 3.11's fork server does not pass on by itself)."""
+    run has imported and `preload`, so that each worker starts with them, from the files this process imported.
+    Python 3.11's fork server is not given this process's path (CPython gh-117378, mended in 3.12) and searches the
+    current folder first: a checkout there, or another on PYTHONPATH, would give the workers its code. So its
+    PYTHONPATH is this process's path, and PYTHONSAFEPATH leaves out the current folder (3.11 and later)."""
     multiprocessing.get_context("forkserver").set_forkserver_preload([*our_modules(), *preload])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The resource tracker frees the pool's semaphores when this process is killed, and need not say so.
-    with environment(PYTHONWARNINGS="ignore:resource_tracker:UserWarning", PYTHONPATH=PROJECT,
-                      **{FORK_SERVER_VARIABLE: str(os.getpid())}):
+    with environment({"PYTHONPATH": search_path(), "PYTHONSAFEPATH": "1"},
+                     PYTHONWARNINGS="ignore:resource_tracker:UserWarning", **{FORK_SERVER_VARIABLE: str(os.getpid())}):
         try:
             multiprocessing.resource_tracker.ensure_running()
             multiprocessing.forkserver.ensure_running()  # exec'd ignoring Ctrl-C, which it keeps and passes on

@@ -24,7 +24,7 @@ import dbpkit
 from dbpkit.cli import check_stop, log, stage
 from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.faults import passed_on
-from dbpkit.tasks import PROJECT, STOP_POLL, environment, run_task
+from dbpkit.tasks import STOP_POLL, environment, run_task, search_path
 
 RAY_RETRIES = 3  # times Ray runs a task again whose worker died
 RAY_EXTRA = "pip install 'density-based-pruning[ray]'"
@@ -127,7 +127,9 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
 
     where = f"the cluster at RAY_ADDRESS={address}" if address else "a Ray for this run"
     thread = threading.Thread(target=init, name="ray-connect", daemon=True)  # (abandoned if it never returns)
-    with environment(PYTHONPATH=PROJECT) if not address else contextlib.nullcontext(), _stderr_aside(outcome) as said:
+    # A Ray of the run's own: its workers import what this process imported, from the same files (search_path)
+    ours = environment({"PYTHONPATH": search_path()}) if not address else contextlib.nullcontext()
+    with ours, _stderr_aside(outcome) as said:
         thread.start()
         stage("ray connecting")
         deadline = time.monotonic() + timeout

@@ -168,6 +168,12 @@ class TaskPool:
 _END = object()
 
 
+def search_path() -> str:
+    """This process's sys.path as a PYTHONPATH ('' as the folder it stands for): given to the processes that run the
+    tasks, so that they import what this process imported from the same files, not another checkout's."""
+    return os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+
+
 def our_modules(package_only: bool = False) -> list[str]:
     """numpy and this project's modules the run has imported (only the package's, for a cluster's workers,
     which have the package but not the scripts): what every task's worker needs."""
@@ -202,13 +208,15 @@ def _batches(tasks: Iterable[Any], size: int) -> Iterator[list]:
 
 
 @contextlib.contextmanager
-def environment(**added: str) -> Iterator[None]:
-    """Environment variables with `added` joined to their values (comma- or colon-separated), for the
-    processes started in the block."""
-    saved = {name: os.environ.get(name) for name in added}
+def environment(replaced: dict[str, str] | None = None, **added: str) -> Iterator[None]:
+    """Environment variables with `added` joined to their values (comma- or colon-separated) and `replaced` set in
+    place of theirs, for the processes started in the block."""
+    replaced = replaced or {}
+    saved = {name: os.environ.get(name) for name in [*added, *replaced]}
     for name, value in added.items():
         separator = "," if name == "PYTHONWARNINGS" else os.pathsep
         os.environ[name] = separator.join(filter(None, [saved[name], value]))
+    os.environ.update(replaced)
     try:
         yield
     finally:

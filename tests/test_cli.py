@@ -270,6 +270,49 @@ def test_prepare_starts_the_local_workers_fork_server_before_any_pool_runs(worke
                                      else ["fork server: False"])
 
 
+WHOSE = """
+def dbpkit_file(_):
+    import dbpkit
+    return dbpkit.__file__
+"""
+RUN_WHOSE = """
+import sys
+sys.path[:0] = sys.argv[1:3]  # this checkout, then the folder of the task's module
+import dbpkit
+from dbpkit import tasks
+from whose import dbpkit_file
+with tasks.TaskPool(2, sys.argv[3]) as pool:
+    print(*sorted(set(pool.run(dbpkit_file, range(4), "whose"))), dbpkit.__file__)
+"""
+DECOY = """
+import pathlib
+pathlib.Path(__file__).with_name("imported").touch()
+"""
+
+
+@pytest.mark.parametrize("where, distributor", [("the current folder", "local"), ("PYTHONPATH", "local"),
+                                                ("PYTHONPATH", "ray")])
+def test_the_workers_import_the_runs_own_checkout_not_another_in_the_current_folder_or_on_pythonpath(
+        tmp_path, where, distributor):
+    """A researcher runs one checkout's script from inside another (or with another on PYTHONPATH): the workers'
+    fork server, which Python 3.11 starts with the current folder first on its path and PYTHONPATH before this
+    project's folder, imported the other checkout's dbpkit, whose code the workers then ran (or died on); so did
+    the workers of a Ray started for the run, whose path had PYTHONPATH before this project's folder."""
+    other = tmp_path / "other_checkout"
+    (other / "dbpkit").mkdir(parents=True)
+    (other / "dbpkit" / "__init__.py").write_text(DECOY)  # marks itself imported
+    (tmp_path / "whose.py").write_text(WHOSE)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # (on Ray: one of the run's own)
+           **({"PYTHONPATH": str(other)} if where == "PYTHONPATH" else {})}
+    r = subprocess.run([sys.executable, "-c", RUN_WHOSE, ROOT, str(tmp_path), distributor],
+                       cwd=other if where != "PYTHONPATH"
+                       else tmp_path, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert r.returncode == 0, r.stderr
+    ours = os.path.join(ROOT, "dbpkit", "__init__.py")
+    assert r.stdout.split() == [ours, ours]  # the workers' and the run's, one and the same
+    assert not (other / "dbpkit" / "imported").exists()
+
+
 BUSY_IMPORT = """
 import fcntl, os
 held = open(os.environ["DBP_TEST_LOCK"], "w")
