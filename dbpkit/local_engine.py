@@ -148,7 +148,8 @@ def start_fork_server(preload: tuple[str, ...]) -> None:
     run has imported and `preload`, so that each worker starts with them, from the files this process imported.
     Python 3.11's fork server is not given this process's path (CPython gh-117378, mended in 3.12) and searches the
     current folder first: a checkout there, or another on PYTHONPATH, would give the workers its code. So its
-    PYTHONPATH is this process's path, and PYTHONSAFEPATH leaves out the current folder (3.11 and later)."""
+    PYTHONPATH is this process's path, and PYTHONSAFEPATH leaves out the current folder (3.11 and later; 3.10 has
+    no such switch)."""
     multiprocessing.get_context("forkserver").set_forkserver_preload([*our_modules(), *preload])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C now waits, and reaches our handler below
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
