@@ -1,6 +1,7 @@
 """Shared fixtures: SemDeDup-style data sets from real faiss k-means, a script runner, faults at named stages."""
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import sys
@@ -143,6 +144,15 @@ def wait_until(condition, proc: subprocess.Popen | None = None, what: str = "") 
 
 def wait_paused(proc: subprocess.Popen, stage: str) -> None:
     wait_until(lambda: process_state(proc.pid) == "T", proc, f"the stage {stage!r}")
+
+
+def signal_main_thread(pid: int, signum: int) -> None:
+    """`signum` to the main thread of process `pid` (Linux's tgkill), paused at a stage: its handler runs as the run
+    goes on, before the stage's safe point. Sent to the process, any of its threads may take it (the executor's, a
+    progress bar's), a moment later, and the run stops only at its next safe point: after whatever it prints
+    before that one (deduplicate.py's report prints a warning)."""
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, pid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill {pid}")
 
 
 def descendants(pid: int) -> list[int]:
