@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ WINDOW_BYTES = 64 << 20  # rows are mapped at most this much of a file at a time
 SPARSE_BYTES = 32 << 10
 FEW_RUNS = 32  # this few runs are read: a mapping costs about as much as this many reads
 FEW_ROWS = 64  # runs among this few rows are found by a loop (numpy's calls cost more on so few)
+GATHER_ROWS = 1 << 13  # rows gathered at a time in their files' dtype, to convert (float16, dim 1024: 16 MB)
 WILL_NEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # (no posix_fadvise on macOS: the rows are read as asked)
 CUT_SHORT = "ends before the rows its header promises (it changed during the run)"
 REWRITE = "rewrite the file, or point at the one the run was started on"
@@ -181,9 +182,14 @@ def run_ends(rows: np.ndarray) -> list[int]:
 
 
 def reads_better(rows: np.ndarray, ends: list[int], row_bytes: int) -> bool:
-    """Whether reading these runs of rows costs less than mapping them (the constants above say why)."""
-    apart = (int(rows[-1]) - int(rows[0]) + 1) * row_bytes / len(ends)  # bytes from one run to the next
-    return len(ends) <= FEW_RUNS or apart >= SPARSE_BYTES
+    """Whether reading these runs of rows costs less than mapping them."""
+    return reading_suits(len(ends), int(rows[-1]) - int(rows[0]) + 1, row_bytes)
+
+
+def reading_suits(runs: int, span: int, row_bytes: int) -> bool:
+    """Whether reading `runs` runs of rows within `span` rows costs less than mapping them (the constants above say
+    why)."""
+    return runs <= FEW_RUNS or span * row_bytes / runs >= SPARSE_BYTES  # (bytes from one run to the next)
 
 
 def ask_ahead(f, starts: list[int], lengths: list[int]) -> None:
@@ -204,18 +210,80 @@ def _read_runs(f, path: str, offset: int, dtype: np.dtype, row_bytes: int, rows:
                out: np.ndarray) -> None:
     """Each run with a read of its own, all of them asked for first (4096 rows 64 KB apart in a file not in the page
     cache: 0.03 s instead of 0.3 s, benchmarks/bench_read.py --cold)."""
-    # In Python's integers: a cluster has a few rows in each of LAION's thousands of parts, and numpy's calls on so
-    # few would cost more than the reads.
+    # In Python's integers: a few rows (a cluster's share of one of LAION's parts) cost less so than by numpy's calls
     firsts = [0, *ends[:-1]]
     starts = [offset + row * row_bytes for row in rows[firsts].tolist()]
-    lengths = [(b - a) * row_bytes for a, b in zip(firsts, ends)]
-    ask_ahead(f, starts, lengths)
     raw = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
-    buffer = memoryview(raw.reshape(-1).view(np.uint8))
-    for start, a, b in zip(starts, firsts, ends):
-        read_exactly(f, start, buffer[a * row_bytes:b * row_bytes], path)
+    _read_into(f, path, starts, [a * row_bytes for a in firsts], [(b - a) * row_bytes for a, b in zip(firsts, ends)],
+               memoryview(raw.reshape(-1).view(np.uint8)))
     if raw is not out:
         out[:] = raw
+
+
+def _read_into(f, path: str, starts: list[int], at: list[int], lengths: list[int], buffer: memoryview) -> None:
+    """Bytes starts[k] .. + lengths[k] of the file into buffer[at[k]:], a read each, all of them asked for first."""
+    ask_ahead(f, starts, lengths)
+    for start, a, length in zip(starts, at, lengths):
+        read_exactly(f, start, buffer[a:a + length], path)
+
+
+def read_rows_of_parts(parts: Sequence[Any], starts: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """Rows `rows` (sorted) of a whole made of `parts`, row r of it row r - starts[i] of part i, into `out`
+    (converted). Each part is a file of rows with a path, a dtype, the byte offset of its rows (None: not a plain
+    array) and take(rows, out), as read_rows reads them. Where the parts hold one dtype, every run of consecutive rows
+    within a part is found in one pass over all the rows, and each part's share that reading suits is read run by
+    run (the others left to its take): a cluster has a few rows in each of LAION's thousands of parts, where numpy's
+    calls for each part would cost more than its reads."""
+    if len({part.dtype for part in parts}) > 1:  # (mixed files: each part converts its own rows)
+        for i, a, b in _shares(starts, rows):
+            parts[i].take(rows[a:b] - starts[i], out=out[a:b])
+        return
+    paths, offsets, dtype = [part.path for part in parts], [part.offset for part in parts], parts[0].dtype
+    in_place = dtype == out.dtype and out.flags.c_contiguous  # else gathered in the files' dtype, then converted
+    step = max(1, len(rows)) if in_place else GATHER_ROWS
+    for c0 in range(0, len(rows), step):
+        chunk, into = rows[c0:c0 + step], out[c0:c0 + step]
+        raw = into if in_place else np.empty(into.shape, dtype)
+        for i, a, b in _read_shares(paths, offsets, starts, chunk, raw):  # the shares not read
+            parts[i].take(chunk[a:b] - starts[i], out=raw[a:b])
+        if raw is not into:
+            into[:] = raw
+
+
+def _shares(starts: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """(part, first, end) of each part's share rows[first:end] of the sorted rows, for the parts that have one."""
+    bounds = np.searchsorted(rows, starts).tolist()
+    return [(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if a < b]
+
+
+def _read_shares(paths: list[str], offsets: list[int | None], starts: np.ndarray, rows: np.ndarray,
+                 raw: np.ndarray) -> list[tuple[int, int, int]]:
+    """read_rows_of_parts' runs, into `raw` (C-contiguous, of the files' dtype): every file's share that reading
+    suits (reads_better's rule), all its runs asked for first; returns the other shares, (part, first, end)."""
+    row_bytes, count = raw.strides[0], len(rows)
+    bounds = np.searchsorted(rows, starts)
+    starts_run = np.ones(count, bool)
+    starts_run[1:] = np.diff(rows) != 1
+    starts_run[bounds[(bounds > 0) & (bounds < count)]] = True  # a part's first row starts a run of its own
+    firsts = np.flatnonzero(starts_run)
+    part = np.searchsorted(starts, rows[firsts], side="right") - 1
+    offset = np.array([-1 if o is None else o for o in offsets], np.int64)[part]
+    byte_starts = (offset + (rows[firsts] - starts[part]) * row_bytes).tolist()
+    lengths = ((np.append(firsts[1:], count) - firsts) * row_bytes).tolist()
+    at = (firsts * row_bytes).tolist()
+    runs = np.searchsorted(firsts, bounds).tolist()  # part i's runs: runs[i]:runs[i + 1]
+    low, high = rows[np.minimum(bounds[:-1], count - 1)].tolist(), rows[np.maximum(bounds[1:] - 1, 0)].tolist()
+    buffer, left = memoryview(raw.reshape(-1).view(np.uint8)), []
+    for i, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if a == b:
+            continue
+        r0, r1 = runs[i], runs[i + 1]
+        if offsets[i] is None or not reading_suits(r1 - r0, high[i] - low[i] + 1, row_bytes):
+            left.append((i, a, b))
+            continue
+        with open(paths[i], "rb", buffering=0) as f:
+            _read_into(f, paths[i], byte_starts[r0:r1], at[r0:r1], lengths[r0:r1], buffer)
+    return left
 
 
 def _map_windows(f, path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], rows: np.ndarray,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbpkit.errors import UsageError
-from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, save_json, save_npy
+from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, read_rows_of_parts, save_json, save_npy
 from dbpkit.keys import _parquet_file, _text_lines, keys_as_utf8, read_keys, strip_extensions
 from dbpkit.trie import load_trie
 
@@ -108,14 +108,13 @@ class Embeddings:
         """The rows at sorted indices of the whole, checked and L2-normalised: read part by part, normalised in
         one pass (a cluster of LAION's has a few rows in each of thousands of parts)."""
         starts = self.starts()
+        x = np.empty((len(rows), self.dim), np.float32)
+        read_rows_of_parts(self.parts, starts, rows, x)
+        if unit_in_place(x):
+            return x
         bounds = np.searchsorted(rows, starts)
         pieces = [(part, rows[a:b] - start, a, b)
                   for part, start, a, b in zip(self.parts, starts, bounds[:-1], bounds[1:]) if a < b]
-        x = np.empty((len(rows), self.dim), np.float32)
-        for part, local, a, b in pieces:
-            part.take(local, out=x[a:b])
-        if unit_in_place(x):
-            return x
         return np.concatenate([checked_unit(x[a:b], part.path, local) for part, local, a, b in pieces])  # (named)
 
     def files(self) -> list[str]:

@@ -204,3 +204,50 @@ def test_rows_of_many_parts_are_normalised_as_each_part_alone(tmp_path):
             expected.append(x / np.linalg.norm(x, axis=1, keepdims=True))
     assert np.array_equal(got, np.concatenate(expected))
     assert np.isfinite(got).all() and np.allclose(np.linalg.norm(got.astype(np.float64), axis=1), 1, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def many_parts(tmp_path_factory):
+    """Parts of every kind a layout holds: little- and big-endian float32, float16, float64, an .npz, an empty part;
+    each of its own rows (their values tell their row of the whole)."""
+    folder = tmp_path_factory.mktemp("parts")
+    sizes = [7, 0, 12, 1, 9, 15, 6, 4, 5, 8]
+    kinds = ["<f4", "<f4", ">f4", "<f4", "<f2", "<f8", "npz", "<f2", "npz16", "<f2"]
+    whole = np.arange(sum(sizes) * 3, dtype=np.float32).reshape(-1, 3) / 8  # (exact in float16 too)
+    parts, first = {}, 0
+    for n, (size, kind) in enumerate(zip(sizes, kinds)):
+        x = whole[first:first + size]
+        first += size
+        path = folder / f"p{n}.{'npz' if kind.startswith('npz') else 'npy'}"
+        if kind.startswith("npz"):  # compressed: no offset, read by its take
+            dtype = np.dtype(np.float16 if kind == "npz16" else np.float32)
+            np.savez_compressed(path, l14_img=x.astype(dtype))
+            parts[n] = layouts.Part(str(path), size, 3, dtype, None, npz_key="l14_img", offset=None)
+            continue
+        np.save(path, x.astype(kind))
+        shape, dtype, _, offset = files.read_npy_header(str(path))
+        parts[n] = layouts.Part(str(path), shape[0], 3, dtype, None, offset=offset)
+    return whole, [parts[n] for n in sorted(parts)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), way=st.sampled_from(sorted(WAYS)), gather=st.sampled_from([2, 5, 1 << 13]),
+       kind=st.sampled_from(["<f4", "<f2", "mixed"]))
+def test_rows_of_many_parts_are_read_as_numpy_indexes_their_whole(many_parts, data, way, gather, kind):
+    """read_rows_of_parts, the runs of all parts found in one pass (parts of one dtype, float32 or float16 as LAION's)
+    or each part by its own take (mixed dtypes), a few rows gathered at a time or all: each row as numpy's indexing
+    of the whole gives it, whichever way each share is read, a run never carried past its part's end."""
+    whole, parts = many_parts
+    if kind != "mixed":  # the parts of one dtype (an empty one among the float32, a compressed .npz the float16)
+        parts = [p for p in parts if p.dtype == np.dtype(kind)]
+    total = sum(p.rows for p in parts)
+    starts = np.cumsum([0] + [p.rows for p in parts])
+    expected_whole = np.concatenate([whole[:0]] + [np.asarray(
+        np.load(p.path)["l14_img"] if p.offset is None else np.load(p.path), np.float32) for p in parts])
+    rows = np.array(data.draw(st.lists(st.integers(0, total - 1), unique=True).map(sorted)), np.int64)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**WAYS[way], "GATHER_ROWS": gather}.items():
+            patch.setattr(files, name, value)
+        out = np.full((len(rows) + 2, 3), -1, np.float32)
+        files.read_rows_of_parts(parts, starts, rows, out[1:-1])
+    assert np.array_equal(out[1:-1], expected_whole[rows]) and (out[[0, -1]] == -1).all()
