@@ -29,6 +29,7 @@ from the page cache first (Linux), against the warm run.
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int
     torch.set_num_threads(1)  # as in each worker, where the probe runs
     strips = strips_match(BLOCK_ROWS, dim, torch.float16 if device == "cuda" else torch.float32, torch.device(device))
     rate = block_macs(sizes, dim, strips) / scored
-    gemm = __import__("json").loads(measure([sys.executable, "-c", GEMM, device, str(dim), str(BLOCK_ROWS),
+    gemm = json.loads(measure([sys.executable, "-c", GEMM, device, str(dim), str(BLOCK_ROWS),
                                              str(GEMM_SECONDS)])["stdout"])["macs_per_s"]
     device_rate = gemm * (workers if device == "cpu" else 1)  # the CPU's: a core per worker; a GPU is shared
     print(f"scoring on {device}: {rate / 1e9:.1f} G multiply-adds/s in its stage ({scored:.2f} s); the "
@@ -322,12 +323,12 @@ def main() -> None:
     for i in range(args.repeats):
         runs.append({**ours(data, os.path.join(work, f"dedup_{i}"), args.workers), "folder": f"dedup_{i}"})
         square = measure([sys.executable, "-c", SQUARE_PROCESS, data, str(args.clusters)])
-        squares.append({**square, **__import__("json").loads(square["stdout"])})
+        squares.append({**square, **json.loads(square["stdout"])})
     script, square = median(runs, "wall_s"), median(squares, "wall_s")
     floor = median(squares, "square_s")["square_s"]
     pairs = sorted(run["wall_s"] / sq["square_s"] for run, sq in zip(runs, squares))
     theirs = measure([sys.executable, "-c", SEMDEDUP, data, str(args.clusters)])
-    times = __import__("json").loads(theirs["stdout"])
+    times = json.loads(theirs["stdout"])
     print(f"{'step (the median of ' + str(args.repeats) + ' runs where repeated)':52s} {'s':>8s} {'peak RSS MB':>12s} "
           f"{'tree RSS MB':>12s}")
     print(f"{'deduplicate.py, whole process (imports included)':52s} {script['wall_s']:8.2f} "
@@ -350,7 +351,7 @@ def main() -> None:
     scored = stages["scored"] - stages["score started"]
     gathered = stages["writing the report"] - stages["scored"]
     report = script["wall_s"] - before - scored - gathered
-    imports = __import__("json").loads(measure([sys.executable, "-c", FORK_SERVER_IMPORTS, ROOT,
+    imports = json.loads(measure([sys.executable, "-c", FORK_SERVER_IMPORTS, ROOT,
                                                 *PARSER_MODULES])["stdout"])
     print(f"where its {script['wall_s']:.2f} s went: {before:.2f} s until the workers took the first cluster "
           f"(the workers' fork server's imports: {imports['total_s']:.2f} s, torch's {imports['torch_s']:.2f} s "
