@@ -351,8 +351,7 @@ def main() -> None:
     scored = stages["scored"] - stages["score started"]
     gathered = stages["writing the report"] - stages["scored"]
     report = script["wall_s"] - before - scored - gathered
-    imports = json.loads(measure([sys.executable, "-c", FORK_SERVER_IMPORTS, ROOT,
-                                                *PARSER_MODULES])["stdout"])
+    imports = json.loads(measure([sys.executable, "-c", FORK_SERVER_IMPORTS, ROOT, *PARSER_MODULES])["stdout"])
     print(f"where its {script['wall_s']:.2f} s went: {before:.2f} s until the workers took the first cluster "
           f"(the workers' fork server's imports: {imports['total_s']:.2f} s, torch's {imports['torch_s']:.2f} s "
           f"of it), {scored:.2f} s scoring ({scored / floor:.2f}x the "
