@@ -170,7 +170,7 @@ def scoring_rate(data: str, run: str, device: str, workers: int, sizes: list[int
     strips = strips_match(BLOCK_ROWS, dim, torch.float16 if device == "cuda" else torch.float32, torch.device(device))
     rate = block_macs(sizes, dim, strips) / scored
     gemm = json.loads(measure([sys.executable, "-c", GEMM, device, str(dim), str(BLOCK_ROWS),
-                                             str(GEMM_SECONDS)])["stdout"])["macs_per_s"]
+                               str(GEMM_SECONDS)])["stdout"])["macs_per_s"]
     device_rate = gemm * (workers if device == "cpu" else 1)  # the CPU's: a core per worker; a GPU is shared
     print(f"scoring on {device}: {rate / 1e9:.1f} G multiply-adds/s in its stage ({scored:.2f} s); the "
           f"device's GEMM on a {BLOCK_ROWS} x {dim} block: {device_rate / 1e9:.1f} G/s"
