@@ -54,15 +54,17 @@ def rows_apart(count: int, total: int, seed: list[int]) -> np.ndarray:
 
 def read_way(way: str, path: str, header: tuple, rows: np.ndarray, out: np.ndarray) -> None:
     shape, dtype, _, offset = header
-    with open(path, "rb", buffering=0) as f:
-        if way == "mapped":
+    if way == "mapped":
+        with open(path, "rb", buffering=0) as f:
             files._map_windows(f, path, offset, dtype, shape, rows, out)
-            return
-        asked, files.WILL_NEED = files.WILL_NEED, (files.WILL_NEED if way == "runs" else None)
-        try:
-            files._read_runs(f, path, offset, dtype, shape[1] * dtype.itemsize, rows, files.run_ends(rows), out)
-        finally:
-            files.WILL_NEED = asked
+        return
+    # read_rows, made to read every run (SPARSE_BYTES 0), asking for them first or not
+    saved = files.SPARSE_BYTES, files.WILL_NEED
+    files.SPARSE_BYTES, files.WILL_NEED = 0, (files.WILL_NEED if way == "runs" else None)
+    try:
+        files.read_rows(path, offset, dtype, shape, rows, out)
+    finally:
+        files.SPARSE_BYTES, files.WILL_NEED = saved
 
 
 def one_point(path: str, apart_kb: int, ways: tuple[str, ...], cold: bool) -> tuple[int, dict[str, float], str]:
@@ -83,7 +85,8 @@ def one_point(path: str, apart_kb: int, ways: tuple[str, ...], cold: bool) -> tu
             times[way].append(time.perf_counter() - start)
             assert np.array_equal(out, np.load(path, mmap_mode="r")[rows])  # (the mapping gone at once)
     rows = rows_apart(count, shape[0], [apart_kb, 0])
-    picked = "runs" if files.reads_better(rows, files.run_ends(rows), row_bytes) else "mapped"
+    runs = 1 + int(np.count_nonzero(np.diff(rows) != 1))
+    picked = "runs" if files.reading_suits(runs, int(rows[-1] - rows[0]) + 1, row_bytes) else "mapped"
     return count, {way: float(np.median(t)) for way, t in times.items()}, picked
 
 

@@ -32,7 +32,6 @@ WINDOW_BYTES = 64 << 20  # rows are mapped at most this much of a file at a time
 # (tenths of a second).
 SPARSE_BYTES = 32 << 10
 FEW_RUNS = 32  # this few runs are read: a mapping costs about as much as this many reads
-FEW_ROWS = 64  # runs among this few rows are found by a loop (numpy's calls cost more on so few)
 GATHER_ROWS = 1 << 13  # rows gathered at a time in their files' dtype, to convert (float16, dim 1024: 16 MB)
 WILL_NEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # (no posix_fadvise on macOS: the rows are read as asked)
 CUT_SHORT = "ends before the rows its header promises (it changed during the run)"
@@ -164,26 +163,12 @@ def read_rows(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], r
     through short-lived mappings of a window of the file at a time, where one page fault brings in several of them."""
     if not len(rows):
         return
-    row_bytes = shape[1] * dtype.itemsize
-    ends = run_ends(rows)
-    with open(path, "rb", buffering=0) as f:
-        if reads_better(rows, ends, row_bytes):
-            _read_runs(f, path, offset, dtype, row_bytes, rows, ends, out)
-        else:
+    raw = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
+    if _read_runs([path], [offset], np.array([0, shape[0]]), rows, raw):  # (mapping suits them better)
+        with open(path, "rb", buffering=0) as f:
             _map_windows(f, path, offset, dtype, shape, rows, out)
-
-
-def run_ends(rows: np.ndarray) -> list[int]:
-    """Where each run of consecutive rows ends in `rows` (sorted, not empty)."""
-    if len(rows) <= FEW_ROWS:  # (a loop: numpy's calls would cost more than the work)
-        values = rows.tolist()
-        return [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1] + [len(values)]
-    return [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
-
-
-def reads_better(rows: np.ndarray, ends: list[int], row_bytes: int) -> bool:
-    """Whether reading these runs of rows costs less than mapping them."""
-    return reading_suits(len(ends), int(rows[-1]) - int(rows[0]) + 1, row_bytes)
+    elif raw is not out:
+        out[:] = raw
 
 
 def reading_suits(runs: int, span: int, row_bytes: int) -> bool:
@@ -204,20 +189,6 @@ def ask_ahead(f, starts: list[int], lengths: list[int]) -> None:
             os.posix_fadvise(f.fileno(), start, length, WILL_NEED)
     except OSError:
         pass
-
-
-def _read_runs(f, path: str, offset: int, dtype: np.dtype, row_bytes: int, rows: np.ndarray, ends: list[int],
-               out: np.ndarray) -> None:
-    """Each run with a read of its own, all of them asked for first (4096 rows 64 KB apart in a file not in the page
-    cache: 0.03 s instead of 0.3 s, benchmarks/bench_read.py --cold)."""
-    # In Python's integers: a few rows (a cluster's share of one of LAION's parts) cost less so than by numpy's calls
-    firsts = [0, *ends[:-1]]
-    starts = [offset + row * row_bytes for row in rows[firsts].tolist()]
-    raw = out if dtype == out.dtype and out.flags.c_contiguous else np.empty(out.shape, dtype)
-    _read_into(f, path, starts, [a * row_bytes for a in firsts], [(b - a) * row_bytes for a, b in zip(firsts, ends)],
-               memoryview(raw.reshape(-1).view(np.uint8)))
-    if raw is not out:
-        out[:] = raw
 
 
 def _read_into(f, path: str, starts: list[int], at: list[int], lengths: list[int], buffer: memoryview) -> None:
@@ -244,7 +215,7 @@ def read_rows_of_parts(parts: Sequence[Any], starts: np.ndarray, rows: np.ndarra
     for c0 in range(0, len(rows), step):
         chunk, into = rows[c0:c0 + step], out[c0:c0 + step]
         raw = into if in_place else np.empty(into.shape, dtype)
-        for i, a, b in _read_shares(paths, offsets, starts, chunk, raw):  # the shares not read
+        for i, a, b in _read_runs(paths, offsets, starts, chunk, raw):  # the shares not read
             parts[i].take(chunk[a:b] - starts[i], out=raw[a:b])
         if raw is not into:
             into[:] = raw
@@ -256,10 +227,13 @@ def _shares(starts: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int]]:
     return [(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if a < b]
 
 
-def _read_shares(paths: list[str], offsets: list[int | None], starts: np.ndarray, rows: np.ndarray,
-                 raw: np.ndarray) -> list[tuple[int, int, int]]:
-    """read_rows_of_parts' runs, into `raw` (C-contiguous, of the files' dtype): every file's share that reading
-    suits (reads_better's rule), all its runs asked for first; returns the other shares, (part, first, end)."""
+def _read_runs(paths: list[str], offsets: list[int | None], starts: np.ndarray, rows: np.ndarray,
+               raw: np.ndarray) -> list[tuple[int, int, int]]:
+    """Rows `rows` (sorted) of a whole made of files, row r of it row r - starts[i] of file i (whose rows begin
+    offsets[i] bytes in; None: not a plain array), into `raw` (C-contiguous, of the files' dtype): each file's share
+    that reading suits (reading_suits), a read a run, all of its runs asked for first (4096 rows 64 KB apart in a
+    file not in the page cache: 0.03 s instead of 0.3 s, benchmarks/bench_read.py --cold). Every run is found in one
+    pass over all the rows. Returns the other shares, (file, first, end), for the caller to read."""
     row_bytes, count = raw.strides[0], len(rows)
     bounds = np.searchsorted(rows, starts)
     starts_run = np.ones(count, bool)

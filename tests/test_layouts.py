@@ -61,12 +61,20 @@ def test_take_is_numpys_indexing_read_either_way(arrays, kind, way, rows):
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.lists(st.integers(0, 300), min_size=1, max_size=3 * files.FEW_ROWS).map(sorted))
-def test_runs_are_found_alike_among_few_rows_and_many(rows):
-    """run_ends, by a loop among FEW_ROWS rows or fewer and by numpy among more: a run is rows whose value less
-    their position is one number (itertools.groupby on it), a repeated row starting a new run."""
-    positions = [len(list(group)) for _, group in itertools.groupby(r - i for i, r in enumerate(rows))]
-    assert files.run_ends(np.array(rows, dtype=np.int64)) == list(itertools.accumulate(positions))
+@given(rows=st.lists(st.integers(0, ROWS - 1), min_size=1, max_size=3 * ROWS).map(sorted))
+def test_each_run_of_consecutive_rows_is_one_read(arrays, rows):
+    """A run is rows whose value less their position is one number (itertools.groupby on it), a repeated row
+    starting a new run: each run is one read of its bytes, whole, in order."""
+    part = part_of(arrays["f4"])  # 5 float32: 20 bytes a row
+    runs = [[r for _, r in group] for _, group in itertools.groupby(enumerate(rows), key=lambda ir: ir[1] - ir[0])]
+    reads = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "SPARSE_BYTES", 0)  # every run read, none mapped
+        read = files.read_exactly
+        patch.setattr(files, "read_exactly", lambda f, start, buffer, path: (
+            reads.append((start, len(buffer))), read(f, start, buffer, path)))
+        part.take(np.array(rows, dtype=np.int64))
+    assert reads == [(part.offset + run[0] * 20, len(run) * 20) for run in runs]
 
 
 def test_few_runs_or_runs_far_apart_are_read_and_the_others_mapped(tmp_path, monkeypatch):
@@ -74,7 +82,7 @@ def test_few_runs_or_runs_far_apart_are_read_and_the_others_mapped(tmp_path, mon
     SPARSE_BYTES (line rows of 64 bytes) apart on average."""
     used = []
     monkeypatch.setattr(files, "FEW_RUNS", 3)
-    monkeypatch.setattr(files, "_read_runs", lambda *a: used.append("runs"))
+    monkeypatch.setattr(files, "_read_into", lambda *a: used.append("runs"))
     monkeypatch.setattr(files, "_map_windows", lambda *a: used.append("windows"))
     np.save(tmp_path / "emb.npy", np.zeros((8000, 16), np.float32))
     part = part_of(tmp_path / "emb.npy")
