@@ -15,7 +15,8 @@ Writes into --output_folder, one part per shard, numbered in shard order (what c
   metadata/metadata_<n>.parquet     image_path (the sample's __key__), caption and url when present
   failed.txt                        shard, key, reason: the samples without a decodable image (never fatal)
   params.json (the model, its revision, the processor's settings), logs.log
-A stopped run is finished by rerunning it: the shards already embedded are not redone.
+A stopped run is finished by rerunning it: the shards already embedded are not redone (a rerun with other flags
+or --shards is refused rather than throw them away; --overwrite starts afresh).
 
     python compute_embeddings.py --shards "DATA/{00000..01023}.tar" --output_folder EMB
     python compute_embeddings.py --shards "pipe:aws s3 cp s3://bucket/{00000..00099}.tar -" \\

@@ -2,7 +2,8 @@
 
 A run writes into a hidden staging folder and, when it succeeds, moves its outputs into place, the marker
 file last; a run that fails leaves the folder as it was; a stopped resumable run keeps its staged work for a
-rerun with the same inputs and flags. A lock keeps a second run out.
+rerun with the same inputs and flags (one with others is refused rather than let it discard that work, unless
+--overwrite). A lock keeps a second run out.
 """
 
 from __future__ import annotations
@@ -83,6 +84,30 @@ class FolderLock:
         self.lock.release()
 
 
+def _holds_work(staging: str) -> bool:
+    """Whether a staging folder holds a file besides its manifest: a stopped run's work."""
+    for folder, _, names in os.walk(staging):
+        if any(folder != staging or name != MANIFEST for name in names):
+            return True
+    return False
+
+
+def _differences(old: Any, new: dict) -> str:
+    """What two runs' `resume` records differ in, as the user knows them: flags and the input files."""
+    if not isinstance(old, dict):
+        return "inputs or flags (it left no record of them)"
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "flags" and isinstance(old[key], dict) and isinstance(new.get(key), dict):
+            names += [f"--{flag}" for flag in sorted(set(old[key]) | set(new[key]))
+                      if old[key].get(flag) != new[key].get(flag)]
+        else:
+            names.append("the input files' content" if key == "files" else f"--{key}")
+    return ", ".join(names)
+
+
 def _name_holder(fd: int) -> None:
     """Write who holds the lock into its file (a killed holder's line may still be there)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -97,8 +122,10 @@ class SaveDir:
     unless `overwrite` (those of a killed run are not: a rerun finishes it). A failed run leaves the folder
     as it was (one it created goes again). A run given `resume` (what its work is made from: inputs,
     flags) keeps its staging folder when it is stopped (not when it fails on bad input), and a rerun with
-    the same `resume` goes on from it (`out.resumed`); with another, it starts afresh. One run at a time
-    (FolderLock)."""
+    the same `resume` goes on from it (`out.resumed`); one with another is refused, naming what differs, while
+    that work is there (days of embedding, say), or with `overwrite` starts afresh. One run at a time
+    (FolderLock). A `resume` is a dict of flag values by name, with the inputs' content under "files" and more
+    flags under "flags"."""
 
     def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str,
                  resume: Any = None):
@@ -138,9 +165,15 @@ class SaveDir:
         self.folders = NewFolders(self.dir)
         # Refused here, nothing is undone: the folder, even one this run created, is the other run's now.
         self.lock = FolderLock(self.dir, self.flag).acquire()
+        earlier = load_json(self.path(MANIFEST)) if self.resume is not None else None
+        self.resumed = self.resume is not None and earlier == self.resume
+        if self.resume is not None and not self.resumed and not self.overwrite and _holds_work(self.staging):
+            self.lock.release()  # (its work stays as it is, for the run it belongs to)
+            raise UsageError(self.flag, f"{self.dir} holds the unfinished work of a stopped run that differs in "
+                             f"{_differences(earlier, self.resume)}", "rerun that run's command to finish it, or "
+                             "pass --overwrite to discard its work and start afresh")
         try:
             self._refuse_existing()  # again: another run may have completed it since we looked
-            self.resumed = self.resume is not None and load_json(self.path(MANIFEST)) == self.resume
             if not self.resumed:
                 shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left, or another run's work
             os.makedirs(self.staging, exist_ok=True)

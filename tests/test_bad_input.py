@@ -280,6 +280,55 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
         savedir.check_creatable(str(tmp_path / "new" / "out"), "--save_folder")
 
 
+def test_a_stopped_runs_work_is_refused_to_a_run_with_other_flags_not_thrown_away(tmp_path):
+    """Asked of dbpkit.savedir directly: the staged work of a stopped run, and a rerun whose inputs or flags differ
+    (its `resume`). Refused, naming what differs, the work left as it was and the folder free for the run it
+    belongs to; with --overwrite the new run starts afresh; the same `resume` goes on from it."""
+    import json
+
+    from dbpkit import savedir
+
+    save = tmp_path / "out"
+    stopped = {"files": "sha256:aa", "batch_size": 256, "model": {"name": "m", "dim": 8},
+               "flags": {"seed": 1, "niter": 20, "k_sweep": [2, 3]}}
+    staging = save / savedir.STAGING_DIR
+    (staging / "img_emb").mkdir(parents=True)
+    (staging / savedir.MANIFEST).write_text(json.dumps(stopped))
+    (staging / "img_emb" / "img_emb_0.npy").write_bytes(b"two days of a GPU")
+
+    class Stopped(Exception):
+        pass
+
+    def enter(resume, overwrite=False):  # a run of the resumable kind that is stopped again at once: what it found
+        with pytest.raises(Stopped):
+            with savedir.SaveDir(str(save), overwrite, ("img_emb", "params.json"), "params.json", "--output_folder",
+                                 resume=resume) as out:
+                found = out.resumed, sorted(os.listdir(out.staging))
+                raise Stopped
+        return found
+
+    other = {**stopped, "files": "sha256:bb", "batch_size": 512, "flags": {"seed": 2, "niter": 20, "k_sweep": [2]}}
+    with pytest.raises(du.UsageError) as refused:
+        enter(other)
+    assert str(refused.value) == (
+        f"--output_folder: {save} holds the unfinished work of a stopped run that differs in --batch_size, the input "
+        "files' content, --k_sweep, --seed (rerun that run's command to finish it, or pass --overwrite to discard its "
+        "work and start afresh)")
+    assert (staging / "img_emb" / "img_emb_0.npy").read_bytes() == b"two days of a GPU"
+    assert json.loads((staging / savedir.MANIFEST).read_text()) == stopped
+    with pytest.raises(du.UsageError, match=r"differs in --model \(rerun"):
+        enter({**stopped, "model": {"name": "m", "dim": 16}})
+    (staging / savedir.MANIFEST).unlink()  # a staging folder with work and no record of what it was made from
+    with pytest.raises(du.UsageError, match=r"differs in inputs or flags \(it left no record of them\)"):
+        enter(stopped)
+    (staging / savedir.MANIFEST).write_text(json.dumps(stopped))
+    # The lock was let go each time: the run the work belongs to goes on from it.
+    assert enter(json.loads(json.dumps(stopped))) == (True, ["img_emb", savedir.MANIFEST])
+    assert enter(other, overwrite=True) == (False, [savedir.MANIFEST])  # afresh: the stopped run's work is gone
+    # A staging folder holding only its manifest (a run stopped before any work) is no obstacle.
+    assert enter(stopped) == (False, [savedir.MANIFEST])
+
+
 def test_a_cluster_file_cut_short_after_it_was_scanned_is_one_clear_error(tmp_path):
     """A file that changes between the scan of its header and the read of its rows (rewritten by another job), or
     goes."""

@@ -186,6 +186,9 @@ def test_killed_run_is_finished_by_a_rerun_without_redoing_clusters(tmp_path):
     assert not (save / "sorted_clusters").exists() and not (save / "clustering.json").exists()
     done = {name: (staged / name).stat().st_mtime_ns for name in os.listdir(staged) if not name.startswith(".")}
     assert done, "the run wrote a cluster file before it reached the stage"
+    r = run_script(CLUSTER_SCRIPT, *args, "--seed", 7, "--save_folder", save)
+    assert r.returncode == 2 and "holds the unfinished work of a stopped run that differs in --seed (rerun that " \
+        "run's command" in error_line(r.stderr)  # its clusters kept for it, not redone (below):
     r = run_script(CLUSTER_SCRIPT, *args, "--save_folder", save)
     assert r.returncode == 0, r.stderr
     assert f"resumed a stopped run; done before: the keys, k-means, the assignment, {len(done)} of 60" in r.stdout

@@ -273,6 +273,10 @@ def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
     staged = {name for name in os.listdir(tmp_path / "d" / ".dbp_staging" / "matches")
               if not name.startswith(".")}  # (not a .partial file of a task killed as it wrote)
     assert staged  # the largest cluster, scored first
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", *EPS, "--save_folder", tmp_path / "d", "--which-to-keep", "easy")
+    assert r.returncode == 2 and "holds the unfinished work of a stopped run that differs in --which_to_keep (rerun " \
+        "that run's command to finish it, or pass --overwrite" in error_line(r.stderr)  # its scores kept for it:
     r = dedup(data, tmp_path / "d")
     assert f"scores reused for {len(staged)} clusters" in r.stdout
     assert outputs(tmp_path / "d") == outputs(expected)

@@ -187,6 +187,14 @@ def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, referenc
     assert not (out / "params.json").exists() and not (out / "img_emb").exists()  # nothing published
     staged = out / ".dbp_staging" / "img_emb"
     assert sorted(p.name for p in staged.iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
+    parts = {p.name: p.read_bytes() for p in staged.iterdir()}
+    # A rerun with another batch size (other bits) would have to start afresh: refused, the parts kept for this one.
+    r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
+                   "--batch-size", 8)
+    assert r.returncode == 2 and error_line(r.stderr) == (
+        f"error: --output_folder: {out} holds the unfinished work of a stopped run that differs in --batch_size "
+        "(rerun that run's command to finish it, or pass --overwrite to discard its work and start afresh)")
+    assert {p.name: p.read_bytes() for p in staged.iterdir()} == parts
     (tmp_path / "shards" / "00003.tar").write_bytes(data)  # the download, done again
     r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
                    "--batch-size", 16)
