@@ -15,8 +15,9 @@ Writes into --output_folder, one part per shard, numbered in shard order (what c
   metadata/metadata_<n>.parquet     image_path (the sample's __key__), caption and url when present
   failed.txt                        shard, key, reason: the samples without a decodable image (never fatal)
   params.json (the model, its revision, the processor's settings), logs.log
-A stopped run is finished by rerunning it: the shards already embedded are not redone (a rerun with other flags
-or --shards is refused rather than throw them away; --overwrite starts afresh).
+A stopped run is finished by rerunning it: the shards already embedded are not redone, also when the rerun lists
+other shards (one that cannot be read left out, more added); a rerun with another model, --batch-size or --fp16
+is refused rather than throw them away (--overwrite starts afresh).
 
     python compute_embeddings.py --shards "DATA/{00000..01023}.tar" --output_folder EMB
     python compute_embeddings.py --shards "pipe:aws s3 cp s3://bucket/{00000..00099}.tar -" \\
@@ -88,14 +89,16 @@ def main() -> None:
     model = os.path.abspath(folder) if os.path.isdir(folder) else args.model  # (as every node sees it)
     encoder = load_encoder(model, args.device if args.distributor == "local" else "cpu")
     described = encoder.describe()
-    run = {"shards": urls, "model": described, "batch_size": args.batch_size, "fp16": args.fp16}
+    # (not the shards: a part is named for its shard, and a rerun with another list reuses those of shards in both)
+    run = {"model": described, "batch_size": args.batch_size, "fp16": args.fp16}
     outputs = (shards.EMBEDDINGS_DIR, shards.METADATA_DIR, FAILED_FILE, FAILED_SHARDS_FILE, files.LOG_FILE,
                files.PARAMS_FILE)
     save = savedir.SaveDir(output, args.overwrite, outputs, files.PARAMS_FILE, "--output_folder", resume=run)
     with save as out:
-        for folder in (shards.EMBEDDINGS_DIR, shards.METADATA_DIR, shards.FAILED_DIR, shards.SOURCES_DIR):
-            os.makedirs(out.path(folder), exist_ok=True)
-        todo = [n for n in range(len(urls)) if not shards.part_done(out.staging, n, urls[n])]
+        os.makedirs(out.path(shards.PARTS_DIR), exist_ok=True)
+        first = {url: n for n, url in reversed(list(enumerate(urls)))}  # (a shard listed twice is embedded once)
+        todo = sorted(n for url, n in first.items() if not shards.part_done(out.staging, url))
+        before = len(first) - len(todo)
         unread = embed_shards(args, encoder, urls, todo, out.staging, workers)
         if unread:
             listed = os.path.join(output, FAILED_SHARDS_FILE)  # beside the staged parts, for the user to read
@@ -104,18 +107,20 @@ def main() -> None:
             raise Incomplete(f"{len(unread)} of {len(urls)} shards could not be read (listed with the reason in "
                              f"{listed}); the other {len(urls) - len(unread)} are embedded and kept, nothing is "
                              "published as complete: rerun the same command to embed only the shards missing")
+        for folder in (shards.EMBEDDINGS_DIR, shards.METADATA_DIR):  # (a run stopped laying them out left some)
+            shutil.rmtree(out.path(folder), ignore_errors=True)
+            os.makedirs(out.path(folder))
         rows, failed = 0, 0
         with open(out.path(FAILED_FILE), "w", encoding="utf-8") as f:
-            for n in range(len(urls)):
-                emb, _, failures, _ = shards.part_files(out.staging, n)
+            for n, url in enumerate(urls):
+                shards.place_part(out.staging, url, n)
+                emb, _, failures, _ = shards.part_files(out.staging, url)
                 rows += len(np.load(emb, mmap_mode="r"))
                 with open(failures, encoding="utf-8") as part:
                     lines = part.readlines()
                 f.writelines(lines)
                 failed += len(lines)
-        shutil.rmtree(out.path(shards.FAILED_DIR))
-        shutil.rmtree(out.path(shards.SOURCES_DIR))
-        cli.log.info(f"{len(urls)} shards ({len(urls) - len(todo)} embedded before), {rows} rows, {failed} failed")
+        cli.log.info(f"{len(urls)} shards ({before} embedded before), {rows} rows, {failed} failed")
         run_log.write(out.path(files.LOG_FILE))
         pattern = local_path(args.shards)
         files.save_json(out.path(files.PARAMS_FILE), {**described, "shards": pattern, "shard_count": len(urls),
@@ -123,7 +128,7 @@ def main() -> None:
                                                       "device": args.device, "fp16": args.fp16,
                                                       "distributor": args.distributor, "dim": embedding_dim(encoder),
                                                       "rows": rows, "failed": failed, "version": dbpkit.__version__})
-    resumed = f"; {len(urls) - len(todo)} embedded before" if len(todo) < len(urls) else ""
+    resumed = f"; {before} embedded before" if before else ""
     print(f"embedded {rows} images of {len(urls)} shards with {args.model}{tasks.on(args.distributor)} "
           f"({failed} without a decodable image{resumed}) -> {args.output_folder}")
 
@@ -135,15 +140,14 @@ def embed_shards(args, encoder, urls: list[str], todo: list[int], staging: str, 
     from dbpkit import shards
 
     if args.distributor == "ray":
-        jobs = [(urls[n], n, staging, encoder.name, args.device, args.batch_size, args.fp16, args.retries)
-                for n in todo]
+        jobs = [(urls[n], staging, encoder.name, args.device, args.batch_size, args.fp16, args.retries) for n in todo]
         with tasks.TaskPool(workers, "ray") as pool:
             return gathered(urls, todo, pool.run(shards.embed_shard_task, jobs, "embed", unit="shard",
                                                  resources={"num_gpus": 1} if args.device == "cuda" else None))
     with cli.progress(None, "embed", "image") as bar:  # images/s; each batch is a safe point
         cli.stage("embed started")
-        return gathered(urls, todo, (shards.embed_shard_retrying(encoder, urls[n], n, staging, args.batch_size,
-                                                                 workers, args.fp16, args.retries, bar.update)
+        return gathered(urls, todo, (shards.embed_shard_retrying(encoder, urls[n], staging, args.batch_size, workers,
+                                                                 args.fp16, args.retries, bar.update)
                                      for n in todo))
 
 

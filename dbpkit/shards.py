@@ -7,15 +7,21 @@ the same batches, and so the same bytes, for any number of workers.
 
 Each shard becomes one part of clip-retrieval's layout, numbered in shard order:
 `img_emb/img_emb_<n>.npy` and `metadata/metadata_<n>.parquet` (image_path = the sample's __key__,
-caption and url when the shard has them), plus, while the run is staged, the samples without a decodable
-image (`failed/<n>.txt`) and the shard's content fingerprint (`sources/<n>.txt`).
+caption and url when the shard has them). While the run is staged, a part is named for its shard, not its
+place (`parts/<hash of the url>.*`, with the samples without a decodable image and a record of the shard:
+its url and content fingerprint), so that a rerun with another list of shards (one that cannot be read
+left out, more appended) reuses the part of every shard in both; the parts are linked into the layout
+once all are embedded.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +38,22 @@ from dbpkit.local_engine import exit_with
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
-FAILED_DIR, SOURCES_DIR = "failed", "sources"  # per part while the run is staged: its failures, its shard's fingerprint
+PARTS_DIR = "parts"  # while the run is staged: each shard's part, named for the shard
 BAD_KEY_CHARACTERS = {"\t": "a tab", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL"}
 PARQUET_ROWS = 1 << 16
 
 
-def part_files(out: str, n: int) -> tuple[str, str, str, str]:
-    """Part n's embeddings, metadata (clip-retrieval's layout), failures and the fingerprint of its shard."""
-    return (os.path.join(out, EMBEDDINGS_DIR, f"img_emb_{n}.npy"),
-            os.path.join(out, METADATA_DIR, f"metadata_{n}.parquet"), os.path.join(out, FAILED_DIR, f"{n}.txt"),
-            os.path.join(out, SOURCES_DIR, f"{n}.txt"))
+def part_files(out: str, url: str) -> tuple[str, str, str, str]:
+    """The staged part of shard `url`: its embeddings, metadata, failures and the record of its shard."""
+    name = hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()
+    base = os.path.join(out, PARTS_DIR, name)
+    return f"{base}.npy", f"{base}.parquet", f"{base}.failed.txt", f"{base}.source.json"
+
+
+def shard_record(url: str) -> str:
+    """What a part records of its shard: the url (a pipe: command's stream cannot be fingerprinted) and the
+    content's fingerprint, taken before the shard is read (a shard changed meanwhile is not taken for this one)."""
+    return json.dumps({"url": url, "fingerprint": shard_fingerprint(url)})
 
 
 def shard_fingerprint(url: str) -> str:
@@ -50,13 +62,26 @@ def shard_fingerprint(url: str) -> str:
     return file_fingerprint(url) if os.path.isfile(url) else ""
 
 
-def part_done(out: str, n: int, url: str) -> bool:
-    """Part n is embedded, from the shard as it is now (a shard regenerated under the same name is not)."""
-    emb, _, _, source = part_files(out, n)
+def part_done(out: str, url: str) -> bool:
+    """Shard `url`'s part is embedded, from the shard as it is now (a shard regenerated under the same name is
+    not)."""
+    emb, _, _, record = part_files(out, url)
     if not os.path.exists(emb):
         return False
-    with open(source) as f:
-        return f.read() == shard_fingerprint(url)
+    with open(record) as f:
+        return f.read() == shard_record(url)
+
+
+def place_part(out: str, url: str, n: int) -> None:
+    """Shard `url`'s staged part as part n of clip-retrieval's layout under `out`: linked, so that it stays where
+    it is (a run stopped while laying the parts out loses none), or copied where the file system has no links."""
+    emb, meta, _, _ = part_files(out, url)
+    for source, target in ((emb, os.path.join(out, EMBEDDINGS_DIR, f"img_emb_{n}.npy")),
+                           (meta, os.path.join(out, METADATA_DIR, f"metadata_{n}.parquet"))):
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
 
 
 # failed.txt: one sample a line, `shard<TAB>key<TAB>reason`, each field escaped so that any key round-trips.
@@ -149,12 +174,12 @@ class ShardUnreadable(Exception):
     """A shard that cannot be read (a truncated tar, a failed pipe: command): retried, then listed as failed."""
 
 
-def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, workers: int, fp16: bool,
+def embed_shard(encoder: Encoder, url: str, out: str, batch_size: int, workers: int, fp16: bool,
                 step: Any = None) -> tuple[int, int]:
-    """Embed shard `url` into part n under `out` (written whole, the embeddings file last: it marks the part
+    """Embed shard `url` into its part under `out` (written whole, the embeddings file last: it marks the part
     done). Returns (rows, failed samples). `step(count)` is called after each batch (a progress bar)."""
     device = next(encoder.model.parameters()).device
-    source = shard_fingerprint(url)  # (before reading: a shard changed meanwhile is not taken for this one)
+    record = shard_record(url)
     started = functools.partial(_loader_worker_started, os.getpid()) if workers else None
     loader = torch.utils.data.DataLoader(ShardSamples(url, encoder.name), batch_size=None, num_workers=workers,
                                          multiprocessing_context="fork" if workers else None, worker_init_fn=started)
@@ -196,7 +221,7 @@ def embed_shard(encoder: Encoder, url: str, n: int, out: str, batch_size: int, w
     flush()
     dim = embedding_dim(encoder)
     emb = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
-    write_part(out, n, emb, keys, captions, urls, failed, source)
+    write_part(out, url, emb, keys, captions, urls, failed, record)
     return len(keys), len(failed)
 
 
@@ -209,7 +234,7 @@ def _loader_worker_started(run: int, worker_id: int) -> None:
     exit_with(run)
 
 
-def embed_shard_retrying(encoder: Encoder, url: str, n: int, out: str, batch_size: int, workers: int, fp16: bool,
+def embed_shard_retrying(encoder: Encoder, url: str, out: str, batch_size: int, workers: int, fp16: bool,
                          retries: int, step: Any = None) -> str | None:
     """embed_shard, tried again up to `retries` times while the shard cannot be read. Returns None once the
     part is written, else why the shard could not be read."""
@@ -222,7 +247,7 @@ def embed_shard_retrying(encoder: Encoder, url: str, n: int, out: str, batch_siz
     for attempt in range(retries + 1):
         counted[0] = 0
         try:
-            embed_shard(encoder, url, n, out, batch_size, workers, fp16, counting if step else None)
+            embed_shard(encoder, url, out, batch_size, workers, fp16, counting if step else None)
             return None
         except ShardUnreadable as e:
             if counted[0]:
@@ -231,9 +256,9 @@ def embed_shard_retrying(encoder: Encoder, url: str, n: int, out: str, batch_siz
     return reason
 
 
-def embed_shard_task(task: tuple[str, int, str, str, str, int, bool, int]) -> str | None:
+def embed_shard_task(task: tuple[str, str, str, str, int, bool, int]) -> str | None:
     """One shard as a task (on Ray): the images decoded in the task, the model loaded once per worker."""
-    url, n, out, model, device, batch_size, fp16, retries = task
+    url, out, model, device, batch_size, fp16, retries = task
     if device == "cuda" and not torch.cuda.is_available():
         import socket
 
@@ -242,19 +267,19 @@ def embed_shard_task(task: tuple[str, int, str, str, str, int, bool, int]) -> st
         raise UsageError(f"--device cuda: node {socket.gethostname()}",
                          f"Ray gave this task GPU {ray.get_gpu_ids()}, but torch there sees no CUDA device",
                          "install torch with CUDA on the GPU nodes, or pass --device cpu")
-    return embed_shard_retrying(cached_encoder(model, device), url, n, out, batch_size, 0, fp16, retries)
+    return embed_shard_retrying(cached_encoder(model, device), url, out, batch_size, 0, fp16, retries)
 
 
-def write_part(out: str, n: int, emb: np.ndarray, keys: list, captions: list, urls: list, failed: list,
-               source: str) -> None:
-    """Part n: its shard's fingerprint, its failures, its metadata (image_path, and caption and url where the
-    shard had them), then its embeddings (float16, one row per key), each written whole."""
+def write_part(out: str, url: str, emb: np.ndarray, keys: list, captions: list, urls: list, failed: list,
+               record: str) -> None:
+    """Shard `url`'s part: the record of its shard, its failures, its metadata (image_path, and caption and url
+    where the shard had them), then its embeddings (float16, one row per key), each written whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    emb_path, meta_path, failed_path, source_path = part_files(out, n)
-    with atomic_open(source_path, "w") as f:
-        f.write(source)
+    emb_path, meta_path, failed_path, record_path = part_files(out, url)
+    with atomic_open(record_path, "w") as f:
+        f.write(record)
     with atomic_open(failed_path, "w", encoding="utf-8") as f:
         f.writelines(failed)
     columns = {"image_path": pa.array(keys, pa.string())}

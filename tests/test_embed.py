@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,8 +164,6 @@ def test_the_five_steps_from_images(tmp_path):
 
 def shard_copies(toy, folder, count=3):
     """Copies of the toy shards (which the test may then change), and their brace pattern."""
-    import shutil
-
     folder.mkdir()
     for n in range(count):
         shutil.copy(toy["shards"][n % len(toy["shards"])], folder / f"{n:05d}.tar")
@@ -185,8 +184,10 @@ def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, referenc
     assert len(listed) == 1 and listed[0].startswith(str(tmp_path / "shards" / "00003.tar") + "\t")
     assert "unexpected end of data" in listed[0] and "tried 3 times" in listed[0] and "<_io" not in listed[0]
     assert not (out / "params.json").exists() and not (out / "img_emb").exists()  # nothing published
-    staged = out / ".dbp_staging" / "img_emb"
-    assert sorted(p.name for p in staged.iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
+    staged = out / ".dbp_staging" / "parts"  # each part named for its shard, which its record names
+    records = {json.loads(p.read_text())["url"] for p in staged.glob("*.source.json")}
+    assert records == {str(tmp_path / "shards" / f"{n:05d}.tar") for n in range(3)}
+    assert len(list(staged.iterdir())) == 3 * 4  # embeddings, metadata, failures, record
     parts = {p.name: p.read_bytes() for p in staged.iterdir()}
     # A rerun with another batch size (other bits) would have to start afresh: refused, the parts kept for this one.
     r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
@@ -195,6 +196,23 @@ def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, referenc
         f"error: --output_folder: {out} holds the unfinished work of a stopped run that differs in --batch_size "
         "(rerun that run's command to finish it, or pass --overwrite to discard its work and start afresh)")
     assert {p.name: p.read_bytes() for p in staged.iterdir()} == parts
+    # Another list of shards (the broken one left out, the others in another order): the parts of the shards in both
+    # are reused, laid out in the new order, as a fresh run on that list writes them.
+    shutil.copytree(out, tmp_path / "emb2")
+    (tmp_path / "emb2" / ".dbp_staging" / "img_emb").mkdir()  # as a run stopped while laying the parts out leaves it
+    (tmp_path / "emb2" / ".dbp_staging" / "img_emb" / "img_emb_0.npy").write_bytes(b"a part of the list before")
+    listed = f"{tmp_path}/shards/00002.tar::{tmp_path}/shards/00001.tar"  # (webdataset's list of shards)
+    r = run_script(EMBED_SCRIPT, "--shards", listed, "--output_folder", tmp_path / "emb2", "--model", toy["model"],
+                   "--batch-size", 16)
+    assert r.returncode == 0 and "2 embedded before" in r.stdout, r.stderr
+    got, expected = outputs(tmp_path / "emb2"), outputs(reference[0])
+    for new, old in ((0, 2), (1, 1)):
+        for name in ("img_emb/img_emb_{}.npy", "metadata/metadata_{}.parquet"):
+            assert got[Path(name.format(new))] == expected[Path(name.format(old))]
+    assert sorted(os.listdir(tmp_path / "emb2" / "img_emb")) == ["img_emb_0.npy", "img_emb_1.npy"]
+    failures = (tmp_path / "emb2" / "failed.txt").read_text().splitlines()
+    assert failures and all(line.startswith(f"{tmp_path}/shards/00001.tar\t") for line in failures)
+    assert len(failures) == len((reference[0] / "failed.txt").read_text().splitlines())  # (all in shard 1)
     (tmp_path / "shards" / "00003.tar").write_bytes(data)  # the download, done again
     r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
                    "--batch-size", 16)
@@ -206,6 +224,30 @@ def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, referenc
         for name in (f"img_emb/img_emb_{n}.npy", f"metadata/metadata_{n}.parquet"):
             assert got[Path(name)] == expected[Path(name)]
     assert got[Path("img_emb/img_emb_3.npy")] == expected[Path("img_emb/img_emb_0.npy")]  # shard 0's copy
+
+
+def test_a_part_is_linked_into_the_layout_or_copied_where_the_file_system_has_no_links(tmp_path, monkeypatch):
+    from dbpkit import shards
+
+    url = "pipe:curl -s https://host/data/00007.tar"
+    emb, meta, _, _ = shards.part_files(str(tmp_path), url)
+    os.makedirs(os.path.dirname(emb))
+    for folder in (shards.EMBEDDINGS_DIR, shards.METADATA_DIR):
+        os.makedirs(tmp_path / folder)
+    Path(emb).write_bytes(b"embeddings")
+    Path(meta).write_bytes(b"metadata")
+    shards.place_part(str(tmp_path), url, 5)
+    placed = (tmp_path / "img_emb" / "img_emb_5.npy", tmp_path / "metadata" / "metadata_5.parquet")
+    assert [os.stat(p).st_ino for p in placed] == [os.stat(emb).st_ino, os.stat(meta).st_ino]  # linked
+
+    def no_links(source: str, target: str) -> None:  # (as on a file system without hard links)
+        raise PermissionError(1, "Operation not permitted", target)
+
+    monkeypatch.setattr(os, "link", no_links)
+    shards.place_part(str(tmp_path), url, 6)
+    placed = (tmp_path / "img_emb" / "img_emb_6.npy", tmp_path / "metadata" / "metadata_6.parquet")
+    assert [p.read_bytes() for p in placed] == [b"embeddings", b"metadata"]  # copied
+    assert os.stat(placed[0]).st_ino != os.stat(emb).st_ino and Path(emb).read_bytes() == b"embeddings"
 
 
 def test_a_shard_regenerated_under_the_same_name_is_embedded_again(toy, reference, tmp_path):
