@@ -106,7 +106,9 @@ def main() -> None:
                 f.writelines(f"{shards.escape_field(urls[n])}\t{shards.escape_field(why)}\n" for n, why in unread)
             raise Incomplete(f"{len(unread)} of {len(urls)} shards could not be read (listed with the reason in "
                              f"{listed}); the other {len(urls) - len(unread)} are embedded and kept, nothing is "
-                             "published as complete: rerun the same command to embed only the shards missing")
+                             "published as complete: rerun the same command to embed only the shards missing, or leave "
+                             "them out of --shards to do without them (lists join with ::, as in "
+                             "DATA/{00000..00002}.tar::DATA/{00004..00099}.tar)")
         for folder in (shards.EMBEDDINGS_DIR, shards.METADATA_DIR):  # (a run stopped laying them out left some)
             shutil.rmtree(out.path(folder), ignore_errors=True)
             os.makedirs(out.path(folder))

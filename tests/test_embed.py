@@ -180,6 +180,7 @@ def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, referenc
     assert r.returncode == 1, r.stderr
     line = error_line(r.stderr)
     assert "1 of 4 shards could not be read" in line and "rerun the same command" in line
+    assert "or leave them out of --shards to do without them (lists join with ::" in line  # (as below)
     listed = (out / "failed_shards.txt").read_text().splitlines()
     assert len(listed) == 1 and listed[0].startswith(str(tmp_path / "shards" / "00003.tar") + "\t")
     assert "unexpected end of data" in listed[0] and "tried 3 times" in listed[0] and "<_io" not in listed[0]
