@@ -134,7 +134,9 @@ class TaskPool:
                 stage(f"{desc} started")  # (stages are named for fault-injection tests)
                 results = (run_task(func, task) for task in tasks)
             else:
-                results = self._ordered(func, tasks, desc, resources, total)
+                # (its rate and time left count from when the workers are running, not from their start-up:
+                # the fork server's imports would make the first estimate of a LAION run a day too long)
+                results = self._ordered(func, tasks, desc, resources, total, bar.unpause)
             for done, result in enumerate(results):
                 if done == 0:
                     stage(f"{desc} under way")
@@ -142,7 +144,7 @@ class TaskPool:
                 yield result
 
     def _ordered(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, resources: dict,
-                 total: int) -> Iterator[Any]:
+                 total: int, running: Callable[[], Any]) -> Iterator[Any]:
         engine = self._engine()
         # Tasks go out in batches when there are many of them (a task per cluster), so that handing them out
         # costs little beside their work; a task needing resources (a GPU) goes alone.
@@ -154,6 +156,7 @@ class TaskPool:
                 pending.append(engine.submit(run_batch, (func, batch), resources))
             if not started:
                 stage(f"{desc} started")  # the workers are running
+                running()
                 started = True
             if not pending:
                 return

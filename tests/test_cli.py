@@ -28,6 +28,30 @@ def test_pool_results_come_in_order_from_several_workers():
     assert os.getpid() not in {pid for _, pid in results}
 
 
+def test_a_bars_rate_and_time_left_count_from_when_the_workers_are_running(monkeypatch):
+    """Not from the bar's creation: the workers' start-up (a fork server importing torch, a second or more) would
+    make the first estimate of a long run far too long. tqdm's own clock, read back from the bar."""
+    bars, reached = [], {}
+    real_progress, real_stage = tasks.progress, tasks.stage
+
+    @contextlib.contextmanager
+    def kept(*args, **kwargs):
+        with real_progress(*args, **kwargs) as bar:
+            bars.append((bar, bar.start_t))
+            yield bar
+
+    def noted(name: str) -> None:
+        reached.setdefault(name, time.time())
+        real_stage(name)
+
+    monkeypatch.setattr(tasks, "progress", kept)
+    monkeypatch.setattr(tasks, "stage", noted)
+    with tasks.TaskPool(2) as pool:
+        assert len(list(pool.run(square_or_fail, list(range(6)), "squares"))) == 6
+    [(bar, created)] = bars
+    assert created < reached["squares started"] <= bar.start_t <= reached["squares under way"]
+
+
 def test_a_workers_error_reaches_the_caller_and_stops_the_pool():
     with pytest.raises(errors.UsageError, match="item 13: is unlucky"):
         with tasks.TaskPool(2) as pool:
