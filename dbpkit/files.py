@@ -206,7 +206,7 @@ def read_rows_of_parts(parts: Sequence[Any], starts: np.ndarray, rows: np.ndarra
     run (the others left to its take): a cluster has a few rows in each of LAION's thousands of parts, where numpy's
     calls for each part would cost more than its reads."""
     if len({part.dtype for part in parts}) > 1:  # (mixed files: each part converts its own rows)
-        for i, a, b in _shares(starts, rows):
+        for i, a, b in shares(starts, rows):
             parts[i].take(rows[a:b] - starts[i], out=out[a:b])
         return
     paths, offsets, dtype = [part.path for part in parts], [part.offset for part in parts], parts[0].dtype
@@ -221,7 +221,7 @@ def read_rows_of_parts(parts: Sequence[Any], starts: np.ndarray, rows: np.ndarra
             into[:] = raw
 
 
-def _shares(starts: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int]]:
+def shares(starts: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int]]:
     """(part, first, end) of each part's share rows[first:end] of the sorted rows, for the parts that have one."""
     bounds = np.searchsorted(rows, starts).tolist()
     return [(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if a < b]

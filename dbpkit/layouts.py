@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbpkit.errors import UsageError
-from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, read_rows_of_parts, save_json, save_npy
+from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, read_rows_of_parts, save_json, save_npy, shares
 from dbpkit.keys import _parquet_file, _text_lines, keys_as_utf8, read_keys, strip_extensions
 from dbpkit.trie import load_trie
 
@@ -112,10 +112,8 @@ class Embeddings:
         read_rows_of_parts(self.parts, starts, rows, x)
         if unit_in_place(x):
             return x
-        bounds = np.searchsorted(rows, starts)
-        pieces = [(part, rows[a:b] - start, a, b)
-                  for part, start, a, b in zip(self.parts, starts, bounds[:-1], bounds[1:]) if a < b]
-        return np.concatenate([checked_unit(x[a:b], part.path, local) for part, local, a, b in pieces])  # (named)
+        return np.concatenate([checked_unit(x[a:b], self.parts[i].path, rows[a:b] - starts[i])  # (the culprit named)
+                               for i, a, b in shares(starts, rows)])
 
     def files(self) -> list[str]:
         return sorted({p.path for p in self.parts} | {p.keys for p in self.parts if p.keys})
