@@ -96,8 +96,10 @@ def main() -> None:
     save = savedir.SaveDir(output, args.overwrite, outputs, files.PARAMS_FILE, "--output_folder", resume=run)
     with save as out:
         os.makedirs(out.path(shards.PARTS_DIR), exist_ok=True)
-        first = {url: n for n, url in reversed(list(enumerate(urls)))}  # (a shard listed twice is embedded once)
-        todo = sorted(n for url, n in first.items() if not shards.part_done(out.staging, url))
+        first = {}  # each shard's first place in the list (a shard listed twice is embedded once)
+        for n, url in enumerate(urls):
+            first.setdefault(url, n)
+        todo = [n for url, n in first.items() if not shards.part_done(out.staging, url)]
         before = len(first) - len(todo)
         unread = embed_shards(args, encoder, urls, todo, out.staging, workers)
         if unread:
