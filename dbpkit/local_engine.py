@@ -18,6 +18,7 @@ import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
 import pickle
+import secrets
 import select
 import shutil
 import signal
@@ -58,7 +59,9 @@ class LocalEngine:
     def __init__(self, workers: int, preload: tuple[str, ...]):
         self.slots = workers
         self.others = set(multiprocessing.active_children())  # children not of this pool (a caller's own)
-        self.folder = tempfile.mkdtemp(prefix="dbp_results_")
+        # Made by the first result too large for the pipe, if one comes (most runs have none): so a run killed
+        # together with its workers (kill -9 of its process group) leaves no folder behind unless one was under way.
+        self.folder = os.path.join(tempfile.gettempdir(), f"dbp_results_{secrets.token_hex(8)}")
         self.executor = _start_executor(workers, preload, self.folder)
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
@@ -130,6 +133,7 @@ def _handed_back(folder: str, func: Callable[[Any], Any], task: Any) -> Any:
     pickled = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
     if len(pickled) <= IN_PIPE_BYTES:
         return result
+    os.makedirs(folder, mode=0o700, exist_ok=True)  # (its name unguessable, as mkdtemp's; the workers share it)
     fd, path = tempfile.mkstemp(suffix=".pickle", dir=folder)
     with os.fdopen(fd, "wb") as f:
         f.write(pickled)

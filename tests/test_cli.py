@@ -137,6 +137,35 @@ def test_results_of_any_size_come_back_whole_and_leave_no_file_behind():
     assert not os.path.exists(pool.engine.folder)
 
 
+RUN_OF_SMALL_RESULTS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from dbpkit import tasks
+with tasks.TaskPool(2) as pool:
+    print(sum(pool.run(len, ["ab", "cde"], "lengths")), flush=True)
+    sys.stdin.read()  # (killed here, with its workers)
+"""
+
+
+def test_a_run_killed_with_its_workers_leaves_no_results_folder(tmp_path):
+    """kill -9 of the whole process group (nothing of the run cleans up): the pool's folder in the temp dir is made
+    only for a result too large for the pipe, so a run that had none leaves nothing there."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    run = subprocess.Popen([sys.executable, "-c", RUN_OF_SMALL_RESULTS, ROOT], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert run.stdout.readline() == "5\n"
+        workers = descendants(run.pid)
+        assert workers
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=DEADLINE)
+        wait_until(lambda: not any(process_state(pid) not in (None, "Z") for pid in workers), what="the workers' end")
+        assert [name for name in os.listdir(tmp_path) if name.startswith("dbp_results_")] == []
+    finally:
+        run.kill()
+        run.wait()
+
+
 LARGE_RESULT = """
 import os, time
 FOLDER = os.environ["DBP_TEST_FOLDER"]
@@ -225,11 +254,11 @@ def test_a_killed_runs_results_folder_goes_with_its_workers(tmp_path):
     its workers, ending with it, remove the folder."""
     run = start_large_result(tmp_path, RUN_KILLED)
     try:
-        folder = run.stdout.readline().strip()
-        assert os.path.isdir(folder), folder
+        folder = run.stdout.readline().strip()  # (made when the large result comes)
         worker = hand_back_while_stopped(tmp_path, run)
         workers = descendants(run.pid)
-        wait_until(lambda: os.listdir(folder) and process_state(worker) == "S")  # handed back, waiting for more
+        # handed back, waiting for more
+        wait_until(lambda: os.path.isdir(folder) and os.listdir(folder) and process_state(worker) == "S")
         os.kill(run.pid, signal.SIGKILL)
         wait_until(lambda: not os.path.exists(folder), what="the results folder removed")
         wait_until(lambda: not any(process_state(pid) not in (None, "Z") for pid in workers), what="the workers' end")
