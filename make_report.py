@@ -244,9 +244,10 @@ def main() -> None:
             shutil.rmtree(thumbs)  # embedded in index.html
         files.save_json(out.path(REPORT_FILE), entries)
     pages = 1 if args.inline else 1 + len(clusters) + bool(dedup)
-    print(f"report of {len(run.stats)} clusters ({len(shown)} with a page), {len(entries)} thumbnails "
-          f"({sum(placeholders.values())} placeholders), {pages} page(s){tasks.on(args.distributor) if urls else ''} "
-          f"-> {args.save_folder}")
+    images = len({e["key"] for e in entries})  # (an image can be shown more than once: a cluster's strip and page)
+    print(f"report of {len(run.stats)} clusters ({len(shown)} with a page), {len(entries)} thumbnails of {images} "
+          f"images ({sum(placeholders.values())} of them placeholders), {pages} page(s)"
+          f"{tasks.on(args.distributor) if urls else ''} -> {args.save_folder}")
 
 
 def pair_views(pairs, found, missing: str) -> list[dict]:
