@@ -209,8 +209,10 @@ def main() -> None:
         extremes = [{"title": title, "rows": [{"cluster": j, "complexity": number(run.stats[j]["complexity"]),
                                                "kept": f"{run.stats[j]['quota']} of {run.stats[j]['size']}",
                                                "thumbs": member_thumbs(views[j], "spread")} for j in ids]}
-                    for title, ids in ((f"The {len(most_complex)} most complex clusters (kept most)", most_complex),
-                                       (f"The {len(simplest)} simplest clusters (pruned hardest)", simplest))]
+                    # (what the softmax gives them; the fraction each keeps also depends on its size)
+                    for title, ids in ((f"The {len(most_complex)} most complex clusters (the largest shares of the "
+                                        "kept samples)", most_complex),
+                                       (f"The {len(simplest)} simplest clusters (the smallest shares)", simplest))]
         figures = [{"title": title, "name": name, "path": os.path.join(source, name)}
                    for title, name, source in (("DBP quotas per cluster", PRUNE_PLOT_FILE, args.prune_dir),
                                                ("SemDeDup similarities", DEDUP_PLOT_FILE, args.dedup_dir))

@@ -232,6 +232,12 @@ def test_index_has_the_funnel_the_extremes_and_every_cluster(pipeline, made):
     shown = list(dict.fromkeys(int(t["data-cluster"]) for t in page.thumbs))
     by_complexity = sorted(complexity, key=complexity.get)
     assert shown == by_complexity[::-1][:2] + by_complexity[:2]  # k = 4: the 2 most complex, then the 2 simplest
+    # what the headings say of them: the softmax's shares (not the fraction each keeps, which its size moves)
+    assert "The 2 most complex clusters (the largest shares of the kept samples)" in html
+    assert "The 2 simplest clusters (the smallest shares)" in html
+    share = {int(s["cluster_id"]): float(s["probability"]) for s in prune_stats(pipeline["run"])}
+    assert sorted(share[j] for j in shown[:2]) == sorted(share.values())[-2:]
+    assert sorted(share[j] for j in shown[2:]) == sorted(share.values())[:2]
     for j in shown:  # each strip: members evenly spread from the nearest to the farthest
         keys, distances = cluster_rows(pipeline["sorted"], j)
         ascending = [keys[i] for i in np.argsort(distances, kind="stable")]
