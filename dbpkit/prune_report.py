@@ -13,6 +13,10 @@ from dbpkit.files import write_csv
 
 STATS_FILE = "cluster_stats.csv"
 PLOT_FILE = "quotas.png"
+# The left panel's legend, in its upper left corner, reaches this far down (a fraction of the panel's height) for
+# each entry, and as much again for its frame: the y axis ends that far above the highest point, which it then
+# never hides (quotas all near the equal share sit at the top).
+LEGEND_ENTRY_HEIGHT = 0.052
 
 
 def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> str:
@@ -45,7 +49,7 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
     that large clusters do not hide small quotas). Right: the temperature sweep, how far the quotas move from
     the equal share at each T, the run's T marked."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     complexity, probs, quotas, sizes = table["complexity"], table["probability"], table["quota"], table["size"]
     share = probs * target
@@ -65,9 +69,12 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
     if raised.any():
         left.scatter(complexity[raised], quotas[raised], s=16, marker="^", color="tab:green", zorder=3,
                      label=f"held at the minimum m = {plan.min_per_cluster}")
-    left.set(ylim=(0, 1.15 * max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0)),
+    entries = 3 + whole.any() + raised.any()
+    headroom = 1 - LEGEND_ENTRY_HEIGHT * (entries + 1)
+    left.set(ylim=(0, max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0) / headroom),
              xlabel="complexity $C_j$", ylabel="samples kept", title=title)
     left.yaxis.set_major_formatter(EngFormatter(sep=""))  # 500k, 2M: short enough for the label beside them
+    left.xaxis.set_major_locator(MaxNLocator(6))  # complexities such as 0.00425: more labels would run together
     left.legend(loc="upper left", fontsize=8)
     edges = np.arange(len(order) + 1) - 0.5  # a bar per cluster, each drawn as one step artist (1000 bars: 0.5 s)
     right.stairs(sizes[order], edges, fill=True, color="0.8", label="cluster size $n_j$")
