@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from dbpkit.figures import legend_room
+
 # Rows per cluster in the paper's settings: what a run's own figure is read against.
 PAPER_SETTINGS = {"SemDeDup, LAION-440M at k = 50,000": 8_800, "DBP, LAION-DeDup-280M at k = 500": 560_000,
                   "DBP, DataComp-Medium at k = 100": 1_280_000}
@@ -32,7 +34,7 @@ def clusters_figure(sizes: np.ndarray, objective: float | None) -> Any:
     held = sizes[sizes > 0]
     top = max(int(sizes.max(initial=1)), max(PAPER_SETTINGS.values()))
     bins = np.geomspace(1, top * 1.5, 60)
-    ax.hist(np.maximum(held, 1), bins=bins, color="0.6")
+    counts, _, _ = ax.hist(np.maximum(held, 1), bins=bins, color="0.6")
     for value, label, color in ((held.min() if len(held) else 0, "smallest", "tab:red"),
                                 (float(np.median(sizes)), "median", "tab:blue"),
                                 (held.max(initial=0), "largest", "tab:green")):
@@ -42,10 +44,11 @@ def clusters_figure(sizes: np.ndarray, objective: float | None) -> Any:
     empty, single = int((sizes == 0).sum()), int((sizes == 1).sum())
     ax.set_xscale("log")
     ax.set(xlabel="rows in a cluster (log scale)", ylabel="clusters",
-           title=f"{len(sizes)} clusters, {sizes.sum():,} rows ({sizes.sum() / len(sizes):,.0f} a cluster); "
+           ylim=(0, legend_room(max(float(counts.max(initial=0)), 1.0), len(ax.lines))),  # (LAION's bars: the right)
+           title=f"{len(sizes)} clusters, {sizes.sum():,} rows ({sizes.sum() / len(sizes):,.0f} a cluster)\n"
                  f"{empty} empty, {single} of one row" + (f"; objective {objective:.6g}" if objective else ""))
     ax.legend(loc="upper right", fontsize=7)
-    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.86)  # (a title of two lines)
     return fig
 
 
@@ -61,7 +64,9 @@ def k_sweep_figure(sweep: dict[str, np.ndarray]) -> Any:
     right.plot(sweep["k"], sweep["dintra_spread"], marker="o", color="tab:orange", label="d_intra: max - min")
     right.plot(sweep["k"], sweep["complexity_spread"], marker="s", color="tab:purple",
                label="d_intra x d_inter: max - min")
-    right.set(xlabel="k", ylabel="spread over the clusters", title="what DBP's softmax will see")
+    highest = float(np.nanmax(np.concatenate([sweep["dintra_spread"], sweep["complexity_spread"]]), initial=0))
+    right.set(xlabel="k", ylabel="spread over the clusters", title="what DBP's softmax will see",
+              ylim=(0, legend_room(highest, 2) if highest > 0 else 1))  # (spreads grow with k: the right)
     right.legend(loc="upper right", fontsize=8)
     for ax in (left, right):
         ax.set_xscale("log")

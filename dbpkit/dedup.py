@@ -27,6 +27,7 @@ import numpy as np
 
 from dbpkit.clusters import ClusterFile, parse_distances, parse_row_numbers
 from dbpkit.errors import UsageError
+from dbpkit.figures import legend_room
 from dbpkit.files import atomic_open
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 from dbpkit.layouts import Embeddings, load_embeddings
@@ -42,6 +43,7 @@ REMOVED_FILE = "removed_paths.txt"  # in each eps_<e>/, beside KEPT_KEYS_FILE
 CURVE_FILE = "eps_curve.csv"  # the fraction removed over EPS_GRID: what similarity.png's right panel draws
 DISTANCE_FLOOR = 1e-7  # 1 - score below this (float32's resolution near 1) is drawn at it
 HISTOGRAM_BINS = np.logspace(-7, 0, 141)  # of 1 - score, log-spaced so that scores bunched near 1 separate
+HISTOGRAM_BOTTOM = 0.7  # its log axis starts below 1: a bin of one member shows
 EPS_GRID = np.logspace(-4, 0, 161)[:-1]  # eps values the plot reads the fraction removed at
 
 
@@ -362,6 +364,9 @@ def similarity_figure(eps_list: list[float], removed: np.ndarray, histogram: np.
     left.stairs(histogram, HISTOGRAM_BINS, fill=True, color="0.6")  # one artist, not 140 bars: 5x faster to draw
     left.set_xscale("log")
     left.set_yscale("log")
+    # (exact copies, the tallest bar of a LAION run, stand at the far left: under the legend without this room)
+    left.set_ylim(HISTOGRAM_BOTTOM, legend_room(max(int(histogram.max(initial=0)), 1), len(eps_list),
+                                                HISTOGRAM_BOTTOM, log=True))
     fraction = curve / max(total, 1)
     right.plot(EPS_GRID, fraction, color="0.3", lw=1.2)
     for i, eps in enumerate(eps_list):
@@ -371,7 +376,7 @@ def similarity_figure(eps_list: list[float], removed: np.ndarray, histogram: np.
                      label=f"eps {eps:g}: {gone:.1%} removed")
         right.scatter([eps], [gone], color=color, zorder=3, label=f"eps {eps:g}: {gone:.1%}")
     left.set(xlabel="1 - largest cosine similarity to an earlier member (log scale; left: near-copies)",
-             ylabel="members (log scale)", title=f"SemDeDup scores of {total} members")
+             ylabel="members (log scale)", title=f"SemDeDup scores of {total:,} members")
     left.legend(loc="upper left", fontsize=8)
     right.set_xscale("log")
     right.set(xlabel="eps (a member goes when its similarity > 1 - eps)", ylabel="fraction removed",

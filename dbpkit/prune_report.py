@@ -9,14 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from dbpkit.figures import legend_room
 from dbpkit.files import write_csv
 
 STATS_FILE = "cluster_stats.csv"
 PLOT_FILE = "quotas.png"
-# The left panel's legend, in its upper left corner, reaches this far down (a fraction of the panel's height) for
-# each entry, and as much again for its frame: the y axis ends that far above the highest point, which it then
-# never hides (quotas all near the equal share sit at the top).
-LEGEND_ENTRY_HEIGHT = 0.052
 
 
 def pruning_extremes(sizes: np.ndarray, quotas: np.ndarray, count: int = 3) -> str:
@@ -69,9 +66,8 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
     if raised.any():
         left.scatter(complexity[raised], quotas[raised], s=16, marker="^", color="tab:green", zorder=3,
                      label=f"held at the minimum m = {plan.min_per_cluster}")
-    entries = 3 + whole.any() + raised.any()
-    headroom = 1 - LEGEND_ENTRY_HEIGHT * (entries + 1)
-    left.set(ylim=(0, max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0) / headroom),
+    highest = max(float(share.max(initial=0)), float(quotas.max(initial=0)), 1.0)
+    left.set(ylim=(0, legend_room(highest, 3 + whole.any() + raised.any())),  # (quotas near the equal share: the top)
              xlabel="complexity $C_j$", ylabel="samples kept", title=title)
     left.yaxis.set_major_formatter(EngFormatter(sep=""))  # 500k, 2M: short enough for the label beside them
     left.xaxis.set_major_locator(MaxNLocator(6))  # complexities such as 0.00425: more labels would run together

@@ -189,3 +189,24 @@ def error_line(stderr: str) -> str:
     assert all(re.match(r"\r?[\w ]+: +(\d+%\||\d+\w+ \[)", bar) for bar in bars), stderr  # (with a total or not)
     assert line.startswith("error: ") and "Traceback" not in stderr, stderr
     return line
+
+
+def drawn(figure):
+    """The figure drawn as savefig draws it, and its renderer: what its artists' places are read back from."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    return renderer
+
+
+def under_legend(ax, points) -> list:
+    """The points (data coordinates of ax) that ax's legend covers in the drawn figure."""
+    box = ax.get_legend().get_window_extent(drawn(ax.figure))
+    return [tuple(p) for p, (x, y) in zip(points, ax.transData.transform(points))
+            if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1]
+
+
+def bar_tops(edges, heights) -> list:
+    """The left end, middle and right end of the top of each bar of height > 0 between `edges`."""
+    return [(x, h) for a, b, h in zip(edges[:-1], edges[1:], heights) if h > 0 for x in (a, np.sqrt(a * b), b)]

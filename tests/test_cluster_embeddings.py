@@ -524,6 +524,30 @@ def test_clusters_figure_marks_the_smallest_median_and_largest_cluster():
     assert "1 empty, 1 of one row" in ax.get_title() and ax.get_xscale() == "log"
 
 
+def test_cluster_figures_at_laions_scale_keep_their_legends_off_the_data_and_their_titles_whole():
+    """k = 500 over 330M rows (~560k a cluster, the paper's DBP setting): the histogram's bars stand at the right,
+    under clusters.png's legend as it was; k_sweep.png's spreads grow with k, to the right too. Read back from
+    the drawn figures: no bar top or point under a legend, the two-line title inside the picture."""
+    from conftest import bar_tops, drawn, under_legend
+
+    from dbpkit.cluster_report import clusters_figure, k_sweep_figure
+
+    sizes = np.round(np.random.default_rng(0).lognormal(np.log(560_000), 0.6, 500)).astype(np.int64)
+    figure = clusters_figure(sizes, 1234.5)
+    ax = figure.axes[0]
+    heights, edges = np.histogram(sizes, bins=[p.get_x() for p in ax.patches] + [ax.patches[-1].get_x()
+                                                                                 + ax.patches[-1].get_width()])
+    assert heights.sum() == 500 and under_legend(ax, bar_tops(edges, heights)) == []
+    title = ax.title.get_window_extent(drawn(figure))
+    assert title.x0 >= 0 and title.x1 <= figure.bbox.width and title.y1 <= figure.bbox.height
+    assert f"{sizes.sum():,} rows" in ax.get_title()
+    k = np.array([100, 200, 500, 1000, 2000])
+    right = k_sweep_figure({"k": k, "objective": k * 1.0, "dintra_spread": 0.01 * np.log(k),
+                            "complexity_spread": 0.004 * np.log(k)}).axes[1]
+    points = np.vstack([line.get_xydata() for line in right.lines])
+    assert len(points) == 10 and under_legend(right, points) == []
+
+
 @pytest.mark.parametrize("form", ["kept_keys.npy", "kept_keys_trie.pkl", "paths.txt"])
 def test_subset_keys_are_stripped_once(tmp_path, form):
     """kept_keys.npy and the trie hold keys, stripped already: `s/a.tar` (from s/a.tar.gz) selects that sample, not

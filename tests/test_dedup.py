@@ -7,7 +7,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import DEADLINE, ROOT, error_line, outputs, run_script, signal_main_thread, start_script, wait_paused
+from conftest import (DEADLINE, ROOT, bar_tops, error_line, outputs, run_script, signal_main_thread, start_script,
+                      under_legend, wait_paused)
 
 from dbpkit import dedup as scoring
 from dbpkit.dedup import max_earlier_similarity
@@ -587,6 +588,22 @@ def test_the_histogram_is_of_one_minus_the_score_on_a_log_axis():
     assert left.get_xscale() == "log" and HISTOGRAM_BINS[0] == DISTANCE_FLOOR
     (line,) = [line for line in left.lines if "eps 0.001" in line.get_label()]
     assert line.get_xdata()[0] == pytest.approx(0.001, rel=1e-3)  # the threshold stands at 1 - (1 - eps)
+
+
+def test_the_legend_hides_no_bar_when_exact_copies_are_the_tallest():
+    """A LAION run: exact copies (1 - score at the floor, the far left, where the legend stands) the tallest bar,
+    five eps in the legend; every bar's top is read back from the drawn figure, clear of it."""
+    from dbpkit.dedup import EPS_GRID, HISTOGRAM_BINS, similarity_figure
+
+    histogram = np.zeros(len(HISTOGRAM_BINS) - 1, np.int64)
+    histogram[0], histogram[1:8], histogram[60:120] = 5_000_000, 40_000, np.arange(60) * 50_000 + 10_000
+    eps = [0.0001, 0.001, 0.01, 0.05, 0.1]
+    figure = similarity_figure(eps, np.array([1, 2, 3, 4, 5]) * 10**6, histogram, np.zeros(len(EPS_GRID), np.int64),
+                               int(histogram.sum()))
+    left = figure.axes[0]
+    assert len(left.get_legend().get_texts()) == len(eps)
+    assert under_legend(left, bar_tops(HISTOGRAM_BINS, histogram)) == []
+    assert left.get_ylim()[0] < 1  # a bin of one member shows
 
 
 def test_every_eps_keeps_and_removes_by_its_own_threshold(tmp_path):

@@ -11,7 +11,8 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, brute_dinter, brute_dintra, run_script
+from conftest import (DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, brute_dinter, brute_dintra, drawn, run_script,
+                      under_legend)
 
 import dbp_utils as du
 
@@ -325,30 +326,23 @@ def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temp
     assert np.array_equal(sizes.values, table["size"][by_complexity])
     assert np.array_equal(kept.values, table["quota"][by_complexity])
     assert np.array_equal(sizes.edges, np.arange(len(table["size"]) + 1) - 0.5)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    renderer = FigureCanvasAgg(figure).get_renderer()
-    figure.draw(renderer)
     left = figure.axes[0]  # the quotas, all near the equal share at this T: at the top, where the legend goes
-    box = left.get_legend().get_window_extent(renderer)
     points = np.vstack([c.get_offsets() for c in left.collections] + [line.get_xydata() for line in left.lines
                                                                       if line.get_label().startswith("softmax")])
-    assert len(points) > len(table["size"])
-    assert not [p for p in left.transData.transform(points) if box.x0 <= p[0] <= box.x1 and box.y0 <= p[1] <= box.y1]
+    assert len(points) > len(table["size"]) and under_legend(left, points) == []
     c = table["complexity"]  # complexities as a tiny model's (the images demo's): their tick labels kept apart
     narrow = quotas_figure({**table, "complexity": 0.003 + 0.0019 * (c - c.min()) / np.ptp(c)}, sweep, plan,
                            int(table["quota"].sum()), 1000, "t")
-    renderer = FigureCanvasAgg(narrow).get_renderer()
-    narrow.draw(renderer)
+    renderer = drawn(narrow)
     labels = sorted((t.get_window_extent(renderer) for t in narrow.axes[0].get_xticklabels()
                      if t.get_visible() and t.get_text()), key=lambda b: b.x0)
     assert len(labels) >= 3 and all(a.x1 < b.x0 for a, b in zip(labels, labels[1:]))
-    # every axis label inside the picture, with counts
-    kept = int(table["quota"].sum())  # of six digits (the widest plain tick labels) as on LAION
+    kept = int(table["quota"].sum())  # every axis label inside the picture, with counts of six digits (the widest
+    # plain tick labels) as on LAION
     factor = 500_000 // max(int(table["quota"].max()), int(np.ceil((table["probability"] * kept).max())))
     large = {**table, "quota": table["quota"] * factor, "size": table["size"] * factor}
     figure = quotas_figure(large, sweep, plan, kept * factor, 1000, "t")
-    renderer = FigureCanvasAgg(figure).get_renderer()
-    figure.draw(renderer)
+    renderer = drawn(figure)
     assert all(ax.yaxis.label.get_window_extent(renderer).x0 >= 0 for ax in figure.axes)
 
 
