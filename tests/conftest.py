@@ -207,6 +207,7 @@ def under_legend(ax, points) -> list:
             if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1]
 
 
-def bar_tops(edges, heights) -> list:
+def bar_tops(edges, heights, log_x: bool = True) -> list:
     """The left end, middle and right end of the top of each bar of height > 0 between `edges`."""
-    return [(x, h) for a, b, h in zip(edges[:-1], edges[1:], heights) if h > 0 for x in (a, np.sqrt(a * b), b)]
+    return [(x, h) for a, b, h in zip(edges[:-1], edges[1:], heights) if h > 0
+            for x in (a, np.sqrt(a * b) if log_x else (a + b) / 2, b)]

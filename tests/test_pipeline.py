@@ -11,8 +11,8 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import (DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, brute_dinter, brute_dintra, drawn, run_script,
-                      under_legend)
+from conftest import (DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, bar_tops, brute_dinter, brute_dintra, drawn,
+                      run_script, under_legend)
 
 import dbp_utils as du
 
@@ -330,6 +330,7 @@ def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temp
     points = np.vstack([c.get_offsets() for c in left.collections] + [line.get_xydata() for line in left.lines
                                                                       if line.get_label().startswith("softmax")])
     assert len(points) > len(table["size"]) and under_legend(left, points) == []
+    assert under_legend(figure.axes[1], bar_tops(sizes.edges, sizes.values, log_x=False)) == []
     c = table["complexity"]  # complexities as a tiny model's (the images demo's): their tick labels kept apart
     narrow = quotas_figure({**table, "complexity": 0.003 + 0.0019 * (c - c.min()) / np.ptp(c)}, sweep, plan,
                            int(table["quota"].sum()), 1000, "t")
