@@ -77,9 +77,8 @@ def quotas_figure(table: dict[str, np.ndarray], sweep: dict[str, np.ndarray], pl
     right.stairs(quotas[order], edges, fill=True, color="tab:blue", label="kept $N_j$")
     right.set_yscale("log")
     bottom = right.get_ylim()[0]  # (matplotlib's, from the data)
-    right.set(xlim=(edges[0], edges[-1]), ylim=(bottom, legend_room(max(float(sizes.max(initial=1)), 1.0), 2, bottom,
-                                                                     log=True)),
-              xlabel="clusters, by complexity (lowest left)",
+    top = legend_room(max(float(sizes.max(initial=1)), 1.0), 2, bottom, log=True)  # (the simplest may be the largest)
+    right.set(xlim=(edges[0], edges[-1]), ylim=(bottom, top), xlabel="clusters, by complexity (lowest left)",
               ylabel="samples (log scale)", title="what each cluster keeps of what it has")
     right.legend(loc="upper left", fontsize=8)
     knob.plot(sweep["temperature"], sweep["moved_fraction"], marker="o", ms=3, color="tab:blue",
