@@ -7,8 +7,18 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import (DEADLINE, ROOT, bar_tops, error_line, outputs, run_script, signal_main_thread, start_script,
-                      under_legend, wait_paused)
+from conftest import (
+    DEADLINE,
+    ROOT,
+    bar_tops,
+    error_line,
+    outputs,
+    run_script,
+    signal_main_thread,
+    start_script,
+    under_legend,
+    wait_paused,
+)
 
 from dbpkit import dedup as scoring
 from dbpkit.dedup import max_earlier_similarity

@@ -11,8 +11,18 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import (DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, bar_tops, brute_dinter, brute_dintra, drawn,
-                      run_script, under_legend)
+from conftest import (
+    DINTER_SCRIPT,
+    DINTRA_SCRIPT,
+    OUTPUTS,
+    PRUNE_SCRIPT,
+    bar_tops,
+    brute_dinter,
+    brute_dintra,
+    drawn,
+    run_script,
+    under_legend,
+)
 
 import dbp_utils as du
 
