@@ -1,9 +1,10 @@
-"""The images a report shows, gathered in one streaming pass over webdataset shards, a task per shard.
+"""The images a report shows, gathered by streaming webdataset shards, a task per shard.
 
 A key of the cluster files names a sample as `<shard stem>/<__key__>` or as `__key__` alone, with or
-without an extension (`00012/000120034.jpg`), as the loader filter matches them. A task reads its shard
-in order and hands back, for each wanted key it meets, the caption, the url and a JPEG thumbnail (or why
-there is none): a few kilobytes a sample shown, whatever the size of the shard.
+without an extension (`00012/000120034.jpg`), as the loader filter matches them. Where a key's form names
+its shard (own_keys), only that shard is read for it. A task reads its shard in order, up to the last
+wanted sample, and hands back, for each wanted key it meets, the caption, the url and a JPEG thumbnail
+(or why there is none): a few kilobytes a sample shown, whatever the size of the shard.
 """
 
 from __future__ import annotations
@@ -50,8 +51,32 @@ def thumbnail(sample: dict, size: int) -> Found:
     return Found(caption, url, out.getvalue())
 
 
+def own_keys(urls: list[str], wanted: set[str]) -> tuple[dict[int, set[str]], set[str]]:
+    """The shard each wanted key belongs to: a key `<stem>/<rest>` whose stem is a given shard's, or img2dataset's
+    key (digits: `000120034`) beginning with a given shard's stem of digits (`00012.tar`), belongs to the shards of
+    that stem; the others cannot be placed. Returns the keys of each shard holding some (by its place in `urls`),
+    and those of none."""
+    by_stem: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        if stem := shard_stem(url):
+            by_stem.setdefault(stem, []).append(i)
+    digit_stems = sorted({len(stem) for stem in by_stem if stem.isdigit()})
+    own: dict[int, set[str]] = {}
+    nowhere = set()
+    for key in wanted:
+        shards = by_stem.get(key.split("/", 1)[0]) if "/" in key else None
+        if shards is None and key.isdigit():
+            shards = next((by_stem[key[:n]] for n in digit_stems if n < len(key) and key[:n] in by_stem), None)
+        for i in shards or ():
+            own.setdefault(i, set()).add(key)
+        if not shards:
+            nowhere.add(key)
+    return own, nowhere
+
+
 def gather_shard(task: tuple[str, frozenset[str], int]) -> ShardResult:
-    """One shard's wanted samples (task: url, the wanted keys without extension, thumbnail size in pixels)."""
+    """One shard's wanted samples (task: url, the wanted keys without extension, thumbnail size in pixels), read
+    up to the last of them."""
     url, wanted, size = task
     stem, found = shard_stem(url), {}
     try:
@@ -60,6 +85,8 @@ def gather_shard(task: tuple[str, frozenset[str], int]) -> ShardResult:
             for form in (f"{stem}/{key}" if stem else None, key):
                 if form in wanted and form not in found:
                     found[form] = thumbnail(sample, size)
+            if len(found) == len(wanted):
+                break
     except Exception as e:  # a truncated tar or a failed pipe: command (webdataset's errors vary); what was
         # read stays shown, the rest becomes placeholders that say why
         return ShardResult(found, unreadable_reason(e))

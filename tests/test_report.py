@@ -279,6 +279,44 @@ def test_without_shards_every_image_is_a_placeholder_saying_why(pipeline, tmp_pa
     assert f"{len(thumbs)} thumbnails of {len(keys)} images ({len(keys)} of them placeholders)" in r.stdout
 
 
+def shards_read_for(tmp_path, wanted: set[str]) -> tuple[set[str], list[str]]:
+    """make_report's gather_images over shards 00000..00003 of img2dataset's keys (the shard's 5 digits, then 4), where
+    shards 1 and 3 are not tars at all and shard 0 is cut short in its last sample (so any shard read to its end
+    is named unreadable), and 000020009 sits in shard 0 instead of its own. Returns the keys found and the
+    shards named unreadable: those read to the end."""
+    import make_report
+    from dbpkit import tasks
+
+    folder = tmp_path / "shards"
+    folder.mkdir(parents=True)
+    add_samples(str(folder / "00000.tar"), [("000000001", {"jpg": jpeg(1)}), ("000020009", {"jpg": jpeg(9)}),
+                                            ("k-of-no-shard", {"jpg": jpeg(5)}), ("000000004", {"jpg": jpeg(4)}),
+                                            ("000000005", {"jpg": jpeg(6)})])
+    with tarfile.open(folder / "00000.tar") as tar:
+        last = tar.getmembers()[-1]
+    os.truncate(folder / "00000.tar", last.offset_data + last.size // 2)  # (cut in the middle of the last image)
+    add_samples(str(folder / "00002.tar"), [("000020002", {"jpg": jpeg(2)}), ("000020003", {"jpg": jpeg(3)})])
+    for n in (1, 3):
+        (folder / f"0000{n}.tar").write_bytes(b"not a tar " * 100)
+    urls = [str(folder / f"0000{n}.tar") for n in range(4)]
+    (tmp_path / "thumbs").mkdir(exist_ok=True)
+    with tasks.TaskPool(1) as pool:
+        found, unreadable = make_report.gather_images(urls, wanted, 64, str(tmp_path / "thumbs"), pool)
+    assert all(found[key].jpeg is None and found[key].missing is None for key in found)  # (thumbnails on disk)
+    return set(found), sorted(os.path.basename(url) for url, _ in unreadable)
+
+
+def test_a_key_naming_its_shard_is_read_from_that_shard_alone(tmp_path):
+    """A LAION report wants a few thousand samples of 40,000 shards: only the shards its keys name are read, each
+    up to its last wanted sample; a key not in its own shard, or of no known shard, is looked for everywhere."""
+    assert shards_read_for(tmp_path / "a", {"000000001", "000020002", "00002/000020003"}) == (
+        {"000000001", "000020002", "00002/000020003"}, [])  # shards 1 and 3 never opened, 0 and 2 not to the end
+    assert shards_read_for(tmp_path / "b", {"000020002", "000020009"}) == (
+        {"000020002", "000020009"}, ["00001.tar", "00003.tar"])  # 000020009 not in 00002.tar: the others read
+    assert shards_read_for(tmp_path / "c", {"000000001", "k-of-no-shard", "000099999"}) == (
+        {"000000001", "k-of-no-shard"}, ["00000.tar", "00001.tar", "00003.tar"])  # (no shard 00009: everywhere)
+
+
 def test_undecodable_images_and_a_truncated_shard_become_placeholders(pipeline, made, tmp_path):
     """Shard 0 where no image decodes, shard 2 cut short: the report still shows the rest and says why."""
     folder = tmp_path / "shards"
