@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from dbpkit.files import atomic_open
 from dbpkit.samples import open_image, shard_samples, shard_stem, text_fields, unreadable_reason
 
 THUMBS_DIR = "thumbs"
@@ -91,3 +94,41 @@ def gather_shard(task: tuple[str, frozenset[str], int]) -> ShardResult:
         # read stays shown, the rest becomes placeholders that say why
         return ShardResult(found, unreadable_reason(e))
     return ShardResult(found)
+
+
+def gather_images(urls: list[str], wanted: set[str], size: int, thumbs: str, pool) -> tuple[dict[str, Found], list]:
+    """The wanted samples by their stripped key (thumbnails written under `thumbs`), and the shards that could not
+    be read to the end. A key whose form names its shard (own_keys) is looked for there only: of LAION's
+    40,000 shards a report reads the few thousand its samples are in, each up to the last of them. A key its shard
+    did not hold (read to the end) is then looked for in every other shard, as a key of no known shard is in
+    every shard from the start; the first shard holding a key, in that order, wins."""
+    own, nowhere = own_keys(urls, wanted)
+    found, unreadable = {}, {}
+    nowhere = frozenset(nowhere)  # (one set for every shard without keys of its own)
+    _read_shards(urls, range(len(urls)) if nowhere else sorted(own),
+                 lambda i: frozenset(own[i] | nowhere) if i in own else nowhere, size, thumbs, pool, "reading shards",
+                 found, unreadable)
+    elsewhere = frozenset(key for i, keys in own.items() if i not in unreadable for key in keys if key not in found)
+    if elsewhere:  # (keys not where their form said: every other shard is read for them)
+        _read_shards(urls, [i for i in range(len(urls)) if i not in own or not elsewhere <= own[i]],
+                     lambda i: frozenset(elsewhere - own[i]) if i in own else elsewhere, size, thumbs, pool,
+                     "the other shards, for keys not in their own", found, unreadable)
+    return found, [(urls[i], why) for i, why in sorted(unreadable.items())]
+
+
+def _read_shards(urls: list[str], shards: Sequence[int], keys: Callable[[int], frozenset[str]], size: int,
+                 thumbs: str, pool, desc: str, found: dict[str, Found], unreadable: dict[int, str]) -> None:
+    """Read each shard i of `shards` (places in `urls`) for keys(i), into `found` (a key found already stays) and
+    `unreadable` (shard i: why it could not be read to the end). A task's keys are made as it is handed out."""
+    jobs = ((urls[i], keys(i), size) for i in shards)
+    for i, result in zip(shards, pool.run(gather_shard, jobs, desc, unit="shard", total=len(shards)), strict=True):
+        if result.unreadable:
+            unreadable.setdefault(i, result.unreadable)
+        for key, sample in result.found.items():
+            if key in found:
+                continue
+            if sample.jpeg is not None:
+                with atomic_open(os.path.join(thumbs, thumb_name(key))) as f:
+                    f.write(sample.jpeg)
+                sample.jpeg = None  # on disk now: only the captions stay in memory
+            found[key] = sample

@@ -280,12 +280,11 @@ def test_without_shards_every_image_is_a_placeholder_saying_why(pipeline, tmp_pa
 
 
 def shards_read_for(tmp_path, wanted: set[str]) -> tuple[set[str], list[str]]:
-    """make_report's gather_images over shards 00000..00003 of img2dataset's keys (the shard's 5 digits, then 4), where
-    shards 1 and 3 are not tars at all and shard 0 is cut short in its last sample (so any shard read to its end
-    is named unreadable), and 000020009 sits in shard 0 instead of its own. Returns the keys found and the
+    """make_report's gather_images over shards 00000..00003 of img2dataset's keys (the shard's 5 digits, then 4),
+    where shards 1 and 3 are not tars at all and shard 0 is cut short in its last sample (so any shard read to its
+    end is named unreadable), and 000020009 sits in shard 0 instead of its own. Returns the keys found and the
     shards named unreadable: those read to the end."""
-    import make_report
-    from dbpkit import tasks
+    from dbpkit import tasks, thumbs
 
     folder = tmp_path / "shards"
     folder.mkdir(parents=True)
@@ -301,7 +300,7 @@ def shards_read_for(tmp_path, wanted: set[str]) -> tuple[set[str], list[str]]:
     urls = [str(folder / f"0000{n}.tar") for n in range(4)]
     (tmp_path / "thumbs").mkdir(exist_ok=True)
     with tasks.TaskPool(1) as pool:
-        found, unreadable = make_report.gather_images(urls, wanted, 64, str(tmp_path / "thumbs"), pool)
+        found, unreadable = thumbs.gather_images(urls, wanted, 64, str(tmp_path / "thumbs"), pool)
     assert all(found[key].jpeg is None and found[key].missing is None for key in found)  # (thumbnails on disk)
     return set(found), sorted(os.path.basename(url) for url, _ in unreadable)
 
