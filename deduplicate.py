@@ -119,13 +119,21 @@ def check_centroids(sorted_dir: str, dim: int) -> None:
 def fingerprint(args, clusters: list, embeddings: layouts.Embeddings) -> dict:
     """What the scores depend on: a rerun that matches reuses them (whatever its eps)."""
     digest = files.files_fingerprint([c.path for c in clusters] + embeddings.files())
-    return {"files": digest, "which_to_keep": args.which_to_keep, "seed": args.seed, "device": args.device}
+    return scores_key({"files": digest, "which_to_keep": args.which_to_keep, "seed": args.seed,
+                       "device": args.device})
+
+
+def scores_key(run: dict) -> dict:
+    """A fingerprint with --seed only where it changes the scores, under random (hard and easy draw nothing): also
+    that of a params.json written when every fingerprint held it."""
+    return {**run, "seed": run.get("seed") if run.get("which_to_keep") == "random" else None}
 
 
 def published(save_folder: str, run: dict) -> list[float] | None:
     """The eps of a completed run in save_folder that scored the same inputs (its scores are reused), or None."""
     params = files.load_json(os.path.join(save_folder, files.PARAMS_FILE))
-    if isinstance(params, dict) and params.get("fingerprint") == run:
+    if isinstance(params, dict) and isinstance(params.get("fingerprint"), dict) \
+            and scores_key(params["fingerprint"]) == run:
         return params.get("eps", [])
     return None
 

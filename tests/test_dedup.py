@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -271,6 +272,29 @@ def test_same_bytes_for_any_workers_and_a_new_eps_reuses_the_scores(data, dedupl
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.3,
                    "--which-to-keep", "easy", "--save_folder", tmp_path / "1")
     assert r.returncode == 2 and "already holds the outputs of a completed run" in r.stderr
+
+
+def test_another_seed_reuses_the_scores_of_hard_and_easy(data, deduplicated, tmp_path):
+    """--seed draws only under random: under hard a rerun with another seed and a new eps reuses the scores, also
+    those of a params.json whose fingerprint held the seed (as every one did before)."""
+    shutil.copytree(deduplicated("hard")[0], tmp_path / "d")
+    scores = tmp_path / "d" / "scores" / "cluster_4.npy"
+    before = os.stat(scores)
+    r = dedup(data, tmp_path / "d", "--seed", 7, "--eps", 0.3)  # (the last --eps given counts)
+    assert f"scores reused for {len(SIZES)} clusters" in r.stdout
+    params = json.loads((tmp_path / "d" / "params.json").read_text())
+    assert params["seed"] == 7 and params["fingerprint"]["seed"] is None and params["eps"] == [*EPS, 0.3]
+    params["fingerprint"]["seed"] = 1234
+    (tmp_path / "d" / "params.json").write_text(json.dumps(params))
+    r = dedup(data, tmp_path / "d", "--eps", 0.4)
+    assert f"scores reused for {len(SIZES)} clusters" in r.stdout
+    after = os.stat(scores)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # never recomputed
+    r = dedup(data, tmp_path / "r", "--which-to-keep", "random", "--seed", 1, "--eps", 0.3)
+    assert "scores reused" not in r.stdout
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"], "--eps", 0.4,
+                   "--which-to-keep", "random", "--seed", 2, "--save_folder", tmp_path / "r")
+    assert r.returncode == 2 and "already holds the outputs of a completed run" in error_line(r.stderr)
 
 
 def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
