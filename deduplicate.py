@@ -194,6 +194,8 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
+    for warning in dedup.rounding_warnings(args.eps, args.device):  # (said now, not after the scoring)
+        cli.log.warning(warning)
     # torch imported once, in the workers' fork server, rather than once per worker; locally it starts now
     pool = tasks.TaskPool(workers, args.distributor, preload=("torch", *PARSER_MODULES))
     pool.prepare()  # (a second or more) while this process checks the inputs

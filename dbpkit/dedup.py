@@ -45,10 +45,20 @@ DISTANCE_FLOOR = 1e-7  # 1 - score below this (float32's resolution near 1) is d
 HISTOGRAM_BINS = np.logspace(-7, 0, 141)  # of 1 - score, log-spaced so that scores bunched near 1 separate
 HISTOGRAM_BOTTOM = 0.7  # its log axis starts below 1: a bin of one member shows
 EPS_GRID = np.logspace(-4, 0, 161)[:-1]  # eps values the plot reads the fraction removed at
+# Identical embeddings score 1 only up to their matmul's rounding: within 1e-6 of it in float32 (measured, dims 64
+# to 1024), within float16's step near 1 (0.00049) with --device cuda. A smaller eps can keep some exact copies.
+COPIES_EPS = {"cpu": 1e-5, "cuda": 1e-3}
 
 
 def eps_folder(eps: float) -> str:
     return f"eps_{eps:g}"
+
+
+def rounding_warnings(eps_list: list[float], device: str) -> list[str]:
+    """A warning for each eps too small to remove every exact copy (COPIES_EPS)."""
+    floor, dtype = COPIES_EPS[device], "float16" if device == "cuda" else "float32"
+    return [f"eps {eps:g} is within {dtype}'s rounding of a similarity of 1: identical embeddings can score below "
+            f"1 - eps and be kept; eps {floor:g} or more removes every exact copy" for eps in eps_list if eps < floor]
 
 
 def threshold(eps: float) -> np.float32:

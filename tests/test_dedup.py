@@ -572,6 +572,27 @@ def make_ties(root):
     return {"sorted": root / "save" / "sorted_clusters", "emb": root / "emb.npy"}
 
 
+def test_an_eps_within_the_rounding_of_1_is_warned_about_and_a_larger_one_removes_every_copy(tmp_path):
+    """Identical embeddings score 1 only up to float32's rounding (x . x of a unit row): an eps below 1e-5 is
+    warned about as it can keep some exact copies; at 1e-5 a member and its six copies keep one of the seven,
+    whatever the rounding."""
+    data = make_ties(tmp_path)
+    out = tmp_path / "d"
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", 1e-9, 1e-5, 0.01, "--save_folder", out)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: eps")]
+    assert warnings == ["warning: eps 1e-09 is within float32's rounding of a similarity of 1: identical embeddings "
+                        "can score below 1 - eps and be kept; eps 1e-05 or more removes every exact copy"]
+    assert f"WARNING {warnings[0].removeprefix('warning: ')}" in (out / "logs.log").read_text()
+    kept = {key.decode() for key in np.load(out / "eps_1e-05" / "kept_keys.npy")}
+    for j in range(3):  # make_ties: rows 4..10 of cluster j (30 rows each) hold one member and its six copies
+        copies = {f"{j}/{30 * j + i}" for i in range(4, 11)}
+        assert len(copies & kept) == 1
+    x = np.load(data["emb"])
+    assert any(np.float32(x[i] @ x[i]) != 1 for i in range(len(x)))  # (the rounding is there to be warned about)
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
 def test_remove_fraction_removes_the_top_scores_ties_included(tmp_path, fraction):
     import csv
