@@ -194,8 +194,6 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
-    for warning in dedup.rounding_warnings(args.eps, args.device):  # (said now, not after the scoring)
-        cli.log.warning(warning)
     # torch imported once, in the workers' fork server, rather than once per worker; locally it starts now
     pool = tasks.TaskPool(workers, args.distributor, preload=("torch", *PARSER_MODULES))
     pool.prepare()  # (a second or more) while this process checks the inputs
@@ -214,6 +212,8 @@ def main() -> None:
     save = savedir.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, files.PARAMS_FILE,
                            "--save_folder", resume=run)
 
+    for warning in dedup.rounding_warnings(args.eps, args.device):  # (once the inputs are checked, before the scoring)
+        cli.log.warning(warning)
     with save as out, pool:
         pool.start()  # (on Ray: Ray's start-up and the workers' imports) while this process
         dedup.import_plotting()  # imports matplotlib for similarity.png
