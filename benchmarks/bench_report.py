@@ -9,6 +9,10 @@ Then measures in one run:
     to the floor, peak RSS (the largest process, and the sum over its workers), and the report's size.
 
     python benchmarks/bench_report.py --images 100000 --workers 2
+    python benchmarks/bench_report.py --more-shards 300   # and 300 shards holding no clustered sample
+
+--more-shards N adds N shards (links to the others, under new names) that hold no sample of the clusters, given to
+make_report.py and read by the floor: LAION's shape, where most of the 40,000 shards hold no sample a report shows.
 """
 
 import argparse
@@ -102,14 +106,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"))
+    parser.add_argument("--more-shards", type=int, default=0, help="shards holding no clustered sample (see above)")
     args = parser.parse_args()
     folder = os.path.join(args.data, f"report_{args.images}")
     generate(folder, args.images, args.seed)
-    shards = os.path.join(folder, "shards")
-    count = len(os.listdir(shards))
     warm_cache(folder)
-    floor = measure([sys.executable, "-c", FLOOR, shards])
     with tempfile.TemporaryDirectory() as tmp:
+        shards = os.path.join(folder, "shards")
+        clustered = sorted(os.listdir(shards))
+        if args.more_shards:  # every shard as a link in one folder: the clustered ones, then the others
+            linked = os.path.join(tmp, "shards")
+            os.mkdir(linked)
+            for n in range(len(clustered) + args.more_shards):
+                os.symlink(os.path.join(shards, clustered[n % len(clustered)]), os.path.join(linked, f"{n:05d}.tar"))
+            shards = linked
+        count = len(os.listdir(shards))
+        floor = measure([sys.executable, "-c", FLOOR, shards])
         out = os.path.join(tmp, "report")
         report = measure([sys.executable, os.path.join(ROOT, "make_report.py"), "--prune-dir",
                           os.path.join(folder, "run"), "--dedup-dir", os.path.join(folder, "dedup"), "--shards",
@@ -118,7 +130,9 @@ def main() -> None:
         size = folder_mb(out)
         pages = len(os.listdir(os.path.join(out, "clusters")))
     print(machine())
-    print(f"{args.images} images in {count} shards ({folder_mb(shards):.0f} MB), k = {K}, {args.workers} workers")
+    print(f"{args.images} images in {len(clustered)} shards ({folder_mb(os.path.join(folder, 'shards')):.0f} MB)"
+          f"{f' and {args.more_shards} more holding none of them' if args.more_shards else ''}, k = {K}, "
+          f"{args.workers} workers")
     print(f"floor (every sample read once, webdataset's tar reader, 1 process): {floor['wall_s']:.2f} s")
     print(f"make_report.py: {report['wall_s']:.2f} s = {report['wall_s'] / floor['wall_s']:.2f}x the floor; "
           f"peak RSS {report['peak_rss_mb']:.0f} MB (largest process), {report['tree_rss_mb']:.0f} MB (all)")
