@@ -209,8 +209,8 @@ def main() -> None:
     eps_list = merged_eps(args.eps, earlier or [])
     eps_folders = sorted({dedup.eps_folder(eps) for eps in eps_list} | set(earlier_outputs(args.save_folder)))
     outputs = (*FIXED_OUTPUTS[:-1], *eps_folders, files.PARAMS_FILE)
-    save = savedir.SaveDir(args.save_folder, args.overwrite or earlier is not None, outputs, files.PARAMS_FILE,
-                           "--save_folder", resume=run)
+    save = savedir.SaveDir(args.save_folder, args.overwrite, outputs, files.PARAMS_FILE, "--save_folder", resume=run,
+                           replace=earlier is not None)
 
     for warning in dedup.rounding_warnings(args.eps, args.device):  # (once the inputs are checked, before the scoring)
         cli.log.warning(warning)

@@ -123,12 +123,13 @@ class SaveDir:
     as it was (one it created goes again). A run given `resume` (what its work is made from: inputs,
     flags) keeps its staging folder when it is stopped (not when it fails on bad input), and a rerun with
     the same `resume` goes on from it (`out.resumed`); one with another is refused, naming what differs, while
-    that work is there (days of embedding, say), or with `overwrite` starts afresh. One run at a time
+    that work is there (days of embedding, say), or with `overwrite` starts afresh; `replace` replaces a completed
+    run's outputs and keeps that rule (deduplicate.py's rerun on the inputs it scored). One run at a time
     (FolderLock). A `resume` is a dict of flag values by name, with the inputs' content under "files" and more
     flags under "flags"."""
 
     def __init__(self, path: str | None, overwrite: bool, outputs: tuple[str, ...], marker: str, flag: str,
-                 resume: Any = None):
+                 resume: Any = None, replace: bool = False):
         if not path:
             raise UsageError(flag, "is required", "pass the folder for the outputs")
         if os.path.islink(path) and not os.path.exists(path):
@@ -139,11 +140,11 @@ class SaveDir:
         check_creatable(os.path.abspath(path), flag)
         self.dir, self.staging = path, os.path.join(path, STAGING_DIR)
         self.overwrite, self.outputs, self.marker, self.flag = overwrite, outputs, marker, flag
-        self.resume, self.resumed = resume, False
+        self.resume, self.resumed, self.replace = resume, False, replace
         self._refuse_existing()
 
     def _refuse_existing(self) -> None:
-        if self.overwrite:
+        if self.overwrite or self.replace:
             return
         if os.path.exists(os.path.join(self.dir, self.marker)):
             raise UsageError(self.flag, f"{self.dir} already holds the outputs of a completed run",

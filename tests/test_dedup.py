@@ -317,6 +317,32 @@ def test_a_killed_run_is_finished_by_a_rerun(data, deduplicated, tmp_path):
     assert outputs(tmp_path / "d") == outputs(expected)
 
 
+def test_a_rerun_reusing_completed_scores_keeps_the_stopped_work_of_another_run(data, deduplicated, tmp_path):
+    """A completed run under hard, then one under easy with --overwrite, killed as it scores: rerunning the hard
+    command would reuse the completed scores, and must not discard the easy run's staged scores to do so."""
+    shutil.copytree(deduplicated("hard")[0], tmp_path / "d")
+    completed = outputs(tmp_path / "d")
+    proc = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                        "--eps", *EPS, "--save_folder", tmp_path / "d", "--workers", 2, "--which-to-keep", "easy",
+                        "--overwrite", pause="score under way")
+    wait_paused(proc, "score under way")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    staging = tmp_path / "d" / ".dbp_staging"
+    staged = sorted(name for name in os.listdir(staging / "matches") if not name.startswith("."))
+    assert staged
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                   "--eps", 0.3, "--save_folder", tmp_path / "d")
+    assert r.returncode == 2 and "holds the unfinished work of a stopped run that differs in --which_to_keep" \
+        in error_line(r.stderr)
+    assert sorted(name for name in os.listdir(staging / "matches") if not name.startswith(".")) == staged
+    assert {name: data for name, data in outputs(tmp_path / "d").items() if name.parts[0] != ".dbp_staging"} \
+        == completed  # (the completed run's outputs untouched)
+    r = dedup(data, tmp_path / "d", "--which-to-keep", "easy", "--overwrite")  # the easy run, finished
+    assert f"scores reused for {len(staged)} clusters" in r.stdout
+    assert outputs(tmp_path / "d") == outputs(deduplicated("easy")[0])
+
+
 def test_a_run_killed_before_its_parts_are_gathered_is_finished_by_a_rerun_with_other_eps(data, tmp_path):
     """The killed run leaves the part files its scoring tasks wrote (one per cluster and eps) in the staging folder;
     the rerun, with other eps, goes on from the scores and writes only its own eps, as a fresh run with those eps
