@@ -16,8 +16,8 @@ Writes into --output_folder, one part per shard, numbered in shard order (what c
   failed.txt                        shard, key, reason: the samples without a decodable image (never fatal)
   params.json (the model, its revision, the processor's settings), logs.log
 A stopped run is finished by rerunning it: the shards already embedded are not redone, also when the rerun lists
-other shards (one that cannot be read left out, more added); a rerun with another model, --batch-size or --fp16
-is refused rather than throw them away (--overwrite starts afresh).
+other shards (one that cannot be read left out, more added); a rerun with another model, --batch-size, --fp16
+or --device is refused rather than throw them away (--overwrite starts afresh).
 
     python compute_embeddings.py --shards "DATA/{00000..01023}.tar" --output_folder EMB
     python compute_embeddings.py --shards "pipe:aws s3 cp s3://bucket/{00000..00099}.tar -" \\
@@ -89,8 +89,11 @@ def main() -> None:
     model = os.path.abspath(folder) if os.path.isdir(folder) else args.model  # (as every node sees it)
     encoder = load_encoder(model, args.device if args.distributor == "local" else "cpu")
     described = encoder.describe()
-    # (not the shards: a part is named for its shard, and a rerun with another list reuses those of shards in both)
-    run = {"model": described, "batch_size": args.batch_size, "fp16": args.fp16}
+    # (not the shards: a part is named for its shard, and a rerun with another list reuses those of shards in both;
+    # the device: a GPU's float32 differs from the CPU's in the last bits (TF32 convolutions), so parts of both would
+    # mix in one output, recorded as one device; cpu is left out, so that runs stopped before it counted still resume)
+    run = {"model": described, "batch_size": args.batch_size, "fp16": args.fp16,
+           **({"device": args.device} if args.device != "cpu" else {})}
     outputs = (shards.EMBEDDINGS_DIR, shards.METADATA_DIR, FAILED_FILE, FAILED_SHARDS_FILE, files.LOG_FILE,
                files.PARAMS_FILE)
     save = savedir.SaveDir(output, args.overwrite, outputs, files.PARAMS_FILE, "--output_folder", resume=run)

@@ -197,6 +197,11 @@ def test_an_unreadable_shard_is_retried_listed_and_the_others_kept(toy, referenc
         f"error: --output_folder: {out} holds the unfinished work of a stopped run that differs in --batch_size "
         "(rerun that run's command to finish it, or pass --overwrite to discard its work and start afresh)")
     assert {p.name: p.read_bytes() for p in staged.iterdir()} == parts
+    # So would one on a GPU (on Ray's nodes here: this machine has none), whose float32 is not the CPU's.
+    r = run_script(EMBED_SCRIPT, "--shards", pattern, "--output_folder", out, "--model", toy["model"],
+                   "--batch-size", 16, "--device", "cuda", "--distributor", "ray")
+    assert r.returncode == 2 and "a stopped run that differs in --device (rerun" in error_line(r.stderr)
+    assert {p.name: p.read_bytes() for p in staged.iterdir()} == parts
     # Another list of shards (the broken one left out, the others in another order): the parts of the shards in both
     # are reused, laid out in the new order, as a fresh run on that list writes them.
     shutil.copytree(out, tmp_path / "emb2")
