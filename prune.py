@@ -189,7 +189,7 @@ def main() -> None:
         if near_equal:
             doubling = du.temperature_for(2.0, complexity, sizes)
             cli.log.warning(f"the softmax at --temperature {args.temperature:g} spreads the clusters' shares by only "
-                            f"{spread:.4g}x (largest / smallest): complexity barely moves the quotas from the equal "
+                            f"{spread:.4f}x (largest / smallest): complexity barely moves the quotas from the equal "
                             "share (balanced pruning)" + (f"; T = {doubling:.3g} would spread them 2x" if doubling
                                                           else "") + f" (see {du.SWEEP_FILE})")
         if total != total_rows:

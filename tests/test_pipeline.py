@@ -314,6 +314,8 @@ def test_a_softmax_that_barely_spreads_is_said_and_the_figure_marks_the_run_temp
     line = [line for line in r.stderr.splitlines() if line.startswith("warning: the softmax")]
     assert len(line) == 1 and "barely moves the quotas" in line[0] and "would spread them 2x" in line[0]
     assert hot["near_equal_share"] is True and hot["p_ratio"] < 1.1
+    printed = line[0].split("spreads the clusters' shares by only ")[1].split("x ")[0]  # (not 1.1 for 1.0999)
+    assert printed == f"{hot['p_ratio']:.4f}" and float(printed) < 1.1
     assert "barely" not in r_cold.stderr and cold["near_equal_share"] is False and cold["p_ratio"] >= 1.1
     doubling = float(line[0].split("T = ")[1].split(" ")[0])
     complexity = pd.read_csv(tmp_path / "hot" / "cluster_stats.csv")
