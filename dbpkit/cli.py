@@ -142,9 +142,9 @@ def run_main(main: Callable[[], None]) -> None:
         elif isinstance(e, WorkerDied):
             _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
                   "short)", 1)
-        elif isinstance(e, OSError):
-            _fail(f"{e.filename or 'system'}: {e.strerror or e} (check the path, its permissions and free disk "
-                  "space)", 1)
+        elif isinstance(e, OSError):  # (numpy's short write on a full disk has a message but no errno)
+            detail = e.strerror or (e.args[0] if e.args else type(e).__name__)
+            _fail(f"{e.filename or 'system'}: {detail} (check the path, its permissions and free disk space)", 1)
         else:  # a bug: still one line
             _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
 

@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 
@@ -178,6 +179,16 @@ def workers_of(pid: int) -> list[int]:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 direct |= {int(c) for c in f.read().split()}
     return sorted(children - direct)
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: files may not grow past `limit` bytes, as on a full disk (writes fail, nothing is killed)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
 
 
 def error_line(stderr: str) -> str:

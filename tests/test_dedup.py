@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from conftest import (
     ROOT,
     bar_tops,
     error_line,
+    limit_file_size,
     outputs,
     run_script,
     signal_main_thread,
@@ -341,6 +345,26 @@ def test_a_rerun_reusing_completed_scores_keeps_the_stopped_work_of_another_run(
     r = dedup(data, tmp_path / "d", "--which-to-keep", "easy", "--overwrite")  # the easy run, finished
     assert f"scores reused for {len(staged)} clusters" in r.stdout
     assert outputs(tmp_path / "d") == outputs(deduplicated("easy")[0])
+
+
+def test_a_full_disk_ends_in_one_line_and_the_rerun_goes_on_from_the_scores_written(data, deduplicated, tmp_path):
+    """Files may not grow past 3000 bytes, as on a full disk: numpy's write of the largest cluster's scores stops
+    short (an OSError without an errno). One line naming the folder and the fix, nothing published, the scores
+    written kept for the rerun, which writes what a run with room writes."""
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, DEDUP_SCRIPT), "--sorted_clusters_path", data["sorted"],
+                             "--embeddings", data["emb"], "--eps", *map(str, EPS), "--save_folder", out,
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit_file_size(3000))
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1
+    assert re.fullmatch(rf"error: {re.escape(str(out))}: \d+ requested and \d+ written \(check the path, its "
+                        r"permissions and free disk space\)", error_line(err)), err  # (the 2100-row cluster's)
+    assert sorted(os.listdir(out)) == [".dbp_staging"]
+    scored = [name for name in os.listdir(out / ".dbp_staging" / "matches") if not name.startswith(".")]
+    r = dedup(data, out)
+    assert f"scores reused for {len(scored)} clusters" in r.stdout if scored else "scores reused" not in r.stdout
+    assert outputs(out) == outputs(deduplicated("hard")[0])
 
 
 def test_a_run_killed_before_its_parts_are_gathered_is_finished_by_a_rerun_with_other_eps(data, tmp_path):

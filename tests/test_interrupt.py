@@ -6,7 +6,6 @@ test delivers the fault and lets it go on. Nothing depends on how fast the machi
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from conftest import (
     ROOT,
     descendants,
     error_line,
+    limit_file_size,
     make,
     process_state,
     run_script,
@@ -193,14 +193,6 @@ def test_a_second_run_on_the_same_save_dir_is_refused(big, reference, tmp_path, 
     assert returncode == 0, err
     assert comparable(save_dir) == reference  # the first run's outputs alone, whole
     assert not (save_dir / ".dbp_lock").exists()
-
-
-def limit_file_size(limit):
-    """preexec_fn: files may not grow past `limit` bytes, as on a full disk (writes fail, nothing is killed)."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
 
 
 @pytest.mark.parametrize("existing", [False, True])
