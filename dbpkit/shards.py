@@ -16,13 +16,16 @@ once all are embedded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +33,9 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from dbpkit.cli import stage
+from dbpkit.cli import check_stop, stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
-from dbpkit.errors import UsageError, WorkerDied
+from dbpkit.errors import Incomplete, UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
 from dbpkit.local_engine import exit_with
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
@@ -41,6 +44,7 @@ EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
 PARTS_DIR = "parts"  # while the run is staged: each shard's part, named for the shard
 BAD_KEY_CHARACTERS = {"\t": "a tab", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL"}
 PARQUET_ROWS = 1 << 16
+SAFE_POINT_SECONDS = 1.0  # how often a wait for the decoding workers looks for Ctrl-C and SIGTERM
 
 
 def part_files(out: str, url: str) -> tuple[str, str, str, str]:
@@ -144,6 +148,7 @@ class Decoded:
     url: str | None = None
     failure: str | None = None  # why the sample has no embedding
     unreadable: str | None = None
+    no_room: str | None = None  # why a decoding worker could not put the pixels in shared memory
 
 
 class ShardSamples(torch.utils.data.IterableDataset):
@@ -164,10 +169,24 @@ class ShardSamples(torch.utils.data.IterableDataset):
                     key = sample["__key__"]
                     failure = key_problem(key)
                     pixels, failure = (None, failure) if failure else decoded(sample, processor)
+                    if pixels is not None and info and (no_room := shared(pixels)):
+                        yield Decoded(no_room=no_room)
+                        return
                     caption, url = text_fields(sample)
                     yield Decoded(key, pixels, caption, url, failure)
         except Exception as e:  # a broken tar or a failed command: webdataset's errors vary
             yield Decoded(unreadable=unreadable_reason(e))
+
+
+def shared(pixels: torch.Tensor) -> str | None:
+    """Move a decoding worker's pixels into shared memory, where the loader hands them over; None, or why not.
+    Done here, not left to the loader: its error there (shared memory full, Docker's 64 MB /dev/shm) is only
+    printed, and the run would wait for that sample for ever."""
+    try:
+        pixels.share_memory_()
+    except RuntimeError as e:
+        return first_line(e)
+    return None
 
 
 class ShardUnreadable(Exception):
@@ -182,7 +201,8 @@ def embed_shard(encoder: Encoder, url: str, out: str, batch_size: int, workers: 
     record = shard_record(url)
     started = functools.partial(_loader_worker_started, os.getpid()) if workers else None
     loader = torch.utils.data.DataLoader(ShardSamples(url, encoder.name), batch_size=None, num_workers=workers,
-                                         multiprocessing_context="fork" if workers else None, worker_init_fn=started)
+                                         multiprocessing_context="fork" if workers else None, worker_init_fn=started,
+                                         timeout=SAFE_POINT_SECONDS if workers else 0)
     keys, captions, urls, vectors, failed, batch = [], [], [], [], [], []
 
     def flush() -> None:
@@ -192,11 +212,12 @@ def embed_shard(encoder: Encoder, url: str, out: str, batch_size: int, workers: 
                 step(len(batch))
             batch.clear()
 
+    children = set(multiprocessing.active_children())  # (the loader's workers are those it adds)
     try:
-        samples = iter(loader)
+        samples = with_safe_points(iter(loader))
         if workers:  # torch's SIGCHLD handler (set with the first loader's workers) raises wherever this process is
             # when a worker dies, in a destructor too, where it is a traceback (a SIGTERM to the process group can
-            # kill a worker still starting, before it ignores the signal): without it a dead worker is noticed on
+            # kill a worker still starting, before it leaves the group): without it a dead worker is noticed on
             # its pipe or by torch's own look at its workers, and ends the run below with one line
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for sample in samples:
@@ -204,6 +225,10 @@ def embed_shard(encoder: Encoder, url: str, out: str, batch_size: int, workers: 
                 stage("decoding")  # the decoding workers are running (named for fault-injection tests)
             if sample.unreadable:
                 raise ShardUnreadable(sample.unreadable)
+            if sample.no_room:
+                raise Incomplete(f"shared memory is full: an image-decoding worker could not hand over an image "
+                                 f"({sample.no_room}); the shards embedded so far are kept: free space in /dev/shm "
+                                 "(with Docker: --shm-size), then rerun the same command")
             if sample.failure:
                 failed.append(failed_line(url, sample.key, sample.failure))
                 continue
@@ -213,10 +238,13 @@ def embed_shard(encoder: Encoder, url: str, out: str, batch_size: int, workers: 
             batch.append(sample.pixels)
             if len(batch) == batch_size:
                 flush()
-    except (RuntimeError, ConnectionError, EOFError) as e:  # a decoding worker killed from outside, as torch
-        # says it (or as the pipe a sample was coming through says it)
-        if workers and (not isinstance(e, RuntimeError) or "DataLoader worker" in str(e)):
-            raise WorkerDied(f"an image-decoding worker died, killed from outside ({first_line(e)})") from None
+    except BaseException as e:
+        if workers:
+            stop_workers(children)
+            # a decoding worker killed from outside, as torch says it (or the pipe a sample was coming through)
+            said = isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
+            if said or isinstance(e, (ConnectionError, EOFError)):
+                raise WorkerDied(f"an image-decoding worker died, killed from outside ({first_line(e)})") from None
         raise
     flush()
     dim = embedding_dim(encoder)
@@ -225,12 +253,40 @@ def embed_shard(encoder: Encoder, url: str, out: str, batch_size: int, workers: 
     return len(keys), len(failed)
 
 
+def with_safe_points(samples: Iterator) -> Iterator:
+    """The loader's samples; while it waits for one (a worker reading a stalled pipe: command, say), a safe point
+    every SAFE_POINT_SECONDS, so that Ctrl-C and SIGTERM end the run. The loader's timeout raises and leaves it as
+    it was, asked again."""
+    while True:
+        try:
+            yield next(samples)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader timed out"):
+                raise
+            check_stop()
+
+
+def stop_workers(before: set) -> None:
+    """End the loader's workers (this process's children but `before`) now, with the processes they started (a
+    pipe: command's: each worker leads a process group of its own), rather than let the loader wait for a worker
+    that waits on a stalled command. torch's SIGTERM handler ends a worker quietly when this process sends it."""
+    for worker in set(multiprocessing.active_children()) - before:
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:  # (a worker still starting, not yet leading its group; or gone)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+
+
 def _loader_worker_started(run: int, worker_id: int) -> None:
     """In each image-decoding worker: Ctrl-C and SIGTERM (sent to the whole process group by a terminal, timeout(1)
-    or a scheduler) are the run's to act on, at a safe point, where it stops its workers; and a worker ends the
-    moment the run's process ends, however it ends."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    or a scheduler) are the run's to act on, at a safe point, where it stops its workers: the worker leaves the
+    run's process group (Ctrl-C ignored until then; its SIGTERM handler, torch's, is for stop_workers). And a
+    worker ends the moment the run's process ends, however it ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgid(0, 0)
     exit_with(run)
 
 

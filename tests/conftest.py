@@ -181,6 +181,11 @@ def workers_of(pid: int) -> list[int]:
     return sorted(children - direct)
 
 
+def session_is_empty(sid: int) -> bool:
+    """No process is left in the run's session (its workers, fork server and resource tracker end with it)."""
+    return subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).stdout == b""
+
+
 def limit_file_size(limit: int):
     """preexec_fn: files may not grow past `limit` bytes, as on a full disk (writes fail, nothing is killed)."""
     def apply():

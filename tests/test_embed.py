@@ -1,5 +1,6 @@
 """compute_embeddings.py: webdataset shards in, clip-retrieval's layout out, checked against transformers itself."""
 
+import contextlib
 import io
 import json
 import os
@@ -368,6 +369,67 @@ def test_a_decoding_worker_killed_from_outside_is_the_worker_died_line(toy, tmp_
     assert proc.returncode == 1
     assert "an image-decoding worker died, killed from outside" in error_line(err)
     assert not (tmp_path / "emb" / "params.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["ctrl-c", "sigterm"])
+def test_a_stalled_pipe_command_does_not_hold_the_run_when_it_is_stopped(toy, tmp_path, fault):
+    """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs): Ctrl-C
+    (to the process group, as a terminal sends it) or SIGTERM (to the run) ends the run in one line, at once, with
+    its workers and the commands they started. Before, the run waited for the stalled worker without end."""
+    from conftest import DEADLINE, session_is_empty, wait_until
+
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    proc = start_script(EMBED_SCRIPT, "--shards", f"pipe:cat {fifo}", "--output_folder", tmp_path / "emb", "--model",
+                        toy["model"], "--workers", 2)
+    held = []
+
+    def reading() -> bool:  # a worker's cat has the FIFO open: it waits for bytes that never come
+        try:
+            held.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # (ENXIO: no reader yet)
+            return False
+        return True
+    try:
+        wait_until(reading, proc, "a worker reading the stalled command")
+        if fault == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE)  # (stderr closes once every process holding it has ended)
+        status, message = (130, "interrupted (Ctrl-C)") if fault == "ctrl-c" else (143, "terminated (SIGTERM)")
+        assert proc.returncode == status and message in error_line(err), err
+        wait_until(lambda: session_is_empty(proc.pid), what="the workers and their commands to end")
+    finally:
+        for fd in held:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_shared_memory_that_is_full_ends_the_run_in_one_line(toy, reference, tmp_path):
+    """The decoding workers hand images over in shared memory; where it is full (Docker's 64 MB /dev/shm; here
+    files capped at 2000 bytes, an image's pixels are more), one line, the work kept, and the rerun finishes as a
+    run with room does. Before, the worker's error was only printed and the run waited for the image without end."""
+    from conftest import DEADLINE, limit_file_size
+
+    out = tmp_path / "emb"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, EMBED_SCRIPT), "--shards", toy["pattern"],
+                             "--output_folder", out, "--model", toy["model"], "--batch-size", "16", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=limit_file_size(2000))
+    try:
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    line = error_line(err)
+    assert line.startswith("error: shared memory is full: an image-decoding worker could not hand over an image (")
+    assert line.endswith("free space in /dev/shm (with Docker: --shm-size), then rerun the same command"), line
+    assert "Traceback" not in err and sorted(os.listdir(out)) == [".dbp_staging"]
+    embed(toy, out, "--workers", 2)
+    assert outputs(out) == outputs(reference[0])
 
 
 def test_a_large_image_is_decoded_without_a_warning_and_a_bomb_is_a_failed_sample(toy, monkeypatch):

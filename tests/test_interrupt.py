@@ -24,6 +24,7 @@ from conftest import (
     make,
     process_state,
     run_script,
+    session_is_empty,
     start_script,
     wait_paused,
     wait_until,
@@ -159,11 +160,6 @@ def test_faults_end_in_one_line_and_roll_back(big, tmp_path, stage, fault, exist
     assert "Traceback" not in err and "Exception" not in err and out == ""
     assert snapshot(tmp_path) == before
     wait_until(lambda: session_is_empty(proc.pid), what="the run's workers and fork server to end")
-
-
-def session_is_empty(sid):
-    """No process is left in the run's session (its workers, fork server and resource tracker end with it)."""
-    return subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).stdout == b""
 
 
 def test_workers_die_quietly_with_a_killed_run(big, tmp_path):
