@@ -70,11 +70,13 @@ class TaskPool:
             self.engine.stop(killed=exc_type is not None)  # a failed or stopped run stops its workers at once
 
     def run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str = "cluster",
-            total: int | None = None, resources: dict | None = None) -> Iterator[Any]:
+            total: int | None = None, resources: dict | None = None, streams: bool = False) -> Iterator[Any]:
         """func over tasks, in task order; a task's exception is raised here. Tasks are drawn from the iterable
         only as they are handed out, so a lazy one never sits in memory whole. `resources` (Ray's: num_gpus)
-        are what each task needs on a cluster."""
-        run = self._run(func, tasks, desc, unit, len(tasks) if total is None else total, resources or {})
+        are what each task needs on a cluster. Tasks that read streams (pipe: commands, URLs), which can stall
+        for ever, run in workers even one at a time: waiting for a worker is a safe point, a read is not."""
+        total = len(tasks) if total is None else total
+        run = self._run(func, tasks, desc, unit, total, resources or {}, self._in_process(total) and not streams)
         self.runs.append(run)
         return run
 
@@ -128,9 +130,9 @@ class TaskPool:
         return self.engine
 
     def _run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str, total: int,
-             resources: dict) -> Iterator[Any]:
+             resources: dict, in_process: bool) -> Iterator[Any]:
         with progress(total, desc, unit) as bar:
-            if self._in_process(total):
+            if in_process:
                 stage(f"{desc} started")  # (stages are named for fault-injection tests)
                 results = (run_task(func, task) for task in tasks)
             else:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dbpkit.files import atomic_open
-from dbpkit.samples import open_image, shard_samples, shard_stem, text_fields, unreadable_reason
+from dbpkit.samples import is_local, open_image, shard_samples, shard_stem, text_fields, unreadable_reason
 
 THUMBS_DIR = "thumbs"
 JPEG_QUALITY = 85
@@ -121,7 +121,9 @@ def _read_shards(urls: list[str], shards: Sequence[int], keys: Callable[[int], f
     """Read each shard i of `shards` (places in `urls`) for keys(i), into `found` (a key found already stays) and
     `unreadable` (shard i: why it could not be read to the end). A task's keys are made as it is handed out."""
     jobs = ((urls[i], keys(i), size) for i in shards)
-    for i, result in zip(shards, pool.run(gather_shard, jobs, desc, unit="shard", total=len(shards)), strict=True):
+    streams = not all(is_local(urls[i]) for i in shards)
+    for i, result in zip(shards, pool.run(gather_shard, jobs, desc, unit="shard", total=len(shards), streams=streams),
+                         strict=True):
         if result.unreadable:
             unreadable.setdefault(i, result.unreadable)
         for key, sample in result.found.items():

@@ -7,6 +7,7 @@ Without chromium or Playwright the browser tests skip, unless DBP_REQUIRE_BROWSE
 then they fail.
 """
 
+import contextlib
 import csv
 import io
 import json
@@ -32,6 +33,7 @@ from conftest import (
     run_script,
     start_script,
     wait_paused,
+    wait_until,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -438,6 +440,35 @@ def test_a_stopped_report_ends_in_one_line_and_leaves_the_earlier_one(pipeline, 
     _, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == status and said in error_line(err)
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_stalled_pipe_command_does_not_hold_a_report_stopped_with_sigterm(pipeline, tmp_path):
+    """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs), one worker:
+    SIGTERM to the run (what kill sends) ends it in one line. Before, the one task ran in the run's own process,
+    whose read of the stalled stream had no safe point: the run waited for it without end."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    proc = start_script(REPORT_SCRIPT, "--prune-dir", pipeline["run"], "--shards", f"pipe:cat {fifo}",
+                        "--save_folder", tmp_path / "r", "--workers", 1, stderr=open(tmp_path / "err", "w"))
+    held = []
+
+    def reading() -> bool:  # the shard's cat has the FIFO open: it waits for bytes that never come
+        try:
+            held.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # (ENXIO: no reader yet)
+            return False
+        return True
+    try:
+        wait_until(reading, proc, "the stalled command to be read")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE) == 143
+    finally:
+        for fd in held:
+            os.close(fd)  # (the stalled cat, which SIGTERM to the run alone does not reach, ends)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "terminated (SIGTERM)" in error_line((tmp_path / "err").read_text())
+    assert not (tmp_path / "r").exists()
 
 
 # ---- the pieces, against brute force ----
