@@ -407,6 +407,36 @@ def test_a_stalled_pipe_command_does_not_hold_the_run_when_it_is_stopped(toy, tm
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_the_loaders_wait_is_a_safe_point_that_loses_no_sample(tmp_path, monkeypatch):
+    """with_safe_points asks the loader again after each of its timeouts (a safe point each): the samples of a
+    worker that makes the run wait (here until the third safe point opens its gate) all come, in order, once."""
+    import time
+
+    import torch.utils.data
+
+    from dbpkit import shards
+
+    gate = tmp_path / "gate"
+
+    class Waiting(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while not gate.exists():
+                time.sleep(0.001)
+            yield from range(5)
+
+    safe_points = []
+
+    def check_stop() -> None:
+        safe_points.append(1)
+        if len(safe_points) == 3:
+            gate.touch()
+    monkeypatch.setattr(shards, "check_stop", check_stop)
+    loader = torch.utils.data.DataLoader(Waiting(), batch_size=None, num_workers=1, timeout=0.01,
+                                         multiprocessing_context="fork")
+    assert list(shards.with_safe_points(iter(loader))) == [0, 1, 2, 3, 4]
+    assert len(safe_points) >= 3
+
+
 def test_shared_memory_that_is_full_ends_the_run_in_one_line(toy, reference, tmp_path):
     """The decoding workers hand images over in shared memory; where it is full (Docker's 64 MB /dev/shm; here
     files capped at 2000 bytes, an image's pixels are more), one line, the work kept, and the rerun finishes as a
