@@ -142,11 +142,22 @@ def run_main(main: Callable[[], None]) -> None:
         elif isinstance(e, WorkerDied):
             _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
                   "short)", 1)
-        elif isinstance(e, OSError):  # (numpy's short write on a full disk has a message but no errno)
-            detail = e.strerror or (e.args[0] if e.args else type(e).__name__)
-            _fail(f"{e.filename or 'system'}: {detail} (check the path, its permissions and free disk space)", 1)
+        elif isinstance(e, OSError):
+            _fail(f"{e.filename or 'system'}: {os_error_detail(e)} (check the path, its permissions and free disk "
+                  "space)", 1)
         else:  # a bug: still one line
             _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
+
+
+def os_error_detail(e: OSError) -> str:
+    """What went wrong, in words: the system's, or, for numpy's write cut short on a full disk (an OSError with a
+    message but no errno: '<items> requested and <items> written'), what that message means."""
+    if e.strerror:
+        return e.strerror
+    said = str(e.args[0]) if e.args else type(e).__name__
+    if short := re.fullmatch(r"(\d+) requested and (\d+) written", said):
+        return f"a write stopped short ({short[2]} of {short[1]} items written)"
+    return said
 
 
 def record_signal(signum: int, frame: Any) -> None:
