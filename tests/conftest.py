@@ -181,6 +181,28 @@ def workers_of(pid: int) -> list[int]:
     return sorted(children - direct)
 
 
+@contextlib.contextmanager
+def stalled_stream(folder):
+    """A shard that stalls, as a download that hangs: `pipe:cat FIFO` of a FIFO no one writes to. Yields the
+    --shards value and `read_by(proc)`, which returns once the run's cat has the FIFO open (it then waits for bytes
+    that never come). At the end the writing end is closed: a cat still there ends."""
+    fifo = folder / "stalled"
+    os.mkfifo(fifo)
+    held = []
+
+    def opened() -> bool:
+        try:
+            held.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # (ENXIO: no reader yet)
+            return False
+        return True
+    try:
+        yield f"pipe:cat {fifo}", lambda proc: wait_until(opened, proc, "the stalled command to be read")
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def session_is_empty(sid: int) -> bool:
     """No process is left in the run's session (its workers, fork server and resource tracker end with it)."""
     return subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).stdout == b""

@@ -376,35 +376,24 @@ def test_a_stalled_pipe_command_does_not_hold_the_run_when_it_is_stopped(toy, tm
     """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs): Ctrl-C
     (to the process group, as a terminal sends it) or SIGTERM (to the run) ends the run in one line, at once, with
     its workers and the commands they started. Before, the run waited for the stalled worker without end."""
-    from conftest import DEADLINE, session_is_empty, wait_until
+    from conftest import DEADLINE, session_is_empty, stalled_stream, wait_until
 
-    fifo = tmp_path / "stalled"
-    os.mkfifo(fifo)
-    proc = start_script(EMBED_SCRIPT, "--shards", f"pipe:cat {fifo}", "--output_folder", tmp_path / "emb", "--model",
-                        toy["model"], "--workers", 2)
-    held = []
-
-    def reading() -> bool:  # a worker's cat has the FIFO open: it waits for bytes that never come
+    with stalled_stream(tmp_path) as (shard, read_by):
+        proc = start_script(EMBED_SCRIPT, "--shards", shard, "--output_folder", tmp_path / "emb", "--model",
+                            toy["model"], "--workers", 2)
         try:
-            held.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # (ENXIO: no reader yet)
-            return False
-        return True
-    try:
-        wait_until(reading, proc, "a worker reading the stalled command")
-        if fault == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=DEADLINE)  # (stderr closes once every process holding it has ended)
-        status, message = (130, "interrupted (Ctrl-C)") if fault == "ctrl-c" else (143, "terminated (SIGTERM)")
-        assert proc.returncode == status and message in error_line(err), err
-        wait_until(lambda: session_is_empty(proc.pid), what="the workers and their commands to end")
-    finally:
-        for fd in held:
-            os.close(fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            read_by(proc)
+            if fault == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                os.kill(proc.pid, signal.SIGTERM)
+            _, err = proc.communicate(timeout=DEADLINE)  # (stderr closes once every process holding it has ended)
+            status, message = (130, "interrupted (Ctrl-C)") if fault == "ctrl-c" else (143, "terminated (SIGTERM)")
+            assert proc.returncode == status and message in error_line(err), err
+            wait_until(lambda: session_is_empty(proc.pid), what="the workers and their commands to end")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_the_loaders_wait_is_a_safe_point_that_loses_no_sample(tmp_path, monkeypatch):

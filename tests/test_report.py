@@ -31,9 +31,9 @@ from conftest import (
     ROOT,
     error_line,
     run_script,
+    stalled_stream,
     start_script,
     wait_paused,
-    wait_until,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -446,27 +446,16 @@ def test_a_stalled_pipe_command_does_not_hold_a_report_stopped_with_sigterm(pipe
     """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs), one worker:
     SIGTERM to the run (what kill sends) ends it in one line. Before, the one task ran in the run's own process,
     whose read of the stalled stream had no safe point: the run waited for it without end."""
-    fifo = tmp_path / "stalled"
-    os.mkfifo(fifo)
-    proc = start_script(REPORT_SCRIPT, "--prune-dir", pipeline["run"], "--shards", f"pipe:cat {fifo}",
-                        "--save_folder", tmp_path / "r", "--workers", 1, stderr=open(tmp_path / "err", "w"))
-    held = []
-
-    def reading() -> bool:  # the shard's cat has the FIFO open: it waits for bytes that never come
+    with stalled_stream(tmp_path) as (shard, read_by):
+        proc = start_script(REPORT_SCRIPT, "--prune-dir", pipeline["run"], "--shards", shard, "--save_folder",
+                            tmp_path / "r", "--workers", 1, stderr=open(tmp_path / "err", "w"))
         try:
-            held.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # (ENXIO: no reader yet)
-            return False
-        return True
-    try:
-        wait_until(reading, proc, "the stalled command to be read")
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=DEADLINE) == 143
-    finally:
-        for fd in held:
-            os.close(fd)  # (the stalled cat, which SIGTERM to the run alone does not reach, ends)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            read_by(proc)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=DEADLINE) == 143
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     assert "terminated (SIGTERM)" in error_line((tmp_path / "err").read_text())
     assert not (tmp_path / "r").exists()
 
