@@ -39,12 +39,19 @@ def cluster(tmp_path_factory):
                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
                                             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    r = subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--num-gpus", "1", "--disable-usage-stats",
-                        "--include-dashboard=false", *(str(a) for item in ports.items() for a in item)],
-                       capture_output=True, text=True, cwd=elsewhere, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    yield {**env, "RAY_ADDRESS": "auto"}
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+    # In a session of its own, which every process of the cluster stays in: it is stopped by that session, never with
+    # `ray stop`, which stops every Ray on the machine (a run's own Ray in another test, starting: 'The current node
+    # timed out during startup', seen in CI).
+    start = subprocess.Popen([RAY, "start", "--head", "--num-cpus", "2", "--num-gpus", "1", "--disable-usage-stats",
+                              "--include-dashboard=false", *(str(a) for item in ports.items() for a in item)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=elsewhere, env=env,
+                             start_new_session=True)
+    said = start.communicate()
+    try:
+        assert start.returncode == 0, "".join(said)
+        yield {**env, "RAY_ADDRESS": "auto"}
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(start.pid)])
 
 
 @pytest.fixture(scope="module")
