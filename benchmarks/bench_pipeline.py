@@ -239,13 +239,19 @@ def time_sweep(dintra: str, dinter: str, sorted_dir: str, keep: float) -> float:
 
 def compare_outputs(a: str, b: str) -> bool:
     """The same outputs, byte for byte, folders included; but for logs.log, which records the command line and
-    the times."""
+    the times, and the run records (clustering.json, params.json), which say where the run ran (--distributor)."""
     def files(root: str) -> dict:
         return {os.path.relpath(os.path.join(where, n), root): os.path.join(where, n)
                 for where, _, names in os.walk(root) for n in names if n != "logs.log"}
+
+    def content(path: str) -> object:
+        if os.path.basename(path) in ("clustering.json", "params.json"):
+            with open(path) as f:
+                return {name: value for name, value in json.load(f).items() if name != "distributor"}
+        with open(path, "rb") as f:
+            return f.read()
     left, right = files(a), files(b)
-    return left.keys() == right.keys() and all(open(left[n], "rb").read() == open(right[n], "rb").read()
-                                               for n in left)
+    return left.keys() == right.keys() and all(content(left[n]) == content(right[n]) for n in left)
 
 
 def main() -> None:
