@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dbpkit.cli import check_stop
 from dbpkit.errors import UsageError
 
 
@@ -110,7 +111,16 @@ def load_encoder(name: str, device: str) -> Encoder:
                          f"embedding uses ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which "
                          f"transformers would initialise at random{head}",
                          "pass a complete checkpoint of the model (save_pretrained of the whole model)")
+    stops_between_layers(model)
     return Encoder(model.eval().to(device), processor, family.output, name)
+
+
+def stops_between_layers(model: torch.nn.Module) -> None:
+    """A safe point before every layer the model runs: a batch of DINOv2-L on a CPU takes minutes (256 images), and
+    Ctrl-C or SIGTERM is acted on within a layer's time, not the batch's (the batch is not kept: its shard is
+    embedded again by the rerun)."""
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda *_: check_stop())
 
 
 def vision_config(config: Any) -> Any:

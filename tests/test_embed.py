@@ -396,6 +396,29 @@ def test_a_stalled_pipe_command_does_not_hold_the_run_when_it_is_stopped(toy, tm
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_the_models_forward_pass_is_a_safe_point_before_every_layer(toy, monkeypatch):
+    """A batch of a large model on the CPU takes minutes: Ctrl-C or SIGTERM recorded meanwhile stops it at the next
+    layer. Here one recorded before the batch: the forward pass stops before any layer runs."""
+    import signal as signals
+
+    import torch
+
+    from dbpkit import cli, encoder
+    from dbpkit.errors import Terminated
+
+    model = encoder.load_encoder(toy["model"], "cpu")
+    ran = []
+    for module in model.model.modules():
+        module.register_forward_hook(lambda module, *_: ran.append(module))
+    pixels = torch.zeros(2, 3, 224, 224)
+    assert encoder.embed(model, pixels, False).shape[0] == 2 and ran  # (no signal: every layer runs)
+    ran.clear()
+    monkeypatch.setattr(cli, "_signals", [signals.SIGTERM])
+    with pytest.raises(Terminated):
+        encoder.embed(model, pixels, False)
+    assert ran == []
+
+
 def test_the_loaders_wait_is_a_safe_point_that_loses_no_sample(tmp_path, monkeypatch):
     """with_safe_points asks the loader again after each of its timeouts (a safe point each): the samples of a
     worker that makes the run wait (here until the third safe point opens its gate) all come, in order, once."""
