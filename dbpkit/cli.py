@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -102,6 +103,7 @@ def num_workers(requested: int | None) -> int:
 
 
 _signals: list[int] = []  # Ctrl-C and SIGTERM received: recorded by the handler, acted on at a safe point
+STOP_POLL = 0.1  # seconds between safe points while waiting (for tasks, for a long call in a thread)
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -174,6 +176,31 @@ def check_stop() -> None:
     """A safe point: raise KeyboardInterrupt or Terminated if Ctrl-C or SIGTERM has arrived."""
     if _signals:
         raise KeyboardInterrupt if _signals[0] == signal.SIGINT else Terminated
+
+
+def stoppable(func: Callable[..., Any], *args: Any) -> Any:
+    """func(*args) in a thread of its own while this one waits, a safe point every STOP_POLL seconds: for a long
+    call into a library that lets go of Python meanwhile (faiss's k-means: hours at SemDeDup's k), which no
+    signal would otherwise interrupt. Its result, or its exception; when the run stops, the thread is left to end
+    with the process."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, func(*args)))
+        except BaseException as e:  # noqa: B036 (raised again in the waiting thread)
+            outcome.append((False, e))
+    thread = threading.Thread(target=call, name=getattr(func, "__name__", "call"), daemon=True)
+    thread.start()
+    while True:
+        thread.join(STOP_POLL)
+        check_stop()
+        if not thread.is_alive():
+            break
+    done, value = outcome[0]
+    if not done:
+        raise value
+    return value
 
 
 def stage(name: str) -> None:

@@ -69,8 +69,15 @@ def fit(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, threads: 
     # few points per centroid, printed straight to stderr, is left to our own checks.
     kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
                           max_points_per_centroid=-(-sample_size // k), min_points_per_centroid=1)
-    kmeans.train(x)
+    from dbpkit.cli import stoppable  # (not at the top: dbp_utils imports this module, and nothing of the CLI)
+
+    stoppable(_train, kmeans, x, threads)  # (hours at SemDeDup's k: Ctrl-C and SIGTERM act meanwhile)
     return kmeans.centroids, float(kmeans.obj[-1])
+
+
+def _train(kmeans: Any, x: np.ndarray, threads: int) -> None:
+    exact_faiss(threads)  # (OpenMP's thread count is the calling thread's own)
+    kmeans.train(x)
 
 
 ASSIGNED = np.dtype([("label", "<i4"), ("distance", "<f4")])  # a row's nearest centroid and its distance to it

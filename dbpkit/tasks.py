@@ -20,13 +20,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from dbpkit.cli import check_stop, progress, stage
+from dbpkit.cli import STOP_POLL, check_stop, progress, stage
 from dbpkit.faults import pause_task
 
 TASKS_AHEAD = 4  # per worker: batches handed out before their results are used, so a slow one stalls nothing
 BATCHES_PER_WORKER = 32  # many light tasks go out in batches, about this many per worker (each costs ~0.3 ms)
 MAX_BATCH = 16  # tasks in a batch at most: a batch is redone whole when its Ray worker dies
-STOP_POLL = 0.1  # seconds between safe points while waiting for tasks
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # dbpkit: the tasks' code
 PROJECT = os.path.dirname(PACKAGE)  # the scripts and dbp_utils.py beside it (a checkout, or site-packages)
 DISTRIBUTORS = ("local", "ray")

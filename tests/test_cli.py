@@ -21,6 +21,43 @@ def square_or_fail(x):
     return x * x, os.getpid()
 
 
+def test_a_long_call_is_stoppable_while_it_runs_and_gives_its_result_or_error(monkeypatch):
+    """stoppable: the caller's thread is a safe point while the call runs in another (a recorded SIGTERM stops it
+    before the call ends: here the call waits for an event set only afterwards); without a signal, the call's
+    result, or its exception."""
+    import threading
+
+    assert cli.stoppable(sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):
+        cli.stoppable(divmod, 1, 0)
+    release, finished = threading.Event(), []
+    monkeypatch.setattr(cli, "_signals", [signal.SIGTERM])
+    with pytest.raises(errors.Terminated):
+        cli.stoppable(lambda: finished.append(release.wait(DEADLINE)))
+    assert finished == []  # (stopped while the call still ran)
+    release.set()
+
+
+def test_k_means_training_is_stoppable(monkeypatch):
+    """faiss's k-means (hours at SemDeDup's k) trains in a thread while the run stays a safe point; the same
+    centroids as before it did."""
+    import faiss
+    import numpy as np
+
+    from dbpkit.kmeans import exact_faiss, fit
+
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    centroids, objective = fit(x, 10, 5, 1, False, 2)
+    exact_faiss(2)  # (in this thread: faiss as fit sets it up, on 2 threads)
+    direct = faiss.Kmeans(8, 10, niter=5, seed=1, verbose=False, max_points_per_centroid=300,
+                          min_points_per_centroid=1)
+    direct.train(x)
+    assert centroids.tobytes() == direct.centroids.tobytes() and objective == pytest.approx(direct.obj[-1])
+    monkeypatch.setattr(cli, "_signals", [signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        fit(x, 10, 5, 1, False, 2)
+
+
 def test_pool_results_come_in_order_from_several_workers():
     with tasks.TaskPool(3) as pool:
         results = list(pool.run(square_or_fail, list(range(12)), "squares"))
