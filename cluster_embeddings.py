@@ -198,7 +198,7 @@ def main() -> None:
             x = kmeans.training_sample(embeddings, args.seed, check_k_and_sample(args, n, of, ks[-1], "--k-sweep"),
                                        subset)
             fits = {}
-            sweep = du.k_sweep(x, ks, args.niter, args.seed, args.spherical, workers, fits)
+            sweep = cli.stoppable(du.k_sweep, x, ks, args.niter, args.seed, args.spherical, workers, fits)
             if k == ks[-1]:  # the run's own k-means is this one (the same sample, seed and iterations)
                 files.save_json(out.path(OBJECTIVE), fits[k][1])
                 files.save_npy(out.path(CENTROIDS_FILE), fits[k][0])

@@ -56,9 +56,12 @@ def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_s
 def training_sample(embeddings: Embeddings, seed: int, sample_size: int,
                     subset: np.ndarray | None = None) -> np.ndarray:
     """The rows k-means trains on: a seeded uniform sample (of the `subset` rows, when given), L2-normalised."""
+    from dbpkit.cli import stoppable  # (not at the top: dbp_utils imports this module, and nothing of the CLI)
+
     count = embeddings.rows if subset is None else len(subset)
     rows = np.sort(np.random.default_rng(seed).choice(count, size=sample_size, replace=False))
-    return embeddings.unit_rows_at(rows if subset is None else subset[rows])
+    # (at SemDeDup's k, millions of rows read all over LAION's embeddings: minutes from a disk)
+    return stoppable(embeddings.unit_rows_at, rows if subset is None else subset[rows])
 
 
 def fit(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, threads: int) -> tuple[np.ndarray, float]:
@@ -69,7 +72,7 @@ def fit(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, threads: 
     # few points per centroid, printed straight to stderr, is left to our own checks.
     kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
                           max_points_per_centroid=-(-sample_size // k), min_points_per_centroid=1)
-    from dbpkit.cli import stoppable  # (not at the top: dbp_utils imports this module, and nothing of the CLI)
+    from dbpkit.cli import stoppable
 
     stoppable(_train, kmeans, x, threads)  # (hours at SemDeDup's k: Ctrl-C and SIGTERM act meanwhile)
     return kmeans.centroids, float(kmeans.obj[-1])

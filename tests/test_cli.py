@@ -58,6 +58,24 @@ def test_k_means_training_is_stoppable(monkeypatch):
         fit(x, 10, 5, 1, False, 2)
 
 
+def test_the_training_sample_is_read_stoppably(tmp_path, monkeypatch):
+    """The training sample (millions of rows read all over LAION's embeddings) is read while the run stays a safe
+    point: the rows asked for, then a recorded SIGTERM stops the read."""
+    import numpy as np
+
+    from dbpkit import kmeans, layouts
+
+    x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    embeddings = layouts.find_embeddings(str(tmp_path / "emb.npy"), None, None, "l14_img", with_keys=False)
+    rows = np.sort(np.random.default_rng(3).choice(500, size=50, replace=False))
+    expected = x[rows] / np.linalg.norm(x[rows], axis=1, keepdims=True)
+    np.testing.assert_allclose(kmeans.training_sample(embeddings, 3, 50), expected, rtol=1e-6)
+    monkeypatch.setattr(cli, "_signals", [signal.SIGTERM])
+    with pytest.raises(errors.Terminated):
+        kmeans.training_sample(embeddings, 3, 50)
+
+
 def test_pool_results_come_in_order_from_several_workers():
     with tasks.TaskPool(3) as pool:
         results = list(pool.run(square_or_fail, list(range(12)), "squares"))
