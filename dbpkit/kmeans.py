@@ -66,14 +66,14 @@ def training_sample(embeddings: Embeddings, seed: int, sample_size: int,
 
 def fit(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, threads: int) -> tuple[np.ndarray, float]:
     """faiss.Kmeans of the rows x: (centroids float32 (k, dim), final objective)."""
+    from dbpkit.cli import stoppable
+
     sample_size = len(x)
     faiss = exact_faiss(threads)
     # Every sampled row is used (faiss would subsample past 256 per centroid), and faiss's warning about
     # few points per centroid, printed straight to stderr, is left to our own checks.
     kmeans = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
                           max_points_per_centroid=-(-sample_size // k), min_points_per_centroid=1)
-    from dbpkit.cli import stoppable
-
     stoppable(_train, kmeans, x, threads)  # (hours at SemDeDup's k: Ctrl-C and SIGTERM act meanwhile)
     return kmeans.centroids, float(kmeans.obj[-1])
 
