@@ -35,7 +35,7 @@ import numpy as np
 
 import dbp_utils as du
 import dbpkit
-from dbpkit import cli, dedup, files, kmeans, layouts, savedir, selection, tasks
+from dbpkit import cli, dedup, dedup_report, files, kmeans, layouts, savedir, selection, tasks
 from dbpkit.clusters import PARSER_MODULES, find_centroids, scan_clusters
 from dbpkit.errors import UsageError
 
@@ -214,9 +214,11 @@ def main() -> None:
 
     for warning in dedup.rounding_warnings(args.eps, args.device):  # (once the inputs are checked, before the scoring)
         cli.log.warning(warning)
+    sizes = np.array([c.rows for c in clusters], dtype=np.int64)
+    total = int(sizes.sum())
     with save as out, pool:
-        pool.start()  # (on Ray: Ray's start-up and the workers' imports) while this process
-        dedup.import_plotting()  # imports matplotlib for similarity.png
+        pool.start()  # (on Ray: Ray's start-up and the workers' imports) while this process draws most of
+        similarity = dedup_report.SimilarityFigure(total).draw_frame()  # similarity.png (all but the scores)
         history = ""
         if earlier is not None:
             reuse_scores(args.save_folder, out.staging)
@@ -245,8 +247,6 @@ def main() -> None:
                 counts[eps][j] = gone
             histogram, curve = histogram + scored.selection.histogram, curve + scored.selection.curve
         cli.stage("scored")
-        sizes = np.array([c.rows for c in clusters], dtype=np.int64)
-        total = int(sizes.sum())
         if args.remove_fraction is not None:  # the eps that removes that fraction, known now that all are scored
             fraction_eps, removing = dedup.eps_removing(out.staging, len(clusters), args.remove_fraction, total)
             eps_list = merged_eps([fraction_eps], eps_list)
@@ -285,10 +285,11 @@ def main() -> None:
 
         # 3. The report.
         cli.stage("writing the report")
-        dedup.write_stats(out.path(dedup.STATS_FILE), eps_list, total, removed)
-        dedup.write_curve(out.path(dedup.CURVE_FILE), curve, total)
-        dedup.write_cluster_stats(out.path(dedup.CLUSTER_STATS_FILE), eps_list, sizes, removed)
-        dedup.plot_similarity(out.path(dedup.PLOT_FILE), eps_list, removed.sum(axis=0), histogram, curve, total)
+        dedup_report.write_stats(out.path(dedup.STATS_FILE), eps_list, total, removed)
+        dedup_report.write_curve(out.path(dedup.CURVE_FILE), curve, total)
+        dedup_report.write_cluster_stats(out.path(dedup.CLUSTER_STATS_FILE), eps_list, sizes, removed)
+        figure = similarity.draw(eps_list, removed.sum(axis=0), histogram, curve)
+        figure.savefig(out.path(dedup.PLOT_FILE), format="png")
         if unsorted:
             cli.log.warning(f"{unsorted} cluster file(s) are not sorted by distance: their rows were sorted before "
                             f"scoring, so that --which-to-keep {args.which_to_keep} means what it says")

@@ -15,19 +15,16 @@ Choosing eps then only reads those back.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from dbpkit.clusters import ClusterFile, parse_distances, parse_row_numbers
 from dbpkit.errors import UsageError
-from dbpkit.figures import legend_room
 from dbpkit.files import atomic_open
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 from dbpkit.layouts import Embeddings, load_embeddings
@@ -43,7 +40,6 @@ REMOVED_FILE = "removed_paths.txt"  # in each eps_<e>/, beside KEPT_KEYS_FILE
 CURVE_FILE = "eps_curve.csv"  # the fraction removed over EPS_GRID: what similarity.png's right panel draws
 DISTANCE_FLOOR = 1e-7  # 1 - score below this (float32's resolution near 1) is drawn at it
 HISTOGRAM_BINS = np.logspace(-7, 0, 141)  # of 1 - score, log-spaced so that scores bunched near 1 separate
-HISTOGRAM_BOTTOM = 0.7  # its log axis starts below 1: a bin of one member shows
 EPS_GRID = np.logspace(-4, 0, 161)[:-1]  # eps values the plot reads the fraction removed at
 # Identical embeddings score 1 only up to their matmul's rounding: within 1e-6 of it in float32 (measured, dims 64
 # to 1024), within float16's step near 1 (0.00049) with --device cuda. A smaller eps can keep some exact copies.
@@ -323,74 +319,3 @@ def removed_lines(paths: np.ndarray, duplicated: np.ndarray, scores: np.ndarray)
         return np.zeros(0, "S1")
     similarity = scores.astype(str).astype("S")  # float32's shortest text
     return np.strings.add(np.strings.add(np.strings.add(paths, b"\t"), np.strings.add(duplicated, b"\t")), similarity)
-
-
-def write_stats(path: str, eps_list: list[float], total: int, removed: np.ndarray) -> None:
-    """dedup_stats.csv: per eps, the similarity threshold, kept, removed and the fraction removed."""
-    with open(path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(["eps", "threshold", "kept", "removed", "removed_fraction"])
-        for eps, gone in zip(eps_list, removed.sum(axis=0).tolist()):
-            rows.writerow([eps, float(threshold(eps)), total - gone, gone, gone / total if total else 0.0])
-
-
-def write_curve(path: str, curve: np.ndarray, total: int) -> None:
-    """eps_curve.csv: per eps of EPS_GRID, the similarity threshold and how many rows it removes."""
-    with open(path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(["eps", "threshold", "removed", "removed_fraction"])
-        for eps, t, gone in zip(EPS_GRID.tolist(), threshold_grid().tolist(), curve.tolist()):
-            rows.writerow([eps, t, gone, gone / total if total else 0.0])
-
-
-def write_cluster_stats(path: str, eps_list: list[float], sizes: np.ndarray, removed: np.ndarray) -> None:
-    """dedup_cluster_stats.csv: per cluster, its size and how many rows each eps removes."""
-    with open(path, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(["cluster_id", "size", *(f"removed_{eps_folder(eps)}" for eps in eps_list)])
-        rows.writerows([j, size, *gone] for j, (size, gone) in enumerate(zip(sizes.tolist(), removed.tolist())))
-
-
-def import_plotting() -> None:
-    """Import what drawing similarity.png takes (a third of a second), at a time of the caller's choosing."""
-    import matplotlib.backends.backend_agg  # noqa: F401
-    import matplotlib.figure  # noqa: F401
-
-
-def plot_similarity(path: str, eps_list: list[float], removed: np.ndarray, histogram: np.ndarray, curve: np.ndarray,
-                    total: int) -> None:
-    similarity_figure(eps_list, removed, histogram, curve, total).savefig(path, format="png")
-
-
-def similarity_figure(eps_list: list[float], removed: np.ndarray, histogram: np.ndarray, curve: np.ndarray,
-                      total: int) -> Any:
-    """similarity.png. Left: how the scores (each member's largest similarity to an earlier one) are spread, as
-    1 - score on a log axis (near-copies at the left), with each eps's threshold. Right: the fraction removed
-    for every eps (eps_curve.csv), read off to choose one."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
-
-    fig = Figure(figsize=(11, 4.2), dpi=100)
-    left, right = fig.subplots(1, 2)
-    left.stairs(histogram, HISTOGRAM_BINS, fill=True, color="0.6")  # one artist, not 140 bars: 5x faster to draw
-    left.set_xscale("log")
-    left.set_yscale("log")
-    # (exact copies, the tallest bar of a LAION run, stand at the far left: under the legend without this room)
-    left.set_ylim(HISTOGRAM_BOTTOM, legend_room(max(int(histogram.max(initial=0)), 1), len(eps_list),
-                                                HISTOGRAM_BOTTOM, log=True))
-    fraction = curve / max(total, 1)
-    right.plot(EPS_GRID, fraction, color="0.3", lw=1.2)
-    for i, eps in enumerate(eps_list):
-        gone = removed[i] / max(total, 1)
-        color = f"C{i % 10}"
-        left.axvline(max(1 - float(threshold(eps)), DISTANCE_FLOOR), color=color, lw=1.2, ls="--",
-                     label=f"eps {eps:g}: {gone:.1%} removed")
-        right.scatter([eps], [gone], color=color, zorder=3, label=f"eps {eps:g}: {gone:.1%}")
-    left.set(xlabel="1 - largest cosine similarity to an earlier member (log scale; left: near-copies)",
-             ylabel="members (log scale)", title=f"SemDeDup scores of {total:,} members")
-    left.legend(loc="upper left", fontsize=8)
-    right.set_xscale("log")
-    right.set(xlabel="eps (a member goes when its similarity > 1 - eps)", ylabel="fraction removed",
-              ylim=(0, 1.02), title="what each eps removes")
-    right.legend(loc="upper left", fontsize=8)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)  # (tight_layout: 3x slower)
-    return fig

@@ -1,5 +1,6 @@
 """deduplicate.py: SemDeDup's scores and kept sets against a float64 reference from the definition."""
 
+import io
 import json
 import os
 import re
@@ -686,7 +687,8 @@ def test_remove_fraction_past_the_scores_above_zero_is_one_line(tmp_path):
 
 
 def test_the_histogram_is_of_one_minus_the_score_on_a_log_axis():
-    from dbpkit.dedup import DISTANCE_FLOOR, EPS_GRID, HISTOGRAM_BINS, similarity_figure
+    from dbpkit.dedup import DISTANCE_FLOOR, EPS_GRID, HISTOGRAM_BINS
+    from dbpkit.dedup_report import similarity_figure
 
     histogram = np.zeros(len(HISTOGRAM_BINS) - 1, int)
     histogram[10] = 5
@@ -699,7 +701,8 @@ def test_the_histogram_is_of_one_minus_the_score_on_a_log_axis():
 def test_the_legend_hides_no_bar_when_exact_copies_are_the_tallest():
     """A LAION run: exact copies (1 - score at the floor, the far left, where the legend stands) the tallest bar,
     five eps in the legend; every bar's top is read back from the drawn figure, clear of it."""
-    from dbpkit.dedup import EPS_GRID, HISTOGRAM_BINS, similarity_figure
+    from dbpkit.dedup import EPS_GRID, HISTOGRAM_BINS
+    from dbpkit.dedup_report import similarity_figure
 
     histogram = np.zeros(len(HISTOGRAM_BINS) - 1, np.int64)
     histogram[0], histogram[1:8], histogram[60:120] = 5_000_000, 40_000, np.arange(60) * 50_000 + 10_000
@@ -710,6 +713,27 @@ def test_the_legend_hides_no_bar_when_exact_copies_are_the_tallest():
     assert len(left.get_legend().get_texts()) == len(eps)
     assert under_legend(left, bar_tops(HISTOGRAM_BINS, histogram)) == []
     assert left.get_ylim()[0] < 1  # a bin of one member shows
+
+
+def test_similarity_png_drawn_in_two_goes_is_the_image_drawn_at_once():
+    """deduplicate.py draws similarity.png's frame while its workers start and the scores into it at the end: the
+    same bytes as the figure drawn in one go, for eps inside and outside the curve's grid, with and without rows."""
+    from dbpkit.dedup import EPS_GRID, HISTOGRAM_BINS
+    from dbpkit.dedup_report import SimilarityFigure, similarity_figure
+
+    rng = np.random.default_rng(0)
+    histogram = rng.integers(0, 5000, len(HISTOGRAM_BINS) - 1)
+    curve = np.sort(rng.integers(0, 300_000, len(EPS_GRID)))[::-1]
+    for eps, removed, total in (([0.01, 0.05, 0.1], [10, 200, 3000], 300_000), ([1e-6, 0.5], [0, 7], 300_000),
+                                ([0.05], [0], 0)):
+        images = []
+        for figure in (similarity_figure(eps, np.array(removed), histogram * (total > 0), curve * (total > 0), total),
+                       SimilarityFigure(total).draw_frame().draw(eps, np.array(removed), histogram * (total > 0),
+                                                                 curve * (total > 0))):
+            image = io.BytesIO()
+            figure.savefig(image, format="png")
+            images.append(image.getvalue())
+        assert images[0] == images[1]
 
 
 def test_every_eps_keeps_and_removes_by_its_own_threshold(tmp_path):
