@@ -16,6 +16,10 @@ from dbpkit.errors import UsageError
 from dbpkit.files import read_npy_header
 
 KEY_CHUNK_ROWS = 1 << 16  # keys read at a time
+# What no key may hold: the key files have one key a line (kept_paths.txt; a reader's universal newlines also end
+# a line at a carriage return) or tab-separated fields (removed_paths.txt, failed.txt), and the fixed-width arrays
+# that hold keys end a key at its first NUL. Refused where keys are read, failed samples where they are made.
+BAD_KEY_CHARACTERS = {"\t": "a tab", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL"}
 
 
 def ascii_bytes(text: np.ndarray) -> np.ndarray:
@@ -28,8 +32,7 @@ def ascii_bytes(text: np.ndarray) -> np.ndarray:
 
 def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
     """Keys (str or bytes) as UTF-8 bytes, refusing a key that is not valid UTF-8 (bytes) or Unicode (str), and
-    a key holding a line break (kept_paths.txt has one key per line) or a NUL (the fixed-width arrays that
-    hold keys end a key at its first NUL)."""
+    a key holding a character of BAD_KEY_CHARACTERS."""
     if keys.dtype.kind == "S":
         utf8 = np.ascontiguousarray(keys)
         chars = byte_matrix(utf8)
@@ -51,16 +54,12 @@ def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
                                  "surrogate, as from a file name that is not UTF-8)",
                                  "write the keys as UTF-8 text or bytes") from None
         chars = byte_matrix(utf8)
-    broken = _rows_where(chars == ord("\n"))
-    if len(broken):
-        text = utf8[broken[0]].decode("utf-8", "replace")
-        raise UsageError(path, f"row {first_row + broken[0]}: key {text!r} holds a line break",
-                         "keys are one per line in kept_paths.txt; rename the sample")
-    nul = _inner_nul(chars)
-    if len(nul):
-        text = chars[nul[0]].tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        raise UsageError(path, f"row {first_row + nul[0]}: key {text!r} holds a NUL character",
-                         "keys are text without NULs; rename the sample")
+    if (bad := _first_bad_key(chars)) is not None:
+        row, what = bad
+        text = chars[row].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+        raise UsageError(path, f"row {first_row + row}: key {text!r} holds {what}",
+                         "key files hold one key a line (kept_paths.txt) or tab-separated fields (removed_paths.txt), "
+                         "without NULs; rename the sample")
     return utf8
 
 
@@ -72,6 +71,14 @@ def byte_matrix(strings: np.ndarray) -> np.ndarray:
 def _rows_where(hit: np.ndarray) -> np.ndarray:
     """The rows of a boolean matrix holding a True (the whole matrix is looked at first: nearly always none)."""
     return np.flatnonzero(hit.any(axis=1)) if hit.any() else np.zeros(0, np.intp)
+
+
+def _first_bad_key(chars: np.ndarray) -> tuple[int, str] | None:
+    """(row, what) of the first key of a fixed-width bytes matrix holding a character of BAD_KEY_CHARACTERS (a NUL
+    only before another byte: the trailing ones are the array's padding), or None."""
+    found = [(int(rows[0]), what) for character, what in BAD_KEY_CHARACTERS.items()
+             if len(rows := _inner_nul(chars) if character == "\0" else _rows_where(chars == ord(character)))]
+    return min(found, default=None)
 
 
 def _inner_nul(chars: np.ndarray) -> np.ndarray:

@@ -37,12 +37,12 @@ from dbpkit.cli import check_stop, stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
 from dbpkit.errors import Incomplete, UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
+from dbpkit.keys import BAD_KEY_CHARACTERS
 from dbpkit.local_engine import exit_with
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
 PARTS_DIR = "parts"  # while the run is staged: each shard's part, named for the shard
-BAD_KEY_CHARACTERS = {"\t": "a tab", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL"}
 PARQUET_ROWS = 1 << 16
 SAFE_POINT_SECONDS = 1.0  # how often a wait for the decoding workers looks for Ctrl-C and SIGTERM
 

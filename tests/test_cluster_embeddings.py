@@ -306,8 +306,13 @@ BAD = [  # (id, setup, extra flags, what the one line says)
      "line 11: key holds a NUL character"),
     ("txt-key-ends-in-nul", bad("npy+txt", lambda r, f: (r / "keys.txt").write_bytes(b"ab\0\n" * 300)), [],
      "line 1: key holds a NUL character"),
+    ("txt-key-tab", bad("npy+txt", lambda r, f: (r / "keys.txt").write_bytes(b"".join(b"k%d\n" % i for i in range(10))
+                                                                             + b"a\tb\n" + b"z\n" * 289)), [],
+     "row 10: key 'a\\tb' holds a tab"),
+    ("txt-key-carriage-return", bad("npy+txt", lambda r, f: (r / "keys.txt").write_bytes(b"a\rb\r\n" * 300)), [],
+     "row 0: key 'a\\rb' holds a carriage return"),
     ("npy-key-nul", bad("npy+npy", lambda r, f: np.save(r / "keys.npy", np.array(["ok"] * 5 + ["ab\0cd"] * 295))),
-     [], "row 5: key 'ab\\x00cd' holds a NUL character"),
+     [], "row 5: key 'ab\\x00cd' holds a NUL"),
     ("npy-bytes-not-utf8", bad("npy+npy", lambda r, f: np.save(r / "keys.npy", np.array([b"ok"] * 7 + [b"a\xffb"] +
                                                                                         [b"ok"] * 292))), [],
      "row 7: key b'a\\xffb' is not UTF-8"),
