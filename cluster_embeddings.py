@@ -177,10 +177,7 @@ def main() -> None:
             cli.log.info(f"resuming a stopped run; done before: {done}")
         # Each step's last file marks it done: a rerun after a kill goes on from the first step not done.
         if not os.path.exists(out.path(layouts.KEYS_FILE)):
-            repeats = layouts.gather_keys(embeddings, work)
-            if repeats:
-                cli.log.warning(f"{repeats} keys repeat an earlier key; they are kept (as SemDeDup does), but "
-                                "the DBP key sets will hold each once")
+            layouts.gather_keys(embeddings, work)
         cli.stage("keys gathered")
         subset, of = None, ""
         if args.subset:

@@ -16,6 +16,8 @@ from dbpkit.errors import UsageError
 from dbpkit.files import read_npy_header
 
 KEY_CHUNK_ROWS = 1 << 16  # keys read at a time
+HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
+REPEAT_BATCH = 1024  # repeated hashes whose rows are looked for in one pass over all the hashes
 # What no key may hold: the key files have one key a line (kept_paths.txt; a reader's universal newlines also end
 # a line at a carriage return) or tab-separated fields (removed_paths.txt, failed.txt), and the fixed-width arrays
 # that hold keys end a key at its first NUL. Refused where keys are read, failed samples where they are made.
@@ -61,6 +63,36 @@ def keys_as_utf8(keys: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
                          "key files hold one key a line (kept_paths.txt) or tab-separated fields (removed_paths.txt), "
                          "without NULs; rename the sample")
     return utf8
+
+
+def key_hashes(keys: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each key (FNV-1a's step over 8-byte words): repeated keys are found in 8 bytes a key."""
+    width = -(-keys.dtype.itemsize // 8) * 8
+    words = np.ascontiguousarray(keys.astype(f"S{width}")).view(np.uint64).reshape(len(keys), width // 8)
+    h = np.full(len(keys), HASH_OFFSET)
+    with np.errstate(over="ignore"):
+        for column in words.T:
+            h = (h ^ column) * HASH_PRIME
+    return h
+
+
+def repeated_key(keys: np.ndarray, hashes: np.ndarray) -> tuple[int, int] | None:
+    """Two rows holding the same key (the earlier first), or None if no key repeats. Rows whose hashes (key_hashes)
+    are equal are compared by their keys, for a batch of repeated hashes at a time: a data set listed twice, every
+    key repeated, costs no more memory than one repeat."""
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    for batch in range(0, len(repeated), REPEAT_BATCH):
+        values = repeated[batch:batch + REPEAT_BATCH]
+        rows = np.concatenate([start + np.flatnonzero(np.isin(hashes[start:start + KEY_CHUNK_ROWS], values))
+                               for start in range(0, len(hashes), KEY_CHUNK_ROWS)])
+        earlier: dict[int, list[int]] = {}
+        for row, value in zip(rows.tolist(), hashes[rows].tolist()):  # (in row order)
+            if (other := next((o for o in earlier.get(value, []) if keys[o] == keys[row]), None)) is not None:
+                return other, row
+            earlier.setdefault(value, []).append(row)
+    return None
 
 
 def byte_matrix(strings: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from dbpkit.errors import UsageError
 from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, read_rows_of_parts, save_json, save_npy, shares
-from dbpkit.keys import _parquet_file, _text_lines, keys_as_utf8, read_keys, strip_extensions
+from dbpkit.keys import _parquet_file, _text_lines, key_hashes, keys_as_utf8, read_keys, repeated_key, strip_extensions
 from dbpkit.trie import load_trie
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
@@ -35,7 +35,6 @@ CLIP_METADATA = re.compile(r"metadata_(\d+)\.parquet")
 # Work files, kept in the save folder's staging area until the run is published.
 KEYS_FILE = "keys.npy"  # every key, in row order, fixed width
 SUBSET_ROWS = "subset_rows.npy"  # with --subset: the rows clustered, sorted; the work files are about them
-HASH_OFFSET, HASH_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)  # 64-bit FNV-1a's constants
 
 
 @dataclass(frozen=True)
@@ -277,10 +276,11 @@ def _check_keys_file(keys: str, rows: int, embeddings: str, key_column: str | No
                          "pass the keys written with these embeddings, in the same order")
 
 
-def gather_keys(embeddings: Embeddings, folder: str) -> int:
+def gather_keys(embeddings: Embeddings, folder: str) -> None:
     """Write every key, in row order, to folder/keys.npy as one fixed-width bytes array (so that a cluster
-    reads only its own keys); check each part's key count; return how many keys repeat an earlier one
-    (SemDeDup keeps them: a warning). The width is known only at the end: chunks wait in files till then."""
+    reads only its own keys), checking each part's key count and refusing a key that two rows hold: the kept
+    keys and the loaders' filter go by key, and SemDeDup's deduplication asserts that no key repeats in a
+    cluster. The width is known only at the end: chunks wait in files till then."""
     from dbpkit.cli import progress  # (here: the loader API reads this module and wants no progress bars)
 
     chunk_files, hashes = [], []
@@ -290,7 +290,7 @@ def gather_keys(embeddings: Embeddings, folder: str) -> int:
             for keys in part.key_chunks():
                 chunk_files.append(os.path.join(folder, f"keys_{len(chunk_files)}.npy"))
                 np.save(chunk_files[-1], keys)
-                hashes.append(_hash(keys))
+                hashes.append(key_hashes(keys))
                 count += len(keys)
             if count != part.rows:
                 raise UsageError(part.keys, f"holds {count} keys but {part.path} has {part.rows} rows",
@@ -306,21 +306,23 @@ def gather_keys(embeddings: Embeddings, folder: str) -> int:
         start += len(chunk)
         os.remove(path)
     keys.flush()
+    repeat = repeated_key(keys, np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+    error = None if repeat is None else repeated_error(embeddings, keys[repeat[1]], repeat)
     del keys
+    if error is not None:
+        os.remove(partial)
+        raise error
     os.replace(partial, os.path.join(folder, KEYS_FILE))
-    hashes = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
-    return int((hashes[1:] == hashes[:-1]).sum())
 
 
-def _hash(keys: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each key (FNV-1a's step over 8-byte words), to count repeated keys in 8 bytes a key."""
-    width = -(-keys.dtype.itemsize // 8) * 8
-    words = np.ascontiguousarray(keys.astype(f"S{width}")).view(np.uint64).reshape(len(keys), width // 8)
-    h = np.full(len(keys), HASH_OFFSET)
-    with np.errstate(over="ignore"):
-        for column in words.T:
-            h = (h ^ column) * HASH_PRIME
-    return h
+def repeated_error(embeddings: Embeddings, key: bytes, rows: tuple[int, int]) -> UsageError:
+    """The error for a key that two rows hold, each named by its key file and its row there."""
+    starts = embeddings.starts()
+    (i, a), (j, b) = [(int(np.searchsorted(starts, row, "right")) - 1, row) for row in rows]
+    elsewhere = "" if i == j else f" of {embeddings.parts[i].keys}"
+    return UsageError(embeddings.parts[j].keys, f"row {b - starts[j]}: key {key.decode('utf-8', 'replace')!r} is "
+                      f"also the key of row {a - starts[i]}{elsewhere}", "each key must name one sample (the kept "
+                      "keys and the loaders' filter go by key): drop the repeated row or make the keys unique")
 
 
 def _is_pickle(path: str) -> bool:

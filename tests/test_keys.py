@@ -198,6 +198,27 @@ def test_keys_no_key_file_can_hold_are_refused_at_their_first_row(values, row, b
         keys_as_utf8(np.array(values), "k.npy", first_row=3)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"b", b"ab", b"a/1", b"b/2", b"\xc3\xa9", b"a" * 17]), max_size=40),
+       st.integers(1, 4), st.integers(1, 3))
+def test_repeated_key_finds_a_repeat_exactly_whatever_the_hashes_say(values, buckets, batch):
+    """Two rows holding one key are found, and only those: with the real hashes, and with hashes forced to collide
+    (every key in one of a few buckets, so that unequal keys share a hash), a few repeated hashes per batch."""
+    from dbpkit import keys as keys_module
+
+    keys = np.array(values, dtype="S17") if values else np.zeros(0, "S1")
+    unique = len(set(values)) == len(values)
+    colliding = np.array([sum(v) % buckets for v in values], np.uint64)
+    for hashes in (keys_module.key_hashes(keys), colliding):
+        with mock.patch.object(keys_module, "REPEAT_BATCH", batch), mock.patch.object(keys_module, "KEY_CHUNK_ROWS", 3):
+            found = keys_module.repeated_key(keys, hashes)
+        if unique:
+            assert found is None
+        else:
+            a, b = found
+            assert a < b and values[a] == values[b]
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(paths, max_size=30))
 def test_strip_extensions_is_splitext(values):
