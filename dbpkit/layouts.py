@@ -320,9 +320,12 @@ def repeated_error(embeddings: Embeddings, key: bytes, rows: tuple[int, int]) ->
     starts = embeddings.starts()
     (i, a), (j, b) = [(int(np.searchsorted(starts, row, "right")) - 1, row) for row in rows]
     elsewhere = "" if i == j else f" of {embeddings.parts[i].keys}"
+    fix = "each key must name one sample (the kept keys and the loaders' filter go by key): drop the repeated row " \
+        "or make the keys unique"
+    if i != j:
+        fix += " (keys that restart in every shard: write them <shard>/<key>, as the loaders' filter then matches them)"
     return UsageError(embeddings.parts[j].keys, f"row {b - starts[j]}: key {key.decode('utf-8', 'replace')!r} is "
-                      f"also the key of row {a - starts[i]}{elsewhere}", "each key must name one sample (the kept "
-                      "keys and the loaders' filter go by key): drop the repeated row or make the keys unique")
+                      f"also the key of row {a - starts[i]}{elsewhere}", fix)
 
 
 def _is_pickle(path: str) -> bool:
