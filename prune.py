@@ -111,6 +111,14 @@ def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
     return loaded[0], loaded[1]
 
 
+def check_datacomp_keys(clusters: list) -> None:
+    """--datacomp-subset on data whose keys are not DataComp uids: refused from the first key, before the selection
+    (every kept key is checked again when the subset is written)."""
+    if first := next((c for c in clusters if c.rows), None):
+        (key,) = first.columns(("key",), 0, 1)
+        keys.datacomp_subset(keys.strip_extensions(keys.keys_as_utf8(key, first.path)))
+
+
 def main() -> None:
     args = parse_args()
     cli.absolute_paths(args, *PATH_FLAGS)  # as params.json names them: the run can be moved or shared
@@ -124,6 +132,8 @@ def main() -> None:
     #    they are read; a failure there still leaves the save dir as it was).
     clusters = scan_clusters(args.sorted_clusters_path, args.num_centroids, "--sorted-clusters-path", "--num-centroids")
     k, sizes = len(clusters), np.array([c.rows for c in clusters], dtype=np.int64)
+    if args.datacomp_subset:
+        check_datacomp_keys(clusters)
     save_dir = savedir.SaveDir(args.save_dir, args.overwrite, du.OUTPUT_FILES, du.PARAMS_FILE, "--save-dir")
     d_intra, d_inter = load_dintra_dinter(args, k)
     total_rows = int(sizes.sum())

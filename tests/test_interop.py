@@ -1,20 +1,24 @@
 """NeMo Curator's k-means results in, DataComp's subset file out."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
     CLUSTER_SCRIPT,
+    DEADLINE,
     DINTER_SCRIPT,
     DINTRA_SCRIPT,
     PRUNE_SCRIPT,
     error_line,
     make_toy_clusters,
     run_script,
+    start_script,
 )
 
 import dbp_utils as du
@@ -234,6 +238,20 @@ def test_datacomp_subset_is_what_the_resharder_reads(tmp_path):
                    "--save-dir", tmp_path / "bad", "--datacomp-subset")
     assert r.returncode == 2 and "is not a DataComp uid (32 hex digits)" in r.stderr
     assert not os.path.exists(tmp_path / "bad")
+
+    # Keys that are no uids at all (another data set's): refused before any cluster is selected.
+    np.save(sorted_dir / "cluster_0.npy", [("00000/000000004.jpg", 700, 0.9, 0)])
+    marker = tmp_path / "a selection task started"  # (where one would stop, for ever: the check comes first)
+    proc = start_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--density", "uniform", "--prune-ratio",
+                        0.4, "--save-dir", tmp_path / "bad", "--datacomp-subset", "--workers", 2,
+                        pause=f"task select_cluster {marker}")
+    try:
+        _, stderr = proc.communicate(timeout=DEADLINE)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and "the kept key '00000/000000004' is not a DataComp uid" in stderr
+    assert not marker.exists() and not os.path.exists(tmp_path / "bad")
 
 
 def test_datacomp_uids_of_any_case_are_their_numbers():
