@@ -9,10 +9,12 @@ Reads the embeddings as researchers hold them (the layout is read off the files)
   - DataComp's shards: --embeddings a folder of <shard>.npz (array --npz-key, default l14_img) beside
     <shard>.parquet (keys: the uid column); no --keys.
 With --subset FILE (a kept_keys.npy of deduplicate.py or prune.py, or a text file of paths) only the
-rows whose key is in FILE are clustered; column 1 still indexes --embeddings. Rows are L2-normalised as
-they are read. k-means is faiss's, as SemDeDup runs it (spherical, 100
-iterations, seed 1234), trained on a seeded sample of --sample-size rows (default: up to 256 per
-centroid); every row then goes to its nearest centroid in one streamed pass.
+rows whose key is in FILE are clustered; column 1 still indexes --embeddings. The keys are checked before
+k-means: each names one sample (a key two rows hold is refused: the kept keys and the loaders' filter go by key)
+and is UTF-8 without a tab, newline, carriage return or NUL. Rows are L2-normalised as they are read. k-means
+is faiss's, as SemDeDup runs it (spherical, 100 iterations, seed 1234), trained on a seeded sample of
+--sample-size rows (default: up to 256 per centroid); every row then goes to its nearest centroid in one
+streamed pass.
 
 Writes into --save_folder, exactly what SemDeDup writes:
   kmeans_centroids.npy                   float32 (k, dim)
