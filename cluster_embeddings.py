@@ -129,6 +129,8 @@ def check_args(args, rows: int) -> None:
         what = "is a folder" if os.path.isdir(args.subset) else "does not exist"
         raise UsageError("--subset", f"{args.subset} {what}",
                          "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
+    if args.subset:
+        layouts.check_subset(args.subset)
 
 
 def check_k_and_sample(args, rows: int, of: str = "", k: int | None = None, flag: str = "--num_clusters") -> int:

@@ -341,19 +341,26 @@ def _mapped(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def check_subset(subset: str) -> None:
+    """A --subset .npy that holds no 1-D keys (another step's array, d_intra say) is refused from its header: at
+    the start of a run, not after its keys are gathered (minutes at LAION's size)."""
+    if subset.endswith(".npy") and not _is_pickle(subset):
+        shape, dtype, _, _ = read_npy_header(subset)
+        if len(shape) != 1 or dtype.kind not in "US":
+            raise UsageError("--subset", f"{subset} has shape {shape} and dtype {dtype}; expected 1-D keys",
+                             "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
+
+
 def subset_rows(work: str, subset: str) -> tuple[int, int]:
     """Write work/SUBSET_ROWS: the rows whose key (extension stripped) is in the `subset` file: a kept_keys.npy
     or kept_keys_trie.pkl, which hold keys (stripped already: stripping `x/y.tar` again would make it `x/y`,
     another sample's key), or a text file of paths, stripped here. Returns (rows selected, subset keys not
     among the rows' keys)."""
+    check_subset(subset)
     if _is_pickle(subset):  # prune.py's kept_keys_trie.pkl
         trie = load_trie(subset)
         wanted = np.array([key.encode("utf-8") for key in trie.keys()] or [b""])[:len(trie)]
     elif subset.endswith(".npy"):
-        shape, dtype, _, _ = read_npy_header(subset)
-        if len(shape) != 1 or dtype.kind not in "US":
-            raise UsageError("--subset", f"{subset} has shape {shape} and dtype {dtype}; expected 1-D keys",
-                             "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
         wanted = keys_as_utf8(np.load(subset), subset)
     else:
         wanted = np.concatenate([np.zeros(0, "S1"), *_text_lines(subset)])

@@ -398,6 +398,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, setup, extra, expect
     assert not (tmp_path / "save").exists()
 
 
+def test_a_subset_array_of_no_keys_is_refused_before_the_keys_are_gathered(tmp_path):
+    """--subset given another step's array (d_intra): refused from its header at the start, where the run would
+    otherwise stop (DBP_PAUSE_AT) once it had gathered every key (minutes at LAION's size)."""
+    flags, _ = layout(tmp_path, "npy+txt", embeddings(300))
+    np.save(tmp_path / "dintra.npy", np.zeros(10))
+    proc = start_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 10, "--subset", tmp_path / "dintra.npy",
+                        "--save_folder", tmp_path / "save", pause="keys gathered")
+    try:
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and "dintra.npy has shape (10,) and dtype float64; expected 1-D keys" in err, err
+    assert not (tmp_path / "save").exists()
+
+
 def test_keys_lose_a_byte_order_mark_and_huge_rows_warn_nothing(tmp_path):
     """A keys .txt saved by an editor with a UTF-8 BOM: the first key is the key, not BOM + key; rows near
     float32's largest value are normalised without numpy's overflow warnings."""
