@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbpkit.clusters import ClusterFile, parse_distances, parse_row_numbers
-from dbpkit.errors import UsageError
+from dbpkit.errors import LateMistake, UsageError
 from dbpkit.files import atomic_open
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 from dbpkit.layouts import Embeddings, load_embeddings
@@ -293,8 +293,9 @@ def eps_removing(out: str, count: int, fraction: float, rows: int) -> tuple[floa
     mth = inside[m - higher - 1].view(np.float32)
     if mth <= 0:
         scoring = int(sum((b > 0).sum() for b in _score_bits(out, count)))
-        raise UsageError("--remove-fraction", f"{fraction:g} asks for {m} rows, but only {scoring} score above 0 "
-                         "(the rest have no earlier member alike at all)", f"pass at most {scoring / rows:.4g}")
+        raise LateMistake("--remove-fraction", f"{fraction:g} asks for {m} rows, but only {scoring} score above 0 "
+                          "(the rest have no earlier member alike at all)", f"pass at most {scoring / rows:.4g}: "
+                          "the scores are kept, and the rerun uses them")
     line = np.nextafter(mth, np.float32(-1))  # the largest float32 below the m-th score: removed iff score > line
     eps = 1.0 - float(line)  # exact: 1 - eps gives `line` back, as threshold() compares
     assert threshold(eps) == line

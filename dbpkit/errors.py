@@ -11,6 +11,11 @@ class UsageError(Exception):
         super().__init__(f"{where}: {what} ({fix})" if what else where)
 
 
+class LateMistake(UsageError):
+    """A user mistake that only finished work could show (a --remove-fraction that the scores show is too large):
+    reported as any UsageError, but the work it does not spoil stays staged, for the corrected rerun to use."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt so that the same rollback runs."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import filelock
 
 from dbpkit.cli import check_stop, signalled
-from dbpkit.errors import UsageError
+from dbpkit.errors import LateMistake, UsageError
 from dbpkit.files import NewFolders, load_json, save_json
 
 STAGING_DIR = ".dbp_staging"  # a save dir's outputs until the run completes
@@ -192,7 +192,7 @@ class SaveDir:
             return
         if isinstance(exc, OSError):
             exc.filename = exc.filename or self.dir  # a failed write (a full disk) names no file of its own
-        if self.resume is not None and not isinstance(exc, UsageError):
+        if self.resume is not None and (not isinstance(exc, UsageError) or isinstance(exc, LateMistake)):
             self.lock.release()  # the staging folder stays, for a rerun to go on from
         else:
             self._roll_back()

@@ -675,12 +675,31 @@ def test_remove_fraction_removes_the_top_scores_ties_included(tmp_path, fraction
         assert int(point["removed"]) == int((scores > np.float32(1 - float(point["eps"]))).sum())
 
 
-def test_remove_fraction_past_the_scores_above_zero_is_one_line(tmp_path):
+def test_remove_fraction_past_the_scores_above_zero_is_one_line_and_keeps_the_scores(tmp_path):
+    """Only the finished scores show that F is too large: the run says so, publishes nothing, and keeps them
+    staged; the rerun with a smaller F scores nothing again and writes what a fresh run writes."""
     data = make_ties(tmp_path)
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
                    "--remove-fraction", 0.99, "--save_folder", tmp_path / "d")
     assert r.returncode == 2 and "--remove-fraction: 0.99 asks for 90 rows, but only" in error_line(r.stderr)
-    assert not (tmp_path / "d").exists()
+    assert "the scores are kept, and the rerun uses them" in error_line(r.stderr)
+    assert os.listdir(tmp_path / "d") == [".dbp_staging"]  # nothing published
+    pause = {"DBP_PAUSE_AT": f"task score_cluster {tmp_path / 'a cluster was scored again'}"}
+    rerun = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                         "--remove-fraction", 0.2, "--save_folder", tmp_path / "d", env=pause)
+    try:
+        out, err = rerun.communicate(timeout=DEADLINE)
+    finally:
+        if rerun.poll() is None:
+            os.killpg(rerun.pid, signal.SIGKILL)
+    assert rerun.returncode == 0, err
+    assert not (tmp_path / "a cluster was scored again").exists()
+    fresh = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
+                       "--remove-fraction", 0.2, "--save_folder", tmp_path / "fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    eps = json.loads((tmp_path / "fresh" / "params.json").read_text())["remove_fraction_eps"]
+    for name in (f"eps_{eps:g}/kept_keys.npy", f"eps_{eps:g}/removed_paths.txt", "dedup_stats.csv"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
                    "--remove-fraction", 0.2, "--eps", 0.1, "--save_folder", tmp_path / "d")
     assert r.returncode == 2 and "not allowed with argument" in error_line(r.stderr)
