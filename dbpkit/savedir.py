@@ -122,10 +122,10 @@ class SaveDir:
     unless `overwrite` (those of a killed run are not: a rerun finishes it). A failed run leaves the folder
     as it was (one it created goes again). A run given `resume` (what its work is made from: inputs,
     flags) keeps its staging folder when it is stopped (not when it fails on bad input, unless a LateMistake,
-    which spoils none of it), and a rerun with
-    the same `resume` goes on from it (`out.resumed`); one with another is refused, naming what differs, while
-    that work is there (days of embedding, say), or with `overwrite` starts afresh; `replace` replaces a completed
-    run's outputs and keeps that rule (deduplicate.py's rerun on the inputs it scored). One run at a time
+    which spoils none of it), and a rerun with the same `resume` goes on from it (`out.resumed`); one with
+    another is refused, naming what differs, while that work is there (days of embedding, say), or with
+    `overwrite` starts afresh; `replace` replaces a completed run's outputs and keeps that rule
+    (deduplicate.py's rerun on the inputs it scored). One run at a time
     (FolderLock). A `resume` is a dict of flag values by name, with the inputs' content under "files" and more
     flags under "flags"."""
 
