@@ -104,6 +104,9 @@ def find_embeddings(args) -> tuple[layouts.Embeddings, str]:
             raise UsageError("--embeddings", f"is required: there is no {kmeans.CLUSTERING_FILE} naming them in "
                              f"{os.path.dirname(record)}", "pass the embeddings the clusters were made from")
         path, npz_key = clustering["embeddings"], npz_key or clustering.get("npz_key")
+        if not os.path.exists(path):  # (moved since, or on another machine's disk)
+            raise UsageError("--embeddings", f"is not given, and {path}, the embeddings {record} names, does not "
+                             "exist", "pass --embeddings with where those embeddings are now")
     return layouts.find_embeddings(path, None, None, npz_key or "l14_img", with_keys=False), os.path.abspath(path)
 
 

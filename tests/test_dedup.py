@@ -461,6 +461,9 @@ BAD = [  # (id, change to a copy of the data, extra flags, what the one line say
     ("other-dimension", lambda data, root: np.save(root / "kmeans_centroids.npy", np.ones((7, 3), np.float32)), [],
      "have dimension 8 but the centroids"),
     ("no-embeddings", None, ["--embeddings", None], "--embeddings: is required: there is no clustering.json"),
+    ("embeddings-moved", lambda data, root: (root / "clustering.json").write_text(json.dumps(
+        {"embeddings": str(root / "moved" / "emb.npy")})), ["--embeddings", None],
+     "moved/emb.npy, the embeddings "),
     ("seed-negative", None, ["--seed", -1], "--seed: -1 is negative"),
 ]
 
