@@ -121,6 +121,16 @@ def start_script(script: str, *args, pause: str | None = None, env: dict | None 
     return subprocess.Popen(cmd, env=environ, start_new_session=True, **popen)
 
 
+def finished(proc: subprocess.Popen) -> tuple[str, str]:
+    """(stdout, stderr) of a run in a session of its own (start_script) once it ends, within DEADLINE (else the test
+    fails on the timeout: a hang); whatever is left of its session is killed either way."""
+    try:
+        return proc.communicate(timeout=DEADLINE)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def process_state(pid: int) -> str | None:
     """The state letter of /proc/<pid>/stat (R, S, T for stopped, Z...), None once it is gone."""
     try:

@@ -15,6 +15,7 @@ from conftest import (
     DEADLINE,
     ROOT,
     error_line,
+    finished,
     make_toy_clusters,
     run_script,
     start_script,
@@ -405,11 +406,7 @@ def test_a_subset_array_of_no_keys_is_refused_before_the_keys_are_gathered(tmp_p
     np.save(tmp_path / "dintra.npy", np.zeros(10))
     proc = start_script(CLUSTER_SCRIPT, *flags, "--num_clusters", 10, "--subset", tmp_path / "dintra.npy",
                         "--save_folder", tmp_path / "save", pause="keys gathered")
-    try:
-        _, err = proc.communicate(timeout=DEADLINE)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _, err = finished(proc)
     assert proc.returncode == 2 and "dintra.npy has shape (10,) and dtype float64; expected 1-D keys" in err, err
     assert not (tmp_path / "save").exists()
 

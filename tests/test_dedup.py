@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     bar_tops,
     error_line,
+    finished,
     limit_file_size,
     outputs,
     run_script,
@@ -690,11 +691,7 @@ def test_remove_fraction_past_the_scores_above_zero_is_one_line_and_keeps_the_sc
     pause = {"DBP_PAUSE_AT": f"task score_cluster {tmp_path / 'a cluster was scored again'}"}
     rerun = start_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],
                          "--remove-fraction", 0.2, "--save_folder", tmp_path / "d", env=pause)
-    try:
-        out, err = rerun.communicate(timeout=DEADLINE)
-    finally:
-        if rerun.poll() is None:
-            os.killpg(rerun.pid, signal.SIGKILL)
+    _, err = finished(rerun)
     assert rerun.returncode == 0, err
     assert not (tmp_path / "a cluster was scored again").exists()
     fresh = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", data["sorted"], "--embeddings", data["emb"],

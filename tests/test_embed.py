@@ -453,18 +453,14 @@ def test_shared_memory_that_is_full_ends_the_run_in_one_line(toy, reference, tmp
     """The decoding workers hand images over in shared memory; where it is full (Docker's 64 MB /dev/shm; here
     files capped at 2000 bytes, an image's pixels are more), one line, the work kept, and the rerun finishes as a
     run with room does. Before, the worker's error was only printed and the run waited for the image without end."""
-    from conftest import DEADLINE, limit_file_size
+    from conftest import finished, limit_file_size
 
     out = tmp_path / "emb"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, EMBED_SCRIPT), "--shards", toy["pattern"],
                              "--output_folder", out, "--model", toy["model"], "--batch-size", "16", "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=limit_file_size(2000))
-    try:
-        _, err = proc.communicate(timeout=DEADLINE)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    _, err = finished(proc)
     assert proc.returncode == 1, err
     line = error_line(err)
     assert line.startswith("error: shared memory is full: an image-decoding worker could not hand over an image (")

@@ -3,18 +3,17 @@
 import json
 import os
 import shutil
-import signal
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
     CLUSTER_SCRIPT,
-    DEADLINE,
     DINTER_SCRIPT,
     DINTRA_SCRIPT,
     PRUNE_SCRIPT,
     error_line,
+    finished,
     make_toy_clusters,
     run_script,
     start_script,
@@ -244,11 +243,7 @@ def test_datacomp_subset_is_what_the_resharder_reads(tmp_path):
     proc = start_script(PRUNE_SCRIPT, "--sorted-clusters-path", sorted_dir, "--density", "uniform", "--prune-ratio",
                         0.4, "--save-dir", tmp_path / "bad", "--datacomp-subset", "--workers", 2,
                         pause=f"task select_cluster {marker}")
-    try:
-        _, stderr = proc.communicate(timeout=DEADLINE)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = finished(proc)
     assert proc.returncode == 2 and "the kept key '00000/000000004' is not a DataComp uid" in stderr
     assert not marker.exists() and not os.path.exists(tmp_path / "bad")
 
