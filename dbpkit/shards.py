@@ -269,9 +269,11 @@ def with_safe_points(samples: Iterator) -> Iterator:
 
 
 def stop_workers(before: set) -> None:
-    """End the loader's workers (this process's children but `before`) now, with the processes they started (a
-    pipe: command's: each worker leads a process group of its own), rather than let the loader wait for a worker
-    that waits on a stalled command. torch's SIGTERM handler ends a worker quietly when this process sends it."""
+    """End the processes the loader's workers (this process's children but `before`) started, a pipe: command's
+    say, on whose output a worker may be waiting: SIGTERM to each worker's process group (each leads one). The
+    workers themselves let it pass (_loader_worker_started) and end in the loader's own shutdown, which follows: a
+    worker killed at the wrong moment would leave a lock of the loader's held, and that shutdown waiting on it for
+    ever."""
     for worker in set(multiprocessing.active_children()) - before:
         try:
             os.killpg(worker.pid, signal.SIGTERM)
@@ -283,11 +285,17 @@ def stop_workers(before: set) -> None:
 def _loader_worker_started(run: int, worker_id: int) -> None:
     """In each image-decoding worker: Ctrl-C and SIGTERM (sent to the whole process group by a terminal, timeout(1)
     or a scheduler) are the run's to act on, at a safe point, where it stops its workers: the worker leaves the
-    run's process group (Ctrl-C ignored until then; its SIGTERM handler, torch's, is for stop_workers). And a
+    run's process group (Ctrl-C ignored until then). stop_workers' SIGTERM is for the commands it started (which
+    take the default action again when they start): here it only interrupts a wait, as any signal does. And a
     worker ends the moment the run's process ends, however it ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _let_pass)
     os.setpgid(0, 0)
     exit_with(run)
+
+
+def _let_pass(signum: int, frame: Any) -> None:
+    """A decoding worker's SIGTERM handler: nothing (see stop_workers)."""
 
 
 def embed_shard_retrying(encoder: Encoder, url: str, out: str, batch_size: int, workers: int, fp16: bool,
