@@ -140,7 +140,7 @@ def main() -> None:
     # The shards are read with webdataset, whose import imports torch (a second or more): once, in the workers'
     # fork server, started now so that it imports while this process checks the inputs (this one needs
     # webdataset for the shard pattern too: both at once, on two cores).
-    pool = tasks.TaskPool(workers, args.distributor, preload=READER_MODULES)
+    pool = tasks.TaskPool(workers, args.distributor, preload=READER_MODULES, commands=True)
     if args.shards:
         pool.prepare()
 

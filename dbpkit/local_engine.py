@@ -56,13 +56,13 @@ class LocalEngine:
     goes through a file of the pool's own folder, its name through the pipe. A task's exception goes back the same
     way, as a result (the executor would send it with its traceback, whatever their length)."""
 
-    def __init__(self, workers: int, preload: tuple[str, ...]):
+    def __init__(self, workers: int, preload: tuple[str, ...], commands: bool = False):
         self.slots = workers
         self.others = set(multiprocessing.active_children())  # children not of this pool (a caller's own)
         # Made by the first result too large for the pipe, if one comes (most runs have none): so a run killed
         # together with its workers (kill -9 of its process group) leaves no folder behind unless one was under way.
         self.folder = os.path.join(tempfile.gettempdir(), f"dbp_results_{secrets.token_hex(8)}")
-        self.executor = _start_executor(workers, preload, self.folder)
+        self.executor = _start_executor(workers, preload, self.folder, commands)
 
     def submit(self, func: Callable[[Any], Any], task: Any, resources: dict) -> Any:
         try:
@@ -87,13 +87,11 @@ class LocalEngine:
         return result
 
     def stop(self, killed: bool) -> None:
-        if killed:  # stop at once, mid-task: the run is over
-            if hasattr(self.executor, "kill_workers"):  # Python 3.14
-                self.executor.kill_workers()
-            else:  # Before 3.14: the pool's workers are this process's multiprocessing children it did not have
-                # before (killing only some would leave a queue's lock held by a dead one).
-                for process in set(multiprocessing.active_children()) - self.others:
-                    process.kill()
+        if killed:  # stop at once, mid-task: the run is over. The pool's workers are this process's multiprocessing
+            # children it did not have before (killing only some would leave a queue's lock held by a dead one);
+            # a worker leading a process group (lead_own_group) is killed with it, the commands it started in it.
+            for process in set(multiprocessing.active_children()) - self.others:
+                kill_group(process.pid)
         self.executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)  # (results not taken: the run stopped)
 
@@ -140,11 +138,11 @@ def _handed_back(folder: str, func: Callable[[Any], Any], task: Any) -> Any:
     return InFile(path)
 
 
-def _start_executor(workers: int, preload: tuple[str, ...], folder: str) -> ProcessPoolExecutor:
+def _start_executor(workers: int, preload: tuple[str, ...], folder: str, commands: bool) -> ProcessPoolExecutor:
     start_fork_server(preload)
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
-                               initargs=(os.getpid(), folder))
+                               initargs=(os.getpid(), folder, commands))
 
 
 def start_fork_server(preload: tuple[str, ...]) -> None:
@@ -180,12 +178,35 @@ def _end_fork_server(owner: int) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def _worker_started(run: int, folder: str) -> None:
+def _worker_started(run: int, folder: str, commands: bool) -> None:
     """In each worker: end the moment the run's process ends, however it ends (SIGKILL included), so that no
     worker outlives a killed run; the pool's results folder goes with them (the run, killed, could not remove
     it). (Its parent is the fork server, which itself lives as long as any worker holds its pipe, so the
-    parent's death is no signal: the run's is.)"""
+    parent's death is no signal: the run's is.) A pool whose tasks start `commands` has each worker lead a
+    process group, which the run ends whole (LocalEngine.stop, exit_with)."""
+    if commands:
+        lead_own_group()
     exit_with(run, remove=folder)
+
+
+def lead_own_group() -> None:
+    """Make this worker the leader of a process group of its own, which the commands it starts (a pipe: command
+    reading a shard, curl for a URL) join: they ignore Ctrl-C, as the worker does, so that a stalled one would
+    outlive the run, which therefore ends the group with the worker (kill_group). Out of the terminal's group,
+    a write to the terminal is let through under `stty tostop` (SIGTTOU ignored, as POSIX provides for) rather
+    than stopping the worker."""
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    os.setpgid(0, 0)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL to the process group process `pid` leads, with the commands in it; to that process alone if it
+    leads none."""
+    with contextlib.suppress(ProcessLookupError):  # (gone already)
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
 
 
 def exit_with(run: int, remove: str | None = None) -> None:
@@ -226,4 +247,6 @@ def _exit_after(wait: Callable[[], Any], remove: str | None) -> None:
     wait()
     if remove is not None:  # (every worker tries: whichever comes first removes it)
         shutil.rmtree(remove, ignore_errors=True)
+    if os.getpgrp() == os.getpid():  # a worker leading its group: its commands end with it
+        os.killpg(0, signal.SIGKILL)
     os._exit(1)

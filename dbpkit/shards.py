@@ -38,7 +38,7 @@ from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_p
 from dbpkit.errors import Incomplete, UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
 from dbpkit.keys import BAD_KEY_CHARACTERS
-from dbpkit.local_engine import exit_with
+from dbpkit.local_engine import exit_with, lead_own_group
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
@@ -290,7 +290,7 @@ def _loader_worker_started(run: int, worker_id: int) -> None:
     worker ends the moment the run's process ends, however it ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _let_pass)
-    os.setpgid(0, 0)
+    lead_own_group()
     exit_with(run)
 
 

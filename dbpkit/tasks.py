@@ -53,10 +53,13 @@ def check_distributor(distributor: str) -> None:
 
 
 class TaskPool:
-    """Runs tasks with `workers` processes (local) or on Ray; with one local worker, in this process."""
+    """Runs tasks with `workers` processes (local) or on Ray; with one local worker, in this process. Tasks that
+    start `commands` (webdataset's, for pipe: and URL shards) have them ended with their worker when the run stops
+    (locally: each worker leads a process group)."""
 
-    def __init__(self, workers: int, distributor: str = "local", preload: tuple[str, ...] = ()):
-        self.workers, self.distributor, self.preload = workers, distributor, preload
+    def __init__(self, workers: int, distributor: str = "local", preload: tuple[str, ...] = (),
+                 commands: bool = False):
+        self.workers, self.distributor, self.preload, self.commands = workers, distributor, preload, commands
         self.engine, self.runs = None, []
 
     def __enter__(self) -> TaskPool:
@@ -125,7 +128,7 @@ class TaskPool:
             else:
                 from dbpkit.local_engine import LocalEngine
 
-                self.engine = LocalEngine(self.workers, self.preload)
+                self.engine = LocalEngine(self.workers, self.preload, self.commands)
         return self.engine
 
     def _run(self, func: Callable[[Any], Any], tasks: Iterable[Any], desc: str, unit: str, total: int,

@@ -3,9 +3,12 @@
 import contextlib
 import multiprocessing
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 
 import filelock
@@ -168,6 +171,43 @@ def test_a_failed_run_kills_its_workers_mid_task_and_no_other_child(tmp_path):
     for pid in [int(name) for name in os.listdir(tmp_path)]:  # killed, and reaped by the pool's shutdown
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_worker_leading_its_own_group_still_writes_to_the_terminal_under_tostop():
+    """A worker that leads a process group of its own (lead_own_group: so that the run can end it with the commands
+    it started) is out of the terminal's foreground group: with `stty tostop` its write to the terminal would stop
+    it (SIGTTOU), and the run wait for it. In a pseudo-terminal with tostop set, a child that leads its own group
+    writes a line and ends; one that only leaves the group (setpgid, as before) is stopped."""
+    for lead, expected in ((local_engine.lead_own_group, b"written\r\nended\r\n"), (lambda: os.setpgid(0, 0),
+                                                                                    b"stopped\r\n")):
+        pid, terminal = pty.fork()
+        if pid == 0:  # a session of its own, the pseudo-terminal its controlling terminal, it in the foreground
+            try:
+                attributes = termios.tcgetattr(1)
+                attributes[3] |= termios.TOSTOP
+                termios.tcsetattr(1, termios.TCSANOW, attributes)
+                worker = os.fork()
+                if worker == 0:
+                    lead()
+                    os.write(1, b"written\n")
+                    os._exit(0)
+                _, status = os.waitpid(worker, os.WUNTRACED)
+                os.write(1, b"stopped\n" if os.WIFSTOPPED(status) else b"ended\n")
+                if os.WIFSTOPPED(status):
+                    os.kill(worker, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        said, chunk = b"", b"-"
+        while chunk:
+            assert select.select([terminal], [], [], DEADLINE)[0], f"nothing for {DEADLINE} s after {said!r}: a hang"
+            try:
+                chunk = os.read(terminal, 1024)
+            except OSError:  # (EIO once the terminal's last holder has closed it, on Linux)
+                chunk = b""
+            said += chunk
+        os.close(terminal)
+        os.waitpid(pid, 0)
+        assert said == expected
 
 
 def sized(n: int) -> bytes:

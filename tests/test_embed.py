@@ -371,25 +371,27 @@ def test_a_decoding_worker_killed_from_outside_is_the_worker_died_line(toy, tmp_
     assert not (tmp_path / "emb" / "params.json").exists()
 
 
-@pytest.mark.parametrize("fault", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("fault", ["ctrl-c", "sigterm", "kill -9"])
 def test_a_stalled_pipe_command_does_not_hold_the_run_when_it_is_stopped(toy, tmp_path, fault):
     """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs): Ctrl-C
     (to the process group, as a terminal sends it) or SIGTERM (to the run) ends the run in one line, at once, with
-    its workers and the commands they started. Before, the run waited for the stalled worker without end."""
+    its workers and the commands they started; kill -9 of the run alone ends them too. Before, the run waited for
+    the stalled worker without end; and a killed run's workers left their commands behind."""
     from conftest import DEADLINE, session_is_empty, stalled_stream, wait_until
 
+    signals = {"ctrl-c": (os.killpg, signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+               "sigterm": (os.kill, signal.SIGTERM, 143, "terminated (SIGTERM)"),
+               "kill -9": (os.kill, signal.SIGKILL, -9, None)}
+    send, sig, status, message = signals[fault]
     with stalled_stream(tmp_path) as (shard, read_by):
         proc = start_script(EMBED_SCRIPT, "--shards", shard, "--output_folder", tmp_path / "emb", "--model",
-                            toy["model"], "--workers", 2)
+                            toy["model"], "--workers", 2, stderr=open(tmp_path / "err", "w"))
         try:
             read_by(proc)
-            if fault == "ctrl-c":
-                os.killpg(proc.pid, signal.SIGINT)
-            else:
-                os.kill(proc.pid, signal.SIGTERM)
-            _, err = proc.communicate(timeout=DEADLINE)  # (stderr closes once every process holding it has ended)
-            status, message = (130, "interrupted (Ctrl-C)") if fault == "ctrl-c" else (143, "terminated (SIGTERM)")
-            assert proc.returncode == status and message in error_line(err), err
+            send(proc.pid, sig)
+            assert proc.wait(timeout=DEADLINE) == status
+            if message:
+                assert message in error_line((tmp_path / "err").read_text())
             wait_until(lambda: session_is_empty(proc.pid), what="the workers and their commands to end")
         finally:
             with contextlib.suppress(ProcessLookupError):

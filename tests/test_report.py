@@ -31,9 +31,11 @@ from conftest import (
     ROOT,
     error_line,
     run_script,
+    session_is_empty,
     stalled_stream,
     start_script,
     wait_paused,
+    wait_until,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -442,22 +444,34 @@ def test_a_stopped_report_ends_in_one_line_and_leaves_the_earlier_one(pipeline, 
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
-def test_a_stalled_pipe_command_does_not_hold_a_report_stopped_with_sigterm(pipeline, tmp_path):
-    """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs), one worker:
-    SIGTERM to the run (what kill sends) ends it in one line. Before, the one task ran in the run's own process,
-    whose read of the stalled stream had no safe point: the run waited for it without end."""
+@pytest.mark.parametrize("workers,fault", [(1, "sigterm"), (2, "ctrl-c"), (2, "kill -9")])
+def test_a_stalled_pipe_command_does_not_hold_a_report_that_is_stopped(pipeline, tmp_path, workers, fault):
+    """A shard from a pipe: command that stalls (cat of a FIFO no one writes to; a download that hangs): SIGTERM to
+    the run (what kill sends) or Ctrl-C (to the process group, as a terminal sends it) ends it in one line, with its
+    workers and the commands they started; so does kill -9 of the run alone, without a line. Before, one task ran
+    in the run's own process, whose read of the stalled stream had no safe point: the run waited for it without
+    end; and later the run ended but left the command behind (its worker killed, the command ignoring Ctrl-C as
+    the workers do), waiting for ever."""
+    signals = {"sigterm": (os.kill, signal.SIGTERM, 143), "ctrl-c": (os.killpg, signal.SIGINT, 130),
+               "kill -9": (os.kill, signal.SIGKILL, -9)}
+    send, sig, status = signals[fault]
     with stalled_stream(tmp_path) as (shard, read_by):
         proc = start_script(REPORT_SCRIPT, "--prune-dir", pipeline["run"], "--shards", shard, "--save_folder",
-                            tmp_path / "r", "--workers", 1, stderr=open(tmp_path / "err", "w"))
+                            tmp_path / "r", "--workers", workers, stderr=open(tmp_path / "err", "w"))
         try:
             read_by(proc)
-            os.kill(proc.pid, signal.SIGTERM)
-            assert proc.wait(timeout=DEADLINE) == 143
+            send(proc.pid, sig)
+            assert proc.wait(timeout=DEADLINE) == status
+            wait_until(lambda: session_is_empty(proc.pid), what="the workers and their commands to end")
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-    assert "terminated (SIGTERM)" in error_line((tmp_path / "err").read_text())
-    assert not (tmp_path / "r").exists()
+    if fault == "kill -9":
+        assert not (tmp_path / "r" / "index.html").exists()  # (a killed run's staging may stay, for its rerun)
+    else:
+        said = "interrupted (Ctrl-C)" if fault == "ctrl-c" else "terminated (SIGTERM)"
+        assert said in error_line((tmp_path / "err").read_text())
+        assert not (tmp_path / "r").exists()
 
 
 # ---- the pieces, against brute force ----
