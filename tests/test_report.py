@@ -262,9 +262,13 @@ def test_report_json_lists_every_thumbnail_shown(made):
         assert (out / e["image"]).is_file()
 
 
-def test_the_same_bytes_for_any_number_of_workers(pipeline, made, tmp_path):
+@pytest.mark.parametrize("workers,streamed", [(1, False), (2, True)])
+def test_the_same_bytes_for_any_number_of_workers_and_from_pipe_commands(pipeline, made, tmp_path, workers, streamed):
+    """One worker, or the shards streamed from pipe: commands (each in a worker leading a process group of its own,
+    with the command in it): the same report, byte for byte."""
     out, _ = made
-    report(pipeline, tmp_path / "one", workers=1)
+    shards = f"pipe:cat {pipeline['pattern']}" if streamed else True
+    report(pipeline, tmp_path / "one", workers=workers, shards=shards)
     files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert files == {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*")
                      if p.is_file()}
