@@ -118,8 +118,7 @@ def run_main(main: Callable[[], None]) -> None:
     handler.setLevel(logging.WARNING)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, record_signal)
+    take_signals()
     try:
         main()
         check_stop()  # a signal that came after the last safe point: the outputs are whole, but say so
@@ -160,6 +159,13 @@ def os_error_detail(e: OSError) -> str:
     if short := re.fullmatch(r"(\d+) requested and (\d+) written", said):
         return f"a write stopped short ({short[2]} of {short[1]} items written)"
     return said
+
+
+def take_signals() -> None:
+    """Ctrl-C and SIGTERM to record_signal: as the run starts, and again once a library has taken them over (Ray's
+    core, as it connects)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, record_signal)
 
 
 def record_signal(signum: int, frame: Any) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import dbpkit
-from dbpkit.cli import check_stop, log, stage
+from dbpkit.cli import check_stop, log, stage, take_signals
 from dbpkit.errors import UsageError, WorkerDied
 from dbpkit.faults import passed_on
 from dbpkit.tasks import STOP_POLL, environment, run_task, search_path
@@ -142,6 +142,9 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
             if not outcome and time.monotonic() > deadline:
                 raise UsageError("--distributor", f"ray could not reach {where} within {timeout:g} s",
                                  _connect_fix(address))
+    # Ray's core has given SIGTERM to abseil's failure handler, which prints a stack dump and arms an abort for 3 s
+    # later before it hands the signal on: the run's own handler again.
+    take_signals()
     if (error := outcome[0]) is not None:
         if isinstance(error, KeyboardInterrupt | SystemExit):
             raise error

@@ -267,6 +267,22 @@ def test_sigterm_while_connecting_ends_the_run(data, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM and "terminated (SIGTERM)" in error_line(err)
 
 
+@pytest.mark.parametrize("signum,said", [(signal.SIGTERM, "terminated (SIGTERM)"),
+                                         (signal.SIGINT, "interrupted (Ctrl-C)")])
+def test_a_signal_while_running_on_ray_ends_the_run_in_one_line(cluster, data, tmp_path, signum, said):
+    """SIGTERM (a scheduler's, timeout's) or Ctrl-C once the run is on Ray: one line, nothing else. Before, Ray's core
+    had taken SIGTERM over as it connected (abseil's failure handler: a stack dump on stderr, and an abort armed for
+    3 s later, before it handed the signal on to the run)."""
+    proc = start_script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--niter", 2,
+                        "--save_folder", tmp_path / "out", "--distributor", "ray", env=cluster, pause="assign started")
+    wait_paused(proc, "assign started")  # connected, its tasks running
+    os.kill(proc.pid, signum)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum and said in error_line(err), err
+    assert not (tmp_path / "out" / "clustering.json").exists()
+
+
 def test_a_refused_token_is_named(cluster, data, tmp_path):
     r = script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--save_folder", tmp_path / "out",
                "--distributor", "ray", env={**cluster, "RAY_AUTH_TOKEN": "not-the-token-" + "0" * 32})
