@@ -269,15 +269,19 @@ def test_sigterm_while_connecting_ends_the_run(data, tmp_path):
 
 @pytest.mark.parametrize("signum,said", [(signal.SIGTERM, "terminated (SIGTERM)"),
                                          (signal.SIGINT, "interrupted (Ctrl-C)")])
-def test_a_signal_while_running_on_ray_ends_the_run_in_one_line(cluster, data, tmp_path, signum, said):
-    """SIGTERM (a scheduler's, timeout's) or Ctrl-C once the run is on Ray: one line, nothing else. Before, Ray's core
-    had taken SIGTERM over as it connected (abseil's failure handler: a stack dump on stderr, and an abort armed for
-    3 s later, before it handed the signal on to the run)."""
+@pytest.mark.parametrize("own", [False, True])
+def test_a_signal_while_running_on_ray_ends_the_run_in_one_line(cluster, data, tmp_path, signum, said, own):
+    """SIGTERM (a scheduler's, timeout's) or Ctrl-C once the run is on Ray (a cluster it joined, or a Ray of its own,
+    whose processes the signal reaches too, sent to the whole process group as a terminal sends it): one line,
+    nothing else. Before, Ray's core had taken SIGTERM over as it connected (abseil's failure handler: a stack dump
+    on stderr, and an abort armed for 3 s later, before it handed the signal on to the run)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} if own else cluster
     proc = start_script(CLUSTER_SCRIPT, "--embeddings", data["img_emb"], "--num_clusters", 4, "--niter", 2,
-                        "--save_folder", tmp_path / "out", "--distributor", "ray", env=cluster, pause="assign started")
+                        "--save_folder", tmp_path / "out", "--distributor", "ray", "--workers", 2, env=env,
+                        pause="assign started")
     wait_paused(proc, "assign started")  # connected, its tasks running
-    os.kill(proc.pid, signum)
-    os.kill(proc.pid, signal.SIGCONT)
+    (os.killpg if own else os.kill)(proc.pid, signum)
+    os.killpg(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum and said in error_line(err), err
     assert not (tmp_path / "out" / "clustering.json").exists()
