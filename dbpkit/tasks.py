@@ -54,8 +54,8 @@ def check_distributor(distributor: str) -> None:
 
 class TaskPool:
     """Runs tasks with `workers` processes (local) or on Ray; with one local worker, in this process. Tasks that
-    start `commands` (webdataset's, for pipe: and URL shards) have them ended with their worker when the run stops
-    (locally: each worker leads a process group)."""
+    start `commands` (webdataset's, for pipe: and URL shards) have them ended with their worker when the run stops:
+    locally each worker leads a process group for them; Ray's raylet ends a worker's children itself."""
 
     def __init__(self, workers: int, distributor: str = "local", preload: tuple[str, ...] = (),
                  commands: bool = False):
