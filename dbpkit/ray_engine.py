@@ -126,6 +126,7 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
         released.wait()
 
     where = f"the cluster at RAY_ADDRESS={address}" if address else "a Ray for this run"
+    group = os.getpgrp()
     thread = threading.Thread(target=init, name="ray-connect", daemon=True)  # (abandoned if it never returns)
     # A Ray of the run's own: its workers import what this process imported, from the same files (search_path)
     ours = environment({"PYTHONPATH": search_path()}) if not address else contextlib.nullcontext()
@@ -145,6 +146,12 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
     # Ray's core has given SIGTERM to abseil's failure handler, which prints a stack dump and arms an abort for 3 s
     # later before it hands the signal on: the run's own handler again.
     take_signals()
+    if os.getpgrp() != group:
+        # Where the kernel cannot end a Ray's processes with the run (macOS), ray.init starts a reaper for them, and
+        # first makes the run lead a process group of its own: out of the terminal's foreground group, a Ctrl-C
+        # would no longer reach a run that a script started. Back into its group; Ray's processes, the reaper's
+        # to end, stay in the new one.
+        os.setpgid(0, group)
     if (error := outcome[0]) is not None:
         if isinstance(error, KeyboardInterrupt | SystemExit):
             raise error

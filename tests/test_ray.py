@@ -2,6 +2,7 @@
 a node cannot see named, no Ray process left behind by a run that started its own, and the line that says how to
 install Ray."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -285,6 +286,44 @@ def test_a_signal_while_running_on_ray_ends_the_run_in_one_line(cluster, data, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum and said in error_line(err), err
     assert not (tmp_path / "out" / "clustering.json").exists()
+
+
+def test_a_ray_of_the_runs_own_leaves_the_run_in_the_terminals_process_group(data, tmp_path):
+    """Where the kernel cannot end Ray's processes with the run (macOS; simulated here, Ray told this Linux has no
+    fate sharing), ray.init starts a reaper for them and first makes the run lead a process group of its own. A run
+    started by a script (a member of the script's group, not its leader) then left the terminal's foreground group,
+    and Ctrl-C at the terminal reached everything but the run, which went on. The run goes back into its group:
+    Ctrl-C to the group ends it in one line."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if sys.argv[0].endswith('cluster_embeddings.py'):  # the run alone: Ray's own processes as they are\n"
+        "    import ray._private.utils\n"
+        "    ray._private.utils.detect_fate_sharing_support = lambda: None  # as on macOS\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(site),
+           "DBP_PAUSE_AT": "assign started"}
+    script_group = subprocess.Popen(["sleep", "600"], process_group=0)  # the group a script's commands share
+    try:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), "--embeddings", data["img_emb"],
+                                 "--num_clusters", "4", "--niter", "2", "--save_folder", tmp_path / "out",
+                                 "--distributor", "ray", "--workers", "2"], env=env, process_group=script_group.pid,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_paused(proc, "assign started")  # its Ray up, its tasks running
+            assert os.getpgid(proc.pid) == script_group.pid
+            os.killpg(script_group.pid, signal.SIGINT)  # Ctrl-C at the terminal
+            os.kill(proc.pid, signal.SIGCONT)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 130 and "interrupted (Ctrl-C)" in error_line(err), err
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # (its Ray's group, the reaper's)
+            proc.kill()
+            proc.wait()
+    finally:
+        script_group.kill()
+        script_group.wait()
 
 
 def test_a_refused_token_is_named(cluster, data, tmp_path):
