@@ -149,9 +149,10 @@ def _connect(ray: Any, workers: int, released: threading.Event) -> None:
     if os.getpgrp() != group:
         # Where the kernel cannot end a Ray's processes with the run (macOS), ray.init starts a reaper for them, and
         # first makes the run lead a process group of its own: out of the terminal's foreground group, a Ctrl-C
-        # would no longer reach a run that a script started. Back into its group; Ray's processes, the reaper's
-        # to end, stay in the new one.
-        os.setpgid(0, group)
+        # would no longer reach a run that a script started. Back into its group (unless none is left of it: the
+        # run was its last member); Ray's processes, the reaper's to end, stay in the new one.
+        with contextlib.suppress(OSError):
+            os.setpgid(0, group)
     if (error := outcome[0]) is not None:
         if isinstance(error, KeyboardInterrupt | SystemExit):
             raise error

@@ -288,12 +288,10 @@ def test_a_signal_while_running_on_ray_ends_the_run_in_one_line(cluster, data, t
     assert not (tmp_path / "out" / "clustering.json").exists()
 
 
-def test_a_ray_of_the_runs_own_leaves_the_run_in_the_terminals_process_group(data, tmp_path):
-    """Where the kernel cannot end Ray's processes with the run (macOS; simulated here, Ray told this Linux has no
-    fate sharing), ray.init starts a reaper for them and first makes the run lead a process group of its own. A run
-    started by a script (a member of the script's group, not its leader) then left the terminal's foreground group,
-    and Ctrl-C at the terminal reached everything but the run, which went on. The run goes back into its group:
-    Ctrl-C to the group ends it in one line."""
+def without_fate_sharing(tmp_path, pause: str) -> dict:
+    """The environment of a run that starts its own Ray as on macOS, where the kernel cannot end Ray's processes with
+    the run (simulated: Ray told this Linux has none): ray.init starts a reaper and first makes the run lead a
+    process group of its own."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
@@ -301,29 +299,52 @@ def test_a_ray_of_the_runs_own_leaves_the_run_in_the_terminals_process_group(dat
         "if sys.argv[0].endswith('cluster_embeddings.py'):  # the run alone: Ray's own processes as they are\n"
         "    import ray._private.utils\n"
         "    ray._private.utils.detect_fate_sharing_support = lambda: None  # as on macOS\n")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(site),
-           "DBP_PAUSE_AT": "assign started"}
-    script_group = subprocess.Popen(["sleep", "600"], process_group=0)  # the group a script's commands share
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(site),
+            "DBP_PAUSE_AT": pause}
+
+
+@contextlib.contextmanager
+def started_by_a_script(data, tmp_path, env: dict):
+    """The run as a line of a script: a member of the script's process group (here a `sleep` leads it), not its
+    leader. Yields (the run, the group's leader)."""
+    script_group = subprocess.Popen(["sleep", "600"], process_group=0)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), "--embeddings", data["img_emb"],
+                             "--num_clusters", "4", "--niter", "2", "--save_folder", tmp_path / "out",
+                             "--distributor", "ray", "--workers", "2"], env=env, process_group=script_group.pid,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, CLUSTER_SCRIPT), "--embeddings", data["img_emb"],
-                                 "--num_clusters", "4", "--niter", "2", "--save_folder", tmp_path / "out",
-                                 "--distributor", "ray", "--workers", "2"], env=env, process_group=script_group.pid,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_paused(proc, "assign started")  # its Ray up, its tasks running
-            assert os.getpgid(proc.pid) == script_group.pid
-            os.killpg(script_group.pid, signal.SIGINT)  # Ctrl-C at the terminal
-            os.kill(proc.pid, signal.SIGCONT)
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 130 and "interrupted (Ctrl-C)" in error_line(err), err
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # (its Ray's group, the reaper's)
-            proc.kill()
-            proc.wait()
+        yield proc, script_group
     finally:
-        script_group.kill()
-        script_group.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # (its Ray's group, the reaper's)
+        for process in (proc, script_group):
+            process.kill()
+            process.wait()
+
+
+def test_a_ray_of_the_runs_own_leaves_the_run_in_the_terminals_process_group(data, tmp_path):
+    """Where ray.init moves the run into a process group of its own (macOS, simulated), a run started by a script
+    left the terminal's foreground group, and Ctrl-C at the terminal reached everything but the run, which went on.
+    The run goes back into its group: Ctrl-C to the group ends it in one line."""
+    with started_by_a_script(data, tmp_path, without_fate_sharing(tmp_path, "assign started")) as (proc, group):
+        wait_paused(proc, "assign started")  # its Ray up, its tasks running
+        assert os.getpgid(proc.pid) == group.pid
+        os.killpg(group.pid, signal.SIGINT)  # Ctrl-C at the terminal
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "interrupted (Ctrl-C)" in error_line(err), err
+
+
+def test_a_ray_of_the_runs_own_leaves_the_run_where_it_is_when_its_group_is_gone(data, tmp_path):
+    """The same, but the script has ended while the run connected (the run was the group's last member): there is
+    no group to go back to, and the run goes on where Ray put it."""
+    with started_by_a_script(data, tmp_path, without_fate_sharing(tmp_path, "ray connecting")) as (proc, group):
+        wait_paused(proc, "ray connecting")
+        group.kill()
+        group.wait()
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "clustered 2400 rows" in out, err
 
 
 def test_a_refused_token_is_named(cluster, data, tmp_path):
