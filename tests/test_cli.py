@@ -188,9 +188,11 @@ def test_a_worker_leading_its_own_group_still_writes_to_the_terminal_under_tosto
                 termios.tcsetattr(1, termios.TCSANOW, attributes)
                 worker = os.fork()
                 if worker == 0:
-                    lead()
-                    os.write(1, b"written\n")
-                    os._exit(0)
+                    try:
+                        lead()
+                        os.write(1, b"written\n")
+                    finally:
+                        os._exit(0)
                 _, status = os.waitpid(worker, os.WUNTRACED)
                 os.write(1, b"stopped\n" if os.WIFSTOPPED(status) else b"ended\n")
                 if os.WIFSTOPPED(status):
