@@ -91,7 +91,7 @@ class LocalEngine:
             # children it did not have before (killing only some would leave a queue's lock held by a dead one);
             # a worker leading a process group (lead_own_group) is killed with it, the commands it started in it.
             for process in set(multiprocessing.active_children()) - self.others:
-                kill_group(process.pid)
+                signal_group(process.pid, signal.SIGKILL)
         self.executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)  # (results not taken: the run stopped)
 
@@ -192,21 +192,21 @@ def _worker_started(run: int, folder: str, commands: bool) -> None:
 def lead_own_group() -> None:
     """Make this worker the leader of a process group of its own, which the commands it starts (a pipe: command
     reading a shard, curl for a URL) join: they ignore Ctrl-C, as the worker does, so that a stalled one would
-    outlive the run, which therefore ends the group with the worker (kill_group). Out of the terminal's group,
+    outlive the run, which therefore ends the group with the worker (signal_group). Out of the terminal's group,
     a write to the terminal is let through under `stty tostop` (SIGTTOU ignored, as POSIX provides for) rather
     than stopping the worker."""
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     os.setpgid(0, 0)
 
 
-def kill_group(pid: int) -> None:
-    """SIGKILL to the process group process `pid` leads, with the commands in it; to that process alone if it
-    leads none."""
+def signal_group(pid: int, signum: int) -> None:
+    """`signum` to the process group process `pid` leads, with the commands in it; to that process alone if it
+    leads none (yet: a worker still starting)."""
     with contextlib.suppress(ProcessLookupError):  # (gone already)
         if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signum)
         else:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
 
 
 def exit_with(run: int, remove: str | None = None) -> None:

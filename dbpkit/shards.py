@@ -16,7 +16,6 @@ once all are embedded.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -38,7 +37,7 @@ from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_p
 from dbpkit.errors import Incomplete, UsageError, WorkerDied
 from dbpkit.files import atomic_open, file_fingerprint
 from dbpkit.keys import BAD_KEY_CHARACTERS
-from dbpkit.local_engine import exit_with, lead_own_group
+from dbpkit.local_engine import exit_with, lead_own_group, signal_group
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
@@ -275,11 +274,7 @@ def stop_workers(before: set) -> None:
     worker killed at the wrong moment would leave a lock of the loader's held, and that shutdown waiting on it for
     ever."""
     for worker in set(multiprocessing.active_children()) - before:
-        try:
-            os.killpg(worker.pid, signal.SIGTERM)
-        except ProcessLookupError:  # (a worker still starting, not yet leading its group; or gone)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGTERM)
+        signal_group(worker.pid, signal.SIGTERM)
 
 
 def _loader_worker_started(run: int, worker_id: int) -> None:
