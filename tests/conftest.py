@@ -191,6 +191,13 @@ def workers_of(pid: int) -> list[int]:
     return sorted(children - direct)
 
 
+# How a run is stopped, by name: how the signal is sent to it (to the run, or to its process group as a terminal
+# sends Ctrl-C), the signal, the exit status it then has and what its one line says (kill -9: none).
+STOPS = {"ctrl-c": (os.killpg, signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+         "sigterm": (os.kill, signal.SIGTERM, 143, "terminated (SIGTERM)"),
+         "kill -9": (os.kill, signal.SIGKILL, -9, None)}
+
+
 @contextlib.contextmanager
 def stalled_stream(folder):
     """A shard that stalls, as a download that hangs: `pipe:cat FIFO` of a FIFO no one writes to. Yields the

@@ -377,12 +377,9 @@ def test_a_stalled_pipe_command_does_not_hold_the_run_when_it_is_stopped(toy, tm
     (to the process group, as a terminal sends it) or SIGTERM (to the run) ends the run in one line, at once, with
     its workers and the commands they started; kill -9 of the run alone ends them too. Before, the run waited for
     the stalled worker without end; and a killed run's workers left their commands behind."""
-    from conftest import DEADLINE, session_is_empty, stalled_stream, wait_until
+    from conftest import DEADLINE, STOPS, session_is_empty, stalled_stream, wait_until
 
-    signals = {"ctrl-c": (os.killpg, signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-               "sigterm": (os.kill, signal.SIGTERM, 143, "terminated (SIGTERM)"),
-               "kill -9": (os.kill, signal.SIGKILL, -9, None)}
-    send, sig, status, message = signals[fault]
+    send, sig, status, message = STOPS[fault]
     with stalled_stream(tmp_path) as (shard, read_by):
         proc = start_script(EMBED_SCRIPT, "--shards", shard, "--output_folder", tmp_path / "emb", "--model",
                             toy["model"], "--workers", 2, stderr=open(tmp_path / "err", "w"))
