@@ -282,7 +282,8 @@ def convert_nemo_curator(args, workers: int, run_log: cli.RunLog) -> None:
         os.mkdir(out.path(kmeans.SORTED_DIR))
         jobs = ((cluster, out.path(os.path.join(kmeans.SORTED_DIR, f"cluster_{cluster.j}.npy")), args.id_column,
                  args.embedding_column, not args.ascending, centroids is None) for cluster in clusters)
-        means = list(pool.run(nemo.convert_nemo_cluster, jobs, "convert", total=k))
+        means, hashes = zip(*pool.run(nemo.convert_nemo_cluster, jobs, "convert", total=k))
+        nemo.check_unique_ids(clusters, np.concatenate(hashes), args.id_column)
         if centroids is None:  # an empty cluster has no members to average: its row is NaN (d_inter: NaN too)
             dims = sorted({len(m) for m in means if m is not None}) or [1]
             if len(dims) > 1:

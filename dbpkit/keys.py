@@ -95,6 +95,17 @@ def repeated_key(keys: np.ndarray, hashes: np.ndarray) -> tuple[int, int] | None
     return None
 
 
+def repeat_in_files(paths: list[str], starts: np.ndarray, what: str, key: bytes, rows: tuple[int, int], fix: str,
+                    across: str) -> UsageError:
+    """The error for a key that two rows of files read one after the other hold (file i's rows start at row
+    starts[i] of the whole), each row named by its file and its row there; `across` is added to the fix when
+    the two rows are in different files."""
+    (i, a), (j, b) = [(int(np.searchsorted(starts, row, "right")) - 1, row) for row in rows]
+    elsewhere = "" if i == j else f" of {paths[i]}"
+    return UsageError(paths[j], f"row {b - starts[j]}: {what} {key.decode('utf-8', 'replace')!r} is also the {what} "
+                      f"of row {a - starts[i]}{elsewhere}", fix + (f" ({across})" if i != j else ""))
+
+
 def byte_matrix(strings: np.ndarray) -> np.ndarray:
     """A fixed-width bytes array as an (n, width) uint8 matrix, zero-padded on the right."""
     return np.ascontiguousarray(strings).view(np.uint8).reshape(len(strings), strings.dtype.itemsize)

@@ -26,7 +26,16 @@ import numpy as np
 
 from dbpkit.errors import UsageError
 from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, read_rows_of_parts, save_json, save_npy, shares
-from dbpkit.keys import _parquet_file, _text_lines, key_hashes, keys_as_utf8, read_keys, repeated_key, strip_extensions
+from dbpkit.keys import (
+    _parquet_file,
+    _text_lines,
+    key_hashes,
+    keys_as_utf8,
+    read_keys,
+    repeat_in_files,
+    repeated_key,
+    strip_extensions,
+)
 from dbpkit.trie import load_trie
 
 CHUNK_ROWS = 1 << 16  # embeddings and keys read at a time
@@ -317,15 +326,11 @@ def gather_keys(embeddings: Embeddings, folder: str) -> None:
 
 def repeated_error(embeddings: Embeddings, key: bytes, rows: tuple[int, int]) -> UsageError:
     """The error for a key that two rows hold, each named by its key file and its row there."""
-    starts = embeddings.starts()
-    (i, a), (j, b) = [(int(np.searchsorted(starts, row, "right")) - 1, row) for row in rows]
-    elsewhere = "" if i == j else f" of {embeddings.parts[i].keys}"
     fix = "each key must name one sample (the kept keys and the loaders' filter go by key): drop the repeated row " \
         "or make the keys unique"
-    if i != j:
-        fix += " (keys that restart in every shard: write them <shard>/<key>, as the loaders' filter then matches them)"
-    return UsageError(embeddings.parts[j].keys, f"row {b - starts[j]}: key {key.decode('utf-8', 'replace')!r} is "
-                      f"also the key of row {a - starts[i]}{elsewhere}", fix)
+    return repeat_in_files([part.keys for part in embeddings.parts], embeddings.starts(), "key", key, rows, fix,
+                           "keys that restart in every shard: write them <shard>/<key>, as the loaders' filter then "
+                           "matches them")
 
 
 def _is_pickle(path: str) -> bool:

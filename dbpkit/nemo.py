@@ -4,6 +4,7 @@ converted to SemDeDup's sorted clusters without rerunning k-means.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from dbpkit.clusters import cluster_table, save_cluster_file
 from dbpkit.errors import UsageError
-from dbpkit.keys import arrow_keys
+from dbpkit.keys import arrow_keys, key_hashes, repeat_in_files, repeated_key
 from dbpkit.layouts import checked_unit
 
 NEMO_PARTITIONS = ("centroid", "nearest_cent")  # kmeans_results/<name>=<j>/*.parquet: NeMo Curator 1.x, Dask-era
@@ -24,8 +25,12 @@ class NemoCluster:
 
     j: int
     files: tuple[str, ...]
-    rows: int
+    file_rows: tuple[int, ...]  # the rows of each file
     first_row: int  # its rows are numbered from here in column 1 (NeMo's output has no embedding index)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.file_rows)
 
 
 def find_nemo_clusters(results: str, k: int | None, k_source: str, id_column: str, embedding_column: str,
@@ -78,8 +83,7 @@ def find_nemo_clusters(results: str, k: int | None, k_source: str, id_column: st
                          "k-means has at most one cluster per row: remove the stray folder, or pass --num_clusters")
     clusters, first = [], 0
     for j in range(k):
-        paths = tuple(sorted(files.get(j, ())))
-        clusters.append(NemoCluster(j, paths, sum(counts.get(j, ())), first))
+        clusters.append(NemoCluster(j, tuple(sorted(files.get(j, ()))), tuple(counts.get(j, ())), first))
         first += clusters[-1].rows
     return clusters
 
@@ -122,9 +126,10 @@ def _is_vector_type(kind) -> bool:
     return is_list and (pa.types.is_floating(kind.value_type) or kind.value_type == pa.uint16())
 
 
-def convert_nemo_cluster(task: tuple) -> np.ndarray | None:
+def convert_nemo_cluster(task: tuple) -> tuple[np.ndarray | None, np.ndarray]:
     """Write one NeMo Curator cluster as SemDeDup's cluster file; return the L2-normalised mean of its
-    normalised embeddings when asked for (the centroid when none was saved), else None."""
+    normalised embeddings when asked for (the centroid when none was saved), else None; and its ids' hashes
+    (key_hashes), in the order of its files' rows."""
     cluster, path, id_column, embedding_column, descending, mean_wanted = task
     import pyarrow.parquet as pq
 
@@ -150,8 +155,40 @@ def convert_nemo_cluster(task: tuple) -> np.ndarray | None:
     rows = np.arange(cluster.first_row, cluster.first_row + len(keys))
     save_cluster_file(path, cluster_table(keys, rows, distances, cluster.j, descending))
     if total is None:
-        return None
-    return total / np.linalg.norm(total) if total.any() else total
+        return None, key_hashes(keys)
+    return (total / np.linalg.norm(total) if total.any() else total), key_hashes(keys)
+
+
+def check_unique_ids(clusters: list[NemoCluster], hashes: np.ndarray, id_column: str) -> None:
+    """Refuse an id that two rows hold, in one cluster or in two (deduplicate.py refuses the first, and the kept
+    keys, a set, would count the second once), naming both rows by their parquet file; `hashes` are the ids'
+    hashes of every cluster's files in turn."""
+    paths = [path for cluster in clusters for path in cluster.files]
+    starts = np.cumsum([0] + [rows for cluster in clusters for rows in cluster.file_rows])
+    ids = _IdsByRow(paths, starts, id_column)
+    if (repeat := repeated_key(ids, hashes)) is not None:
+        raise repeat_in_files(paths, starts, "id", ids[repeat[1]], repeat,
+                              "each id must name one sample (the kept keys and the loaders' filter go by it): drop "
+                              "the repeated row, or pass --id-column with a column of unique ids",
+                              "the same sample in two files, or ids that restart in every file")
+
+
+class _IdsByRow:
+    """The ids of parquet files read one after the other, by row of the whole: read a file at a time, as rows
+    with a repeated hash ask for them (rarely more than a few)."""
+
+    def __init__(self, paths: list[str], starts: np.ndarray, id_column: str):
+        self.paths, self.starts, self.id_column = paths, starts, id_column
+        self._ids = functools.lru_cache(maxsize=4)(self._read)  # (the rows of a repeat alternate between files)
+
+    def __getitem__(self, row: int) -> bytes:
+        i = int(np.searchsorted(self.starts, row, "right")) - 1
+        return self._ids(self.paths[i])[row - self.starts[i]]
+
+    def _read(self, path: str) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        return arrow_keys(pq.read_table(path, columns=[self.id_column]).column(self.id_column).combine_chunks(), path)
 
 
 def _embedding_matrix(column, path: str) -> np.ndarray:

@@ -195,6 +195,36 @@ def test_nemo_curator_bad_input_is_one_line_and_writes_nothing(tmp_path, change,
     assert not (tmp_path / "save").exists()
 
 
+def repeat_id(results, source, row, target, at):
+    """Give row `at` of the parquet file `target` (-1: its last) the id of row `row` of `source`; return both files and
+    rows, as pandas reads them, and the id."""
+    (source,), (target,) = [sorted((results / folder).glob(name)) for folder, name in (source, target)]
+    frame = pd.read_parquet(target)
+    at = at % len(frame)
+    key = pd.read_parquet(source)["id"].iloc[row]
+    frame.loc[frame.index[at], "id"] = key
+    frame.to_parquet(target)
+    return source, row, target, at, str(key)
+
+
+@pytest.mark.parametrize("ids_kind,source,row,target,at", [
+    ("str", ("centroid=0", "*.parquet"), 3, ("centroid=4", "*.parquet"), -1),  # two clusters, far apart
+    ("int", ("centroid=0", "*.parquet"), 0, ("centroid=0", "*.parquet"), -1),  # one file: its first row and last
+    ("str", ("centroid=2", "task_0.parquet"), 5, ("centroid=2", "task_1.parquet"), 7),  # a cluster's two files
+])
+def test_nemo_curator_id_held_by_two_rows_is_refused(tmp_path, ids_kind, source, row, target, at):
+    """deduplicate.py refuses a key twice in a cluster, and the kept keys (a set) would count one in two clusters
+    once: the conversion refuses both, naming each row by its parquet file."""
+    results, _ = nemo_results(tmp_path, ids_kind, False, True)
+    first, row, second, at, key = repeat_id(results, source, row, target, at)
+    r = run_script(CLUSTER_SCRIPT, "--from-nemo-curator", results, "--save_folder", tmp_path / "save")
+    elsewhere = "" if first == second else f" of {first}"
+    assert r.returncode == 2, r.stderr
+    assert error_line(r.stderr).startswith(f"error: {second}: row {at}: id {key!r} is also the id of row {row}"
+                                           f"{elsewhere} (each id must name one sample"), r.stderr
+    assert not (tmp_path / "save").exists()
+
+
 def test_dask_era_nearest_cent_folders_are_read(tmp_path):
     results, truth = nemo_results(tmp_path, "int", False, True)
     for folder in results.iterdir():
