@@ -283,7 +283,7 @@ def main() -> None:
         removed = np.stack([counts[eps] for eps in eps_list], axis=1)  # (clusters, eps)
         for eps in eps_list:
             kept_keys = out.path(os.path.join(dedup.eps_folder(eps), dedup.KEPT_KEYS_FILE))
-            np.save(kept_keys, collected[eps].sorted_unique(workers))
+            files.save_npy(kept_keys, collected[eps].sorted_unique(workers))
         del collected
 
         # 3. The report.

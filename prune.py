@@ -186,14 +186,14 @@ def main() -> None:
         os.rmdir(parts)
         report = report or pool.submit(prune_report.write_report, report_task)
         kept_keys = collected.sorted_unique(workers)
-        np.save(out.path(du.KEPT_KEYS_FILE), kept_keys)
+        files.save_npy(out.path(du.KEPT_KEYS_FILE), kept_keys)
         if args.datacomp_subset:
-            np.save(out.path(du.DATACOMP_FILE), keys.datacomp_subset(kept_keys))
+            files.save_npy(out.path(du.DATACOMP_FILE), keys.datacomp_subset(kept_keys))
         if not args.no_trie:
             cli.stage("writing the trie")
             with open(out.path(du.TRIE_FILE), "wb") as f:
                 trie.write_trie(f, kept_keys)
-        np.save(out.path(du.QUOTAS_FILE), plan.quotas)
+        files.save_npy(out.path(du.QUOTAS_FILE), plan.quotas)
         report()
         # Warned only now: a bad input found on the way must end in its error line alone.
         if near_equal:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dbpkit.errors import UsageError
-from dbpkit.files import atomic_open, load_json, read_npy_header, save_json, save_npy
+from dbpkit.files import atomic_open, load_json, read_npy_header, save_json, save_npy, write_npy
 from dbpkit.keys import as_text, ascii_bytes
 
 # Where the columns DBP reads are, by the number of columns: SemDeDup's 4, NeMo Curator 0.4-0.7's 3.
@@ -247,7 +247,7 @@ def cluster_table(keys: np.ndarray, rows: np.ndarray, distances: np.ndarray, clu
 def save_cluster_file(path: str, table: np.ndarray) -> None:
     """Write a cluster file atomically; an empty cluster is `np.save(path, [])`, as SemDeDup writes it."""
     with atomic_open(path) as f:
-        np.save(f, table if len(table) else np.array([]))
+        write_npy(f, table if len(table) else np.array([]))
 
 
 def find_centroids(sorted_dir: str, required: bool = True) -> str | None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from dbpkit.clusters import ClusterFile, parse_distances, parse_row_numbers
 from dbpkit.errors import LateMistake, UsageError
-from dbpkit.files import atomic_open
+from dbpkit.files import atomic_open, write_npy
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 from dbpkit.layouts import Embeddings, load_embeddings
 from dbpkit.trie import KEPT_KEYS_FILE  # noqa: F401 (each eps_<e>/ holds one, in prune.py's format)
@@ -183,7 +183,7 @@ def score_cluster(task: tuple[ClusterFile, int, str, str, str, int, str, list[fl
     removed = select_rows(keys, scores, matches, j, eps_list, parts)
     for folder, values in ((SCORES_DIR, scores), (MATCHES_DIR, matches)):  # the matches file marks it done
         with atomic_open(os.path.join(out, folder, f"cluster_{j}.npy")) as f:
-            np.save(f, values)
+            write_npy(f, values)
     return Scored(cluster.rows, in_order, removed)
 
 
@@ -270,7 +270,7 @@ def write_parts(keys: np.ndarray, scores: np.ndarray, matches: np.ndarray, j: in
         with open(eps_part(parts, eps, j), "wb") as f:
             kept = ~gone[by_key]
             width = max(1, int(widths[kept].max(initial=0)))  # as narrow as the kept keys alone need
-            np.save(f, stripped[kept].astype(f"S{width}") if kept.any() else np.zeros(0, "S1"))
+            write_npy(f, stripped[kept].astype(f"S{width}") if kept.any() else np.zeros(0, "S1"))
             f.write(as_lines(lines[gone[candidates]]))
     return removed
 

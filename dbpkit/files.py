@@ -48,7 +48,8 @@ def atomic_open(path: str, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
             yield f
         os.replace(tmp, path)
     except OSError as e:
-        e.filename = e.filename or path  # a failed write (a full disk) names no file of its own
+        if e.filename in (None, tmp):  # a failed write (a full disk) names no file, or the partial one
+            e.filename = path
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -126,12 +127,24 @@ class NewFolders:
             shutil.rmtree(self.created, ignore_errors=True)
 
 
+def write_npy(f: Any, array: Any) -> None:
+    """np.save into the open binary file `f`, checked to have reached it whole. numpy writes an array through a C
+    stream of its own and does not look at whether closing that stream wrote what was left in its buffer: on a
+    full disk a small array (under the stream's few kilobytes) comes out cut short, with no error."""
+    np.save(f, array)
+    f.flush()
+    written, end = os.fstat(f.fileno()).st_size, f.tell()
+    if written < end:
+        raise OSError(errno.EIO, f"a write stopped short ({written} of {end} bytes written)", f.name)
+
+
 def save_npy(path: str, array: Any) -> None:
-    """np.save, atomically, creating the folders it needs (and removing them again if it fails)."""
+    """np.save, atomically and checked (write_npy), creating the folders it needs (and removing them again if it
+    fails)."""
     folders = NewFolders(os.path.dirname(os.path.abspath(path)))
     try:
         with atomic_open(path) as f:
-            np.save(f, array)
+            write_npy(f, array)
     except BaseException:
         folders.remove_created()
         raise

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dbpkit.clusters import cluster_table, save_cluster_file
-from dbpkit.files import atomic_open, save_npy
+from dbpkit.files import atomic_open, save_npy, write_npy
 from dbpkit.layouts import CHUNK_ROWS, KEYS_FILE, SUBSET_ROWS, Embeddings, Part, _mapped, checked_unit, unit_rows
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def assign_rows(task: tuple[Part, int, int, str, bool, str, str | None, int]) ->
         piece["distance"] = 1 - np.einsum("ij,ij->i", x.astype(np.float64), directions[nearest[:, 0]])
         pieces.append(piece)
     with atomic_open(path) as f:
-        np.save(f, np.concatenate(pieces) if pieces else np.empty(0, ASSIGNED))
+        write_npy(f, np.concatenate(pieces) if pieces else np.empty(0, ASSIGNED))
 
 
 def write_clusters(folder: str, work: str, labels: np.ndarray, k: int, descending: bool, pool: TaskPool) -> None:

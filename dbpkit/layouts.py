@@ -298,23 +298,22 @@ def gather_keys(embeddings: Embeddings, folder: str) -> None:
             count = 0
             for keys in part.key_chunks():
                 chunk_files.append(os.path.join(folder, f"keys_{len(chunk_files)}.npy"))
-                np.save(chunk_files[-1], keys)
+                save_npy(chunk_files[-1], keys)
                 hashes.append(key_hashes(keys))
                 count += len(keys)
             if count != part.rows:
                 raise UsageError(part.keys, f"holds {count} keys but {part.path} has {part.rows} rows",
                                  "pass the keys written with these embeddings, in the same order")
             bar.update()
-    widths = [read_npy_header(path)[1].itemsize for path in chunk_files]
+    dtype = np.dtype(f"S{max((read_npy_header(path)[1].itemsize for path in chunk_files), default=1)}")
     partial = os.path.join(folder, KEYS_FILE + PARTIAL_SUFFIX)
-    keys = np.lib.format.open_memmap(partial, "w+", f"S{max(widths, default=1)}", (embeddings.rows,))
-    start = 0
-    for path in chunk_files:
-        chunk = np.load(path)
-        keys[start:start + len(chunk)] = chunk
-        start += len(chunk)
-        os.remove(path)
-    keys.flush()
+    with open(partial, "wb") as f:  # written in turn, not through a mapping, where a full disk would be a SIGBUS
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": (embeddings.rows,)})
+        for path in chunk_files:
+            f.write(np.load(path).astype(dtype).tobytes())
+            os.remove(path)
+    keys = np.load(partial, mmap_mode="r")
     repeat = repeated_key(keys, np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
     error = None if repeat is None else repeated_error(embeddings, keys[repeat[1]], repeat)
     del keys

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dbpkit.clusters import CHUNK_ROWS, ClusterFile, names_cluster, parse_distances
-from dbpkit.files import append_rest
+from dbpkit.files import append_rest, write_npy
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def select_cluster(task: tuple[ClusterFile, int, str, int, int, bool, str]) -> S
     paths, steps = np.concatenate(paths), np.diff(np.concatenate(dists))
     in_order = which == "random" or bool((steps <= 0).all() if descending else (steps >= 0).all())
     with open(part_file(parts, cluster_id), "wb") as f:  # one file: fewer to open and remove at web scale
-        np.save(f, np.sort(strip_extensions(paths)))  # the keys, sorted here, in parallel
+        write_npy(f, np.sort(strip_extensions(paths)))  # the keys, sorted here, in parallel
         f.write(as_lines(paths))  # then the lines of kept_paths.txt
     return Selection(len(paths), in_order, ids_match)
 

@@ -35,7 +35,7 @@ import torch.utils.data
 from dbpkit.cli import check_stop, stage
 from dbpkit.encoder import Encoder, cached_encoder, embed, embedding_dim, load_processor
 from dbpkit.errors import Incomplete, UsageError, WorkerDied
-from dbpkit.files import atomic_open, file_fingerprint
+from dbpkit.files import atomic_open, file_fingerprint, write_npy
 from dbpkit.keys import BAD_KEY_CHARACTERS
 from dbpkit.local_engine import exit_with, lead_own_group, signal_group
 from dbpkit.samples import first_line, open_image, shard_samples, text_fields, unreadable_reason
@@ -348,4 +348,4 @@ def write_part(out: str, url: str, emb: np.ndarray, keys: list, captions: list, 
     with atomic_open(meta_path) as f:
         pq.write_table(pa.table(columns), f, row_group_size=PARQUET_ROWS)
     with atomic_open(emb_path) as f:
-        np.save(f, emb)
+        write_npy(f, emb)

@@ -51,6 +51,20 @@ def test_imports_run_one_way_scripts_then_dbp_utils_then_the_package():
         assert not imports_of(os.path.join(ROOT, f"{script}.py")) & set(scripts), script
 
 
+def test_numpy_writes_files_only_through_write_npy():
+    """np.save (and tofile) cut a small array short on a full disk without an error: files.write_npy checks."""
+    product = [os.path.join(ROOT, name) for name in os.listdir(ROOT) if name.endswith(".py")]
+    product += [os.path.join(ROOT, "dbpkit", name) for name in os.listdir(os.path.join(ROOT, "dbpkit"))
+                if name.endswith(".py") and name != "files.py"]
+    for path in product:
+        for node in ast.walk(ast.parse(open(path).read())):
+            call = node.func if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+            saves = call and call.attr in ("save", "savez", "savez_compressed") and \
+                getattr(call.value, "id", "") in ("np", "numpy")
+            assert not saves and not (call and call.attr in ("tofile", "open_memmap")), \
+                f"{os.path.relpath(path, ROOT)}:{node.lineno} writes with numpy itself"
+
+
 PORTABLE = """
 import os, select, signal, subprocess, sys, time
 for name in ("pidfd_open", "copy_file_range"):

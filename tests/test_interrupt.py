@@ -6,6 +6,7 @@ test delivers the fault and lets it go on. Nothing depends on how fast the machi
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,26 @@ def test_dintra_on_a_full_disk_leaves_no_folders_behind(big, tmp_path):
     assert returncode == 1
     assert_one_line(err, f"error: {out}: File too large")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script,flag", [(DINTRA_SCRIPT, "--avg_distance_to_cent_save_path"),
+                                         (DINTER_SCRIPT, "--mean_centroid_distances_save_path")])
+def test_a_full_disk_cutting_a_small_npy_short_is_an_error_and_the_file_there_stays(big, tmp_path, script, flag):
+    """numpy writes a small array through a C stream whose failed last write it never looks at: the file came out
+    cut short, was renamed over the user's, and its sidecar (smaller) still fitted: the run succeeded."""
+    good = os.path.join(os.path.dirname(big["args"][1]), f"{script}.npy")
+    out = tmp_path / "scores.npy"
+    for suffix in ("", ".dbp.json"):
+        shutil.copy(good + suffix, str(out) + suffix)
+    before = snapshot(tmp_path)
+    size = os.path.getsize(good)  # 128 bytes of header and 40 float32
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--sorted_clusters_path", big["sorted"],
+                             flag, out, "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit_file_size(size - 8))
+    _, err, returncode = wait_ended(proc)
+    assert returncode == 1, err
+    assert_one_line(err, f"error: {out}: a write stopped short ({size - 8} of {size} bytes written)")
+    assert snapshot(tmp_path) == before
 
 
 def test_progress_bar_and_summary_keep_their_own_lines_in_one_log(big, tmp_path):
