@@ -232,6 +232,35 @@ def test_completed_folder_is_refused(tmp_path):
     assert len(os.listdir(tmp_path / "save" / "sorted_clusters")) == K + 1
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of its own, 80 KB (a tmpfs, mounted as root): a disk that really fills, where a write through a
+    memory mapping is a SIGBUS rather than an error. Skipped where no tmpfs can be mounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80k", "tmpfs", disk], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"no tmpfs can be mounted here ({mounted.stderr.strip()})")
+    yield disk
+    subprocess.run(["umount", disk], check=True)
+
+
+def test_a_disk_filling_up_as_the_keys_are_gathered_ends_in_one_line_and_the_rerun_finishes(tmp_path, small_disk):
+    """3,000 keys of 19 bytes: their chunk (14 pages) fits on the disk, the keys' file beside it (14 more) does not. It
+    was written through a memory mapping, and the run died of a SIGBUS without a word."""
+    flags, _ = layout(tmp_path, "npy+txt", embeddings())
+    save = small_disk / "save"
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", save)
+    assert r.returncode == 1, r.stderr
+    assert error_line(r.stderr).startswith(f"error: {save}") and "No space left on device" in r.stderr, r.stderr
+    subprocess.run(["mount", "-o", "remount,size=4m", small_disk], check=True)  # space freed
+    r = run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", save)
+    assert r.returncode == 0, r.stderr
+    assert run_script(CLUSTER_SCRIPT, *flags, "--num_clusters", K, "--save_folder", tmp_path / "whole").returncode == 0
+    for name in ["kmeans_centroids.npy"] + [f"sorted_clusters/cluster_{j}.npy" for j in range(K)]:
+        assert (save / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
 def test_overwrite_replaces_an_output_of_another_kind(tmp_path):
     """A file where the sorted_clusters folder goes (or a folder where a file goes) is no obstacle to --overwrite,
     and nothing is published until all of it can be."""
