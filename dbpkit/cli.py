@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import io
 import logging
@@ -28,6 +29,7 @@ from dbpkit.faults import pause_at
 USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file past its size limit
 STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
 log = logging.getLogger("dbp")
 
@@ -144,10 +146,18 @@ def run_main(main: Callable[[], None]) -> None:
             _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
                   "short)", 1)
         elif isinstance(e, OSError):
-            _fail(f"{e.filename or 'system'}: {os_error_detail(e)} (check the path, its permissions and free disk "
+            _fail(f"{failed_path(e) or 'system'}: {os_error_detail(e)} (check the path, its permissions and free disk "
                   "space)", 1)
         else:  # a bug: still one line
             _fail(f"internal: {type(e).__name__}: {e} (rerun with --debug and report it)", 1)
+
+
+def failed_path(e: OSError) -> str | None:
+    """The file an OSError is about. Of a copy's two (shutil names the source first, the target second), the target
+    when the disk is full or the file too large: where space ran out."""
+    if e.errno in OUT_OF_SPACE and e.filename2:
+        return e.filename2
+    return e.filename
 
 
 def os_error_detail(e: OSError) -> str:

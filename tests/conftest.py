@@ -225,6 +225,19 @@ def session_is_empty(sid: int) -> bool:
     return subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).stdout == b""
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of its own, 80 KB (a tmpfs, mounted as root): a disk that really fills, where a write through a
+    memory mapping is a SIGBUS rather than an error. Skipped where no tmpfs can be mounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80k", "tmpfs", disk], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"no tmpfs can be mounted here ({mounted.stderr.strip()})")
+    yield disk
+    subprocess.run(["umount", disk], check=True)
+
+
 def limit_file_size(limit: int):
     """preexec_fn: files may not grow past `limit` bytes, as on a full disk (writes fail, nothing is killed)."""
     def apply():

@@ -232,19 +232,6 @@ def test_completed_folder_is_refused(tmp_path):
     assert len(os.listdir(tmp_path / "save" / "sorted_clusters")) == K + 1
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A file system of its own, 80 KB (a tmpfs, mounted as root): a disk that really fills, where a write through a
-    memory mapping is a SIGBUS rather than an error. Skipped where no tmpfs can be mounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80k", "tmpfs", disk], capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"no tmpfs can be mounted here ({mounted.stderr.strip()})")
-    yield disk
-    subprocess.run(["umount", disk], check=True)
-
-
 def test_a_disk_filling_up_as_the_keys_are_gathered_ends_in_one_line_and_the_rerun_finishes(tmp_path, small_disk):
     """3,000 keys of 19 bytes: their chunk (14 pages) fits on the disk, the keys' file beside it (14 more) does not. It
     was written through a memory mapping, and the run died of a SIGBUS without a word."""

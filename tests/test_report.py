@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 from html.parser import HTMLParser
@@ -430,6 +431,15 @@ def test_a_completed_report_is_refused_without_overwrite(pipeline, made, tmp_pat
     report(pipeline, out, "--overwrite", dedup=False)
     assert not (out / "dedup.html").exists() and (out / "report.json").is_file()
     assert any((out / "thumbs").iterdir())
+
+
+def test_a_full_disk_names_the_report_folder_not_the_file_copied_into_it(pipeline, small_disk):
+    """shutil names a failed copy's source first: the line blamed this project's own report.css."""
+    subprocess.run(["mount", "-o", "remount,size=8k", small_disk], check=True)
+    out = small_disk / "r"
+    line = fails("--prune-dir", pipeline["run"], "--save_folder", out)
+    assert line.startswith(f"{out}") and "No space left on device" in line, line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("signum,status,said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
