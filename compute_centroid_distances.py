@@ -52,10 +52,11 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     if args.num_NNs < 1:
         raise UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
-    k, empty = args.num_clusters, None
+    k, sizes, empty = args.num_clusters, None, None
     if args.sorted_clusters_path or not args.centroids_file:
         clusters = scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters")
-        k, empty = len(clusters), np.array([c.rows == 0 for c in clusters])
+        sizes = np.array([c.rows for c in clusters])
+        k, empty = len(clusters), sizes == 0
     elif k is not None and k < 1:
         raise UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
     centroids_file = args.centroids_file or find_centroids(args.sorted_clusters_path)
@@ -68,7 +69,7 @@ def main() -> None:
 
     d_inter = du.mean_centroid_distances(centroids, args.num_NNs, workers)
 
-    save_scores(out, d_inter, "d_inter", args.sorted_clusters_path)
+    save_scores(out, d_inter, "d_inter", args.sorted_clusters_path, sizes)
     print(f"d_inter of {k} centroids (dim {centroids.shape[1]}, {min(args.num_NNs, k - 1)} neighbours, "
           f"from {centroids_file}) -> {out}")
 

@@ -96,7 +96,7 @@ def check_args(args) -> None:
                          "omit it to use the number of rows in the cluster files")
 
 
-def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
+def load_dintra_dinter(args, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """d_intra and d_inter as the density needs them (NaN where it does not)."""
     needs_intra = "dintra" in args.density
     needs_inter = "dinter" in args.density
@@ -106,8 +106,10 @@ def load_dintra_dinter(args, k: int) -> tuple[np.ndarray, np.ndarray]:
     for flag, path, needed in files:
         if needed and not path:
             raise UsageError(flag, f"is required by --density {args.density}", "pass the file or another --density")
-        holds = "d_intra" if flag == "--avg_distance_to_cent_save_path" else "d_inter"
-        loaded.append(load_cluster_scores(path, k, flag, holds) if path else np.full(k, np.nan))
+        holds, script = ("d_intra", "compute_avg_dist_to_cluster_centroid.py") \
+            if flag == "--avg_distance_to_cent_save_path" else ("d_inter", "compute_centroid_distances.py")
+        fix = f"recompute it with {script} on --sorted-clusters-path"
+        loaded.append(load_cluster_scores(path, sizes, flag, holds, fix) if path else np.full(len(sizes), np.nan))
     return loaded[0], loaded[1]
 
 
@@ -135,7 +137,7 @@ def main() -> None:
     if args.datacomp_subset:
         check_datacomp_keys(clusters)
     save_dir = savedir.SaveDir(args.save_dir, args.overwrite, du.OUTPUT_FILES, du.PARAMS_FILE, "--save-dir")
-    d_intra, d_inter = load_dintra_dinter(args, k)
+    d_intra, d_inter = load_dintra_dinter(args, sizes)
     total_rows = int(sizes.sum())
     total = args.total_dataset_size or total_rows
     target = int(args.prune_ratio * total)

@@ -294,14 +294,21 @@ def load_centroids(path: str, k: int | None, dim: int | None, flag: str,
     return c
 
 
-def save_scores(path: str, values: np.ndarray, holds: str, sorted_dir: str | None) -> None:
+def save_scores(path: str, values: np.ndarray, holds: str, sorted_dir: str | None, sizes: np.ndarray | None) -> None:
     """A d_intra or d_inter array as a plain float32 .npy (what upstream code reads), and beside it a small
-    sidecar saying what it holds, so that prune can refuse the two swapped."""
+    sidecar saying what it holds and, where it was made from cluster files, their sizes' digest: so that prune
+    can refuse the two swapped, or made from another clustering (another k-means run, of the same k)."""
     save_npy(path, values)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     save_json(path + SIDECAR_SUFFIX, {"holds": holds, "clusters": len(values), "sha256": digest,
-                                      "sorted_clusters": sorted_dir and os.path.abspath(sorted_dir)})
+                                      "sorted_clusters": sorted_dir and os.path.abspath(sorted_dir),
+                                      "cluster_sizes": None if sizes is None else sizes_digest(sizes)})
+
+
+def sizes_digest(sizes: np.ndarray) -> str:
+    """A digest of the clusters' sizes, in cluster order: two k-means runs practically never give the same."""
+    return "sha256:" + hashlib.sha256(np.asarray(sizes, "<i8").tobytes()).hexdigest()
 
 
 def scores_sidecar(path: str) -> dict | None:
@@ -313,11 +320,14 @@ def scores_sidecar(path: str) -> dict | None:
         return sidecar if hashlib.sha256(f.read()).hexdigest() == sidecar.get("sha256") else None
 
 
-def load_cluster_scores(path: str, k: int, flag: str, holds: str) -> np.ndarray:
-    """A d_intra or d_inter file: float (k,), NaN allowed (empty clusters), infinity not; refused if its
-    sidecar says it holds the other one."""
+def load_cluster_scores(path: str, sizes: np.ndarray, flag: str, holds: str, fix: str) -> np.ndarray:
+    """A d_intra or d_inter file for clusters of `sizes`: float (k,), NaN allowed (empty clusters), infinity not;
+    refused if its sidecar says it holds the other one, or was made from clusters of other sizes (`fix`: how to
+    make it again)."""
+    k = len(sizes)
     shape, dtype, _, _ = read_npy_header(path)
-    said = (scores_sidecar(path) or {}).get("holds", holds)
+    sidecar = scores_sidecar(path) or {}
+    said = sidecar.get("holds", holds)
     if said != holds:
         raise UsageError(flag, f"{path} holds {said}, not {holds}", "the two score files are swapped: pass the "
                          "d_intra file to --avg_distance_to_cent_save_path and d_inter to "
@@ -328,6 +338,9 @@ def load_cluster_scores(path: str, k: int, flag: str, holds: str) -> np.ndarray:
     if shape != (k,):
         raise UsageError(flag, f"{path} has shape {shape} but there are {k} clusters",
                          "recompute it on the same sorted clusters")
+    if sidecar.get("cluster_sizes") not in (None, sizes_digest(sizes)):
+        raise UsageError(flag, f"{path} was computed from other clusters ({sidecar.get('sorted_clusters')}, as they "
+                         f"were then): their sizes differ from those of the {k} clusters given", fix)
     values = np.load(path, allow_pickle=False).astype(np.float64)
     if np.isinf(values).any():
         raise UsageError(flag, f"{path}: entry {np.flatnonzero(np.isinf(values))[0]} is infinite",

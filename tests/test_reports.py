@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLUSTER_SCRIPT, DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, run_script
+from conftest import CLUSTER_SCRIPT, DINTER_SCRIPT, DINTRA_SCRIPT, OUTPUTS, PRUNE_SCRIPT, error_line, run_script
 
 import dbpkit
 
@@ -68,6 +68,39 @@ def test_existing_score_files_need_overwrite_and_swaps_are_refused(desc_str, tmp
         np.save(tmp_path / f"{name}.npy", np.load(tmp_path / f"{name}_copy.npy") + 0.1)
     assert prune(tmp_path / "dinter_copy.npy", tmp_path / "dintra_copy.npy", "no_sidecar").returncode == 0
     assert prune(tmp_path / "dintra.npy", tmp_path / "dinter.npy", "stale_sidecar").returncode == 0
+
+
+def test_scores_made_from_another_clustering_of_the_same_k_are_refused(desc_str, asc_bytes, tmp_path):
+    """Two k-means runs of the same k: d_intra and d_inter made from one, passed with the other's clusters, set the
+    quotas from the wrong clusters without a word."""
+    sizes = [[len(np.load(os.path.join(data["sorted"], f"cluster_{j}.npy"))) for j in range(data["k"])]
+             for data in (desc_str, asc_bytes)]
+    assert desc_str["k"] == asc_bytes["k"] and sizes[0] != sizes[1]
+    assert all(r.returncode == 0 for r in run_scores(desc_str, tmp_path))
+
+    def prune(data, save, density="dintra*dinter"):
+        scores = [(flag, tmp_path / name) for flag, name in (("--avg_distance_to_cent_save_path", "dintra.npy"),
+                                                             ("--mean_centroid_distances_save_path", "dinter.npy"))
+                  if name[:6] in density]
+        return run_script(PRUNE_SCRIPT, "--sorted-clusters-path", data["sorted"], "--prune-ratio", 0.3, "--density",
+                          density, *[arg for pair in scores for arg in pair], "--save-dir", tmp_path / save)
+    for flag, name, script, density in (
+            ("--avg_distance_to_cent_save_path", "dintra", "compute_avg_dist_to_cluster_centroid.py", "dintra"),
+            ("--mean_centroid_distances_save_path", "dinter", "compute_centroid_distances.py", "dinter")):
+        r = prune(asc_bytes, "other", density)
+        assert r.returncode == 2, r.stderr
+        assert error_line(r.stderr) == (
+            f"error: {flag}: {tmp_path / name}.npy was computed from other clusters ({desc_str['sorted']}, as they "
+            f"were then): their sizes differ from those of the {asc_bytes['k']} clusters given (recompute it with "
+            f"{script} on --sorted-clusters-path)")
+        assert not (tmp_path / "other").exists()
+    assert prune(desc_str, "same").returncode == 0
+    # d_inter made from the centroids alone knows no cluster sizes: read as it is
+    r = run_script(DINTER_SCRIPT, "--centroids_file", os.path.join(os.path.dirname(desc_str["sorted"]),
+                   "kmeans_centroids.npy"), "--mean_centroid_distances_save_path", tmp_path / "dinter.npy",
+                   "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert prune(asc_bytes, "centroids_only", "dinter").returncode == 0
 
 
 def test_prune_reports(desc_str, tmp_path, monkeypatch):
