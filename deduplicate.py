@@ -110,13 +110,21 @@ def find_embeddings(args) -> tuple[layouts.Embeddings, str]:
     return layouts.find_embeddings(path, None, None, npz_key or "l14_img", with_keys=False), os.path.abspath(path)
 
 
-def check_centroids(sorted_dir: str, dim: int) -> None:
-    """Embeddings of another dimension than the centroids' are another model's: refused."""
-    if path := find_centroids(sorted_dir, required=False):
-        shape = np.load(path, mmap_mode="r").shape
-        if len(shape) == 2 and shape[1] != dim:
-            raise UsageError("--embeddings", f"have dimension {dim} but the centroids in {path} have {shape[1]}",
-                             "pass the embeddings the clusters were made from")
+def check_centroids(sorted_dir: str, clusters: list, embeddings: layouts.Embeddings) -> None:
+    """Embeddings of another dimension than the centroids' are another model's: refused. Beside the clusters of
+    cluster_embeddings.py (a clustering.json naming their embeddings), so are embeddings of the same dimension
+    that are not those the clusters were made from (dedup.check_made_from)."""
+    if not (path := find_centroids(sorted_dir, required=False)):
+        return
+    centroids = np.load(path, mmap_mode="r")
+    if centroids.ndim == 2 and centroids.shape[1] != embeddings.dim:
+        raise UsageError("--embeddings", f"have dimension {embeddings.dim} but the centroids in {path} have "
+                         f"{centroids.shape[1]}", "pass the embeddings the clusters were made from")
+    record = files.load_json(os.path.join(os.path.dirname(os.path.abspath(sorted_dir)), kmeans.CLUSTERING_FILE))
+    if isinstance(record, dict) and record.get("embeddings") and centroids.shape == (len(clusters), embeddings.dim):
+        fix = f"pass the embeddings the clusters were made from ({record['embeddings']}, as {kmeans.CLUSTERING_FILE} " \
+            "names them)"
+        dedup.check_made_from(clusters, embeddings, np.asarray(centroids, np.float64), fix)
 
 
 def fingerprint(args, clusters: list, embeddings: layouts.Embeddings) -> dict:
@@ -205,7 +213,7 @@ def main() -> None:
         raise UsageError(three.path, "has 3 columns (NeMo Curator 0.x): no row index to find its embeddings by",
                          "recluster with cluster_embeddings.py, whose files have the index in column 1")
     embeddings, source = find_embeddings(args)
-    check_centroids(args.sorted_clusters_path, embeddings.dim)
+    check_centroids(args.sorted_clusters_path, clusters, embeddings)
     run = fingerprint(args, clusters, embeddings)
     # --overwrite starts afresh; otherwise a completed run on the same inputs lends its scores and its eps.
     earlier = None if args.overwrite or not os.path.isdir(args.save_folder) else published(args.save_folder, run)

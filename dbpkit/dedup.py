@@ -44,6 +44,9 @@ EPS_GRID = np.logspace(-4, 0, 161)[:-1]  # eps values the plot reads the fractio
 # Identical embeddings score 1 only up to their matmul's rounding: within 1e-6 of it in float32 (measured, dims 64
 # to 1024), within float16's step near 1 (0.00049) with --device cuda. A smaller eps can keep some exact copies.
 COPIES_EPS = {"cpu": 1e-5, "cuda": 1e-3}
+# The embeddings are checked to be those the clusters were made from on the first row of this many clusters: its
+# distance to the centroid, recomputed, within this of the cluster file's (rounding: ~1e-7; another model's: ~0.1)
+CHECKED_CLUSTERS, MADE_FROM_TOLERANCE = 64, 1e-4
 
 
 def eps_folder(eps: float) -> str:
@@ -220,6 +223,34 @@ def read_cluster(cluster: ClusterFile) -> tuple[np.ndarray, np.ndarray, np.ndarr
         raise UsageError(cluster.path, f"key {keys[a].decode('utf-8', 'replace')!r} appears twice (rows {a} and {b})",
                          "each sample may be in a cluster once (SemDeDup asserts it); remove the repeat")
     return keys, indices, parse_distances(distances, cluster.path)
+
+
+def check_made_from(clusters: list[ClusterFile], embeddings: Embeddings, centroids: np.ndarray, fix: str) -> None:
+    """Refuse embeddings that are not those the clusters were made from (another model's of the same dimension,
+    another data set's): the first row of up to CHECKED_CLUSTERS clusters, spread over all of them, must be at
+    the cosine distance from its centroid that its cluster file says (cluster_embeddings.py's files: 1 - the
+    cosine to the centroid's direction, in float64). `fix` says which embeddings the clusters name."""
+    nonempty = [(j, c) for j, c in enumerate(clusters) if c.rows]
+    picked = nonempty[::max(1, len(nonempty) // CHECKED_CLUSTERS)][:CHECKED_CLUSTERS]
+    firsts = [c.columns(("index", "distance"), 0, 1) for _, c in picked]
+    try:
+        rows = np.array([parse_row_numbers(index)[0] for index, _ in firsts], np.int64)
+    except (ValueError, OverflowError):  # (refused with its row when its cluster is read)
+        return
+    if len(rows) == 0 or rows.min() < 0 or rows.max() >= embeddings.rows:
+        return
+    said = np.array([parse_distances(distance, c.path)[0] for (_, c), (_, distance) in zip(picked, firsts)])
+    ids = np.array([j for j, _ in picked])
+    order = np.argsort(rows)
+    x = np.empty((len(rows), embeddings.dim))
+    x[order] = embeddings.unit_rows_at(rows[order])
+    directions = centroids[ids] / np.linalg.norm(centroids[ids], axis=1, keepdims=True)
+    distance = 1 - np.einsum("ij,ij->i", x, directions)
+    if (wrong := np.flatnonzero(np.abs(distance - said) > MADE_FROM_TOLERANCE)).size:
+        i = wrong[0]
+        raise UsageError("--embeddings", f"row {rows[i]} is not the embedding {picked[i][1].path} was made from: its "
+                         f"cosine distance to centroid {ids[i]} is {distance[i]:.6f}, the cluster file says "
+                         f"{said[i]:.6f}", fix)
 
 
 def eps_part(parts: str, eps: float, cluster_id: int) -> str:

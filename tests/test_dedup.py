@@ -529,6 +529,31 @@ def test_reuse_follows_the_content_not_size_and_mtime(data, deduplicated, tmp_pa
     assert outputs(tmp_path / "d") == outputs(tmp_path / "fresh") != outputs(deduplicated("hard")[0])
 
 
+def test_embeddings_other_than_those_the_clusters_were_made_from_are_refused(data, deduplicated, tmp_path):
+    """Beside cluster_embeddings.py's clusters (a clustering.json naming their embeddings), embeddings of the same
+    shape but another model's were scored without a word; a copy of the right ones, elsewhere, is taken."""
+    mine = copy_data(data, tmp_path)
+    (mine["sorted"].parent / "clustering.json").write_text(json.dumps({"embeddings": str(mine["emb"])}))
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(1).standard_normal(np.load(mine["emb"]).shape).astype(np.float32))
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", mine["sorted"], "--embeddings", other, "--eps", 0.3,
+                   "--save_folder", tmp_path / "d")
+    j = next(j for j in range(len(SIZES)) if SIZES[j])  # the first row of the first cluster with rows
+    first = np.load(mine["sorted"] / f"cluster_{j}.npy")[0]
+    row, centroid = int(first[1]), unit(np.load(mine["sorted"].parent / "kmeans_centroids.npy")[j].astype(float))
+    distance = 1 - unit(np.load(other)[row].astype(float)) @ centroid
+    assert r.returncode == 2 and error_line(r.stderr) == (
+        f"error: --embeddings: row {row} is not the embedding {mine['sorted'] / f'cluster_{j}.npy'} was made from: "
+        f"its cosine distance to centroid {j} is {distance:.6f}, the cluster file says {float(first[2]):.6f} (pass "
+        f"the embeddings the clusters were made from ({mine['emb']}, as clustering.json names them))"), r.stderr
+    assert not (tmp_path / "d").exists()
+    os.rename(mine["emb"], tmp_path / "moved.npy")
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", mine["sorted"], "--embeddings", tmp_path / "moved.npy",
+                   "--eps", *EPS, "--save_folder", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    assert outputs(tmp_path / "d") == outputs(deduplicated("hard")[0])
+
+
 def test_overwrite_starts_clean_and_replaces_every_earlier_eps(data, deduplicated, tmp_path):
     out = tmp_path / "d"
     dedup(data, out)
