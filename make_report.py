@@ -111,8 +111,8 @@ def number(text: str, digits: int = 4) -> str:
     return text if value != value or float(value).is_integer() else f"{value:.{digits}g}"
 
 
-def funnel(run, embed_params, failed_path, dedup_params, dedup_eps) -> list[dict]:
-    """The samples at each step, with its parameters."""
+def funnel(run, embed_params, failed_path, dedup_params, dedup_eps, clustered: str | None) -> list[dict]:
+    """The samples at each step, with its parameters; `clustered`: the eps whose kept rows were clustered."""
     params = run.params
     first = embed_params["rows"] if embed_params else (dedup_params or {}).get("rows", params["total_rows"])
     steps = []
@@ -124,7 +124,8 @@ def funnel(run, embed_params, failed_path, dedup_params, dedup_eps) -> list[dict
     if dedup_params:
         for e in dedup_eps:
             steps.append((f"kept by deduplication at eps {e.eps}", e.kept,
-                          f"SemDeDup, k = {dedup_params['num_clusters']}, keep {dedup_params['which_to_keep']}"))
+                          f"SemDeDup, k = {dedup_params['num_clusters']}, keep {dedup_params['which_to_keep']}"
+                          f"{'; these rows were clustered for DBP' if e.eps == clustered else ''}"))
     steps.append(("in the clusters pruned", params["total_rows"], f"k = {params['num_clusters']}"))
     steps.append(("kept by DBP", params["kept_samples"],
                   f"prune ratio {params['prune_ratio']:g}, T = {params['temperature']:g}, {params['density']}, "
@@ -146,6 +147,7 @@ def main() -> None:
 
     # 1. Inputs, checked before anything is written.
     run = report_data.load_prune_run(args.prune_dir)
+    clustered = report_data.clustered_eps(run, args.dedup_dir) if args.dedup_dir else None
     dedup_params, dedup_eps = (report_data.load_dedup(args.dedup_dir, args.pairs, args.seed) if args.dedup_dir
                                else (None, []))
     urls = find_shards(args.shards) if args.shards else []
@@ -214,9 +216,9 @@ def main() -> None:
             notes.append(f"{len(shown)} of {int((sizes > 0).sum())} non-empty clusters have a page (the "
                          f"{max(args.max_clusters // 4, 1)} least and most complex and a seeded sample between); "
                          f"{left_out} were left out (--max-clusters {args.max_clusters})")
-        index = {"title": f"DBP report: {os.path.basename(args.prune_dir.rstrip(os.sep))}", "funnel":
-                 funnel(run, embed_params, failed_path, dedup_params, dedup_eps), "notes": notes, "figures": figures,
-                 "extremes": extremes, "columns": TABLE_COLUMNS, "rows": table_rows(run.stats),
+        index = {"title": f"DBP report: {os.path.basename(args.prune_dir.rstrip(os.sep))}",
+                 "funnel": funnel(run, embed_params, failed_path, dedup_params, dedup_eps, clustered), "notes": notes,
+                 "figures": figures, "extremes": extremes, "columns": TABLE_COLUMNS, "rows": table_rows(run.stats),
                  "table_note": f"{len(run.stats)} clusters; a cluster id links to its page where it has one."}
         cli.stage("writing the pages")
         write_report(out.staging, site, index, clusters, dedup)

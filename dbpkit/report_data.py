@@ -8,6 +8,7 @@ removed_paths.txt streamed a chunk of lines at a time (bounded memory for any si
 from __future__ import annotations
 
 import csv
+import filecmp
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -200,6 +201,27 @@ def embedding_run(run: PruneRun) -> tuple[dict | None, str | None]:
 def count_lines(path: str) -> int:
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def clustered_eps(run: PruneRun, folder: str, flag: str = "--dedup-dir") -> str | None:
+    """The eps (as in eps_<e>) of the deduplication in `folder` whose kept keys the pruned clusters were made from
+    (cluster_embeddings.py --subset, as the clustering.json beside them records), or None where that cannot be
+    told: clusters of every row or made elsewhere, or a subset that is not a .npy or is gone (and for a folder that
+    is no deduplication's: load_dedup says so). A deduplication none of whose kept keys is that subset is refused:
+    the report's funnel would chain the counts of unrelated runs."""
+    sorted_dir = os.path.abspath(run.params["sorted_clusters_path"])
+    clustering = load_json(os.path.join(os.path.dirname(sorted_dir), CLUSTERING_FILE))
+    subset = clustering.get("subset") if isinstance(clustering, dict) else None
+    if not (isinstance(subset, str) and subset.endswith(".npy") and os.path.isfile(subset)
+            and os.path.isfile(os.path.join(folder, STATS_FILE))):
+        return None
+    for name in sorted(name for name in os.listdir(folder) if name.startswith("eps_")):
+        kept = os.path.join(folder, name, KEPT_KEYS_FILE)
+        if os.path.isfile(kept) and filecmp.cmp(kept, subset, shallow=False):
+            return name.removeprefix("eps_")
+    raise UsageError(flag, f"{folder} did not deduplicate the rows of the pruned clusters: they were clustered from "
+                     f"{subset} (as {CLUSTERING_FILE} says), none of its eps_<e>/{KEPT_KEYS_FILE}",
+                     "pass the deduplicate.py --save_folder whose kept keys were clustered, or leave --dedup-dir out")
 
 
 def load_dedup(folder: str, pairs: int, seed: int, flag: str = "--dedup-dir") -> tuple[dict, list[EpsPairs]]:

@@ -231,6 +231,9 @@ def test_index_has_the_funnel_the_extremes_and_every_cluster(pipeline, made):
     with open(pipeline["dedup"] / "dedup_stats.csv") as f:
         for row in csv.DictReader(f):
             assert f"<td>kept by deduplication at eps {row['eps']}</td><td class=\"num\">{row['kept']}</td>" in html
+    clustered = re.findall(r"<td>kept by deduplication at eps ([^<]*)</td>.*?<td>([^<]*); these rows were clustered "
+                           r"for DBP</td>", html)
+    assert [eps for eps, _ in clustered] == ["0.001"]  # c2 clustered eps_0.001/kept_keys.npy
     assert (out / "quotas.png").read_bytes() == (pipeline["run"] / "quotas.png").read_bytes()
     assert (out / "similarity.png").read_bytes() == (pipeline["dedup"] / "similarity.png").read_bytes()
     page = marked(out / "index.html")
@@ -418,6 +421,24 @@ def test_bad_input_is_one_line_and_writes_nothing(pipeline, made, tmp_path):
     assert f"read the sorted clusters in {sorted_copy}, which no longer exists" in fails(
         "--prune-dir", run_copy, "--save_folder", out)
     assert not out.exists()
+
+
+def test_a_dedup_dir_that_did_not_make_the_clustered_rows_is_refused(pipeline, tmp_path):
+    """The funnel chains deduplication's counts to those of the pruned clusters: from a deduplication whose kept keys
+    were not the rows clustered, it chained two unrelated runs. A copy of the right one, elsewhere, is taken."""
+    other = tmp_path / "other"
+    r = run_script("deduplicate.py", "--sorted_clusters_path", pipeline["root"] / "c1" / "sorted_clusters", "--eps",
+                   0.3, "--save_folder", other)
+    assert r.returncode == 0, r.stderr
+    line = fails("--prune-dir", pipeline["run"], "--dedup-dir", other, "--save_folder", tmp_path / "r")
+    subset = pipeline["dedup"] / "eps_0.001" / "kept_keys.npy"
+    assert line == f"--dedup-dir: {other} did not deduplicate the rows of the pruned clusters: they were clustered " \
+                   f"from {subset} (as clustering.json says), none of its eps_<e>/kept_keys.npy (pass the " \
+                   "deduplicate.py --save_folder whose kept keys were clustered, or leave --dedup-dir out)"
+    assert not (tmp_path / "r").exists()
+    shutil.copytree(pipeline["dedup"], tmp_path / "copy")
+    report(pipeline, tmp_path / "r", "--dedup-dir", tmp_path / "copy", shards=False, dedup=False)
+    assert "; these rows were clustered for DBP" in (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
 
 
 def test_a_completed_report_is_refused_without_overwrite(pipeline, made, tmp_path):
