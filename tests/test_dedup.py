@@ -552,6 +552,10 @@ def test_embeddings_other_than_those_the_clusters_were_made_from_are_refused(dat
                    "--eps", *EPS, "--save_folder", tmp_path / "d")
     assert r.returncode == 0, r.stderr
     assert outputs(tmp_path / "d") == outputs(deduplicated("hard")[0])
+    np.save(tmp_path / "half.npy", np.load(tmp_path / "moved.npy").astype(np.float16))  # stored smaller since
+    r = run_script(DEDUP_SCRIPT, "--sorted_clusters_path", mine["sorted"], "--embeddings", tmp_path / "half.npy",
+                   "--eps", 0.3, "--save_folder", tmp_path / "half")
+    assert r.returncode == 0, r.stderr
 
 
 def test_overwrite_starts_clean_and_replaces_every_earlier_eps(data, deduplicated, tmp_path):
