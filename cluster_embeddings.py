@@ -122,6 +122,9 @@ def check_args(args, rows: int) -> None:
         check_k_and_sample(args, rows)
     if args.niter < 1:
         raise UsageError("--niter", f"{args.niter} is less than 1", "pass 1 or more (default 100)")
+    if args.niter > cli.C_INT_MAX:
+        raise UsageError("--niter", f"{args.niter} is more than {cli.C_INT_MAX}, the most faiss's k-means takes",
+                         "pass fewer iterations (default 100)")
     if not 0 <= args.seed <= kmeans.MAX_SEED:
         raise UsageError("--seed", f"{args.seed} is outside [0, {kmeans.MAX_SEED}] (faiss's seed is a C int)",
                          "pass a smaller seed (default 1234)")
@@ -157,7 +160,7 @@ def fingerprint(args, embeddings: layouts.Embeddings) -> dict:
 def main() -> None:
     args = parse_args()
     cli.absolute_paths(args, "embeddings", "keys", "subset", "save_folder", "from_nemo_curator", "centroids_file")
-    workers = cli.num_workers(args.workers)
+    workers = cli.num_workers(args.workers, args.distributor)
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     if args.from_nemo_curator:

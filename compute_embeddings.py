@@ -76,7 +76,7 @@ def check_args(args) -> None:
 def main() -> None:
     args = parse_args()
     check_args(args)
-    workers = cli.num_workers(args.workers)
+    workers = cli.num_workers(args.workers, args.distributor)
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     urls = find_shards(args.shards)

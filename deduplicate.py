@@ -202,7 +202,7 @@ def main() -> None:
     args = parse_args()
     cli.absolute_paths(args, "sorted_clusters_path", "embeddings", "save_folder")
     check_args(args)
-    workers = cli.num_workers(args.workers)
+    workers = cli.num_workers(args.workers, args.distributor)
     tasks.check_distributor(args.distributor)
     run_log = cli.RunLog()
     # torch imported once, in the workers' fork server, rather than once per worker; locally it starts now

@@ -29,6 +29,8 @@ from dbpkit.faults import pause_at
 USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
+WORKERS_PER_CPU = 4  # local --workers allowed per CPU
+C_INT_MAX = 2**31 - 1  # the largest count torch, faiss and OpenMP take (a C int)
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file past its size limit
 STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
 log = logging.getLogger("dbp")
@@ -96,11 +98,20 @@ def check_cuda() -> None:
                          "pass --device cpu, or run where a GPU is")
 
 
-def num_workers(requested: int | None) -> int:
+def num_workers(requested: int | None, distributor: str = "local") -> int:
+    """--workers, checked; all of this machine's CPUs by default. Locally they are processes (or threads) of this
+    machine: more than WORKERS_PER_CPU a CPU only contend for it, and a typo's thousands would swamp it (each
+    shard's image decoding starts them all); on Ray, tasks in flight on the cluster."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if requested is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cpus
     if requested < 1:
         raise UsageError("--workers", f"{requested} is less than 1", "pass 1 or more")
+    if distributor == "local" and requested > WORKERS_PER_CPU * cpus:
+        raise UsageError("--workers", f"{requested} is more than {WORKERS_PER_CPU} for each of this machine's {cpus} "
+                         "CPUs", f"pass at most {WORKERS_PER_CPU * cpus} (more would only contend for the CPUs)")
+    if requested > C_INT_MAX:
+        raise UsageError("--workers", f"{requested} is more than {C_INT_MAX}", f"pass at most {C_INT_MAX}")
     return requested
 
 

@@ -109,6 +109,7 @@ def brute_dinter(centroids: np.ndarray, l: int) -> np.ndarray:
 # Faults at named stages: a run started with DBP_PAUSE_AT=<stage> stops itself (SIGSTOP) when it reaches the
 # stage; the test waits for that event, delivers its fault, and lets the run go on (SIGCONT). No timing.
 DEADLINE = 120  # seconds a run may take to reach its stage or end after a fault: only ever hit when it hangs
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # as --workers counts
 
 
 def start_script(script: str, *args, pause: str | None = None, env: dict | None = None, **popen) -> subprocess.Popen:

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, error_line, run_script, write_npz_as
+from conftest import CPUS, DINTER_SCRIPT, DINTRA_SCRIPT, PRUNE_SCRIPT, error_line, run_script, write_npz_as
 
 import dbp_utils as du
 
@@ -174,6 +174,8 @@ CASES = [
     ("which-bogus", (PRUNE_SCRIPT,), None, {"--which-to-keep": "medium"}, "invalid choice"),
     ("density-bogus", (PRUNE_SCRIPT,), None, {"--density": "entropy"}, "invalid choice"),
     ("workers-zero", ALL, None, {"--workers": 0}, "--workers"),
+    ("workers-past-the-cpus", ALL, None, {"--workers": 10**20},
+     f"--workers: {10**20} is more than 4 for each of this machine's {CPUS} CPUs"),
     ("save-dir-done", (PRUNE_SCRIPT,), None, {"--save-dir": lambda r: r / "done"}, "completed run"),
     ("save-dir-is-file", (PRUNE_SCRIPT,), None, {"--save-dir": lambda r: r / "blocker"}, "is a file"),
     ("unknown-flag", ALL, None, {"--colour": "blue"}, "unrecognized"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLUSTER_SCRIPT, ROOT, error_line, outputs, run_script, start_script, wait_paused
+from conftest import CLUSTER_SCRIPT, CPUS, ROOT, error_line, outputs, run_script, start_script, wait_paused
 
 EMBED_SCRIPT = "compute_embeddings.py"
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -128,6 +128,9 @@ BAD = [  # (id, flags replaced, what the one line says)
     ("fp16-on-cpu", {"--fp16": ""}, "--fp16: is for --device cuda"),
     ("model-not-a-folder", {"--model": "./no/such/model"}, "--model: ./no/such/model is not a folder"),
     ("retries-negative", {"--retries": -1}, "--retries: -1 is negative"),
+    # a typo's thousands of decoding processes, each shard's: the machine swamped for minutes, now refused at once
+    ("workers-thousands", {"--workers": 4 * CPUS + 1},
+     f"--workers: {4 * CPUS + 1} is more than 4 for each of this machine's {CPUS} CPUs (pass at most {4 * CPUS}"),
 ]
 
 
