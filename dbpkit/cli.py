@@ -156,6 +156,10 @@ def run_main(main: Callable[[], None]) -> None:
         elif isinstance(e, WorkerDied):
             _fail(f"{e}; nothing unfinished was published (rerun the command, with fewer --workers if memory is "
                   "short)", 1)
+        elif isinstance(e, BrokenPipeError) and e.filename is None:  # the summary line, to a reader gone
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second complaint as Python exits)
+            _fail("stdout: the program reading it has closed it (broken pipe): the summary line could not be written",
+                  1)
         elif isinstance(e, OSError):
             _fail(f"{failed_path(e) or 'system'}: {os_error_detail(e)} (check the path, its permissions and free disk "
                   "space)", 1)

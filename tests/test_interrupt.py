@@ -241,6 +241,21 @@ def test_a_full_disk_cutting_a_small_npy_short_is_an_error_and_the_file_there_st
     assert snapshot(tmp_path) == before
 
 
+def test_a_reader_that_closed_stdout_is_named_and_the_outputs_stay(big, reference, tmp_path):
+    """`prune.py ... | head -c0`: the summary line, printed once the outputs are published, met a closed pipe. The line
+    blamed "system" and told to check the disk."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the run writes
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, PRUNE_SCRIPT), *map(str, big["args"]), "--save-dir",
+                             str(tmp_path / "run")], stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1
+    assert_one_line(err, "error: stdout: the program reading it has closed it (broken pipe): the summary line "
+                    "could not be written")
+    assert comparable(tmp_path / "run") == reference
+
+
 def test_progress_bar_and_summary_keep_their_own_lines_in_one_log(big, tmp_path):
     """stdout and stderr to one file (2>&1, as on SLURM): the bar's line ends before the summary. TQDM_DELAY=0
     (tqdm's own variable) draws the bar at once, however fast the run."""
