@@ -49,7 +49,7 @@ import numpy as np
 import dbp_utils as du
 from dbpkit import cli, cluster_report, files, kmeans, layouts, nemo, savedir, tasks
 from dbpkit.clusters import CENTROIDS_FILE, find_centroids, load_centroids
-from dbpkit.errors import UsageError
+from dbpkit.errors import UsageError, not_a_file
 
 PARAMS_FILE = kmeans.CLUSTERING_FILE
 SIZES_PLOT, K_SWEEP_FILE, K_SWEEP_PLOT = "clusters.png", "k_sweep.csv", "k_sweep.png"
@@ -129,8 +129,7 @@ def check_args(args, rows: int) -> None:
         raise UsageError("--seed", f"{args.seed} is outside [0, {kmeans.MAX_SEED}] (faiss's seed is a C int)",
                          "pass a smaller seed (default 1234)")
     if args.subset and not os.path.isfile(args.subset):
-        what = "is a folder" if os.path.isdir(args.subset) else "does not exist"
-        raise UsageError("--subset", f"{args.subset} {what}",
+        raise UsageError("--subset", f"{args.subset} {not_a_file(args.subset)}",
                          "pass a kept_keys.npy from deduplicate.py or prune.py, or a text file of paths")
     if args.subset:
         layouts.check_subset(args.subset)

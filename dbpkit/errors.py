@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class UsageError(Exception):
     """A user mistake: reported as `error: <where>: <what> (<fix>)`, exit status 2."""
@@ -39,3 +41,12 @@ class MethodError(UsageError):
     def __init__(self, param: str, what: str, fix: str):
         super().__init__(param, what, fix)
         self.param, self.what, self.fix = param, what, fix
+
+
+def not_a_file(path: str) -> str:
+    """Why `path` is not a regular file, in words for an error: it is not there, a folder, or a pipe or device."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isdir(path):
+        return "is a folder"
+    return "is not a regular file but a pipe or a device (it is read more than once, by several processes: save it)"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbpkit.errors import UsageError
+from dbpkit.errors import UsageError, not_a_file
 from dbpkit.files import PARTIAL_SUFFIX, read_npy_header, read_rows, read_rows_of_parts, save_json, save_npy, shares
 from dbpkit.keys import (
     _parquet_file,
@@ -142,8 +142,9 @@ def load_embeddings(path: str) -> Embeddings:
 def find_embeddings(embeddings: str, keys: str | None, key_column: str | None, npz_key: str,
                     with_keys: bool = True) -> Embeddings:
     """Detect the layout of --embeddings (and, `with_keys`, of --keys) and check every part's header."""
-    if not os.path.exists(embeddings):
-        raise UsageError("--embeddings", f"{embeddings} does not exist", "point it at a .npy file or a folder of parts")
+    if not os.path.isfile(embeddings) and not os.path.isdir(embeddings):
+        raise UsageError("--embeddings", f"{embeddings} {not_a_file(embeddings)}",
+                         "point it at a .npy file or a folder of parts")
     if os.path.isfile(embeddings):
         if not embeddings.endswith(".npy"):
             raise UsageError("--embeddings", f"{embeddings} is not a .npy file",
@@ -267,7 +268,7 @@ def _check_keys_file(keys: str, rows: int, embeddings: str, key_column: str | No
         raise UsageError("--keys", f"{keys} is a folder", "pass a keys file (.txt, .npy or .parquet); a folder of "
                          "metadata_<n>.parquet goes with a clip-retrieval img_emb folder")
     if not os.path.isfile(keys):
-        raise UsageError("--keys", f"{keys} does not exist", "pass the keys of the embeddings' rows")
+        raise UsageError("--keys", f"{keys} {not_a_file(keys)}", "pass the keys of the embeddings' rows")
     if keys.endswith(".npy"):
         shape, dtype, _, _ = read_npy_header(keys)
         if len(shape) != 1 or dtype.kind not in "US":

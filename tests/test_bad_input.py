@@ -156,6 +156,8 @@ CASES = [
     ("dinter-dtype", (PRUNE_SCRIPT,), lambda r: np.save(r / "scores/dinter.npy", np.ones(4, np.int64)), {},
      "expected floats"),
     ("dinter-missing", (PRUNE_SCRIPT,), remove("scores", "dinter.npy"), {}, "cannot be read"),
+    ("dintra-empty", (PRUNE_SCRIPT,), lambda r: (r / "scores/dintra.npy").write_bytes(b""), {},
+     "dintra.npy: is empty, not a .npy file"),
     ("dintra-inf", (PRUNE_SCRIPT,), lambda r: np.save(r / "scores/dintra.npy", np.array([1, np.inf, 1, 1])), {},
      "infinite"),
     ("dintra-not-given", (PRUNE_SCRIPT,), None, {"--avg_distance_to_cent_save_path": None},
