@@ -310,7 +310,7 @@ def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except IsADirectoryError:
         raise UsageError(path, "is a folder, not a .npy file", "point at a .npy file") from None
-    except EOFError:  # (numpy's word for a file shorter than the 6 bytes of the .npy magic: an empty one)
+    except EOFError:  # (what numpy raises for an empty file)
         raise UsageError(path, "is empty, not a .npy file", "point at a file written by np.save") from None
     except ValueError as e:
         what = ("holds Python objects (a pickled .npy), which is never loaded" if "Python objects" in str(e) else
