@@ -41,7 +41,7 @@ def main() -> None:
     pool.start()  # the workers' fork server starts importing while this process checks the inputs
     clusters = scan_clusters(args.sorted_clusters_path, args.num_clusters, "--sorted_clusters_path", "--num_clusters")
     out = args.avg_distance_to_cent_save_path
-    savedir.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite)
+    savedir.check_output_file(out, "--avg_distance_to_cent_save_path", args.overwrite, [c.path for c in clusters])
 
     with pool:
         results = list(pool.run(du.cluster_mean_distance, clusters, "d_intra"))

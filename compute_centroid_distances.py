@@ -52,7 +52,7 @@ def main() -> None:
     workers = cli.num_workers(args.workers)
     if args.num_NNs < 1:
         raise UsageError("--num_NNs", f"{args.num_NNs} is less than 1", "pass 1 or more (default 20)")
-    k, sizes, empty = args.num_clusters, None, None
+    k, sizes, empty, clusters = args.num_clusters, None, None, []
     if args.sorted_clusters_path or not args.centroids_file:
         clusters = scan_clusters(args.sorted_clusters_path, k, "--sorted_clusters_path", "--num_clusters")
         sizes = np.array([c.rows for c in clusters])
@@ -61,7 +61,8 @@ def main() -> None:
         raise UsageError("--num_clusters", f"{k} is less than 1", "pass the number of k-means clusters")
     centroids_file = args.centroids_file or find_centroids(args.sorted_clusters_path)
     out = args.mean_centroid_distances_save_path
-    savedir.check_output_file(out, "--mean_centroid_distances_save_path", args.overwrite)
+    savedir.check_output_file(out, "--mean_centroid_distances_save_path", args.overwrite,
+                              [centroids_file, *(c.path for c in clusters)])
     centroids = load_centroids(centroids_file, k, args.dim, "--centroids_file", empty)
     k = len(centroids)
     if args.num_NNs >= k:

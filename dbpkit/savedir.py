@@ -28,13 +28,15 @@ MANIFEST = "manifest.json"  # in the staging folder of a resumable run: what its
 LOCK_FILE = ".dbp_lock"  # held by the run using a save dir; names it for anyone refused
 
 
-def check_output_file(path: str | None, flag: str, overwrite: bool) -> None:
-    """Refuse an output path that cannot be written, or would replace a file without --overwrite, before any
-    work is done."""
+def check_output_file(path: str | None, flag: str, overwrite: bool, inputs: list[str]) -> None:
+    """Refuse an output path that cannot be written, or would replace a file without --overwrite, or one of the
+    run's own `inputs` even with it, before any work is done."""
     if not path:
         raise UsageError(flag, "is required", "pass the .npy file to write")
     if os.path.isdir(path):
         raise UsageError(flag, f"{path} is a folder", "pass a file path such as out/dintra.npy")
+    if os.path.realpath(path) in {os.path.realpath(p) for p in inputs}:
+        raise UsageError(flag, f"{path} is a file this run reads", "choose another path: it would be replaced")
     if os.path.exists(path) and not overwrite:
         raise UsageError(flag, f"{path} already exists", "pass --overwrite to replace it, or choose another path")
     check_creatable(os.path.dirname(os.path.abspath(path)), flag)

@@ -156,6 +156,11 @@ CASES = [
     ("dinter-dtype", (PRUNE_SCRIPT,), lambda r: np.save(r / "scores/dinter.npy", np.ones(4, np.int64)), {},
      "expected floats"),
     ("dinter-missing", (PRUNE_SCRIPT,), remove("scores", "dinter.npy"), {}, "cannot be read"),
+    # --overwrite of a file the run reads (a cluster file, the centroids; through a link too): it would be replaced
+    ("out-over-a-cluster-file", (DINTRA_SCRIPT, DINTER_SCRIPT), None,
+     {"OUT": lambda r: r / "save/sorted/cluster_2.npy", "--overwrite": ""}, "cluster_2.npy is a file this run reads"),
+    ("out-over-the-centroids", (DINTER_SCRIPT,), lambda r: os.symlink(r / "save/kmeans_centroids.npy", r / "link.npy"),
+     {"OUT": lambda r: r / "link.npy", "--overwrite": ""}, "link.npy is a file this run reads"),
     ("dintra-empty", (PRUNE_SCRIPT,), lambda r: (r / "scores/dintra.npy").write_bytes(b""), {},
      "dintra.npy: is empty, not a .npy file"),
     ("dintra-inf", (PRUNE_SCRIPT,), lambda r: np.save(r / "scores/dintra.npy", np.array([1, np.inf, 1, 1])), {},
@@ -282,7 +287,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     from dbpkit import savedir
 
     with pytest.raises(du.UsageError, match="^--avg_distance_to_cent_save_path: is required"):
-        savedir.check_output_file("", "--avg_distance_to_cent_save_path", False)
+        savedir.check_output_file("", "--avg_distance_to_cent_save_path", False, [])
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(du.UsageError, match=f"^--save_folder: {tmp_path} is not writable"):
         savedir.check_creatable(str(tmp_path / "new" / "out"), "--save_folder")
