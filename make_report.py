@@ -137,7 +137,7 @@ def funnel(run, embed_params, failed_path, dedup_params, dedup_eps, clustered: s
 def main() -> None:
     args = parse_args()
     check_args(args)
-    workers = cli.num_workers(args.workers, args.distributor)
+    workers = cli.num_workers(args.workers, args.distributor, cli.IO_WORKERS_PER_CPU)
     # The shards are read with webdataset, whose import imports torch (a second or more): once, in the workers'
     # fork server, started now so that it imports while this process checks the inputs (this one needs
     # webdataset for the shard pattern too: both at once, on two cores).

@@ -29,7 +29,9 @@ from dbpkit.faults import pause_at
 USAGE_EXIT = 2  # argparse's status for usage errors
 SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N
 PROGRESS_DELAY = 0.5  # seconds before a progress bar is drawn, so a quick error stands alone
-WORKERS_PER_CPU = 4  # local --workers allowed per CPU
+# Local --workers allowed per CPU: for work on the CPU, and for tasks that mostly wait on the network (make_report's,
+# a remote shard each)
+WORKERS_PER_CPU, IO_WORKERS_PER_CPU = 4, 16
 C_INT_MAX = 2**31 - 1  # the largest count torch, faiss and OpenMP take (a C int)
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file past its size limit
 STOPPED = "nothing unfinished was published (rerun the same command to run it again, or to finish it)"
@@ -98,18 +100,18 @@ def check_cuda() -> None:
                          "pass --device cpu, or run where a GPU is")
 
 
-def num_workers(requested: int | None, distributor: str = "local") -> int:
+def num_workers(requested: int | None, distributor: str = "local", per_cpu: int = WORKERS_PER_CPU) -> int:
     """--workers, checked; all of this machine's CPUs by default. Locally they are processes (or threads) of this
-    machine: more than WORKERS_PER_CPU a CPU only contend for it, and a typo's thousands would swamp it (each
-    shard's image decoding starts them all); on Ray, tasks in flight on the cluster."""
+    machine: more than `per_cpu` a CPU only contend for it, and a typo's thousands would swamp it (each shard's
+    image decoding starts them all); on Ray, tasks in flight on the cluster."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if requested is None:
         return cpus
     if requested < 1:
         raise UsageError("--workers", f"{requested} is less than 1", "pass 1 or more")
-    if distributor == "local" and requested > WORKERS_PER_CPU * cpus:
-        raise UsageError("--workers", f"{requested} is more than {WORKERS_PER_CPU} for each of this machine's {cpus} "
-                         "CPUs", f"pass at most {WORKERS_PER_CPU * cpus} (more would only contend for the CPUs)")
+    if distributor == "local" and requested > per_cpu * cpus:
+        raise UsageError("--workers", f"{requested} is more than {per_cpu} for each of this machine's {cpus} CPUs",
+                         f"pass at most {per_cpu * cpus} (more would only contend for the CPUs)")
     if requested > C_INT_MAX:
         raise UsageError("--workers", f"{requested} is more than {C_INT_MAX}", f"pass at most {C_INT_MAX}")
     return requested

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from conftest import (
     CLUSTER_SCRIPT,
+    CPUS,
     DEADLINE,
     DINTER_SCRIPT,
     DINTRA_SCRIPT,
@@ -384,6 +385,9 @@ def test_bad_input_is_one_line_and_writes_nothing(pipeline, made, tmp_path):
         ((*run, "--shards", str(tmp_path / "{00000..00003}.tar")), "--shards: "),
         ((*run, "--per-strip", 0), "--per-strip: 0 is less than 1"),
         ((*run, "--thumb-size", 8), "--thumb-size: 8 is less than 16"),
+        # its tasks mostly wait on remote shards: up to 16 workers a CPU, not the 4 of the other scripts
+        ((*run, "--workers", 16 * CPUS + 1), f"--workers: {16 * CPUS + 1} is more than 16 for each of this "
+                                             f"machine's {CPUS} CPUs (pass at most {16 * CPUS}"),
     ]
     for args, expected in cases:
         assert fails(*args, "--save_folder", out).startswith(expected), args
@@ -443,7 +447,7 @@ def test_a_dedup_dir_that_did_not_make_the_clustered_rows_is_refused(pipeline, t
 
 def test_a_completed_report_is_refused_without_overwrite(pipeline, made, tmp_path):
     out = tmp_path / "r"
-    report(pipeline, out, shards=False, dedup=False)
+    report(pipeline, out, shards=False, dedup=False, workers=4 * CPUS + 1)  # (more than the other scripts take)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     line = fails("--prune-dir", pipeline["run"], "--save_folder", out)
     assert line == f"--save_folder: {out} already holds the outputs of a completed run (pass --overwrite to replace " \
