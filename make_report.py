@@ -212,6 +212,9 @@ def main() -> None:
         placeholders = Counter(reason for _, reason in {(e["key"], e["missing"]) for e in entries if e["missing"]})
         notes = [f"{count} image(s) shown as placeholders: {reason}" for reason, count in sorted(placeholders.items())]
         notes += [f"shard {url} could not be read to the end: {why}" for url, why in unreadable]
+        if dedup and report_data.clustered_every_row(run):
+            notes.append("The clusters pruned hold every embedded row, not the rows deduplication kept: "
+                         "cluster_embeddings.py ran without --subset")
         if left_out:
             notes.append(f"{len(shown)} of {int((sizes > 0).sum())} non-empty clusters have a page (the "
                          f"{max(args.max_clusters // 4, 1)} least and most complex and a seeded sample between); "

@@ -186,10 +186,8 @@ def cluster_view(run: PruneRun, j: int, per_strip: int, kept_keys) -> ClusterVie
 def embedding_run(run: PruneRun) -> tuple[dict | None, str | None]:
     """compute_embeddings.py's params.json and failed.txt behind the prune run's clusters, when the embeddings came
     from it (clustering.json names them); (None, None) otherwise."""
-    clustering = os.path.join(os.path.dirname(os.path.abspath(run.params["sorted_clusters_path"])), CLUSTERING_FILE)
-    if not os.path.isfile(clustering):
+    if not (embeddings := clustering_record(run).get("embeddings")):
         return None, None
-    embeddings = load_json(clustering).get("embeddings") or ""
     for folder in (embeddings, os.path.dirname(embeddings)):
         params = os.path.join(folder, PARAMS_FILE)
         if os.path.isfile(params) and "model" in (found := load_json(params)) and "shards" in found:
@@ -209,9 +207,7 @@ def clustered_eps(run: PruneRun, folder: str, flag: str = "--dedup-dir") -> str 
     told: clusters of every row or made elsewhere, or a subset that is not a .npy or is gone (and for a folder that
     is no deduplication's: load_dedup says so). A deduplication none of whose kept keys is that subset is refused:
     the report's funnel would chain the counts of unrelated runs."""
-    sorted_dir = os.path.abspath(run.params["sorted_clusters_path"])
-    clustering = load_json(os.path.join(os.path.dirname(sorted_dir), CLUSTERING_FILE))
-    subset = clustering.get("subset") if isinstance(clustering, dict) else None
+    subset = clustering_record(run).get("subset")
     if not (isinstance(subset, str) and subset.endswith(".npy") and os.path.isfile(subset)
             and os.path.isfile(os.path.join(folder, STATS_FILE))):
         return None
@@ -222,6 +218,19 @@ def clustered_eps(run: PruneRun, folder: str, flag: str = "--dedup-dir") -> str 
     raise UsageError(flag, f"{folder} did not deduplicate the rows of the pruned clusters: they were clustered from "
                      f"{subset} (as {CLUSTERING_FILE} says), none of its eps_<e>/{KEPT_KEYS_FILE}",
                      "pass the deduplicate.py --save_folder whose kept keys were clustered, or leave --dedup-dir out")
+
+
+def clustered_every_row(run: PruneRun) -> bool:
+    """Whether cluster_embeddings.py made the pruned clusters from every row of its embeddings (no --subset)."""
+    record = clustering_record(run)
+    return bool(record.get("embeddings")) and record.get("subset") is None
+
+
+def clustering_record(run: PruneRun) -> dict:
+    """cluster_embeddings.py's clustering.json beside the pruned clusters ({} where there is none)."""
+    record = load_json(os.path.join(os.path.dirname(os.path.abspath(run.params["sorted_clusters_path"])),
+                                    CLUSTERING_FILE))
+    return record if isinstance(record, dict) else {}
 
 
 def load_dedup(folder: str, pairs: int, seed: int, flag: str = "--dedup-dir") -> tuple[dict, list[EpsPairs]]:

@@ -445,6 +445,25 @@ def test_a_dedup_dir_that_did_not_make_the_clustered_rows_is_refused(pipeline, t
     assert "; these rows were clustered for DBP" in (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
 
 
+def test_clusters_of_every_row_under_a_dedup_dir_are_said_to_be(pipeline, tmp_path):
+    """Clusters made without --subset, shown under a --dedup-dir: the funnel's dedup rows did not go on to DBP."""
+    save, run = tmp_path / "c", tmp_path / "run"
+    shutil.copytree(pipeline["sorted"].parent, save)
+    shutil.copytree(pipeline["run"], run)
+    clustering = json.loads((save / "clustering.json").read_text())
+    (save / "clustering.json").write_text(json.dumps(dict(clustering, subset=None)))
+    params = json.loads((run / "params.json").read_text())
+    (run / "params.json").write_text(json.dumps(dict(params, sorted_clusters_path=str(save / "sorted_clusters"))))
+    note = "The clusters pruned hold every embedded row, not the rows deduplication kept: cluster_embeddings.py ran " \
+           "without --subset"
+    for dedup, said in ((True, True), (False, False)):
+        out = tmp_path / f"r{dedup}"
+        report(dict(pipeline, run=run), out, shards=False, dedup=dedup)
+        html = (out / "index.html").read_text(encoding="utf-8")
+        assert (f"<li>{note}</li>" in html) == said
+        assert "these rows were clustered for DBP" not in html
+
+
 def test_a_completed_report_is_refused_without_overwrite(pipeline, made, tmp_path):
     out = tmp_path / "r"
     report(pipeline, out, shards=False, dedup=False, workers=4 * CPUS + 1)  # (more than the other scripts take)
