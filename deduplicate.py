@@ -97,10 +97,9 @@ def check_args(args) -> None:
 def find_embeddings(args) -> tuple[layouts.Embeddings, str]:
     """--embeddings, or the embeddings of the clustering.json beside the cluster files; and where they are."""
     path, npz_key = args.embeddings, args.npz_key
-    record = os.path.join(os.path.dirname(os.path.abspath(args.sorted_clusters_path)), kmeans.CLUSTERING_FILE)
+    record, clustering = kmeans.clustering_record(args.sorted_clusters_path)
     if path is None:
-        clustering = files.load_json(record)
-        if not isinstance(clustering, dict) or not clustering.get("embeddings"):
+        if not clustering.get("embeddings"):
             raise UsageError("--embeddings", f"is required: there is no {kmeans.CLUSTERING_FILE} naming them in "
                              f"{os.path.dirname(record)}", "pass the embeddings the clusters were made from")
         path, npz_key = clustering["embeddings"], npz_key or clustering.get("npz_key")
@@ -120,8 +119,8 @@ def check_centroids(sorted_dir: str, clusters: list, embeddings: layouts.Embeddi
     if centroids.ndim == 2 and centroids.shape[1] != embeddings.dim:
         raise UsageError("--embeddings", f"have dimension {embeddings.dim} but the centroids in {path} have "
                          f"{centroids.shape[1]}", "pass the embeddings the clusters were made from")
-    record = files.load_json(os.path.join(os.path.dirname(os.path.abspath(sorted_dir)), kmeans.CLUSTERING_FILE))
-    if isinstance(record, dict) and record.get("embeddings") and centroids.shape == (len(clusters), embeddings.dim):
+    _, record = kmeans.clustering_record(sorted_dir)
+    if record.get("embeddings") and centroids.shape == (len(clusters), embeddings.dim):
         fix = f"pass the embeddings the clusters were made from ({record['embeddings']}, as {kmeans.CLUSTERING_FILE} " \
             "names them)"
         dedup.check_made_from(clusters, embeddings, np.asarray(centroids, np.float64), fix)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dbpkit.clusters import cluster_table, save_cluster_file
-from dbpkit.files import atomic_open, save_npy, write_npy
+from dbpkit.files import atomic_open, load_json, save_npy, write_npy
 from dbpkit.layouts import CHUNK_ROWS, KEYS_FILE, SUBSET_ROWS, Embeddings, Part, _mapped, checked_unit, unit_rows
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def exact_faiss(threads: int) -> Any:
     faiss.cvar.distance_compute_blas_threshold = FAISS_NO_BLAS
     return faiss
 
-MAX_SEED = 2**31 - 1  # faiss takes its seed as a C int
+
 POINTS_PER_CENTROID = 256  # faiss's own cap on training points per centroid: the default sample size
 SORTED_DIR = "sorted_clusters"
 CLUSTERING_FILE = "clustering.json"  # cluster_embeddings.py's record, beside sorted_clusters/ (written last)
@@ -43,6 +43,14 @@ LABELS, DISTANCES = "labels.npy", "distances.npy"  # per row: its cluster, its d
 ORDER = "order.npy"  # the rows sorted by cluster (stably: in row order within each)
 ASSIGN_DIR = "assign"  # each range's labels and distances, until all are assigned
 ASSIGN_ROWS = 1 << 18  # rows assigned by one task
+
+
+def clustering_record(sorted_dir: str) -> tuple[str, dict]:
+    """Where cluster_embeddings.py's CLUSTERING_FILE of these sorted clusters is (beside their folder), and what it
+    says ({} where there is none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(sorted_dir)), CLUSTERING_FILE)
+    record = load_json(path)
+    return path, record if isinstance(record, dict) else {}
 
 
 def train_kmeans(embeddings: Embeddings, k: int, niter: int, seed: int, sample_size: int, spherical: bool,

@@ -20,7 +20,7 @@ from dbpkit.dedup import REMOVED_FILE, STATS_FILE, eps_folder
 from dbpkit.errors import UsageError
 from dbpkit.files import PARAMS_FILE, load_json
 from dbpkit.keys import as_text, keys_as_utf8, strip_extensions
-from dbpkit.kmeans import CLUSTERING_FILE
+from dbpkit.kmeans import CLUSTERING_FILE, clustering_record
 from dbpkit.prune_report import STATS_FILE as PRUNE_STATS_FILE
 from dbpkit.samples import FAILED_FILE
 from dbpkit.trie import KEPT_KEYS_FILE
@@ -186,7 +186,7 @@ def cluster_view(run: PruneRun, j: int, per_strip: int, kept_keys) -> ClusterVie
 def embedding_run(run: PruneRun) -> tuple[dict | None, str | None]:
     """compute_embeddings.py's params.json and failed.txt behind the prune run's clusters, when the embeddings came
     from it (clustering.json names them); (None, None) otherwise."""
-    if not (embeddings := clustering_record(run).get("embeddings")):
+    if not (embeddings := pruned_clustering(run).get("embeddings")):
         return None, None
     for folder in (embeddings, os.path.dirname(embeddings)):
         params = os.path.join(folder, PARAMS_FILE)
@@ -207,7 +207,7 @@ def clustered_eps(run: PruneRun, folder: str, flag: str = "--dedup-dir") -> str 
     told: clusters of every row or made elsewhere, or a subset that is not a .npy or is gone (and for a folder that
     is no deduplication's: load_dedup says so). A deduplication none of whose kept keys is that subset is refused:
     the report's funnel would chain the counts of unrelated runs."""
-    subset = clustering_record(run).get("subset")
+    subset = pruned_clustering(run).get("subset")
     if not (isinstance(subset, str) and subset.endswith(".npy") and os.path.isfile(subset)
             and os.path.isfile(os.path.join(folder, STATS_FILE))):
         return None
@@ -222,15 +222,13 @@ def clustered_eps(run: PruneRun, folder: str, flag: str = "--dedup-dir") -> str 
 
 def clustered_every_row(run: PruneRun) -> bool:
     """Whether cluster_embeddings.py made the pruned clusters from every row of its embeddings (no --subset)."""
-    record = clustering_record(run)
+    record = pruned_clustering(run)
     return bool(record.get("embeddings")) and record.get("subset") is None
 
 
-def clustering_record(run: PruneRun) -> dict:
+def pruned_clustering(run: PruneRun) -> dict:
     """cluster_embeddings.py's clustering.json beside the pruned clusters ({} where there is none)."""
-    record = load_json(os.path.join(os.path.dirname(os.path.abspath(run.params["sorted_clusters_path"])),
-                                    CLUSTERING_FILE))
-    return record if isinstance(record, dict) else {}
+    return clustering_record(run.params["sorted_clusters_path"])[1]
 
 
 def load_dedup(folder: str, pairs: int, seed: int, flag: str = "--dedup-dir") -> tuple[dict, list[EpsPairs]]:
