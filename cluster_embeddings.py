@@ -125,8 +125,8 @@ def check_args(args, rows: int) -> None:
     if args.niter > cli.C_INT_MAX:
         raise UsageError("--niter", f"{args.niter} is more than {cli.C_INT_MAX}, the most faiss's k-means takes",
                          "pass fewer iterations (default 100)")
-    if not 0 <= args.seed <= kmeans.MAX_SEED:
-        raise UsageError("--seed", f"{args.seed} is outside [0, {kmeans.MAX_SEED}] (faiss's seed is a C int)",
+    if not 0 <= args.seed <= cli.C_INT_MAX:
+        raise UsageError("--seed", f"{args.seed} is outside [0, {cli.C_INT_MAX}] (faiss's seed is a C int)",
                          "pass a smaller seed (default 1234)")
     if args.subset and not os.path.isfile(args.subset):
         raise UsageError("--subset", f"{args.subset} {not_a_file(args.subset)}",

@@ -51,9 +51,10 @@ def main() -> None:
         cli.log.warning(f"{len(unsorted)} cluster file(s) are not sorted by distance, e.g. {unsorted[0]}; "
                         "prune.py's hard/easy selection expects sorted files")
 
-    save_scores(out, d_intra, "d_intra", args.sorted_clusters_path, np.array([c.rows for c in clusters]))
+    sizes = np.array([c.rows for c in clusters])
+    save_scores(out, d_intra, "d_intra", args.sorted_clusters_path, sizes)
     empty = int(np.isnan(d_intra).sum())
-    print(f"d_intra of {len(clusters)} clusters ({sum(c.rows for c in clusters)} rows, {empty} empty) "
+    print(f"d_intra of {len(clusters)} clusters ({sizes.sum()} rows, {empty} empty) "
           f"-> {out}")
 
 

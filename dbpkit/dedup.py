@@ -28,6 +28,7 @@ from dbpkit.errors import LateMistake, UsageError
 from dbpkit.files import atomic_open, write_npy
 from dbpkit.keys import as_lines, keys_as_utf8, strip_extensions
 from dbpkit.layouts import Embeddings, load_embeddings
+from dbpkit.layouts import unit_rows as unit_length
 from dbpkit.trie import KEPT_KEYS_FILE  # noqa: F401 (each eps_<e>/ holds one, in prune.py's format)
 
 BLOCK_ROWS = 1024  # rows of a block of similarities (and columns): 4 MB of float32
@@ -245,8 +246,7 @@ def check_made_from(clusters: list[ClusterFile], embeddings: Embeddings, centroi
     order = np.argsort(rows)
     x = np.empty((len(rows), embeddings.dim))
     x[order] = embeddings.unit_rows_at(rows[order])
-    directions = centroids[ids] / np.linalg.norm(centroids[ids], axis=1, keepdims=True)
-    distance = 1 - np.einsum("ij,ij->i", x, directions)
+    distance = 1 - np.einsum("ij,ij->i", x, unit_length(centroids[ids]))  # (as kmeans.assign_rows wrote it)
     if (wrong := np.flatnonzero(np.abs(distance - said) > MADE_FROM_TOLERANCE)).size:
         i = wrong[0]
         raise UsageError("--embeddings", f"row {rows[i]} is not the embedding {picked[i][1].path} was made from: its "
